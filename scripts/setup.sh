@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Brings a fresh Debian 12 machine (as root) to the point where medhive runs and its
+# tests pass: system packages, RabbitMQ, the Docker engine, the registry-free test
+# image, and the project's virtualenv. Idempotent: each step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=${MEDHIVE_VENV:-$ROOT/.venv}
+STATE=${MEDHIVE_STATE_DIR:-/var/lib/medhive}
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  apt-get -o DPkg::Lock::Timeout=900 update -q
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -q \
+    --no-install-recommends "${missing[@]}"
+fi
+
+# RabbitMQ: loopback only, management API for per-test vhosts.
+if [ ! -f /etc/rabbitmq/rabbitmq-env.conf ] || ! grep -q NODE_IP_ADDRESS /etc/rabbitmq/rabbitmq-env.conf; then
+  echo "NODE_IP_ADDRESS=127.0.0.1" >> /etc/rabbitmq/rabbitmq-env.conf
+fi
+if ! grep -qs "management.tcp.ip" /etc/rabbitmq/rabbitmq.conf; then
+  printf 'management.tcp.ip = 127.0.0.1\n' >> /etc/rabbitmq/rabbitmq.conf
+fi
+rabbitmq-plugins enable --offline rabbitmq_management >/dev/null
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  say "starting rabbitmq"
+  rabbitmq-server -detached
+  rabbitmqctl -q wait --timeout 120 "/var/lib/rabbitmq/mnesia/rabbit@$(hostname -s).pid"
+fi
+# The services' own user, an administrator so tests can make vhosts through the API.
+if ! rabbitmqctl -q list_users | grep -q '^medhive\b'; then
+  rabbitmqctl -q add_user medhive medhive
+  rabbitmqctl -q set_user_tags medhive administrator
+  rabbitmqctl -q set_permissions -p / medhive '.*' '.*' '.*'
+fi
+
+# Docker engine (no systemd here: start it by hand when it is not answering).
+if ! docker version >/dev/null 2>&1; then
+  say "starting dockerd"
+  nohup /usr/sbin/dockerd >/var/log/dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do docker version >/dev/null 2>&1 && break; sleep 0.5; done
+  docker version >/dev/null
+fi
+bash scripts/build-images.sh
+
+# The project's virtualenv.
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+stamp="$VENV/.medhive-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing medhive into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q -e ".[test]"
+  touch "$stamp"
+fi
+mkdir -p "$STATE"
+say "ready"

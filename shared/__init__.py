@@ -1,0 +1,1 @@
+"""What every medhive service shares: settings, logging, messages, bus and storage."""

@@ -1,0 +1,82 @@
+"""API tokens: created by `medhive token create`, stored hashed, bound to tenant and role.
+
+Every HTTP API of medhive checks bearer tokens against one identity database, so a
+token works for the job gateway and the audit API alike. Only the SHA-256 of a token
+is stored: a leaked database does not leak usable tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from shared.envelope import utcnow
+from shared.mongo import Document
+
+TOKEN_PREFIX = "mh_"
+
+
+class Role(StrEnum):
+    """`user`: a tenant's own jobs and events. `operator`: also every tenant's audit."""
+
+    user = "user"
+    operator = "operator"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the tenant and role a token is bound to."""
+
+    name: str
+    tenant: str
+    role: Role
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    """Tokens in the identity database; lookups are cached for a few seconds."""
+
+    def __init__(self, db: AsyncDatabase[Document], cache_s: float = 5.0) -> None:
+        self.tokens = db["tokens"]
+        self.cache_s = cache_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def create(self, name: str, tenant: str, role: Role) -> str:
+        """Store a new token and return it; this is the only time it is visible."""
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        await self.tokens.insert_one(
+            {
+                "_id": _digest(token),
+                "name": name,
+                "tenant": tenant,
+                "role": role.value,
+                "created_at": utcnow(),
+            }
+        )
+        return token
+
+    async def verify(self, token: str) -> Principal | None:
+        """The principal a token stands for, or None for an unknown token."""
+        digest = _digest(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        doc = await self.tokens.find_one({"_id": digest})
+        principal = (
+            Principal(name=doc["name"], tenant=doc["tenant"], role=Role(doc["role"]))
+            if doc is not None
+            else None
+        )
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now + self.cache_s, principal)
+        return principal

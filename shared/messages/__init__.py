@@ -1,0 +1,1 @@
+"""Typed payloads of every medhive message, one module per domain."""

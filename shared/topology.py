@@ -1,0 +1,63 @@
+"""RabbitMQ topology, declared in one place: exchanges, queue arguments, queue names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from shared.messages.catalog import COMMANDS, DEAD, EVENTS
+
+#: Where dead letters wait for an operator, with the reason in their headers.
+DEAD_LETTER_QUEUE = "medhive.dead"
+
+
+def node_queue(node_id: str) -> str:
+    """The queue of one node agent."""
+    return f"node.{node_id}"
+
+
+async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
+    """Declare the three durable topic exchanges and the dead-letter queue."""
+    exchanges = {
+        name: await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+        for name in (COMMANDS, EVENTS, DEAD)
+    }
+    dead = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead.bind(exchanges[DEAD], "#")
+    return exchanges
+
+
+def queue_arguments(delivery_limit: int) -> dict[str, Any]:
+    """Quorum queue with a delivery limit, dead-lettering to `medhive.dead`.
+
+    The delivery limit catches poison messages that crash a handler in a loop; the
+    consume wrapper dead-letters invalid messages itself, with a reason header.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": DEAD,
+    }
+
+
+async def declare_queue(
+    channel: AbstractChannel,
+    name: str,
+    bindings: list[tuple[str, str]],
+    exchanges: dict[str, AbstractExchange],
+    delivery_limit: int,
+) -> AbstractQueue:
+    """Declare a durable consumer queue and bind it to (exchange, routing key) pairs."""
+    queue = await channel.declare_queue(
+        name, durable=True, arguments=queue_arguments(delivery_limit)
+    )
+    for exchange_name, key in bindings:
+        await queue.bind(exchanges[exchange_name], key)
+    return queue
+
+
+__all__ = ["COMMANDS", "DEAD", "DEAD_LETTER_QUEUE", "EVENTS", "declare_exchanges", "node_queue"]

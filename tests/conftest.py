@@ -1,0 +1,130 @@
+"""Real servers as fixtures: one RabbitMQ and one MongoDB-protocol server per run,
+isolated per test by a fresh vhost and fresh database names.
+
+RabbitMQ and dockerd are started by `scripts/setup.sh` (the test command runs it
+first); the MongoDB-protocol server is started here, as its own process, so that its
+work does not share the test's interpreter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from shared.settings import AmqpSettings, MongoSettings
+
+RABBIT_HOST = os.environ.get("MEDHIVE_TEST_RABBIT_HOST", "127.0.0.1")
+RABBIT_ADMIN = os.environ.get("MEDHIVE_TEST_RABBIT_ADMIN", "medhive:medhive")
+MANAGEMENT = f"http://{RABBIT_HOST}:15672/api"
+TEST_IMAGE = os.environ.get("MEDHIVE_TEST_IMAGE", "medhive/busybox:1")
+
+
+def rabbit_api(method: str, path: str, body: object | None = None) -> object:
+    """Call RabbitMQ's management API as the administrator."""
+    request = urllib.request.Request(
+        MANAGEMENT + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={
+            "content-type": "application/json",
+            "authorization": "Basic " + base64.b64encode(RABBIT_ADMIN.encode()).decode(),
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def vhost() -> Iterator[str]:
+    """A fresh RabbitMQ vhost, deleted after the test."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    rabbit_api("PUT", f"/vhosts/{name}")
+    user = RABBIT_ADMIN.split(":", 1)[0]
+    rabbit_api(
+        "PUT", f"/permissions/{name}/{user}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    yield name
+    try:
+        rabbit_api("DELETE", f"/vhosts/{name}")
+    except urllib.error.URLError:
+        pass  # a test that restarted the broker may leave it briefly unreachable
+
+
+@pytest.fixture
+def amqp_settings(vhost: str) -> AmqpSettings:
+    return AmqpSettings(url=SecretStr(f"amqp://{RABBIT_ADMIN}@{RABBIT_HOST}:5672/{vhost}"))
+
+
+@pytest.fixture
+def amqp_user(vhost: str) -> Iterator[tuple[str, str]]:
+    """An AMQP user of another hospital system, allowed to publish commands only."""
+    name, password = f"hospital-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    rabbit_api("PUT", f"/users/{name}", {"password": password, "tags": ""})
+    rabbit_api(
+        "PUT",
+        f"/permissions/{vhost}/{name}",
+        {"configure": "^amq\\.gen.*", "write": "^medhive\\.commands$", "read": "^amq\\.gen.*"},
+    )
+    yield name, password
+    rabbit_api("DELETE", f"/users/{name}")
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB wire-protocol server (SecantusDB) in its own process for the run."""
+    port = free_port()
+    storage = tmp_path_factory.mktemp("secantus")
+    log = (storage / "server.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("secantusd-py")),
+            "--host", "127.0.0.1", "--port", str(port),
+            "--storage-path", str(storage / "data"), "--log-level", "WARNING",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((storage / "server.log").read_text()) from None
+            time.sleep(0.1)  # polling a port that has no event to wait on
+    yield f"mongodb://127.0.0.1:{port}/"
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def db_prefix() -> str:
+    """A unique prefix for the databases of one test."""
+    return f"t{uuid.uuid4().hex[:10]}_"
+
+
+@pytest.fixture
+def mongo_settings(mongo_url: str, db_prefix: str) -> MongoSettings:
+    return MongoSettings(url=SecretStr(mongo_url), identity_db=f"{db_prefix}identity")

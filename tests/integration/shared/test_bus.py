@@ -1,0 +1,67 @@
+"""The bus against a real RabbitMQ: confirms, ordering, and dead-lettering with reasons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aio_pika
+
+from shared.bus import Bus, Incoming
+from shared.messages.catalog import COMMANDS, EVENTS
+from shared.messages.jobs import JobCancel
+from shared.settings import AmqpSettings
+from shared.topology import DEAD_LETTER_QUEUE
+
+
+async def _get(
+    queue: aio_pika.abc.AbstractQueue, timeout: float = 10.0
+) -> aio_pika.abc.AbstractIncomingMessage:
+    async with queue.iterator(timeout=timeout) as it:
+        async for message in it:
+            await message.ack()
+            return message
+    raise AssertionError("no message")
+
+
+async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
+    amqp_settings: AmqpSettings,
+) -> None:
+    bus = Bus(amqp_settings, "test@here")
+    await bus.connect()
+    seen: list[str] = []
+    done = asyncio.Event()
+
+    async def on_cancel(msg: Incoming) -> None:
+        assert isinstance(msg.payload, JobCancel)
+        seen.append(msg.payload.reason)
+        if len(seen) == 20:
+            done.set()
+
+    await bus.consume("test.commands", [(COMMANDS, "job.cancel")], {"job.cancel": on_cancel})
+    channel = await bus.connection.channel()
+    rejected = await channel.declare_queue(exclusive=True)
+    await rejected.bind(EVENTS, "message.rejected")
+    dead = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+
+    for i in range(20):
+        await bus.emit("job.cancel", JobCancel(job_id="j1", reason=str(i)), correlation_id="j1")
+    await asyncio.wait_for(done.wait(), 10)
+    assert seen == [str(i) for i in range(20)]
+
+    exchange = await channel.get_exchange(COMMANDS)
+    await exchange.publish(aio_pika.Message(b"{not json", message_id="m-bad"), "job.cancel")
+    event = await _get(rejected)
+    body = json.loads(event.body)
+    assert body["payload"]["message_id"] == "m-bad"
+    assert "not a medhive envelope" in body["payload"]["reason"]
+    letter = await _get(dead)
+    assert letter.body == b"{not json"
+    assert "not a medhive envelope" in str(letter.headers["x-medhive-reason"])
+
+    # The consumer is still consuming after the rejection.
+    await bus.emit("job.cancel", JobCancel(job_id="j2", reason="after"), correlation_id="j2")
+    async with asyncio.timeout(10):
+        while seen[-1] != "after":
+            await asyncio.sleep(0.01)
+    await bus.close()
