@@ -98,11 +98,16 @@ class Bus:
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._exchanges = await declare_exchanges(self._channel)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 10.0) -> None:
+        """Stop consumers (letting handlers finish), then close; bounded when the
+        broker is unreachable, so shutdown never hangs on a reconnect loop."""
         for consumer in self._consumers:
-            await consumer.stop()
+            await consumer.stop(grace_s)
         if self._connection is not None:
-            await self._connection.close()
+            try:
+                await asyncio.wait_for(self._connection.close(), 5)
+            except (TimeoutError, aiormq.exceptions.AMQPError, RuntimeError):
+                log.warning("bus_close_unclean", source=self.source)
 
     # -- publishing ---------------------------------------------------------------
 
@@ -230,7 +235,7 @@ class Consumer:
         """Stop taking deliveries, then let in-flight handlers finish (bounded)."""
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
+                await asyncio.wait_for(self._queue.cancel(self._tag), 5)
             except Exception:  # the connection may already be gone at shutdown
                 log.debug("consumer_cancel_failed", queue=self.queue_name)
             self._tag = None

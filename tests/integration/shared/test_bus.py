@@ -15,9 +15,9 @@ from shared.topology import DEAD_LETTER_QUEUE
 
 
 async def _get(
-    queue: aio_pika.abc.AbstractQueue, timeout: float = 10.0
+    queue: aio_pika.abc.AbstractQueue, within: float = 10.0
 ) -> aio_pika.abc.AbstractIncomingMessage:
-    async with queue.iterator(timeout=timeout) as it:
+    async with queue.iterator(timeout=within) as it:
         async for message in it:
             await message.ack()
             return message
@@ -30,13 +30,15 @@ async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
     bus = Bus(amqp_settings, "test@here")
     await bus.connect()
     seen: list[str] = []
-    done = asyncio.Event()
+    done, after = asyncio.Event(), asyncio.Event()
 
     async def on_cancel(msg: Incoming) -> None:
         assert isinstance(msg.payload, JobCancel)
         seen.append(msg.payload.reason)
         if len(seen) == 20:
             done.set()
+        if msg.payload.reason == "after":
+            after.set()
 
     await bus.consume("test.commands", [(COMMANDS, "job.cancel")], {"job.cancel": on_cancel})
     channel = await bus.connection.channel()
@@ -61,7 +63,5 @@ async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
 
     # The consumer is still consuming after the rejection.
     await bus.emit("job.cancel", JobCancel(job_id="j2", reason="after"), correlation_id="j2")
-    async with asyncio.timeout(10):
-        while seen[-1] != "after":
-            await asyncio.sleep(0.01)
+    await asyncio.wait_for(after.wait(), 10)
     await bus.close()

@@ -1,0 +1,1 @@
+"""The medhive services; each is independent and shares only `shared/` and messages."""

@@ -1,0 +1,1 @@
+"""The audit service: the append-only, hash-chained record of every command and event."""

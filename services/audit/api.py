@@ -1,0 +1,158 @@
+"""The audit HTTP API: query records, follow them live (SSE), verify the chain.
+
+A `user` token sees only its own tenant's records; records without a tenant (node
+events, rejected messages, invalid bodies) are for operators only.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pymongo.errors import PyMongoError
+
+from services.audit.chain import verify
+from services.audit.recorder import NOTIFIER
+from services.audit.records import public
+from services.audit.store import STORE, RecordQuery
+from shared.auth import Role
+from shared.http import PRINCIPAL, ApiError, query_int, require_role
+
+log = structlog.get_logger("medhive.audit.api")
+
+routes = web.RouteTableDef()
+
+MAX_LIMIT = 1000
+#: A stream sends what matches in pages of this size.
+STREAM_PAGE = 500
+#: Seconds between comment lines on an idle stream, so proxies keep it open.
+KEEPALIVE_S = 15.0
+_MAX_SEQ = 2**62
+
+
+@routes.get("/v1/events")
+async def list_events(request: web.Request) -> web.Response:
+    """A page of records in `seq` order; `next_after` is the cursor of the next page."""
+    query = _query(request)
+    after = query_int(request, "after", 0, 0, _MAX_SEQ)
+    limit = query_int(request, "limit", 100, 1, MAX_LIMIT)
+    # One more than asked tells whether there is a next page. Reading only up to the
+    # recorder's head shows whole batches, never a batch that is half inserted.
+    head = request.app[NOTIFIER].head
+    records = await request.app[STORE].page(query, after=after, limit=limit + 1, upto=head)
+    more = len(records) > limit
+    records = records[:limit]
+    return web.json_response(
+        {
+            "events": [public(record) for record in records],
+            "next_after": records[-1]["seq"] if more else None,
+        }
+    )
+
+
+@routes.get("/v1/events/stream")
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: every matching record after the cursor, then live ones.
+
+    The cursor is `Last-Event-ID` (sent by a reconnecting client) or `?after=`. Only
+    records up to the recorder's head are read, all of which are stored, so a record
+    is never sent before one with a lower `seq` that matches too.
+    """
+    query = _query(request)
+    after = _last_event_id(request)
+    store, notifier = request.app[STORE], request.app[NOTIFIER]
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass each event on at once
+        }
+    )
+    await response.prepare(request)
+    try:
+        while not notifier.closed:
+            head = notifier.head
+            records = await store.page(query, after=after, limit=STREAM_PAGE, upto=head)
+            if records:
+                await response.write(b"".join(_event(record) for record in records))
+            if len(records) == STREAM_PAGE:
+                after = records[-1]["seq"]
+                continue
+            # Everything up to the head has been looked at (a cursor may be ahead of it).
+            after = max(after, head)
+            if not await notifier.wait_past(after, KEEPALIVE_S):
+                await response.write(b": keepalive\n\n")
+    except ConnectionResetError:
+        log.debug("audit_stream_client_gone")
+    except PyMongoError as exc:
+        # The headers are sent: end the stream; the client resumes from its last id.
+        log.warning("audit_stream_store_failed", error=repr(exc)[:500])
+    return response
+
+
+@routes.get("/v1/audit/verify")
+async def verify_chain(request: web.Request) -> web.Response:
+    """Check the whole chain (operators only); reads every record."""
+    require_role(request, Role.operator)
+    verdict = await verify(request.app[STORE])
+    if not verdict.ok:
+        log.warning("audit_chain_broken", first_bad_seq=verdict.first_bad_seq)
+    return web.json_response(verdict.as_json())
+
+
+def _query(request: web.Request) -> RecordQuery:
+    """The filters of the query string; a user's are confined to its own tenant."""
+    principal = request[PRINCIPAL]
+    tenant = request.query.get("tenant") or None
+    if principal.role != Role.operator:
+        if tenant is not None and tenant != principal.tenant:
+            raise ApiError(403, f"a user token sees only its own tenant, {principal.tenant!r}")
+        tenant = principal.tenant
+    return RecordQuery(
+        job=request.query.get("job") or None,
+        tenant=tenant,
+        type_prefix=request.query.get("type") or None,
+        since=_time(request, "since"),
+        until=_time(request, "until"),
+    )
+
+
+def _time(request: web.Request, name: str) -> datetime | None:
+    """An ISO 8601 time query parameter; without a zone it is UTC."""
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        # An unencoded "+01:00" arrives as " 01:00": take the space for the plus it was.
+        moment = datetime.fromisoformat(raw.strip().replace(" ", "+"))
+    except ValueError as exc:
+        raise ApiError(
+            400, f"query parameter {name} must be an ISO 8601 time, e.g. 2025-01-31T12:00:00Z"
+        ) from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _last_event_id(request: web.Request) -> int:
+    """Where a stream starts: after `Last-Event-ID` if the client sent one, else `after`."""
+    header = request.headers.get("Last-Event-ID", "").strip()
+    if not header:
+        return query_int(request, "after", 0, 0, _MAX_SEQ)
+    try:
+        seq = int(header)
+    except ValueError as exc:
+        raise ApiError(400, "header Last-Event-ID must be a record's seq (an integer)") from exc
+    if not 0 <= seq <= _MAX_SEQ:
+        raise ApiError(400, "header Last-Event-ID is out of range")
+    return seq
+
+
+def _event(record: dict[str, Any]) -> bytes:
+    """One server-sent event; `data` is one line, as `json.dumps` writes it."""
+    shown = public(record)
+    # A type comes from the message: no line break may end the field early.
+    kind = "".join(str(shown.get("type") or "unknown").split())
+    data = json.dumps(shown, separators=(",", ":"))
+    return f"id: {shown['seq']}\nevent: {kind}\ndata: {data}\n\n".encode()

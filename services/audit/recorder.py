@@ -1,0 +1,253 @@
+"""The recorder: consumes every command and event and appends each to the chain once.
+
+It consumes raw with aio-pika rather than through `Bus.consume`, because here a body
+that fails to decode is recorded too, not dead-lettered (the services' own consumers
+announce those with `message.rejected`). Deliveries arrive as concurrent tasks; they
+only go into an inbox, and one writer task drains it in batches, so that `seq` and
+the hash chain are assigned strictly one record after the other.
+
+Crash safety: a batch is stored before any of it is acknowledged. A crash in between
+makes the broker redeliver it, and records are keyed by message id, so the redelivery
+is recognised and only acknowledged. One recorder writes at a time; if a second one
+ever does, the unique `seq` index refuses one of them, which reloads and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import aiormq
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aiohttp import web
+from pymongo.errors import BulkWriteError, PyMongoError
+
+from services.audit.chain import Head, link
+from services.audit.records import Received, receive
+from services.audit.store import AuditStore
+from shared.bus import Bus
+from shared.messages.catalog import COMMANDS, EVENTS
+from shared.topology import declare_exchanges, declare_queue
+
+log = structlog.get_logger("medhive.audit")
+
+QUEUE = "audit.all"
+BINDINGS = [(COMMANDS, "#"), (EVENTS, "#")]
+_AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
+
+
+class Notifier:
+    """The highest stored `seq`, and a wake-up for the live streams waiting past it."""
+
+    def __init__(self) -> None:
+        self.head = 0
+        self.closed = False
+        self._changed = asyncio.Event()
+
+    def advance(self, seq: int) -> None:
+        self.head = seq
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """The service is stopping: every waiting stream should end."""
+        self.closed = True
+        self._changed.set()
+
+    async def wait_past(self, seq: int, wait_s: float) -> bool:
+        """Wait until a record after `seq` is stored or the service closes; False on timeout."""
+        if self.head > seq or self.closed:
+            return True
+        try:
+            await asyncio.wait_for(self._changed.wait(), wait_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+NOTIFIER = web.AppKey("audit_notifier", Notifier)
+
+
+class Recorder:
+    """Consumes `audit.all` and writes batches of records, each message once."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: AuditStore,
+        notifier: Notifier,
+        *,
+        batch_size: int,
+        batch_wait_s: float,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.notifier = notifier
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._head = Head()
+        self._stopping = False
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Continue the chain from the last stored record, then start consuming."""
+        self._head = await self._load_head()
+        self.notifier.advance(self._head.seq)
+        self._channel = await self.bus.connection.channel()
+        # Room for a full batch to gather while the previous one is being written.
+        await self._channel.set_qos(prefetch_count=2 * self.batch_size)
+        exchanges = await declare_exchanges(self._channel)
+        self._queue = await declare_queue(
+            self._channel, QUEUE, BINDINGS, exchanges, self.bus.settings.delivery_limit
+        )
+        self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop consuming, store what was delivered (bounded by `grace_s`), close.
+
+        Deliveries still unacknowledged go back to the queue with the channel and come
+        again to the next start, where those already stored are recognised.
+        """
+        if self._queue is not None and self._tag is not None:
+            with contextlib.suppress(*_AMQP_ERRORS):  # the connection may be gone already
+                await self._queue.cancel(self._tag)
+        self._inbox.put_nowait(None)
+        if self._writer is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._writer), grace_s)
+            except TimeoutError:
+                log.warning("audit_writer_stop_timeout", pending=self._inbox.qsize())
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
+        if self._channel is not None:
+            with contextlib.suppress(*_AMQP_ERRORS):
+                await self._channel.close()
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message)
+
+    async def _write_loop(self) -> None:
+        while batch := await self._next_batch():
+            started = time.perf_counter()
+            try:
+                stored = await self._store([receive(message) for message in batch])
+            except Exception:
+                # A bug, not an outage (those are retried in _store): hand the batch back
+                # so that the delivery limit dead-letters a message that fails every time.
+                log.exception("audit_batch_failed", size=len(batch))
+                await self._settle(batch, ack=False)
+                continue
+            await self._settle(batch, ack=True)
+            log.debug(
+                "audit_batch_stored",
+                received=len(batch),
+                stored=stored,
+                head=self._head.seq,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+    async def _next_batch(self) -> list[AbstractIncomingMessage]:
+        """The next deliveries: waits for one, then up to `batch_wait_s` for more.
+
+        Empty once `stop` has been asked for and everything before it was taken.
+        """
+        if self._stopping:
+            return []
+        first = await self._inbox.get()
+        if first is None:
+            return []
+        batch = [first]
+        deadline = asyncio.get_running_loop().time() + self.batch_wait_s
+        while len(batch) < self.batch_size:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await self._inbox.get()
+            except TimeoutError:
+                break
+            if message is None:
+                self._stopping = True
+                break
+            batch.append(message)
+        return batch
+
+    async def _store(self, batch: list[Received]) -> int:
+        """Append the batch's new records; retries through database outages."""
+        delay = 0.1
+        while True:
+            try:
+                return await self._append(batch)
+            except PyMongoError as exc:
+                # Part of the batch may be stored: reload the head, and the retry finds
+                # those records stored and appends only the rest.
+                log.warning("audit_store_retry", error=_describe(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                with contextlib.suppress(PyMongoError):
+                    self._head = await self._load_head()
+
+    async def _append(self, batch: list[Received]) -> int:
+        records: list[dict[str, Any]] = []
+        head = self._head
+        for item, record_id in await self._new(batch):
+            record = item.record(record_id)
+            head = link(head, record)
+            records.append(record)
+        if records:
+            await self.store.insert(records)
+            self._head = head
+            self.notifier.advance(head.seq)
+        return len(records)
+
+    async def _new(self, batch: list[Received]) -> list[tuple[Received, str]]:
+        """The deliveries not stored yet, each with the id to store it under.
+
+        A delivery is already stored when a record has its id and its body's digest: a
+        redelivery, or a repeat by the publisher. A different body under an id already
+        taken is not a repeat and is kept too, under `<id>~<digest>`, so that reusing
+        an id cannot hide a message from the audit.
+        """
+        taken = await self.store.digests({i for r in batch for i in (r.id, r.alt_id)})
+        new: list[tuple[Received, str]] = []
+        for item in batch:
+            for record_id in (item.id, item.alt_id):
+                digest = taken.get(record_id)
+                if digest is None:
+                    taken[record_id] = item.digest
+                    new.append((item, record_id))
+                    break
+                if digest == item.digest:
+                    break
+        return new
+
+    async def _settle(self, batch: list[AbstractIncomingMessage], *, ack: bool) -> None:
+        """Acknowledge (or hand back) a batch; the frames go out together, not one by one."""
+        results = await asyncio.gather(
+            *(message.ack() if ack else message.nack(requeue=True) for message in batch),
+            return_exceptions=True,
+        )
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            # The channel closed under us: the broker redelivers, and what is stored
+            # already is recognised then.
+            log.warning("audit_ack_failed", failed=len(failed), error=repr(failed[0]))
+
+    async def _load_head(self) -> Head:
+        last = await self.store.last()
+        return Head() if last is None else Head(last["seq"], last["hash"])
+
+
+def _describe(exc: PyMongoError) -> str:
+    """A storage error in one short line (a bulk error's repr holds whole documents)."""
+    if isinstance(exc, BulkWriteError):
+        errors = exc.details.get("writeErrors") or [{}]
+        return f"bulk write refused: {errors[0].get('code')} {errors[0].get('errmsg', '')[:300]}"
+    return repr(exc)[:500]

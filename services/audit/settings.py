@@ -1,0 +1,30 @@
+"""Settings of the audit service, from `MEDHIVE_AUDIT_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import AmqpSettings, MongoSettings
+
+
+class AuditSettings(BaseSettings):
+    """Where the audit store lives, where its API listens, and how the recorder batches."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDHIVE_AUDIT_", extra="ignore")
+
+    amqp: AmqpSettings = Field(
+        default_factory=AmqpSettings, description="The broker (`MEDHIVE_AMQP_*`)."
+    )
+    mongo: MongoSettings = Field(
+        default_factory=MongoSettings, description="The database server (`MEDHIVE_MONGO_*`)."
+    )
+    database: str = Field("medhive_audit", description="Database of the audit records.")
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(8081, ge=1, le=65535, description="Port the HTTP API listens on.")
+    batch_size: int = Field(
+        256, ge=1, le=10_000, description="Most deliveries written to the store in one batch."
+    )
+    batch_wait_ms: int = Field(
+        20, ge=0, le=10_000, description="How long a batch waits for more deliveries."
+    )

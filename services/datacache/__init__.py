@@ -1,0 +1,1 @@
+"""The data cache: stages XNAT, PACS and HTTP inputs, encrypted at rest (next issue)."""

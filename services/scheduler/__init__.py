@@ -1,0 +1,1 @@
+"""The scheduler: job queue and state, placement, retries, walltime, the job API."""

@@ -1,0 +1,144 @@
+"""The job gateway API. Every route is scoped to the caller's tenant: another
+tenant's job is indistinguishable from a job that does not exist (404)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import Field
+
+from services.scheduler.jobs import JobFinished, JobNotFound, JobService
+from services.scheduler.placement import Placer
+from services.scheduler.store import IdempotencyConflict, JobStore
+from shared.http import PRINCIPAL, ApiError, query_int, read_model
+from shared.messages.base import Payload
+from shared.messages.jobs import JobSpec, JobState
+from shared.mongo import Document
+
+JOBS = web.AppKey("jobs", JobService)
+STORE = web.AppKey("store", JobStore)
+PLACER = web.AppKey("placer", Placer)
+
+routes = web.RouteTableDef()
+
+
+class CancelBody(Payload):
+    """Optional body of `DELETE /v1/jobs/{id}`."""
+
+    reason: str = Field(max_length=500, description="Why, for the job's history.")
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    return value
+
+
+def public_job(doc: Document) -> Document:
+    """A job as clients see it: no internal fields, `id` instead of `_id`."""
+    hidden = {"_id", "outbox", "priority", "idempotency_key"}
+    out = {"id": doc["_id"], **{k: v for k, v in doc.items() if k not in hidden}}
+    return dict(_json(out))
+
+
+def _job_id(request: web.Request) -> str:
+    return request.match_info["job_id"]
+
+
+@routes.post("/v1/jobs")
+async def submit(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    spec = await read_model(request, JobSpec)
+    try:
+        job, created = await request.app[JOBS].submit(principal.tenant, principal.name, spec)
+    except IdempotencyConflict as exc:
+        raise ApiError(
+            409,
+            f"idempotency key {spec.idempotency_key!r} already names job {exc.args[0]} "
+            "with a different description",
+            job_id=exc.args[0],
+        ) from exc
+    return web.json_response(public_job(job), status=201 if created else 200)
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    state = request.query.get("state")
+    if state is not None and state not in JobState.__members__:
+        raise ApiError(400, f"unknown state {state!r}; one of {', '.join(JobState)}")
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = request.query.get("before")
+    docs = await request.app[STORE].page(request[PRINCIPAL].tenant, state, before, limit)
+    next_before = docs[-1]["_id"] if len(docs) == limit else None
+    return web.json_response({"jobs": [public_job(d) for d in docs], "next_before": next_before})
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    doc = await request.app[STORE].get(_job_id(request), request[PRINCIPAL].tenant)
+    if doc is None:
+        raise ApiError(404, f"no job {_job_id(request)}")
+    return web.json_response(public_job(doc))
+
+
+@routes.delete("/v1/jobs/{job_id}")
+async def cancel(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    reason = f"cancelled by {principal.name}"
+    if request.can_read_body:
+        reason = (await read_model(request, CancelBody)).reason
+    try:
+        job = await request.app[JOBS].cancel(_job_id(request), principal.tenant, reason)
+    except JobNotFound as exc:
+        raise ApiError(404, f"no job {_job_id(request)}") from exc
+    except JobFinished as exc:
+        raise ApiError(409, f"job {_job_id(request)} already ended: {exc.args[0]}") from exc
+    return web.json_response(public_job(job), status=202)
+
+
+@routes.get("/v1/jobs/{job_id}/logs")
+async def logs(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    job = await store.get(_job_id(request), request[PRINCIPAL].tenant)
+    if job is None:
+        raise ApiError(404, f"no job {_job_id(request)}")
+    attempt = query_int(request, "attempt", job["attempt"], 0, 100)
+    streams = await store.get_output(job["_id"], attempt)
+    body = {"job_id": job["_id"], "attempt": attempt, "state": job["state"]}
+    for name in ("stdout", "stderr"):
+        doc = streams.get(name)
+        body[name] = doc["data"] if doc else ""
+        body[f"{name}_truncated"] = bool(doc and doc["truncated"])
+    return web.json_response(body)
+
+
+@routes.get("/v1/nodes")
+async def nodes(request: web.Request) -> web.Response:
+    free, _ = await request.app[PLACER].free_capacity()
+    out = []
+    for node in await request.app[STORE].all_nodes():
+        room = free.get(node["_id"])
+        out.append(
+            _json(
+                {
+                    "id": node["_id"],
+                    "online": node["online"] and room is not None,
+                    "cpus": node["cpus"],
+                    "memory_mb": node["memory_mb"],
+                    "free_cpus": room.cpus if room else 0,
+                    "free_memory_mb": room.memory_mb if room else 0,
+                    "runtimes": node.get("runtimes", []),
+                    "last_seen": node["last_seen"],
+                }
+            )
+        )
+    return web.json_response({"nodes": out})
+
+
+__all__ = ["JOBS", "PLACER", "STORE", "public_job", "routes"]

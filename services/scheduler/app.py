@@ -1,0 +1,85 @@
+"""Builds the scheduler: job API, command and report consumers, placement, watchdog."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from yarl import URL
+
+from services.scheduler.api import JOBS, PLACER, STORE, routes
+from services.scheduler.handlers import (
+    CommandHandlers,
+    NodeHandlers,
+    tenant_of_sender,
+    trusted_senders,
+)
+from services.scheduler.jobs import JobService
+from services.scheduler.outbox import OutboxRelay
+from services.scheduler.placement import Placer
+from services.scheduler.settings import SchedulerSettings
+from services.scheduler.store import JobStore
+from services.scheduler.watchdog import Watchdog
+from shared.messages.catalog import COMMANDS, EVENTS
+from shared.service import BUS, MONGO, create_service_app
+
+COMMAND_QUEUE = "scheduler.commands"
+REPORT_QUEUE = "scheduler.reports"
+REPORT_TYPES = ["run.started", "run.output", "run.finished", "node.online", "node.heartbeat",
+                "node.offline"]  # fmt: skip
+
+
+def create_app(settings: SchedulerSettings) -> web.Application:
+    app = create_service_app("scheduler", settings.amqp, settings.mongo)
+    app.add_routes(routes)
+
+    async def core(app: web.Application) -> AsyncIterator[None]:
+        store = JobStore(app[MONGO][settings.database])
+        await store.create_indexes()
+        placer = Placer(store, settings.node_timeout_s)
+        relay = OutboxRelay(store, app[BUS])
+        jobs = JobService(store, app[BUS], relay, placer.wake)
+        placer.jobs = jobs
+        app[STORE], app[PLACER], app[JOBS] = store, placer, jobs
+        watchdog = Watchdog(
+            store, jobs, app[BUS], settings.watchdog_interval_s, settings.walltime_grace_s,
+            settings.node_timeout_s,
+        )  # fmt: skip
+        await relay.start()
+        await placer.start()
+        await watchdog.start()
+        yield
+        await watchdog.stop()
+        await placer.stop()
+        await relay.stop()
+
+    async def consumers(app: web.Application) -> AsyncIterator[None]:
+        bus, jobs, store = app[BUS], app[JOBS], app[STORE]
+        commands = CommandHandlers(jobs)
+        reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
+        service_user = URL(settings.amqp.url.get_secret_value()).user or "guest"
+        command_consumer = await bus.consume(
+            COMMAND_QUEUE,
+            [(COMMANDS, "job.submit"), (COMMANDS, "job.cancel")],
+            {"job.submit": commands.submit, "job.cancel": commands.cancel},
+            authorize=tenant_of_sender(settings.amqp_tenants),
+        )
+        report_consumer = await bus.consume(
+            REPORT_QUEUE,
+            [(EVENTS, key) for key in REPORT_TYPES],
+            {
+                "run.started": reports.started,
+                "run.output": reports.output,
+                "run.finished": reports.finished,
+                "node.online": reports.status,
+                "node.heartbeat": reports.status,
+                "node.offline": reports.status,
+            },
+            authorize=trusted_senders(set(settings.trusted_users or [service_user])),
+        )
+        yield
+        await command_consumer.stop()
+        await report_consumer.stop()
+
+    app.cleanup_ctx.extend([core, consumers])
+    return app

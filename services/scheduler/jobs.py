@@ -1,0 +1,285 @@
+"""What happens to a job: submit, cancel, dispatch, and the node's reports about it.
+
+`JobService` is the only writer of job state. Each method reads the job, decides, and
+moves it with `JobStore.transition` (guarded by the state it read, so a concurrent
+change makes it re-read instead of overwrite), then has the outbox relay publish the
+announcing messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import structlog
+
+from services.scheduler.ids import new_job_id
+from services.scheduler.outbox import OutboxRelay
+from services.scheduler.store import ALLOWED, JobStore, outbox_entry
+from shared.bus import Bus
+from shared.envelope import utcnow
+from shared.messages.catalog import job_event_type
+from shared.messages.jobs import JobEvent, JobSpec, JobState, NodeCancel, NodeRun
+from shared.messages.nodes import RunFinished, RunStarted
+from shared.mongo import Document
+
+log = structlog.get_logger("medhive.scheduler.jobs")
+
+#: How a node's outcome maps to the job's terminal state.
+OUTCOME_STATES = {
+    "succeeded": JobState.succeeded,
+    "failed": JobState.failed,
+    "timed_out": JobState.timed_out,
+    "cancelled": JobState.cancelled,
+}
+
+
+class JobNotFound(Exception):
+    """No such job for this tenant (another tenant's job is also 'not found')."""
+
+
+class JobFinished(Exception):
+    """The job already ended; it cannot be cancelled."""
+
+
+class JobService:
+    def __init__(
+        self, store: JobStore, bus: Bus, relay: OutboxRelay, wake_placer: Callable[[], None]
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.relay = relay
+        self.wake_placer = wake_placer
+
+    # -- messages -----------------------------------------------------------------
+
+    def _job_event(
+        self,
+        job: Document,
+        state: JobState,
+        previous: JobState | None,
+        reason: str | None,
+        causation_id: str | None,
+        **extra: Any,
+    ) -> Document:
+        event = JobEvent(
+            job_id=job["_id"],
+            state=state,
+            previous_state=previous,
+            reason=reason,
+            attempt=extra.get("attempt", job.get("attempt", 0)),
+            node_id=extra.get("node_id", job.get("node_id")),
+            exit_code=extra.get("exit_code"),
+        )
+        envelope = self.bus.envelope(
+            job_event_type(state),
+            event,
+            correlation_id=job["_id"],
+            causation_id=causation_id,
+            tenant=job["tenant"],
+            actor=job.get("actor"),
+        )
+        return outbox_entry(envelope)
+
+    def _node_command(self, job: Document, type_: str, payload: NodeRun | NodeCancel) -> Document:
+        envelope = self.bus.envelope(
+            type_, payload, correlation_id=job["_id"], tenant=job["tenant"], actor=job.get("actor")
+        )
+        return outbox_entry(envelope, node_id=job["node_id"])
+
+    async def _move(
+        self,
+        job_id: str,
+        to: JobState,
+        reason: str | None,
+        *,
+        causation_id: str | None = None,
+        expect: dict[str, Any] | None = None,
+        set_fields: dict[str, Any] | None = None,
+        commands: Callable[[Document], list[Document]] | None = None,
+    ) -> Document | None:
+        """Move a job from whatever state it is in now, if that is allowed.
+
+        Retries when the job changed between the read and the guarded update.
+        """
+        for _ in range(5):
+            job = await self.store.get(job_id)
+            if job is None:
+                return None
+            previous = JobState(job["state"])
+            if previous.terminal or to not in ALLOWED[previous]:
+                return None
+            merged = {**job, **(set_fields or {})}
+            outbox = [
+                self._job_event(merged, to, previous, reason, causation_id, **(set_fields or {}))
+            ]
+            if commands is not None:
+                outbox.extend(commands(merged))
+            updated = await self.store.transition(
+                job_id,
+                to,
+                reason=reason,
+                outbox=outbox,
+                expect={"state": previous.value, **(expect or {})},
+                set_fields=set_fields,
+            )
+            if updated is not None:
+                await self.relay.flush(job_id, updated["outbox"])
+                if to.terminal or to == JobState.queued:
+                    self.wake_placer()
+                return updated
+        log.warning("transition_contended", job_id=job_id, to=to.value)
+        return None
+
+    # -- commands -----------------------------------------------------------------
+
+    async def submit(
+        self, tenant: str, actor: str | None, spec: JobSpec, causation_id: str | None = None
+    ) -> tuple[Document, bool]:
+        """Store a new job as queued, or return the one with the same idempotency key."""
+        job_id = new_job_id()
+        now = utcnow()
+        stub = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0, "node_id": None}
+        history = [
+            {"state": JobState.submitted.value, "at": now, "reason": None},
+            {"state": JobState.queued.value, "at": now, "reason": "waiting for a node"},
+        ]
+        outbox = [
+            self._job_event(stub, JobState.submitted, None, None, causation_id),
+            self._job_event(
+                stub, JobState.queued, JobState.submitted, "waiting for a node", causation_id
+            ),
+        ]
+        job, created = await self.store.insert_job(
+            job_id, tenant, actor, spec, spec.idempotency_key, history, outbox
+        )
+        if created:
+            await self.relay.flush(job_id, outbox)
+            self.wake_placer()
+        return job, created
+
+    async def cancel(
+        self, job_id: str, tenant: str, reason: str, causation_id: str | None = None
+    ) -> Document:
+        """Cancel now if not yet placed; otherwise ask the node and let it report."""
+        job = await self.store.get(job_id, tenant)
+        if job is None:
+            raise JobNotFound(job_id)
+        state = JobState(job["state"])
+        if state.terminal:
+            raise JobFinished(state.value)
+        if state in (JobState.submitted, JobState.queued, JobState.lost):
+            moved = await self._move(job_id, JobState.cancelled, reason, causation_id=causation_id)
+            if moved is not None:
+                return moved
+            return await self.cancel(job_id, tenant, reason, causation_id)  # it moved meanwhile
+        if job.get("cancel_requested"):
+            return job
+        command = self._node_command(
+            job, "node.cancel", NodeCancel(job_id=job_id, attempt=job["attempt"], reason=reason)
+        )
+        updated = await self.store.update_flags(job_id, {"cancel_requested": reason}, [command])
+        assert updated is not None
+        await self.relay.flush(job_id, updated["outbox"])
+        return updated
+
+    async def dispatch(self, job: Document, node_id: str) -> bool:
+        """Place a queued job on a node and send it there."""
+        spec = JobSpec.model_validate(job["spec"])
+        deadline = utcnow() + timedelta(seconds=spec.walltime_s)
+        attempt = job["attempt"] + 1
+
+        def run_command(merged: Document) -> list[Document]:
+            run = NodeRun(
+                job_id=job["_id"], attempt=attempt, tenant=job["tenant"], spec=spec,
+                deadline=deadline,
+            )  # fmt: skip
+            return [self._node_command(merged, "node.run", run)]
+
+        moved = await self._move(
+            job["_id"],
+            JobState.dispatched,
+            f"placed on {node_id}",
+            expect={"attempt": job["attempt"]},
+            set_fields={"node_id": node_id, "attempt": attempt, "deadline": deadline},
+            commands=run_command,
+        )
+        return moved is not None
+
+    # -- node reports -------------------------------------------------------------
+
+    async def run_started(self, report: RunStarted, causation_id: str) -> None:
+        await self._move(
+            report.job_id,
+            JobState.running,
+            f"started on {report.node_id}",
+            causation_id=causation_id,
+            expect={"attempt": report.attempt, "node_id": report.node_id},
+        )
+
+    async def run_finished(self, report: RunFinished, causation_id: str) -> None:
+        job = await self.store.get(report.job_id)
+        if job is None or job.get("attempt") != report.attempt:
+            log.info("stale_run_report", job_id=report.job_id, attempt=report.attempt)
+            return
+        state = OUTCOME_STATES[report.outcome]
+        reason = report.reason
+        if job.get("walltime_enforced_at") is not None and state != JobState.succeeded:
+            state, reason = JobState.timed_out, "walltime exceeded"
+        elif job.get("cancel_requested") and state != JobState.succeeded:
+            state, reason = JobState.cancelled, job["cancel_requested"]
+        elif state == JobState.failed and reason is None:
+            reason = f"exited with code {report.exit_code}"
+        fields: dict[str, Any] = {"exit_code": report.exit_code, "reason": reason}
+        if report.oom_killed:
+            fields["oom_killed"] = True
+        await self._move(
+            report.job_id,
+            state,
+            reason,
+            causation_id=causation_id,
+            expect={"attempt": report.attempt, "node_id": report.node_id},
+            set_fields=fields,
+        )
+
+    # -- the watchdog's decisions -------------------------------------------------
+
+    async def lose(self, job: Document, reason: str) -> None:
+        """The job's node is gone: mark it lost, then queue it again or end it."""
+        lost = await self._move(
+            job["_id"], JobState.lost, reason, expect={"attempt": job["attempt"]}
+        )
+        if lost is None:
+            return
+        spec = JobSpec.model_validate(lost["spec"])
+        if lost.get("cancel_requested"):
+            await self._move(job["_id"], JobState.cancelled, lost["cancel_requested"])
+        elif lost["attempt"] <= spec.retries:
+            await self._move(
+                job["_id"], JobState.queued,
+                f"retry {lost['attempt']} of {spec.retries} after: {reason}",
+            )  # fmt: skip
+        else:
+            await self._move(job["_id"], JobState.failed, f"{reason}; no retries left")
+
+    async def enforce_walltime(self, job: Document) -> None:
+        """Ask the node to stop a job past its deadline (the node normally does it)."""
+        command = self._node_command(
+            job,
+            "node.cancel",
+            NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded"),
+        )
+        updated = await self.store.update_flags(
+            job["_id"], {"walltime_enforced_at": utcnow()}, [command]
+        )
+        if updated is not None:
+            await self.relay.flush(job["_id"], updated["outbox"])
+
+    async def time_out(self, job: Document) -> None:
+        """The node did not confirm the stop in time: end the job here."""
+        await self._move(
+            job["_id"], JobState.timed_out,
+            f"walltime exceeded; node {job['node_id']} did not confirm the stop",
+            expect={"attempt": job["attempt"]},
+        )  # fmt: skip

@@ -1,0 +1,34 @@
+"""Scheduler settings, from `MEDHIVE_SCHEDULER_*` environment variables."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import AmqpSettings, MongoSettings
+
+
+class SchedulerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEDHIVE_SCHEDULER_", extra="ignore")
+
+    amqp: AmqpSettings = Field(default_factory=AmqpSettings)
+    mongo: MongoSettings = Field(default_factory=MongoSettings)
+    database: str = Field("medhive_scheduler", description="The scheduler's own database.")
+    host: str = Field("127.0.0.1", description="Address the job API listens on.")
+    port: int = Field(8080, description="Port of the job API.")
+    amqp_tenants: dict[str, str] = Field(
+        default_factory=dict,
+        description='AMQP user -> tenant for systems publishing job.submit: {"ris": "radiology"}',
+    )
+    trusted_users: list[str] | None = Field(
+        None,
+        description="AMQP users whose node reports are believed; default: the service account.",
+    )
+    node_timeout_s: float = Field(
+        20.0, gt=0, description="A node silent this long is offline; its jobs are lost."
+    )
+    walltime_grace_s: float = Field(
+        30.0, gt=0, description="After the deadline, how long the node has to stop a job."
+    )
+    watchdog_interval_s: float = Field(2.0, gt=0, description="How often deadlines are checked.")
+    log_limit_bytes: int = Field(256 * 1024, description="Output kept per job and stream.")

@@ -1,0 +1,234 @@
+"""The scheduler's collections: jobs (with history and outbox), nodes, and job output.
+
+Every state change goes through `JobStore.transition`, which checks the move against
+`ALLOWED` and, in the same single-document update, appends the history entry and the
+messages that announce it to the job's outbox. A crash after the update loses nothing:
+the relay publishes whatever an outbox still holds (see outbox.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from shared.envelope import Envelope, utcnow
+from shared.messages.jobs import JobSpec, JobState
+from shared.mongo import Document
+
+S = JobState
+#: The state machine, in one place: which states each state may move to.
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    S.submitted: frozenset({S.queued, S.cancelled, S.failed}),
+    S.queued: frozenset({S.dispatched, S.cancelled, S.failed}),
+    S.dispatched: frozenset({S.running, S.succeeded, S.failed, S.timed_out, S.cancelled, S.lost}),
+    S.running: frozenset({S.succeeded, S.failed, S.timed_out, S.cancelled, S.lost}),
+    S.lost: frozenset({S.queued, S.failed, S.cancelled}),
+    S.succeeded: frozenset(),
+    S.failed: frozenset(),
+    S.timed_out: frozenset(),
+    S.cancelled: frozenset(),
+}
+
+
+class IdempotencyConflict(Exception):
+    """The same idempotency key was used for a different job description."""
+
+
+def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
+    """An outbox item: the message and, for node commands, the node it goes to."""
+    return {"id": str(envelope.id), "envelope": envelope.model_dump(mode="json"), "node": node_id}
+
+
+class JobStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.jobs = db["jobs"]
+        self.nodes = db["nodes"]
+        self.output = db["output"]
+
+    async def create_indexes(self) -> None:
+        await self.jobs.create_index(
+            [("tenant", ASCENDING), ("idempotency_key", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"idempotency_key": {"$type": "string"}},
+        )
+        await self.jobs.create_index([("state", ASCENDING), ("priority", DESCENDING)])
+        await self.jobs.create_index([("tenant", ASCENDING), ("_id", DESCENDING)])
+        await self.jobs.create_index([("outbox.0", ASCENDING)], sparse=True)
+        await self.output.create_index(
+            [("job_id", ASCENDING), ("attempt", ASCENDING), ("stream", ASCENDING)], unique=True
+        )
+
+    # -- jobs ---------------------------------------------------------------------
+
+    async def insert_job(
+        self,
+        job_id: str,
+        tenant: str,
+        actor: str | None,
+        spec: JobSpec,
+        idempotency_key: str | None,
+        history: list[Document],
+        outbox: list[Document],
+    ) -> tuple[Document, bool]:
+        """Store a new job; with a known idempotency key, return the existing one.
+
+        Returns (job, created).
+        """
+        now = utcnow()
+        doc: Document = {
+            "_id": job_id,
+            "tenant": tenant,
+            "actor": actor,
+            "name": spec.name,
+            "spec": spec.model_dump(mode="json"),
+            "priority": spec.priority,
+            "state": history[-1]["state"],
+            "history": history,
+            "attempt": 0,
+            "node_id": None,
+            "created_at": now,
+            "updated_at": now,
+            "outbox": outbox,
+        }
+        if idempotency_key is not None:
+            doc["idempotency_key"] = idempotency_key
+        try:
+            await self.jobs.insert_one(doc)
+            return doc, True
+        except DuplicateKeyError:
+            existing = await self.jobs.find_one(
+                {"tenant": tenant, "idempotency_key": idempotency_key}
+            )
+            if existing is None:  # the key was the job id itself: a true duplicate insert
+                raise
+            if existing["spec"] != doc["spec"]:
+                raise IdempotencyConflict(existing["_id"]) from None
+            return existing, False
+
+    async def get(self, job_id: str, tenant: str | None = None) -> Document | None:
+        query: Document = {"_id": job_id}
+        if tenant is not None:
+            query["tenant"] = tenant
+        return await self.jobs.find_one(query, {"outbox": 0})
+
+    async def page(
+        self, tenant: str, state: str | None, before: str | None, limit: int
+    ) -> list[Document]:
+        query: Document = {"tenant": tenant}
+        if state is not None:
+            query["state"] = state
+        if before is not None:
+            query["_id"] = {"$lt": before}
+        cursor = self.jobs.find(query, {"outbox": 0, "history": 0}).sort("_id", DESCENDING)
+        return await cursor.limit(limit).to_list()
+
+    async def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        reason: str | None,
+        outbox: list[Document],
+        expect: dict[str, Any] | None = None,
+        set_fields: dict[str, Any] | None = None,
+    ) -> Document | None:
+        """Move a job to `to` if its current state allows it (and `expect` matches).
+
+        Returns the updated job, or None when the job is not in a state that may move
+        there: a duplicate or late message, which callers ignore.
+        """
+        now = utcnow()
+        sources = [state.value for state, targets in ALLOWED.items() if to in targets]
+        query: Document = {"_id": job_id, "state": {"$in": sources}, **(expect or {})}
+        entry: Document = {"state": to.value, "at": now, "reason": reason}
+        fields = {"state": to.value, "updated_at": now, **(set_fields or {})}
+        for key in ("attempt", "node_id", "exit_code"):
+            if key in fields:
+                entry[key] = fields[key]
+        return await self.jobs.find_one_and_update(
+            query,
+            {"$set": fields, "$push": {"history": entry, "outbox": {"$each": outbox}}},
+            projection={"history": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def update_flags(
+        self, job_id: str, fields: dict[str, Any], outbox: list[Document]
+    ) -> Document | None:
+        """Set fields of a placed job (cancel requested, walltime enforced) with messages."""
+        return await self.jobs.find_one_and_update(
+            {"_id": job_id},
+            {"$set": fields, "$push": {"outbox": {"$each": outbox}}},
+            projection={"history": 0},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def queued(self, limit: int) -> list[Document]:
+        """Jobs waiting for a node, highest priority first, then oldest first."""
+        cursor = self.jobs.find({"state": JobState.queued.value}, {"outbox": 0, "history": 0})
+        return (
+            await cursor.sort([("priority", DESCENDING), ("_id", ASCENDING)]).limit(limit).to_list()
+        )
+
+    async def placed(self) -> list[Document]:
+        """Jobs that hold capacity on a node."""
+        cursor = self.jobs.find(
+            {"state": {"$in": [JobState.dispatched.value, JobState.running.value]}},
+            {"node_id": 1, "spec.resources": 1, "deadline": 1, "attempt": 1, "state": 1,
+             "tenant": 1, "walltime_enforced_at": 1, "cancel_requested": 1},
+        )  # fmt: skip
+        return await cursor.to_list()
+
+    async def with_outbox(self, limit: int = 500) -> list[Document]:
+        return (
+            await self.jobs.find({"outbox.0": {"$exists": True}}, {"outbox": 1})
+            .limit(limit)
+            .to_list()
+        )
+
+    async def drop_outbox(self, job_id: str, ids: list[str]) -> None:
+        await self.jobs.update_one({"_id": job_id}, {"$pull": {"outbox": {"id": {"$in": ids}}}})
+
+    # -- nodes --------------------------------------------------------------------
+
+    async def node_seen(self, node_id: str, status: Document, online: bool) -> None:
+        await self.nodes.update_one(
+            {"_id": node_id},
+            {"$set": {**status, "online": online, "last_seen": utcnow()}},
+            upsert=True,
+        )
+
+    async def online_nodes(self) -> list[Document]:
+        return await self.nodes.find({"online": True}).to_list()
+
+    async def all_nodes(self) -> list[Document]:
+        return await self.nodes.find().sort("_id", ASCENDING).to_list()
+
+    async def mark_offline(self, node_id: str, seen_before: datetime) -> bool:
+        """Mark a node offline if it has not been seen since `seen_before`."""
+        result = await self.nodes.update_one(
+            {"_id": node_id, "online": True, "last_seen": {"$lt": seen_before}},
+            {"$set": {"online": False}},
+        )
+        return result.modified_count == 1
+
+    # -- output -------------------------------------------------------------------
+
+    async def save_output(
+        self, job_id: str, attempt: int, stream: str, data: str, truncated: bool, limit: int
+    ) -> None:
+        if len(data) > limit:
+            data, truncated = data[-limit:], True
+        await self.output.update_one(
+            {"job_id": job_id, "attempt": attempt, "stream": stream},
+            {"$set": {"data": data, "truncated": truncated}},
+            upsert=True,
+        )
+
+    async def get_output(self, job_id: str, attempt: int) -> dict[str, Document]:
+        docs = await self.output.find({"job_id": job_id, "attempt": attempt}).to_list()
+        return {doc["stream"]: doc for doc in docs}

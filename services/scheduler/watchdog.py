@@ -1,0 +1,85 @@
+"""The second line of defence: deadlines the node missed, and nodes that went silent.
+
+The node agent stops a job at its walltime itself. This loop catches what a node
+could not do: past the deadline plus a grace period it asks the node again; past
+another grace period it ends the job as `timed_out` here. A node that sends no
+heartbeat for `node_timeout_s` is offline, and its placed jobs are `lost` (then
+queued again while they have retries left).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import structlog
+
+from services.scheduler.jobs import JobService
+from services.scheduler.store import JobStore
+from shared.bus import Bus
+from shared.envelope import utcnow
+from shared.messages.nodes import NodeStatus
+
+log = structlog.get_logger("medhive.scheduler.watchdog")
+
+
+class Watchdog:
+    def __init__(
+        self,
+        store: JobStore,
+        jobs: JobService,
+        bus: Bus,
+        interval_s: float,
+        grace_s: float,
+        node_timeout_s: float,
+    ) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.bus = bus
+        self.interval_s = interval_s
+        self.grace = timedelta(seconds=grace_s)
+        self.node_timeout = timedelta(seconds=node_timeout_s)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="watchdog")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:
+                log.exception("watchdog_failed")
+            await asyncio.sleep(self.interval_s)  # a periodic check of clocks, by design
+
+    async def check_once(self) -> None:
+        now = utcnow()
+        stale = now - self.node_timeout
+        nodes = {node["_id"]: node for node in await self.store.all_nodes()}
+        for node_id, node in nodes.items():
+            stopped_answering = node["online"] and node["last_seen"] < stale
+            if stopped_answering and await self.store.mark_offline(node_id, stale):
+                log.warning("node_offline", node_id=node_id)
+                status = NodeStatus.model_validate(
+                    {k: node[k] for k in NodeStatus.model_fields if k in node}
+                )
+                await self.bus.emit("node.offline", status)
+        silent = int(self.node_timeout.total_seconds())
+        for job in await self.store.placed():
+            host = nodes.get(job["node_id"])
+            if host is None or host["last_seen"] < stale:
+                reason = f"node {job['node_id']} sent no heartbeat for {silent} s"
+                await self.jobs.lose(job, reason)
+                continue
+            deadline = job.get("deadline")
+            enforced = job.get("walltime_enforced_at")
+            if enforced is None and deadline is not None and now > deadline + self.grace:
+                log.warning("walltime_enforced", job_id=job["_id"], node_id=job["node_id"])
+                await self.jobs.enforce_walltime(job)
+            elif enforced is not None and now > enforced + self.grace:
+                await self.jobs.time_out(job)

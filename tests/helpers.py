@@ -1,0 +1,100 @@
+"""Test helpers shared by the integration and end-to-end tests: tokens, event taps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from shared.auth import Role, TokenStore
+from shared.messages.catalog import COMMANDS, EVENTS
+from shared.mongo import connect
+from shared.settings import AmqpSettings, MongoSettings
+
+
+async def make_token(mongo: MongoSettings, tenant: str, role: Role = Role.user) -> str:
+    client = connect(mongo)
+    try:
+        return await TokenStore(client[mongo.identity_db]).create(f"{tenant}-{role}", tenant, role)
+    finally:
+        await client.close()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+class EventTap:
+    """An exclusive queue bound to routing keys; waits for matching messages."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self._changed = asyncio.Condition()
+
+    async def _on(self, message: AbstractIncomingMessage) -> None:
+        async with message.process():
+            try:
+                body = json.loads(message.body)
+            except ValueError:
+                body = {"raw": message.body.decode("utf-8", "replace")}
+            body["_routing_key"] = message.routing_key
+            async with self._changed:
+                self.messages.append(body)
+                self._changed.notify_all()
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], within: float = 30.0
+    ) -> dict[str, Any]:
+        """The first message (seen already or arriving) that matches."""
+        async with asyncio.timeout(within), self._changed:
+            while True:
+                for message in self.messages:
+                    if predicate(message):
+                        return message
+                await self._changed.wait()
+
+    def of_job(self, job_id: str, prefix: str = "job.") -> list[dict[str, Any]]:
+        return [
+            m for m in self.messages
+            if m.get("correlation_id") == job_id and str(m.get("type", "")).startswith(prefix)
+        ]  # fmt: skip
+
+
+@asynccontextmanager
+async def event_tap(
+    amqp: AmqpSettings, keys: list[str], exchange: str = EVENTS
+) -> AsyncIterator[EventTap]:
+    connection = await aio_pika.connect(amqp.url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        for key in keys:
+            await queue.bind(exchange, key)
+        tap = EventTap()
+        await queue.consume(tap._on)
+        yield tap
+    finally:
+        await connection.close()
+
+
+async def publish_raw(amqp_url: str, body: bytes, routing_key: str, **properties: Any) -> None:
+    """Publish bytes as another system would, with any AMQP client."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(COMMANDS, ensure=False)
+        await exchange.publish(aio_pika.Message(body, **properties), routing_key)
+    finally:
+        await connection.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
+    """Re-check a condition that has no event to wait on (state in another process)."""
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110 - the state lives in another process
+            await asyncio.sleep(0.05)

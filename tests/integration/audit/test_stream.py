@@ -1,0 +1,82 @@
+"""`GET /v1/events/stream`: live records over SSE, resumable without gap or duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from shared.auth import Role
+from shared.bus import Bus
+from shared.messages.jobs import JobEvent, JobState
+from tests.integration.audit.conftest import StartApp
+from tests.integration.audit.support import auth, next_event
+
+
+async def _emit(bus: Bus, numbers: range, tenant: str = "t1") -> None:
+    for n in numbers:
+        event = JobEvent(job_id=f"j{n}", state=JobState.queued)
+        await bus.emit("job.queued", event, correlation_id=f"j{n}", tenant=tenant)
+
+
+async def test_stream_is_live_and_resumes_after_a_disconnect_without_gap_or_duplicate(
+    start_app: StartApp, bus: Bus, token: Any
+) -> None:
+    client = await start_app()
+    headers = auth(await token("ops", Role.operator))
+    seen: list[int] = []
+
+    stream = await client.get("/v1/events/stream", headers=headers)
+    assert stream.status == 200
+    assert stream.content_type == "text/event-stream"
+    await _emit(bus, range(0, 5))
+    for _ in range(5):
+        event = await next_event(stream)
+        assert event["event"] == "job.queued"
+        assert event["data"]["seq"] == int(event["id"])
+        seen.append(int(event["id"]))
+    stream.close()  # the client drops the connection
+
+    await _emit(bus, range(5, 10))  # published while nobody listens
+    resumed = await client.get(
+        "/v1/events/stream", headers={**headers, "Last-Event-ID": str(seen[-1])}
+    )
+    await _emit(bus, range(10, 13))  # and live again after the reconnect
+    for _ in range(8):
+        seen.append(int((await next_event(resumed))["id"]))
+    resumed.close()
+    assert seen == list(range(1, 14))
+
+
+async def test_a_users_stream_carries_only_its_tenant(
+    start_app: StartApp, bus: Bus, token: Any
+) -> None:
+    client = await start_app()
+    stream = await client.get("/v1/events/stream", headers=auth(await token("t2")))
+    await _emit(bus, range(0, 3), tenant="t1")
+    await _emit(bus, range(3, 5), tenant="t2")
+    jobs = [(await next_event(stream))["data"]["job_id"] for _ in range(2)]
+    assert jobs == ["j3", "j4"]
+    stream.close()
+
+
+async def test_an_open_stream_ends_cleanly_when_the_app_shuts_down(
+    start_app: StartApp, bus: Bus, token: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await start_app()
+    stream = await client.get(
+        "/v1/events/stream", params={"after": 1}, headers=auth(await token("ops", Role.operator))
+    )
+    await _emit(bus, range(0, 2))
+    assert (await next_event(stream))["id"] == "2"
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):  # not the 60 s aiohttp waits for open requests
+            await client.server.close()  # graceful shutdown, the client still reading
+        with pytest.raises(EOFError):
+            await next_event(stream, within_s=5)
+    stream.close()
+    assert [log for log in logs if log["log_level"] in ("error", "critical")] == []
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
