@@ -61,16 +61,16 @@ class JobService:
         previous: JobState | None,
         reason: str | None,
         causation_id: str | None,
-        **extra: Any,
     ) -> Document:
+        """The outbox entry of `job.<state>`; `job` already has the new fields merged."""
         event = JobEvent(
             job_id=job["_id"],
             state=state,
             previous_state=previous,
             reason=reason,
-            attempt=extra.get("attempt", job.get("attempt", 0)),
-            node_id=extra.get("node_id", job.get("node_id")),
-            exit_code=extra.get("exit_code"),
+            attempt=job.get("attempt", 0),
+            node_id=job.get("node_id"),
+            exit_code=job.get("exit_code") if state.terminal else None,
         )
         envelope = self.bus.envelope(
             job_event_type(state),
@@ -111,9 +111,7 @@ class JobService:
             if previous.terminal or to not in ALLOWED[previous]:
                 return None
             merged = {**job, **(set_fields or {})}
-            outbox = [
-                self._job_event(merged, to, previous, reason, causation_id, **(set_fields or {}))
-            ]
+            outbox = [self._job_event(merged, to, previous, reason, causation_id)]
             if commands is not None:
                 outbox.extend(commands(merged))
             updated = await self.store.transition(

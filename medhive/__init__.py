@@ -1,0 +1,1 @@
+"""The `medhive` command line: submit and follow jobs, read audit, run a local stack."""

@@ -1,0 +1,253 @@
+"""`medhive`: the command line of users and operators.
+
+Talks to the job API (`MEDHIVE_API_URL`) and the audit API (`MEDHIVE_AUDIT_URL`) with
+the token in `MEDHIVE_TOKEN` (or the file `token create --save` wrote). `token create`
+and `up` are the administrator's tools and run on the server itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medhive.client import TERMINAL, ApiFailure, Client, default_token
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.api_url, args.audit_url, args.token or default_token())
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _state_line(record: dict[str, Any]) -> str:
+    payload = (record.get("envelope") or {}).get("payload", {})
+    when = str(record.get("occurred_at", ""))[11:19]
+    line = f"{when}  {payload.get('state', record.get('type')):<10}"
+    if payload.get("reason"):
+        line += f"  {payload['reason']}"
+    return line
+
+
+async def submit(args: argparse.Namespace) -> int:
+    text = Path(args.file).read_text() if args.file != "-" else sys.stdin.read()
+    spec = yaml.safe_load(text)
+    async with _client(args) as client:
+        job = await client.submit(spec)
+        print(f"job {job['id']} {job['state']}")
+        if not args.follow:
+            return 0
+        return await _follow(client, job["id"])
+
+
+async def _follow(client: Client, job_id: str) -> int:
+    """Print each state change as audit stores it; at the end, the output."""
+    async for record in client.stream({"job": job_id, "type": "job."}):
+        print(_state_line(record), flush=True)
+        state = (record.get("envelope") or {}).get("payload", {}).get("state")
+        if state in TERMINAL:
+            break
+    logs = await client.logs(job_id)
+    for stream in ("stdout", "stderr"):
+        if logs[stream]:
+            print(f"--- {stream}{' (truncated)' if logs[f'{stream}_truncated'] else ''}")
+            print(logs[stream], end="" if logs[stream].endswith("\n") else "\n")
+    job = await client.job(job_id)
+    if job.get("exit_code") is not None:
+        print(f"exit code {job['exit_code']}")
+    return 0 if job["state"] == "succeeded" else 1
+
+
+async def jobs(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        for job in await client.jobs(args.state, args.limit):
+            print(f"{job['id']}  {job['state']:<10}  {job['name']}")
+    return 0
+
+
+async def status(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        _print_json(await client.job(args.job_id))
+    return 0
+
+
+async def logs(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        body = await client.logs(args.job_id)
+    sys.stdout.write(body["stdout"])
+    sys.stderr.write(body["stderr"])
+    return 0
+
+
+async def cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        job = await client.cancel(args.job_id)
+    requested = " (cancel requested)" if job.get("cancel_requested") else ""
+    print(f"job {job['id']} {job['state']}{requested}")
+    return 0
+
+
+async def nodes(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        for node in await client.nodes():
+            state = "online" if node["online"] else "offline"
+            print(
+                f"{node['id']}  {state:<7}  cpus {node['free_cpus']:g}/{node['cpus']:g}  "
+                f"memory {node['free_memory_mb']}/{node['memory_mb']} MiB"
+            )
+    return 0
+
+
+async def audit_tail(args: argparse.Namespace) -> int:
+    filters: dict[str, str] = {
+        "job": args.job or "",
+        "type": args.type or "",
+        "tenant": args.tenant or "",
+    }
+    async with _client(args) as client:
+        if args.follow:
+            async for record in client.stream(filters):
+                print(json.dumps(record, sort_keys=True), flush=True)
+            return 0
+        after = 0
+        while True:
+            records, next_after = await client.events(filters, after)
+            for record in records:
+                print(json.dumps(record, sort_keys=True))
+            if next_after is None:
+                return 0
+            after = next_after
+
+
+async def audit_verify(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        result = await client.verify()
+    _print_json(result)
+    return 0 if result["ok"] else 1
+
+
+async def token_create(args: argparse.Namespace) -> int:
+    from shared.auth import Role, TokenStore
+    from shared.mongo import connect
+    from shared.settings import MongoSettings
+
+    settings = MongoSettings()
+    db = connect(settings)
+    try:
+        token = await TokenStore(db[settings.identity_db]).create(
+            args.name or f"{args.tenant}-{args.role}", args.tenant, Role(args.role)
+        )
+    finally:
+        await db.close()
+    if args.save:
+        path = Path(os.environ.get("MEDHIVE_TOKEN_FILE", "~/.config/medhive/token")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+    print(token)
+    return 0
+
+
+async def schema_export(args: argparse.Namespace) -> int:
+    from shared.schema import export_schemas
+
+    for path in export_schemas(Path(args.directory)):
+        print(path)
+    return 0
+
+
+async def up(args: argparse.Namespace) -> int:
+    from medhive.up import run_stack
+
+    return await run_stack(args.services, db_path=args.db_path)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medhive", description=__doc__.splitlines()[0])
+    p.add_argument("--api-url", default=os.environ.get("MEDHIVE_API_URL", "http://127.0.0.1:8080"))
+    p.add_argument(
+        "--audit-url", default=os.environ.get("MEDHIVE_AUDIT_URL", "http://127.0.0.1:8081")
+    )
+    p.add_argument("--token", help="API token (default: $MEDHIVE_TOKEN or the saved one)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn: Command, help_: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_)
+        cmd.set_defaults(fn=fn)
+        return cmd
+
+    c = command("submit", submit, "submit a job description (YAML or JSON)")
+    c.add_argument("file", help="job file, or - for standard input")
+    c.add_argument("--follow", "-f", action="store_true", help="show states live, then output")
+    c = command("jobs", jobs, "list your jobs")
+    c.add_argument("--state")
+    c.add_argument("--limit", type=int, default=50)
+    command("status", status, "a job with its history").add_argument("job_id")
+    command("logs", logs, "what a job printed").add_argument("job_id")
+    command("cancel", cancel, "cancel a job").add_argument("job_id")
+    command("nodes", nodes, "nodes and their free capacity")
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
+        dest="audit_command", required=True
+    )
+    c = audit.add_parser("tail", help="audit records, oldest first")
+    c.set_defaults(fn=audit_tail)
+    c.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    c.add_argument("--job")
+    c.add_argument("--type", help="type prefix, e.g. job. or data.")
+    c.add_argument("--tenant")
+    audit.add_parser("verify", help="check the hash chain").set_defaults(fn=audit_verify)
+
+    token = sub.add_parser("token", help="API tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    c = token.add_parser("create", help="create a token (on the server; MEDHIVE_MONGO_URL)")
+    c.set_defaults(fn=token_create)
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--role", choices=["user", "operator"], default="user")
+    c.add_argument("--name")
+    c.add_argument("--save", action="store_true", help="also write it where the CLI finds it")
+
+    schema = sub.add_parser("schema", help="message schemas").add_subparsers(
+        dest="schema_command", required=True
+    )
+    c = schema.add_parser("export", help="write JSON Schema and AsyncAPI files")
+    c.set_defaults(fn=schema_export)
+    c.add_argument("directory")
+
+    c = command("up", up, "run the services of one machine, logs interleaved")
+    c.add_argument(
+        "services", nargs="*", default=["scheduler", "audit", "vmnode"], help="which services"
+    )
+    c.add_argument(
+        "--db-path",
+        default=os.environ.get("MEDHIVE_DB_PATH", "/var/lib/medhive/db"),
+        help="start a MongoDB-protocol server on this path when none answers",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        code = asyncio.run(args.fn(args))
+    except ApiFailure as exc:
+        print(f"medhive: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"medhive: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -1,0 +1,139 @@
+"""A small client for the job API and the audit API, used by the CLI and the benches."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+TERMINAL = {"succeeded", "failed", "timed_out", "cancelled"}
+
+
+class ApiFailure(Exception):
+    """An API answered with an error; the message is its JSON `detail`."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def default_token() -> str | None:
+    """`MEDHIVE_TOKEN`, or the file `medhive token create --save` wrote."""
+    token = os.environ.get("MEDHIVE_TOKEN")
+    if token:
+        return token
+    path = Path(os.environ.get("MEDHIVE_TOKEN_FILE", "~/.config/medhive/token")).expanduser()
+    return path.read_text().strip() if path.exists() else None
+
+
+class Client:
+    def __init__(self, api_url: str, audit_url: str, token: str | None) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.audit_url = audit_url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.session = aiohttp.ClientSession(headers=headers)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def call(self, method: str, url: str, **kwargs: Any) -> Any:
+        async with self.session.request(method, url, **kwargs) as response:
+            body = await response.json(content_type=None)
+            if response.status >= 400:
+                error = (body or {}).get("error", {}) if isinstance(body, dict) else {}
+                detail = error.get("detail", str(body))
+                if "problems" in error:
+                    detail += "".join(
+                        f"\n  {p['field']}: {p['problem']}" for p in error["problems"]
+                    )
+                raise ApiFailure(response.status, detail)
+            return body
+
+    # -- jobs ---------------------------------------------------------------------
+
+    async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self.call("POST", f"{self.api_url}/v1/jobs", json=spec))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}"))
+
+    async def jobs(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        params: dict[str, str | int] = {"limit": limit}
+        if state:
+            params["state"] = state
+        body = await self.call("GET", f"{self.api_url}/v1/jobs", params=params)
+        return list(body["jobs"])
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(await self.call("DELETE", f"{self.api_url}/v1/jobs/{job_id}"))
+
+    async def logs(self, job_id: str) -> dict[str, Any]:
+        return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}/logs"))
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        return list((await self.call("GET", f"{self.api_url}/v1/nodes"))["nodes"])
+
+    # -- audit --------------------------------------------------------------------
+
+    async def events(
+        self, filters: dict[str, str], after: int = 0
+    ) -> tuple[list[dict[str, Any]], Any]:
+        params: dict[str, str | int] = {"after": after, "limit": 1000}
+        params.update({k: v for k, v in filters.items() if v})
+        body = await self.call("GET", f"{self.audit_url}/v1/events", params=params)
+        return list(body["events"]), body["next_after"]
+
+    async def verify(self) -> dict[str, Any]:
+        return dict(await self.call("GET", f"{self.audit_url}/v1/audit/verify"))
+
+    async def stream(
+        self, filters: dict[str, str], after: int = 0
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Audit records as they are stored; reconnects after a drop, resuming at the
+        last id seen, so nothing is missed and nothing is repeated."""
+        last = after
+        params = {k: v for k, v in filters.items() if v}
+        while True:
+            headers = {"Last-Event-ID": str(last)}
+            try:
+                async with self.session.get(
+                    f"{self.audit_url}/v1/events/stream",
+                    params=params,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+                ) as response:
+                    if response.status >= 400:
+                        body = await response.json(content_type=None)
+                        raise ApiFailure(response.status, body["error"]["detail"])
+                    async for event_id, data in _sse(response):
+                        last = event_id
+                        yield data
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError):
+                continue  # resume from `last`
+
+
+async def _sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Parse `text/event-stream`: `id:` and `data:` lines, an empty line ends an event."""
+    event_id: int | None = None
+    data: list[str] = []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if event_id is not None and data:
+                yield event_id, json.loads("\n".join(data))
+            event_id, data = None, []
+        elif line.startswith("id:"):
+            event_id = int(line[3:].strip())
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())

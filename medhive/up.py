@@ -1,0 +1,96 @@
+"""`medhive up`: every service of one machine as child processes, logs interleaved.
+
+Each line a service prints appears with its name in front. Ctrl-C (or SIGTERM) stops
+them all gracefully, in reverse start order; if one dies, the others are stopped too.
+When no MongoDB answers at `MEDHIVE_MONGO_URL` on this machine, a MongoDB-protocol
+server (SecantusDB) is started on `--db-path`, so one command brings up a full stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from yarl import URL
+
+COLOURS = ["36", "35", "33", "32", "34", "31"]
+
+
+async def _answers(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _pump(name: str, colour: str, stream: asyncio.StreamReader) -> None:
+    prefix = f"\033[{colour}m{name:>9} |\033[0m " if sys.stdout.isatty() else f"{name:>9} | "
+    while line := await stream.readline():
+        sys.stdout.write(prefix + line.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+async def _start(name: str, argv: list[str], colour: str) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=os.environ
+    )
+    assert process.stdout is not None
+    asyncio.get_running_loop().create_task(_pump(name, colour, process.stdout))
+    return process
+
+
+async def _database(db_path: str) -> list[str] | None:
+    """The command that starts a local database, or None when one answers already."""
+    url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
+    host, port = url.host or "127.0.0.1", url.port or 27017
+    if await _answers(host, port):
+        return None
+    server = shutil.which("secantusd-py") or str(Path(sys.executable).with_name("secantusd-py"))
+    if host not in ("127.0.0.1", "localhost") or not Path(server).exists():
+        raise SystemExit(f"medhive up: no MongoDB answers at {host}:{port}")
+    Path(db_path).mkdir(parents=True, exist_ok=True)
+    return [server, "--host", host, "--port", str(port), "--storage-path", db_path,
+            "--log-level", "WARNING"]  # fmt: skip
+
+
+async def run_stack(services: list[str], db_path: str) -> int:
+    processes: list[tuple[str, asyncio.subprocess.Process]] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        db = await _database(db_path)
+        if db is not None:
+            processes.append(("db", await _start("db", db, COLOURS[-1])))
+            url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
+            async with asyncio.timeout(60):
+                while not await _answers(url.host or "127.0.0.1", url.port or 27017):  # noqa: ASYNC110
+                    await asyncio.sleep(0.1)  # the server gives no other sign of readiness
+        for i, name in enumerate(services):
+            argv = [sys.executable, "-m", f"services.{name}"]
+            processes.append((name, await _start(name, argv, COLOURS[i % len(COLOURS)])))
+        waits = {asyncio.ensure_future(p.wait()): n for n, p in processes}
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
+        exited = [waits[t] for t in done if t in waits]
+        if exited:
+            print(f"medhive up: {', '.join(exited)} exited; stopping the rest", file=sys.stderr)
+        stopper.cancel()
+        return 1 if exited else 0
+    finally:
+        for _, process in reversed(processes):
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), 20)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()

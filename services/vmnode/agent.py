@@ -1,0 +1,309 @@
+"""The node agent: runs what the scheduler places on this node and reports how it went.
+
+Message flow for one attempt:
+
+1. `node.run` arrives on the node's queue. The handler creates and starts the
+   workload (or finds the one a redelivered command already created), publishes
+   `run.started`, starts a watcher and returns, so the delivery is acked at once:
+   a job may run far longer than the broker lets a delivery stay unacked.
+2. The watcher waits for the workload to exit, for its deadline, or for a
+   `node.cancel`; at the deadline or on cancel it stops the workload (SIGTERM,
+   then SIGKILL after the grace period).
+3. It publishes `run.output` (stdout, stderr; the last bytes, bounded), then
+   `run.finished` with the outcome, and only then removes the workload: a crash in
+   between repeats a report, which the scheduler ignores, and never loses one.
+
+The agent keeps no store: the workloads' labels in the engine are its record. On
+start it adopts whatever this node's previous agent left: running workloads get a
+watcher again, exited ones are reported and removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections import OrderedDict
+from typing import Any, Literal
+
+import structlog
+
+from services.vmnode.runtimes.base import (
+    EngineUnavailable,
+    ExitInfo,
+    ImageMissing,
+    Output,
+    Runtime,
+    Workload,
+    WorkloadGone,
+    WorkloadRefused,
+)
+from services.vmnode.settings import NodeSettings
+from services.vmnode.watch import Watch, run_finished
+from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
+from shared.envelope import Envelope, utcnow
+from shared.messages.catalog import COMMANDS
+from shared.messages.jobs import NodeCancel, NodeRun
+from shared.messages.nodes import RunFinished, RunOutcome, RunOutput, RunStarted
+from shared.topology import node_queue
+
+log = structlog.get_logger("medhive.vmnode")
+
+#: Finished attempts remembered, so a late redelivered `node.run` starts nothing.
+FINISHED_MEMORY = 10_000
+#: How long a `node.cancel` waits for the run's report beyond the stop grace period.
+CANCEL_REPORT_S = 30.0
+
+
+class Agent:
+    """Consumes this node's commands, watches its workloads, reports their ends."""
+
+    def __init__(self, bus: Bus, runtime: Runtime, settings: NodeSettings) -> None:
+        self.bus = bus
+        self.runtime = runtime
+        self.settings = settings
+        self._watches: dict[tuple[str, int], Watch] = {}
+        self._finished: OrderedDict[tuple[str, int], RunOutcome] = OrderedDict()
+        self._consumer: Consumer | None = None
+
+    def running(self) -> list[str]:
+        """Job ids of the attempts running here (for heartbeats)."""
+        return sorted({job_id for job_id, _ in self._watches})
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def adopt(self) -> None:
+        """Take over the workloads a previous agent on this node left behind."""
+        for workload in await self.runtime.list_own():
+            if workload.key in self._watches:
+                continue
+            log.info("run_adopted", job_id=workload.job_id, state=workload.state)
+            if workload.state == "created" and workload.deadline > utcnow():
+                # The agent stopped between create and start, before acking the run.
+                try:
+                    await self.runtime.start(workload)
+                except WorkloadRefused as exc:
+                    self._watch(workload, None).decide("failed", str(exc), None)
+                    continue
+                await self._announce(workload, None)
+            self._watch(workload, None)
+
+    async def start_consuming(self) -> None:
+        node = self.settings.node_id
+        self._consumer = await self.bus.consume(
+            node_queue(node),
+            [(COMMANDS, f"node.{node}.run"), (COMMANDS, f"node.{node}.cancel")],
+            {"node.run": self.on_run, "node.cancel": self.on_cancel},
+            authorize=self.authorize,
+        )
+
+    async def stop_consuming(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop(grace_s=self.settings.stop_grace_s + CANCEL_REPORT_S)
+
+    async def detach(self) -> None:
+        """Stop watching; the workloads keep running for the next agent to adopt."""
+        tasks = [w.task for w in self._watches.values() if w.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watches.clear()
+
+    # -- commands -------------------------------------------------------------------
+
+    def authorize(self, envelope: Envelope, user_id: str | None) -> Envelope:
+        """Only the scheduler's account may send node commands."""
+        if user_id not in self.settings.trusted_users:
+            raise Rejected(f"node commands are accepted from the scheduler only, not {user_id!r}")
+        return envelope
+
+    async def on_run(self, incoming: Incoming) -> None:
+        run = incoming.payload
+        assert isinstance(run, NodeRun)
+        key = (run.job_id, run.attempt)
+        if key in self._finished:
+            log.info("run_already_finished", attempt=run.attempt, outcome=self._finished[key])
+            return
+        if (watch := self._watches.get(key)) is not None:  # redelivered: no second workload
+            await self._announce(watch.workload, incoming.envelope)
+            return
+        if run.deadline <= utcnow():
+            why = f"the deadline {run.deadline.isoformat()} passed before the run could start"
+            await self._report_unstarted(run, incoming.envelope, "timed_out", why)
+            return
+        try:
+            workload = await self.runtime.prepare(run)
+        except (ImageMissing, WorkloadRefused) as exc:
+            await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
+            return
+        except EngineUnavailable as exc:
+            raise Retry(str(exc)) from exc
+        if workload.state == "created":
+            try:
+                await self.runtime.start(workload)
+            except WorkloadRefused as exc:
+                await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
+                await self.runtime.remove(workload)
+                return
+            except EngineUnavailable as exc:
+                raise Retry(str(exc)) from exc
+        log.info("run_started", attempt=run.attempt, workload_id=workload.id, state=workload.state)
+        try:
+            await self._announce(workload, incoming.envelope)
+        finally:  # even when the announcement failed, the running workload is watched
+            self._watch(workload, incoming.envelope)
+
+    async def on_cancel(self, incoming: Incoming) -> None:
+        cancel = incoming.payload
+        assert isinstance(cancel, NodeCancel)
+        watch = self._watches.get((cancel.job_id, cancel.attempt))
+        if watch is None or watch.task is None:
+            log.info("cancel_ignored", attempt=cancel.attempt, why="no such run on this node")
+            return
+        watch.decide("cancelled", cancel.reason, incoming.envelope)
+        # Ack only once the run is stopped and reported.
+        await asyncio.wait({watch.task}, timeout=self.settings.stop_grace_s + CANCEL_REPORT_S)
+
+    # -- watching -------------------------------------------------------------------
+
+    def _watch(self, workload: Workload, cause: Envelope | None) -> Watch:
+        if (watch := self._watches.get(workload.key)) is None:
+            watch = Watch(workload, cause)
+            # A fresh context: the watcher outlives the message that started it, so it
+            # must not log under that message's id.
+            watch.task = asyncio.create_task(
+                self._follow(watch), name=f"watch-{workload.id}", context=contextvars.Context()
+            )
+            self._watches[workload.key] = watch
+        return watch
+
+    async def _follow(self, watch: Watch) -> None:
+        """Watch until reported; an engine or broker outage is retried, not fatal."""
+        workload = watch.workload
+        started = time.monotonic()
+        delay = 0.5
+        with structlog.contextvars.bound_contextvars(
+            job_id=workload.job_id, attempt=workload.attempt, tenant=workload.tenant
+        ):
+            while True:
+                try:
+                    outcome = await self._end(watch)
+                    break
+                except Exception:
+                    # A watcher is a background task: nothing above it would retry or
+                    # report, so it must outlive an engine restart or a broker outage.
+                    log.exception("watch_failed", retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+            del self._watches[workload.key]
+            log.info(
+                "run_finished",
+                outcome=outcome,
+                watched_s=round(time.monotonic() - started, 3),
+            )
+
+    async def _end(self, watch: Watch) -> RunOutcome:
+        """Wait for the end, stop if needed, report, remove; safe to run again."""
+        workload = watch.workload
+        try:
+            info: ExitInfo | None = await self._exit(watch)
+            output = await self.runtime.output(workload, self.settings.log_limit_bytes)
+        except WorkloadGone:
+            info, output = None, Output("", "")
+        finished = run_finished(watch, info, self.settings.node_id)
+        if not watch.reported:
+            await self._report(watch, output, finished)
+            watch.reported = True
+            self._remember(workload.key, finished.outcome)  # from now on, redeliveries are moot
+        await self.runtime.remove(workload)
+        return finished.outcome
+
+    async def _exit(self, watch: Watch) -> ExitInfo:
+        """How the workload ended, stopping it at its deadline or when asked to."""
+        workload = watch.workload
+        info = await self._until_end(watch)
+        if info is None:  # deadline or cancel
+            if watch.outcome is None:
+                ended = workload.deadline.isoformat()
+                watch.decide("timed_out", f"walltime ended at {ended}", None)
+            await self.runtime.stop(workload, self.settings.stop_grace_s)
+            info = await self.runtime.wait(workload)
+        return info
+
+    async def _report(self, watch: Watch, output: Output, finished: RunFinished) -> None:
+        """`run.output` per non-empty stream, then `run.finished`."""
+        workload = watch.workload
+        fields = self._fields(workload, watch.cause)
+        streams: list[tuple[Literal["stdout", "stderr"], str, bool]] = [
+            ("stdout", output.stdout, output.stdout_truncated),
+            ("stderr", output.stderr, output.stderr_truncated),
+        ]
+        for stream, data, cut in streams:
+            if data:
+                payload = RunOutput(
+                    job_id=workload.job_id,
+                    attempt=workload.attempt,
+                    node_id=self.settings.node_id,
+                    stream=stream,
+                    data=data,
+                    truncated=cut,
+                )
+                await self.bus.emit("run.output", payload, **fields)
+        cause = watch.finish_cause or watch.cause
+        await self.bus.emit("run.finished", finished, **self._fields(workload, cause))
+
+    async def _until_end(self, watch: Watch) -> ExitInfo | None:
+        """The exit, or None when the deadline passed or a stop was asked for first."""
+        if watch.stop_requested.is_set():
+            return None
+        remaining = (watch.workload.deadline - utcnow()).total_seconds()
+        exited = asyncio.ensure_future(self.runtime.wait(watch.workload))
+        stop = asyncio.ensure_future(watch.stop_requested.wait())
+        try:
+            await asyncio.wait(
+                {exited, stop}, timeout=max(remaining, 0.0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for task in (stop, exited):
+                task.cancel()  # no-op for the one that finished
+            await asyncio.gather(stop, exited, return_exceptions=True)
+        if exited.done() and not exited.cancelled():
+            return exited.result()  # raises what the engine raised: retried by _follow
+        return None
+
+    # -- reports --------------------------------------------------------------------
+
+    def _fields(self, workload: Workload, cause: Envelope | None) -> dict[str, Any]:
+        """Envelope fields of a report about `workload`."""
+        own = {"correlation_id": workload.job_id, "tenant": workload.tenant}
+        return cause.caused(**own) if cause is not None else own
+
+    async def _announce(self, workload: Workload, cause: Envelope | None) -> None:
+        started = RunStarted(
+            job_id=workload.job_id,
+            attempt=workload.attempt,
+            node_id=self.settings.node_id,
+            workload_id=workload.id,
+        )
+        await self.bus.emit("run.started", started, **self._fields(workload, cause))
+
+    async def _report_unstarted(
+        self, run: NodeRun, cause: Envelope, outcome: RunOutcome, reason: str
+    ) -> None:
+        log.info("run_not_started", attempt=run.attempt, outcome=outcome, reason=reason)
+        finished = RunFinished(
+            job_id=run.job_id,
+            attempt=run.attempt,
+            node_id=self.settings.node_id,
+            outcome=outcome,
+            reason=reason,
+        )
+        await self.bus.emit(
+            "run.finished", finished, **cause.caused(correlation_id=run.job_id, tenant=run.tenant)
+        )
+        self._remember((run.job_id, run.attempt), outcome)
+
+    def _remember(self, key: tuple[str, int], outcome: RunOutcome) -> None:
+        self._finished[key] = outcome
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)

@@ -1,0 +1,52 @@
+"""Builds the node agent's app: the shared service wiring plus the agent's own contexts.
+
+Start order: runtime, agent (adopts leftover workloads), heartbeat (`node.online`),
+consumer. Shutdown runs in reverse: stop consuming, `node.offline`, stop watching
+(the workloads keep running for the next agent), close the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.vmnode.agent import Agent
+from services.vmnode.heartbeat import Heartbeat
+from services.vmnode.runtimes import Runtime, create_runtime
+from services.vmnode.settings import NodeSettings
+from shared.service import BUS, create_service_app
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+AGENT = web.AppKey("agent", Agent)
+HEARTBEAT = web.AppKey("heartbeat", Heartbeat)
+
+
+def create_app(settings: NodeSettings) -> web.Application:
+    """The node agent's app; it does no I/O until started."""
+    app = create_service_app("vmnode", settings.amqp, settings.mongo)
+
+    async def runtime(app: web.Application) -> AsyncIterator[None]:
+        app[RUNTIME] = create_runtime(settings)
+        yield
+        await app[RUNTIME].close()
+
+    async def agent(app: web.Application) -> AsyncIterator[None]:
+        app[AGENT] = Agent(app[BUS], app[RUNTIME], settings)
+        await app[AGENT].adopt()
+        yield
+        await app[AGENT].detach()
+
+    async def heartbeat(app: web.Application) -> AsyncIterator[None]:
+        app[HEARTBEAT] = Heartbeat(app[BUS], settings, app[AGENT].running)
+        await app[HEARTBEAT].start()
+        yield
+        await app[HEARTBEAT].stop()
+
+    async def consumer(app: web.Application) -> AsyncIterator[None]:
+        await app[AGENT].start_consuming()
+        yield
+        await app[AGENT].stop_consuming()
+
+    app.cleanup_ctx.extend([runtime, agent, heartbeat, consumer])
+    return app

@@ -1,0 +1,109 @@
+"""The interface between the node agent and a workload engine.
+
+The agent only ever talks to a `Runtime`; Docker (runtimes/docker.py) and the
+benchmark runtime (runtimes/instant.py) implement it, and libvirt will. Every
+method is a coroutine that never blocks the loop. A workload's identity (job,
+attempt, tenant, deadline) lives in the engine itself (container labels), so a
+restarted agent can find and adopt what its predecessor started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal, Protocol
+
+from shared.messages.jobs import NodeRun
+
+State = Literal["created", "running", "exited", "other"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A handle on one attempt's workload, as the engine reports it."""
+
+    id: str
+    job_id: str
+    attempt: int
+    tenant: str
+    deadline: datetime
+    state: State
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.job_id, self.attempt)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a workload ended."""
+
+    exit_code: int
+    oom_killed: bool
+    memory_limit_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a workload printed, each stream cut to its last bytes."""
+
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+
+class ImageMissing(Exception):
+    """The job's image is not on this node; medhive never pulls one."""
+
+
+class WorkloadGone(Exception):
+    """The workload no longer exists in the engine (removed outside medhive)."""
+
+
+class EngineUnavailable(Exception):
+    """The engine did not answer (daemon down or restarting): try again later."""
+
+
+class WorkloadRefused(Exception):
+    """The engine refused to create or start the workload (bad command, workdir, ...)."""
+
+
+class Runtime(Protocol):
+    """What the node agent needs of a workload engine."""
+
+    async def prepare(self, run: NodeRun) -> Workload:
+        """Create the workload of `run`, or return the one that already exists.
+
+        Raises `ImageMissing` or `WorkloadRefused` when it cannot be created.
+        """
+
+    async def start(self, workload: Workload) -> None:
+        """Start a created workload; raises `WorkloadRefused` when it cannot start."""
+
+    async def wait(self, workload: Workload) -> ExitInfo:
+        """Wait until the workload has exited; `WorkloadGone` if it no longer exists."""
+
+    async def stop(self, workload: Workload, grace_s: float) -> None:
+        """SIGTERM, then kill after `grace_s`; returns once it has stopped."""
+
+    async def output(self, workload: Workload, limit: int) -> Output:
+        """Stdout and stderr, each the last `limit` bytes at most; may raise `WorkloadGone`."""
+
+    async def remove(self, workload: Workload) -> None:
+        """Delete the workload and what it printed; a missing one is not an error."""
+
+    async def list_own(self) -> list[Workload]:
+        """Every workload of this node, whatever its state."""
+
+    async def close(self) -> None:
+        """Release the engine connection; workloads keep running."""
+
+
+def keep_tail(text: str, limit: int) -> tuple[str, bool]:
+    """The last `limit` bytes of `text` (UTF-8) and whether anything was cut."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text, False
+    # A cut inside a multi-byte character drops that character's remaining bytes.
+    return raw[-limit:].decode("utf-8", "ignore"), True

@@ -1,0 +1,96 @@
+"""Settings of the node agent, read from `MEDHIVE_VMNODE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+from shared.settings import AmqpSettings, MongoSettings, default_host
+
+#: Memory kept back for the host itself when the node's capacity is not configured.
+HOST_RESERVE_MB = 512
+
+
+def total_memory_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host's total memory in MiB, from /proc/meminfo (sysconf where it is absent)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+def _default_memory_mb() -> int:
+    return max(total_memory_mb() - HOST_RESERVE_MB, 64)
+
+
+def _default_cpus() -> float:
+    return float(os.cpu_count() or 1)
+
+
+def _amqp_user(data: dict[str, Any]) -> list[str]:
+    amqp = data.get("amqp")
+    url = amqp.url.get_secret_value() if isinstance(amqp, AmqpSettings) else None
+    return [(URL(url).user if url else None) or "guest"]
+
+
+class NodeSettings(BaseSettings):
+    """Everything the node agent of one host needs to know."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDHIVE_VMNODE_", extra="ignore")
+
+    amqp: AmqpSettings = Field(default_factory=AmqpSettings, description="RabbitMQ.")
+    mongo: MongoSettings = Field(
+        default_factory=MongoSettings,
+        description="MongoDB; unused by the node agent (Docker labels are its record).",
+    )
+    trusted_users: list[str] = Field(
+        default_factory=_amqp_user,
+        description="AMQP users allowed to send node commands (default: the scheduler's "
+        "service account, i.e. the user of the AMQP URL).",
+    )
+    node_id: str = Field(
+        default_factory=default_host, min_length=1, max_length=128, description="Node name."
+    )
+    cpus: float = Field(
+        default_factory=_default_cpus, gt=0, description="CPU cores this node offers to jobs."
+    )
+    memory_mb: int = Field(
+        default_factory=_default_memory_mb,
+        gt=0,
+        description="Memory (MiB) this node offers to jobs; default: total minus 512.",
+    )
+    heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
+    host: str = Field("127.0.0.1", description="Address of the health endpoint.")
+    port: int = Field(8083, ge=0, le=65535, description="Port of the health endpoint.")
+    runtime: Literal["docker", "instant"] = Field(
+        "docker",
+        description="`docker` runs containers; `instant` completes every job at once "
+        "with exit 0 and never touches Docker (benchmarks only).",
+    )
+    docker_url: str | None = Field(
+        None, description="Docker daemon URL; default: aiodocker's (the local socket)."
+    )
+    stop_grace_s: float = Field(
+        10.0, ge=0, description="Seconds between SIGTERM and SIGKILL when stopping a job."
+    )
+    log_limit_bytes: int = Field(
+        256 * 1024, ge=1024, description="Output kept and reported per stream (the last bytes)."
+    )
+    workload_user: str = Field(
+        "65534:65534", min_length=1, description="uid:gid workloads run as (never root)."
+    )
+
+    @field_validator("workload_user")
+    @classmethod
+    def _not_root(cls, value: str) -> str:
+        if value.split(":", 1)[0] in {"0", "root"}:
+            raise ValueError("workloads never run as root")
+        return value

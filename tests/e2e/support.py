@@ -1,0 +1,62 @@
+"""What the end-to-end tests do through the public APIs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from medhive.client import TERMINAL, Client
+from shared.envelope import Envelope
+from shared.messages.jobs import JobSpec, JobSubmit
+from shared.settings import AmqpSettings
+from tests.conftest import TEST_IMAGE
+from tests.e2e.conftest import Stack
+from tests.helpers import publish_raw
+
+
+def spec(name: str, *command: str, **fields: Any) -> dict[str, Any]:
+    return {"name": name, "image": TEST_IMAGE, "command": list(command), **fields}
+
+
+def client(stack: Stack, token: str) -> Client:
+    return Client(stack.api, stack.audit, token)
+
+
+async def wait_state(
+    api: Client, job_id: str, states: set[str] = TERMINAL, within: float = 60
+) -> dict[str, Any]:
+    """Poll the job API until the job is in one of `states` (it lives in another process)."""
+    async with asyncio.timeout(within):
+        while (job := await api.job(job_id))["state"] not in states:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    return job
+
+
+async def submit_over_amqp(amqp: AmqpSettings, user: tuple[str, str], job: dict[str, Any]) -> str:
+    """Publish `job.submit` as another hospital system would; returns the message id."""
+    envelope = Envelope(
+        type="job.submit",
+        source="ris@hospital",
+        payload=JobSubmit(spec=JobSpec.model_validate(job)).model_dump(mode="json"),
+    )
+    vhost = amqp.url.get_secret_value().rsplit("/", 1)[1]
+    url = f"amqp://{user[0]}:{user[1]}@127.0.0.1:5672/{vhost}"
+    await publish_raw(url, envelope.model_dump_json().encode(), "job.submit",
+                      user_id=user[0], message_id=str(envelope.id))  # fmt: skip
+    return str(envelope.id)
+
+
+async def job_of_message(api: Client, message_id: str, operator: Client) -> str:
+    """The job an AMQP submission became (its job.submitted names the message as cause)."""
+    async with asyncio.timeout(30):
+        while True:
+            records, _ = await operator.events({"type": "job.submitted"})
+            for record in records:
+                if record["envelope"]["causation_id"] == message_id:
+                    return str(record["job_id"])
+            await asyncio.sleep(0.1)
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"

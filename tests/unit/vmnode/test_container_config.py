@@ -1,0 +1,109 @@
+"""The one place that decides how a workload is confined, checked field by field."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from services.vmnode.runtimes.base import keep_tail
+from services.vmnode.runtimes.docker import container_config, container_name
+from services.vmnode.settings import NodeSettings
+from shared.messages.jobs import JobSpec, NodeRun, Resources
+from shared.settings import AmqpSettings
+
+DEADLINE = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _run(**spec: object) -> NodeRun:
+    fields: dict[str, object] = {"name": "n", "image": "lab/seg:2", **spec}
+    return NodeRun(
+        job_id="job-1",
+        attempt=2,
+        tenant="t1",
+        spec=JobSpec.model_validate(fields),
+        deadline=DEADLINE,
+    )
+
+
+def _settings(**fields: object) -> NodeSettings:
+    return NodeSettings.model_validate({"node_id": "n1", "cpus": 2, "memory_mb": 4096, **fields})
+
+
+def test_workload_is_confined_by_default() -> None:
+    run = _run(
+        command=["seg", "--in", "/data"],
+        env={"MODE": "fast"},
+        workdir="/work",
+        resources=Resources(cpus=1.5, memory_mb=300, pids=64),
+    )
+    config = container_config(run, _settings(stop_grace_s=7, log_limit_bytes=64 * 1024))
+    host = config["HostConfig"]
+
+    assert host["NetworkMode"] == "none"
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Privileged"] is False
+    assert config["User"] == "65534:65534"
+    assert host["PidsLimit"] == 64
+    assert host["Memory"] == 300 * 1024 * 1024
+    assert host["MemorySwap"] == host["Memory"], "no swap beyond the memory limit"
+    assert host["NanoCpus"] == 1_500_000_000
+    assert host["Tmpfs"] == {"/tmp": "rw,noexec,nosuid,size=64m"}
+    assert host["LogConfig"]["Type"] == "json-file"
+    assert host["LogConfig"]["Config"] == {"max-size": "1024k", "max-file": "2"}
+    assert host["RestartPolicy"] == {"Name": "no"}
+    assert "Binds" not in host and "Mounts" not in host and "Devices" not in host
+    assert config["StopTimeout"] == 7
+
+    assert config["Image"] == "lab/seg:2"
+    assert config["Cmd"] == ["seg", "--in", "/data"]
+    assert config["Env"] == ["MODE=fast"]
+    assert config["WorkingDir"] == "/work"
+    assert config["Labels"] == {
+        "medhive.job_id": "job-1",
+        "medhive.attempt": "2",
+        "medhive.node": "n1",
+        "medhive.tenant": "t1",
+        "medhive.deadline": "2030-01-02T03:04:05+00:00",
+        "medhive.managed": "1",
+    }
+
+
+def test_image_defaults_are_kept_when_the_spec_names_none() -> None:
+    config = container_config(_run(), _settings())
+    assert "Cmd" not in config and "WorkingDir" not in config
+    assert config["Env"] == []
+
+
+def test_container_names_are_valid_and_distinct_per_node_job_and_attempt() -> None:
+    names = {
+        container_name("n1", "job/1 ü", 1),
+        container_name("n1", "job/1 ü", 2),
+        container_name("n2", "job/1 ü", 1),
+        container_name("n1", "job-1-", 1),
+    }
+    assert len(names) == 4
+    assert all(re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+", name) for name in names)
+    assert container_name("n1", "j", 1) == container_name("n1", "j", 1)
+
+
+def test_workloads_never_run_as_root() -> None:
+    for user in ("0", "0:0", "root", "root:65534"):
+        with pytest.raises(ValidationError):
+            _settings(workload_user=user)
+
+
+def test_only_the_service_account_is_trusted_by_default() -> None:
+    amqp = AmqpSettings(url=SecretStr("amqp://sched:pw@broker:5672/prod"))
+    assert NodeSettings(amqp=amqp).trusted_users == ["sched"]
+
+
+def test_output_keeps_the_last_bytes() -> None:
+    assert keep_tail("short", 10) == ("short", False)
+    assert keep_tail("0123456789abc", 4) == ("9abc", True)
+    text, cut = keep_tail("ééé", 3)  # 6 bytes; the cut splits a character
+    assert cut and text == "é"
