@@ -116,14 +116,14 @@ class Client:
                     if response.status >= 400:
                         body = await response.json(content_type=None)
                         raise ApiFailure(response.status, body["error"]["detail"])
-                    async for event_id, data in _sse(response):
+                    async for event_id, data in parse_sse(response):
                         last = event_id
                         yield data
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError):
                 continue  # resume from `last`
 
 
-async def _sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def parse_sse(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Parse `text/event-stream`: `id:` and `data:` lines, an empty line ends an event."""
     event_id: int | None = None
     data: list[str] = []

@@ -7,8 +7,7 @@ in dependency order (database, then bus); a service appends its own contexts
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from pymongo import AsyncMongoClient
@@ -58,17 +57,3 @@ def create_service_app(
     app.cleanup_ctx.extend([database, bus])
     app.router.add_get("/healthz", healthz)
     return app
-
-
-def background(
-    start: Callable[[web.Application], Any],
-) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context for an object with `start()` and `stop()` made from the app."""
-
-    async def context(app: web.Application) -> AsyncIterator[None]:
-        worker = start(app)
-        await worker.start()
-        yield
-        await worker.stop()
-
-    return context

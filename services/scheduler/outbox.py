@@ -18,16 +18,19 @@ from services.scheduler.store import JobStore
 from shared.bus import Bus
 from shared.envelope import Envelope
 from shared.mongo import Document
+from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.outbox")
 
 
-class OutboxRelay:
+class OutboxRelay(BackgroundLoop):
+    task_name = "outbox-sweep"
+
     def __init__(self, store: JobStore, bus: Bus, sweep_s: float = 5.0) -> None:
+        super().__init__()
         self.store = store
         self.bus = bus
         self.sweep_s = sweep_s
-        self._task: asyncio.Task[None] | None = None
 
     async def flush(self, job_id: str, entries: Iterable[Document]) -> None:
         """Publish `entries` of one job in order, then drop them from its outbox."""
@@ -48,14 +51,9 @@ class OutboxRelay:
 
     async def start(self) -> None:
         await self.sweep()
-        self._task = asyncio.create_task(self._loop(), name="outbox-sweep")
+        await super().start()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _loop(self) -> None:
+    async def run(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_s)  # a periodic safety net, not a wait for an event
             try:

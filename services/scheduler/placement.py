@@ -18,6 +18,7 @@ from services.scheduler.jobs import JobService
 from services.scheduler.store import JobStore
 from shared.envelope import utcnow
 from shared.mongo import Document
+from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.placement")
 
@@ -46,27 +47,24 @@ def choose_node(
     return max(fitting, key=lambda node: (free[node].memory_mb, node), default=None)
 
 
-class Placer:
+class Placer(BackgroundLoop):
+    task_name = "placement"
+
     def __init__(self, store: JobStore, node_timeout_s: float) -> None:
+        super().__init__()
         self.store = store
         self.node_timeout_s = node_timeout_s
         self.jobs: JobService | None = None  # set by the app: the two need each other
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="placement")
+        await super().start()
         self.wake()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _loop(self) -> None:
+    async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()

@@ -19,11 +19,14 @@ from services.scheduler.store import JobStore
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.nodes import NodeStatus
+from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.watchdog")
 
 
-class Watchdog:
+class Watchdog(BackgroundLoop):
+    task_name = "watchdog"
+
     def __init__(
         self,
         store: JobStore,
@@ -33,23 +36,15 @@ class Watchdog:
         grace_s: float,
         node_timeout_s: float,
     ) -> None:
+        super().__init__()
         self.store = store
         self.jobs = jobs
         self.bus = bus
         self.interval_s = interval_s
         self.grace = timedelta(seconds=grace_s)
         self.node_timeout = timedelta(seconds=node_timeout_s)
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="watchdog")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _loop(self) -> None:
+    async def run(self) -> None:
         while True:
             try:
                 await self.check_once()

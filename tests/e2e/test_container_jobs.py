@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import aiodocker
+import aiohttp
 import pytest
 
 from shared.settings import AmqpSettings
@@ -143,3 +144,36 @@ async def test_a_job_too_big_for_every_node_waits_then_runs_when_a_node_fits(
         job = await wait_state(api, big["id"])
         assert job["state"] == "succeeded"
         assert job["node_id"] == f"{stack.node_id}-large"
+
+
+async def test_the_audit_stream_is_live_and_resumes_after_a_disconnect_without_gap_or_duplicate(
+    stack: Stack, user_token: str
+) -> None:
+    from medhive.client import parse_sse
+    from tests.helpers import bearer
+
+    url = f"{stack.audit}/v1/events/stream"
+    seen: list[tuple[int, dict[str, object]]] = []
+    async with (
+        client(stack, user_token) as api,
+        aiohttp.ClientSession(headers=bearer(user_token)) as session,
+    ):
+        first = await session.get(url, params={"type": "job."})
+        job = await api.submit(spec("streamed", "sh", "-c", "sleep 1; echo ok"))
+        async for event_id, record in parse_sse(first):
+            seen.append((event_id, record))
+            if len(seen) == 2:
+                break
+        first.close()  # the operator's connection drops mid-job
+
+        headers = {"Last-Event-ID": str(seen[-1][0])}
+        async with session.get(url, params={"type": "job."}, headers=headers) as second:
+            async for event_id, record in parse_sse(second):
+                seen.append((event_id, record))
+                if record["type"] == "job.succeeded" and record["job_id"] == job["id"]:
+                    break
+        stored, _ = await api.events({"type": "job."})
+    assert [event_id for event_id, _ in seen] == [r["seq"] for r in stored]
+    assert [r["type"] for _, r in seen if r["job_id"] == job["id"]] == [
+        f"job.{s}" for s in FULL_LIFE
+    ]
