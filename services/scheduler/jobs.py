@@ -98,13 +98,15 @@ class JobService:
         expect: dict[str, Any] | None = None,
         set_fields: dict[str, Any] | None = None,
         commands: Callable[[Document], list[Document]] | None = None,
+        current: Document | None = None,
     ) -> Document | None:
         """Move a job from whatever state it is in now, if that is allowed.
 
-        Retries when the job changed between the read and the guarded update.
+        `current` is the job as the caller just read it (saves a read). Retries when the
+        job changed between the read and the guarded update.
         """
         for _ in range(5):
-            job = await self.store.get(job_id)
+            job, current = current or await self.store.get(job_id), None
             if job is None:
                 return None
             previous = JobState(job["state"])
@@ -202,6 +204,7 @@ class JobService:
             expect={"attempt": job["attempt"]},
             set_fields={"node_id": node_id, "attempt": attempt, "deadline": deadline},
             commands=run_command,
+            current=job,
         )
         return moved is not None
 

@@ -23,6 +23,8 @@ from shared.tasks import BackgroundLoop
 log = structlog.get_logger("medhive.scheduler.placement")
 
 BATCH = 500
+#: Dispatches in flight at once: enough to hide database and broker round trips.
+DISPATCH_CONCURRENCY = 64
 
 
 class Room(NamedTuple):
@@ -95,16 +97,22 @@ class Placer(BackgroundLoop):
         if not free:
             return 0
         queued = await self.store.queued(BATCH)
-        placed = 0
+        chosen: list[tuple[Document, str]] = []
         for job in queued:
             need = requirement(job)
             node = choose_node(need, job["spec"].get("kind", "container"), free, runtimes)
             if node is None:
                 continue  # a smaller job further down may still fit
-            if await self.jobs.dispatch(job, node):
-                room = free[node]
-                free[node] = Room(room.cpus - need.cpus, room.memory_mb - need.memory_mb)
-                placed += 1
+            room = free[node]
+            free[node] = Room(room.cpus - need.cpus, room.memory_mb - need.memory_mb)
+            chosen.append((job, node))
+        # Decided in order, sent concurrently: each dispatch is a guarded update, so a job
+        # cancelled meanwhile just stays where it is (its room comes back next pass).
+        placed = 0
+        for start in range(0, len(chosen), DISPATCH_CONCURRENCY):
+            batch = chosen[start : start + DISPATCH_CONCURRENCY]
+            results = await asyncio.gather(*(self.jobs.dispatch(j, n) for j, n in batch))
+            placed += sum(results)
         if len(queued) == BATCH and placed:
             self.wake()
         return placed
