@@ -1,0 +1,261 @@
+"""Control-plane throughput: many jobs at once, from submit to a stored audit record.
+
+`python -m bench.control_plane [--jobs 600] [--nodes 2]`
+
+The node agents run the `instant` runtime (every workload ends at once with exit 0)
+and offer a huge capacity, so what is measured is medhive itself: the job API, the
+scheduler's store, placement and outbox, RabbitMQ, the agents' handling of `node.run`
+and their reports, and the audit recorder. M jobs are submitted at once over HTTP
+(at most 64 requests in flight on one session). The run ends when both
+`GET /v1/jobs?state=succeeded` lists all M jobs and the audit store has the
+`job.succeeded` record of each (followed with `GET /v1/events` every 25 ms with an
+operator token; see `run_jobs` for how, and why the type filter is applied here).
+
+Target: `jobs_per_s` >= 300 on a 2-core machine (everything here, this bench included,
+shares the two cores).
+
+The last line of stdout is one JSON object:
+- `jobs_per_s`: M / (end - first submit);
+- `p50_dispatch_ms`, `p99_dispatch_ms`: per job, from its `submitted` history entry to
+  its `dispatched` one (the scheduler's own clock);
+- `events_per_s`: audit records stored during the run (counted with `GET /v1/events`:
+  every record after the last one stored before the first submit, up to the end)
+  per second of the run;
+- `jobs`, `nodes`, `rss_mb` (idle RSS of each service process before any job; `vmnode`
+  is the largest agent);
+- for diagnosis: `duration_s`, `submit_s` (until every POST was answered),
+  `audit_records`, `p50/p99_end_to_end_ms` (submitted -> succeeded, from the history)
+  and `cpu_s` (CPU seconds each process used during the run; `other` is the rest of
+  the machine's busy time, mostly RabbitMQ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bench.stack import Stack, bench_stack, cpu_used, progress
+from medhive.client import Client
+
+IMAGE = "medhive/busybox:1"
+IN_FLIGHT = 64
+POLL_S = 0.025
+WARMUP_JOBS = 20
+EVENTS_PAGE = 1000
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(math.ceil(q / 100 * len(ordered)), 1)
+    return ordered[rank - 1]
+
+
+@dataclass
+class Run:
+    ids: list[str]
+    started: float  # perf_counter just before the first submit
+    submitted: float  # every submit answered
+    ended: float  # every job succeeded and its job.succeeded record stored
+    records: int  # audit records stored during the run
+    seq_before: int  # the audit's last record before the first submit
+
+
+async def audit_head(operator: Client) -> int:
+    """The `seq` of the newest stored audit record (0 if none)."""
+    after = 0
+    while True:
+        events, next_after = await operator.events({}, after=after)
+        if events:
+            after = events[-1]["seq"]
+        if next_after is None:
+            return after
+
+
+async def succeeded_ids(api: Client) -> set[str]:
+    """Every job `GET /v1/jobs?state=succeeded` lists, page by page (`before`)."""
+    found: set[str] = set()
+    params: dict[str, str | int] = {"state": "succeeded", "limit": 500}
+    while True:
+        body = await api.call("GET", f"{api.api_url}/v1/jobs", params=params)
+        found.update(job["id"] for job in body["jobs"])
+        if body["next_before"] is None:
+            return found
+        params["before"] = body["next_before"]
+
+
+async def recorded_succeeded(operator: Client, after: int) -> set[str]:
+    """Jobs with a `job.succeeded` record after `after`: `GET /v1/events?type=...`."""
+    found: set[str] = set()
+    while True:
+        events, next_after = await operator.events({"type": "job.succeeded"}, after=after)
+        found.update(event["job_id"] for event in events)
+        if next_after is None:
+            return found
+        after = next_after
+
+
+async def submit_all(api: Client, m: int, prefix: str) -> list[str]:
+    """Submit m jobs concurrently, at most IN_FLIGHT requests at a time."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(i: int) -> str:
+        async with gate:
+            job = await api.submit({"name": f"{prefix}-{i}", "image": IMAGE, "command": ["true"]})
+        return str(job["id"])
+
+    return list(await asyncio.gather(*(one(i) for i in range(m))))
+
+
+async def run_jobs(stack: Stack, api: Client, operator: Client, m: int, prefix: str) -> Run:
+    """Submit m jobs at once; return once all succeeded and their audit is stored.
+
+    The audit is followed with `GET /v1/events?after=<last seq seen>`, every record
+    once, and the `job.succeeded` ones are picked out here. The audit API filters by
+    type with a prefix regex, which SecantusDB answers with a collection scan, so
+    polling with the filter every few milliseconds would load the database more
+    than the system under test does. The moment the last `job.succeeded` is seen is
+    the end: the scheduler stores a state before it publishes the event (outbox), so
+    the job list agrees by then. Both are then checked as stated, with
+    `GET /v1/jobs?state=succeeded` and `GET /v1/events?type=job.succeeded`.
+    """
+    seq_before = await audit_head(operator)
+    started = time.perf_counter()
+    answered: list[float] = []
+
+    async def submit() -> list[str]:
+        ids = await submit_all(api, m, prefix)
+        answered.append(time.perf_counter())
+        return ids
+
+    submitting = asyncio.create_task(submit())
+    told = False
+    recorded: set[str] = set()
+    records = 0
+    cursor = seq_before
+    last_report = started
+    try:
+        while True:
+            if answered and not told:
+                told = True
+                progress(f"{m} jobs submitted in {answered[0] - started:.2f} s")
+            events, _ = await operator.events({}, after=cursor)
+            records += len(events)
+            recorded.update(e["job_id"] for e in events if e["type"] == "job.succeeded")
+            if events:
+                cursor = events[-1]["seq"]
+            if submitting.done() and recorded.issuperset(ids := submitting.result()):
+                ended = time.perf_counter()
+                break
+            if len(events) == EVENTS_PAGE:
+                continue  # more are stored already
+            now = time.perf_counter()
+            if now - last_report >= 2:
+                last_report = now
+                progress(f"{len(recorded)}/{m} job.succeeded recorded after {now - started:.1f} s")
+                stack.check_alive()
+            await asyncio.sleep(POLL_S)
+    finally:
+        submitting.cancel()  # only still running when the wait was given up
+    listed = await succeeded_ids(api)
+    if not listed.issuperset(ids):
+        raise RuntimeError(f"{len(set(ids) - listed)} jobs recorded but not listed as succeeded")
+    if not (await recorded_succeeded(operator, seq_before)).issuperset(ids):
+        raise RuntimeError("GET /v1/events?type=job.succeeded misses records seen unfiltered")
+    return Run(ids, started, answered[0], ended, records, seq_before)
+
+
+async def histories(api: Client, ids: list[str]) -> list[dict[str, datetime]]:
+    """Each job's first time in each state, from `GET /v1/jobs/{id}`."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(job_id: str) -> dict[str, datetime]:
+        async with gate:
+            job = await api.job(job_id)
+        at: dict[str, datetime] = {}
+        for entry in job["history"]:
+            at.setdefault(entry["state"], datetime.fromisoformat(entry["at"]))
+        return at
+
+    return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
+
+
+def ms(a: datetime, b: datetime) -> float:
+    return (b - a).total_seconds() * 1000
+
+
+async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
+    rss = stack.rss_mb()
+    progress(f"idle RSS (MiB): {rss}")
+    async with stack.client() as api, stack.client(stack.operator_token) as operator:
+        warm = min(WARMUP_JOBS, m)
+        progress(f"warm-up: {warm} jobs")
+        async with asyncio.timeout(timeout_s):
+            await run_jobs(stack, api, operator, warm, "warmup")
+        progress(f"measuring: {m} jobs on {len(stack.node_ids)} node(s)")
+        cpu_before = stack.cpu_s()
+        try:
+            async with asyncio.timeout(timeout_s):
+                run = await run_jobs(stack, api, operator, m, "cp")
+        except TimeoutError:
+            listed = await succeeded_ids(api)
+            raise SystemExit(
+                f"not done within {timeout_s} s: {len(listed)} jobs succeeded in all"
+            ) from None
+        cpu = cpu_used(cpu_before, stack.cpu_s())
+        duration = run.ended - run.started
+        progress(f"all {m} done in {duration:.2f} s; CPU seconds used: {cpu}")
+        records = run.records
+        times = await histories(api, run.ids)
+    dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
+    end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
+    return {
+        "jobs_per_s": round(m / duration, 1),
+        "p50_dispatch_ms": round(percentile(dispatch, 50), 1),
+        "p99_dispatch_ms": round(percentile(dispatch, 99), 1),
+        "events_per_s": round(records / duration, 1),
+        "jobs": m,
+        "nodes": len(stack.node_ids),
+        "rss_mb": rss,
+        "duration_s": round(duration, 3),
+        "submit_s": round(run.submitted - run.started, 3),
+        "audit_records": records,
+        "p50_end_to_end_ms": round(percentile(end_to_end, 50), 1),
+        "p99_end_to_end_ms": round(percentile(end_to_end, 99), 1),
+        "cpu_s": cpu,
+    }
+
+
+async def main(m: int, nodes: int, timeout_s: float) -> dict[str, Any]:
+    node_env = {
+        "MEDHIVE_VMNODE_RUNTIME": "instant",
+        "MEDHIVE_VMNODE_CPUS": "10000",
+        "MEDHIVE_VMNODE_MEMORY_MB": "10000000",
+    }
+    # A loaded scheduler may handle heartbeats late: never declare a node lost here.
+    scheduler_env = {"MEDHIVE_SCHEDULER_NODE_TIMEOUT_S": "600"}
+    async with bench_stack(nodes=nodes, node_env=node_env, scheduler_env=scheduler_env) as stack:
+        return await bench(stack, m, timeout_s)
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--jobs", type=int, default=600, help="jobs submitted at once (600)")
+    parser.add_argument("--nodes", type=int, default=2, help="node agents (default 2)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
+    args = parser.parse_args()
+    if args.jobs < 1 or args.nodes < 1:
+        parser.error("--jobs and --nodes must be at least 1")
+    result = asyncio.run(main(args.jobs, args.nodes, args.timeout))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    cli()

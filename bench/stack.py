@@ -1,0 +1,381 @@
+"""A whole medhive installation for one bench run, set up from nothing and torn down after.
+
+`bench_stack()` is an async context manager that gives a running `Stack`:
+
+- a fresh RabbitMQ vhost, made through the management API and deleted at the end;
+- a SecantusDB (MongoDB-protocol) server as its own process, on a temporary directory;
+- an operator and a user token, created with `shared.auth.TokenStore`;
+- audit, scheduler and `nodes` node agents, each `python -m services.<name>` with its
+  settings in the environment, as a user runs them, ready once `/healthz` answers.
+
+On exit the services are stopped gracefully (SIGTERM) in reverse start order, then the
+containers labelled `medhive.node=<node id>` are removed, the database server stopped,
+the vhost deleted and the temporary directory removed (kept with `MEDHIVE_BENCH_KEEP=1`).
+When set-up or the bench fails, the end of every service's log goes to stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+from pydantic import SecretStr
+
+from medhive.client import Client
+from shared.auth import Role, TokenStore
+from shared.mongo import connect
+from shared.settings import MongoSettings
+
+RABBIT_HOST = os.environ.get("MEDHIVE_BENCH_RABBIT_HOST", "127.0.0.1")
+RABBIT_ADMIN = os.environ.get("MEDHIVE_BENCH_RABBIT_ADMIN", "medhive:medhive")
+MANAGEMENT = f"http://{RABBIT_HOST}:15672/api"
+#: Seconds a process gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 60.0
+#: The repository root: the services run from it, as `python -m services.<name>`.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout is kept for the result)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def process_rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB, from /proc/<pid>/status (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"process {pid} has no VmRSS (a zombie?)")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores of the machine spent busy (not idle or waiting), /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two `Stack.cpu_s()` snapshots; `other` is
+    the machine's busy time that none of them accounts for (RabbitMQ, dockerd, ...)."""
+    delta = {name: round(after[name] - before[name], 2) for name in after if name in before}
+    ours = sum(value for name, value in delta.items() if name != "machine")
+    delta["other"] = round(delta["machine"] - ours, 2)
+    return delta
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("ab")
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Process:
+    """One child process of the stack and where its output goes."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log: Path
+    port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def stop(self) -> None:
+        """SIGTERM (the services shut down gracefully on it), SIGKILL after a timeout."""
+        if self.process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            progress(f"{self.name} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
+@dataclass
+class Stack:
+    """A running installation: where its APIs are and who may call them."""
+
+    api: str
+    audit: str
+    user_token: str
+    operator_token: str
+    vhost: str
+    node_ids: list[str]
+    workdir: Path
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    def client(self, token: str | None = None) -> Client:
+        """An API client (the CLI's), with the user token unless another is given."""
+        return Client(self.api, self.audit, token or self.user_token)
+
+    def rss_mb(self) -> dict[str, float]:
+        """RSS of the scheduler, the audit and the node agent (the largest, if several)."""
+        nodes = [
+            process_rss_mb(p.pid) for name, p in self.processes.items() if name.startswith("vmnode")
+        ]
+        return {
+            "scheduler": process_rss_mb(self.processes["scheduler"].pid),
+            "audit": process_rss_mb(self.processes["audit"].pid),
+            "vmnode": max(nodes),
+        }
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds used so far by each process of the stack, this bench process
+        (`bench`) and the whole machine (`machine`: RabbitMQ and anything else too)."""
+        used = {name: process_cpu_s(p.pid) for name, p in self.processes.items()}
+        used["bench"] = process_cpu_s(os.getpid())
+        used["machine"] = machine_busy_s()
+        return used
+
+    def check_alive(self) -> None:
+        """Raise if a service died (a bench would otherwise wait for it forever)."""
+        for name, process in self.processes.items():
+            if process.process.returncode is not None:
+                raise RuntimeError(f"{name} exited with {process.process.returncode}")
+
+    def dump_logs(self) -> None:
+        for process in self.processes.values():
+            print(f"----- {process.name} ({process.log}) -----", file=sys.stderr)
+            print(_tail(process.log), file=sys.stderr, flush=True)
+
+
+# -- RabbitMQ ------------------------------------------------------------------------
+
+
+async def _rabbit(session: aiohttp.ClientSession, method: str, path: str, body: Any = None) -> None:
+    async with session.request(method, MANAGEMENT + path, json=body) as response:
+        if response.status >= 400 and not (method == "DELETE" and response.status == 404):
+            raise RuntimeError(
+                f"RabbitMQ {method} {path}: {response.status} {await response.text()}"
+            )
+
+
+@contextlib.asynccontextmanager
+async def _vhost(name: str) -> AsyncIterator[str]:
+    """A fresh vhost the admin user may use fully; deleted (with its queues) at the end."""
+    user, password = RABBIT_ADMIN.split(":", 1)
+    auth = aiohttp.BasicAuth(user, password)
+    async with aiohttp.ClientSession(auth=auth) as session:
+        await _rabbit(session, "PUT", f"/vhosts/{name}")
+        try:
+            everything = {"configure": ".*", "write": ".*", "read": ".*"}
+            await _rabbit(session, "PUT", f"/permissions/{name}/{user}", everything)
+            yield f"amqp://{RABBIT_ADMIN}@{RABBIT_HOST}:5672/{name}"
+        finally:
+            await _rabbit(session, "DELETE", f"/vhosts/{name}")
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+async def _spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path) -> Process:
+    handle = _open_log(log)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=dict(env), cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=handle,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        handle.close()  # the child has its own descriptor
+    return Process(name, process, log)
+
+
+async def _until_port(process: Process, port: int) -> None:
+    """Wait until something accepts connections on the port (the server's only sign)."""
+    async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        while True:
+            if process.process.returncode is not None:
+                raise RuntimeError(f"{process.name} exited:\n{_tail(process.log)}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                await asyncio.sleep(0.1)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+
+async def _until_healthy(process: Process, session: aiohttp.ClientSession) -> None:
+    url = f"http://127.0.0.1:{process.port}/healthz"
+    async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        while True:
+            if process.process.returncode is not None:
+                raise RuntimeError(f"{process.name} exited:\n{_tail(process.log)}")
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+async def _remove_containers(node_id: str) -> None:
+    """Remove every container a node agent of this stack may have left behind."""
+    listing = await asyncio.create_subprocess_exec(
+        "docker", "ps", "-aq", "--filter", f"label=medhive.node={node_id}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    out, _ = await listing.communicate()
+    ids = out.decode().split()
+    if ids:
+        progress(f"removing {len(ids)} leftover container(s) of {node_id}")
+        remove = await asyncio.create_subprocess_exec(
+            "docker", "rm", "-f", *ids,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        await remove.wait()
+
+
+async def _make_tokens(mongo_url: str, identity_db: str) -> tuple[str, str]:
+    """(user token for tenant `bench`, operator token), as `medhive token create` does."""
+    settings = MongoSettings(url=SecretStr(mongo_url), identity_db=identity_db)
+    client = connect(settings)
+    try:
+        tokens = TokenStore(client[identity_db])
+        user = await tokens.create("bench-user", "bench", Role.user)
+        operator = await tokens.create("bench-operator", "ops", Role.operator)
+    finally:
+        await client.close()
+    return user, operator
+
+
+async def _nodes_online(stack: Stack, session: aiohttp.ClientSession) -> None:
+    """Wait until the scheduler lists every node agent as online."""
+    headers = {"Authorization": f"Bearer {stack.user_token}"}
+    async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        while True:
+            async with session.get(f"{stack.api}/v1/nodes", headers=headers) as response:
+                body = await response.json()
+            online = {node["id"] for node in body.get("nodes", []) if node["online"]}
+            if online >= set(stack.node_ids):
+                return
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def bench_stack(
+    *,
+    nodes: int = 1,
+    node_env: Mapping[str, str] | None = None,
+    scheduler_env: Mapping[str, str] | None = None,
+    audit_env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Stack]:
+    """Start a whole installation; `*_env` add or override `MEDHIVE_*` settings."""
+    run_id = uuid.uuid4().hex[:10]
+    workdir = Path(tempfile.mkdtemp(prefix=f"medhive-bench-{run_id}-"))
+    keep = os.environ.get("MEDHIVE_BENCH_KEEP") == "1"
+    stack: Stack | None = None
+    async with contextlib.AsyncExitStack() as cleanup:
+        if not keep:
+            cleanup.callback(shutil.rmtree, workdir, ignore_errors=True)
+        else:
+            cleanup.callback(progress, f"kept logs and data in {workdir}")
+        try:
+            progress(f"vhost bench-{run_id}")
+            amqp_url = await cleanup.enter_async_context(_vhost(f"bench-{run_id}"))
+
+            db_port = free_port()
+            server = str(Path(sys.executable).with_name("secantusd-py"))
+            argv = [server, "--host", "127.0.0.1", "--port", str(db_port),
+                    "--storage-path", str(workdir / "db"), "--log-level", "WARNING"]  # fmt: skip
+            db = await _spawn("secantus", argv, os.environ, workdir / "secantus.log")
+            cleanup.push_async_callback(db.stop)
+            await _until_port(db, db_port)
+            mongo_url = f"mongodb://127.0.0.1:{db_port}/"
+            progress(f"SecantusDB on port {db_port}")
+
+            identity_db = f"bench{run_id}_identity"
+            user_token, operator_token = await _make_tokens(mongo_url, identity_db)
+
+            ports = {"scheduler": free_port(), "audit": free_port()}
+            node_ids = [f"bench-{run_id}-n{i + 1}" for i in range(nodes)]
+            stack = Stack(
+                api=f"http://127.0.0.1:{ports['scheduler']}",
+                audit=f"http://127.0.0.1:{ports['audit']}",
+                user_token=user_token,
+                operator_token=operator_token,
+                vhost=f"bench-{run_id}",
+                node_ids=node_ids,
+                workdir=workdir,
+            )
+            stack.processes["db"] = db
+            base = {
+                **os.environ,
+                "MEDHIVE_AMQP_URL": amqp_url,
+                "MEDHIVE_MONGO_URL": mongo_url,
+                "MEDHIVE_MONGO_IDENTITY_DB": identity_db,
+            }
+            services: list[tuple[str, str, dict[str, str], int]] = [
+                ("audit", "audit", {
+                    "MEDHIVE_AUDIT_DATABASE": f"bench{run_id}_audit",
+                    "MEDHIVE_AUDIT_PORT": str(ports["audit"]),
+                    **(audit_env or {}),
+                }, ports["audit"]),
+                ("scheduler", "scheduler", {
+                    "MEDHIVE_SCHEDULER_DATABASE": f"bench{run_id}_scheduler",
+                    "MEDHIVE_SCHEDULER_PORT": str(ports["scheduler"]),
+                    **(scheduler_env or {}),
+                }, ports["scheduler"]),
+            ]  # fmt: skip
+            for i, node_id in enumerate(node_ids):
+                port = free_port()
+                name = "vmnode" if nodes == 1 else f"vmnode{i + 1}"
+                env = {"MEDHIVE_VMNODE_NODE_ID": node_id, "MEDHIVE_VMNODE_PORT": str(port)}
+                services.append((name, "vmnode", {**env, **(node_env or {})}, port))
+                # Runs after the agents have stopped (the exit stack unwinds backwards).
+                cleanup.push_async_callback(_remove_containers, node_id)
+
+            async with aiohttp.ClientSession() as session:
+                for name, module, env, port in services:
+                    argv = [sys.executable, "-m", f"services.{module}"]
+                    process = await _spawn(name, argv, {**base, **env}, workdir / f"{name}.log")
+                    process.port = port
+                    stack.processes[name] = process
+                    cleanup.push_async_callback(process.stop)
+                    await _until_healthy(process, session)
+                    progress(f"{name} healthy (pid {process.pid}, port {port})")
+                await _nodes_online(stack, session)
+            progress(f"{nodes} node(s) online")
+            yield stack
+        except BaseException:
+            if stack is not None:
+                stack.dump_logs()
+            raise
