@@ -99,7 +99,8 @@ async def cancel(request: web.Request) -> web.Response:
         raise ApiError(404, f"no job {_job_id(request)}") from exc
     except JobFinished as exc:
         raise ApiError(409, f"job {_job_id(request)} already ended: {exc.args[0]}") from exc
-    return web.json_response(public_job(job), status=202)
+    current = await request.app[STORE].get(job["_id"], principal.tenant)
+    return web.json_response(public_job(current or job), status=202)
 
 
 @routes.get("/v1/jobs/{job_id}/logs")

@@ -116,7 +116,7 @@ class JobService:
             outbox = [self._job_event(merged, to, previous, reason, causation_id)]
             if commands is not None:
                 outbox.extend(commands(merged))
-            updated = await self.store.transition(
+            moved = await self.store.transition(
                 job_id,
                 to,
                 reason=reason,
@@ -124,11 +124,11 @@ class JobService:
                 expect={"state": previous.value, **(expect or {})},
                 set_fields=set_fields,
             )
-            if updated is not None:
-                await self.relay.flush(job_id, updated["outbox"])
+            if moved:
+                await self.relay.flush(job_id, outbox)
                 if to.terminal or to == JobState.queued:
                     self.wake_placer()
-                return updated
+                return {**merged, "state": to.value}
         log.warning("transition_contended", job_id=job_id, to=to.value)
         return None
 
@@ -179,10 +179,9 @@ class JobService:
         command = self._node_command(
             job, "node.cancel", NodeCancel(job_id=job_id, attempt=job["attempt"], reason=reason)
         )
-        updated = await self.store.update_flags(job_id, {"cancel_requested": reason}, [command])
-        assert updated is not None
-        await self.relay.flush(job_id, updated["outbox"])
-        return updated
+        if await self.store.update_flags(job_id, {"cancel_requested": reason}, [command]):
+            await self.relay.flush(job_id, [command])
+        return {**job, "cancel_requested": reason}
 
     async def dispatch(self, job: Document, node_id: str) -> bool:
         """Place a queued job on a node and send it there."""
@@ -242,6 +241,7 @@ class JobService:
             causation_id=causation_id,
             expect={"attempt": report.attempt, "node_id": report.node_id},
             set_fields=fields,
+            current=job,
         )
 
     # -- the watchdog's decisions -------------------------------------------------
@@ -271,11 +271,8 @@ class JobService:
             "node.cancel",
             NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded"),
         )
-        updated = await self.store.update_flags(
-            job["_id"], {"walltime_enforced_at": utcnow()}, [command]
-        )
-        if updated is not None:
-            await self.relay.flush(job["_id"], updated["outbox"])
+        if await self.store.update_flags(job["_id"], {"walltime_enforced_at": utcnow()}, [command]):
+            await self.relay.flush(job["_id"], [command])
 
     async def time_out(self, job: Document) -> None:
         """The node did not confirm the stop in time: end the job here."""
