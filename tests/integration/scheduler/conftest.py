@@ -23,6 +23,7 @@ def scheduler_settings(
         database=f"{db_prefix}scheduler",
         amqp_tenants={amqp_user[0]: "radiology"},
         watchdog_interval_s=0.2,
+        walltime_grace_s=0.5,
     )
 
 
