@@ -39,6 +39,12 @@ BINDINGS = [(COMMANDS, "#"), (EVENTS, "#")]
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
+#: The recorder stores every message, valid or not, so no message is poison for it:
+#: the only redeliveries are after a crash or a database outage, and each of those
+#: counts towards the limit. A high limit keeps such a message in the audit trail.
+AUDIT_DELIVERY_LIMIT = 1000
+
+
 class Notifier:
     """The highest stored `seq`, and a wake-up for the live streams waiting past it."""
 
@@ -105,7 +111,7 @@ class Recorder:
         await self._channel.set_qos(prefetch_count=2 * self.batch_size)
         exchanges = await declare_exchanges(self._channel)
         self._queue = await declare_queue(
-            self._channel, QUEUE, BINDINGS, exchanges, self.bus.settings.delivery_limit
+            self._channel, QUEUE, BINDINGS, exchanges, AUDIT_DELIVERY_LIMIT
         )
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
         self._tag = await self._queue.consume(self._on_message)
