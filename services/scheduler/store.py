@@ -57,6 +57,9 @@ class JobStore:
         )
         await self.jobs.create_index([("state", ASCENDING), ("priority", DESCENDING)])
         await self.jobs.create_index([("tenant", ASCENDING), ("_id", DESCENDING)])
+        await self.jobs.create_index(
+            [("tenant", ASCENDING), ("state", ASCENDING), ("_id", DESCENDING)]
+        )
         await self.jobs.create_index([("outbox.0", ASCENDING)], sparse=True)
         await self.output.create_index(
             [("job_id", ASCENDING), ("attempt", ASCENDING), ("stream", ASCENDING)], unique=True

@@ -116,3 +116,31 @@ async def test_a_job_lost_with_its_node_is_queued_again_and_runs_elsewhere(
         "lost", "queued", "dispatched", "running", "succeeded"
     ]  # fmt: skip
     assert done["node_id"] == f"{stack.node_id}-large" and done["attempt"] == 2
+
+
+async def test_a_scheduler_killed_mid_flow_loses_no_job_and_no_event(
+    stack: Stack, user_token: str, operator_token: str, amqp_settings: AmqpSettings
+) -> None:
+    async with (
+        client(stack, user_token) as api,
+        client(stack, operator_token) as ops,
+        event_tap(amqp_settings, ["job.dispatched"]) as tap,
+    ):
+        jobs = [await api.submit(spec(f"batch-{i}", "sh", "-c", "sleep 1")) for i in range(6)]
+        await tap.wait_for(lambda m: True)  # placement has begun
+        stack.kill("scheduler")
+        await stack.restart("scheduler")
+        finished = [await wait_state(api, job["id"], within=90) for job in jobs]
+        assert {job["state"] for job in finished} == {"succeeded"}
+
+        async def trail_complete() -> bool:
+            records = await _all_records(ops)
+            return all(
+                [r["type"] for r in records if r["job_id"] == job["id"] and
+                 r["type"].startswith("job.") and r["type"] not in ("job.submit",)]
+                == [f"job.{h['state']}" for h in job["history"]]
+                for job in finished
+            )  # fmt: skip
+
+        # Every stored transition was published exactly once, in order, despite the kill.
+        await eventually(trail_complete)
