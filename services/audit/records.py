@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
 from services.audit.chain import iso, to_millis
+from shared.consume import summarize
 from shared.envelope import Envelope, utcnow
 from shared.messages.catalog import CATALOG
 
@@ -51,7 +52,7 @@ def receive(message: AbstractIncomingMessage) -> Received:
     try:
         envelope = Envelope.model_validate_json(message.body)
     except ValidationError as exc:
-        return _excerpt(message, digest, None, f"not a medhive envelope: {_summary(exc)}")
+        return _excerpt(message, digest, None, f"not a medhive envelope: {summarize(exc)}")
     dumped = envelope.model_dump(mode="json")
     try:
         size = len(bson.encode(dumped))
@@ -107,7 +108,7 @@ def _refusal(envelope: Envelope) -> str | None:
     try:
         entry.model.model_validate(envelope.payload)
     except ValidationError as exc:
-        return f"invalid {envelope.type} payload: {_summary(exc)}"
+        return f"invalid {envelope.type} payload: {summarize(exc)}"
     return None
 
 
@@ -134,14 +135,6 @@ def _properties(message: AbstractIncomingMessage) -> dict[str, Any]:
         "source": message.app_id,
         "actor": None,
     }
-
-
-def _summary(exc: ValidationError) -> str:
-    """The first few problems of a validation error, on one line."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or 'body'}: {error['msg']}"
-        for error in exc.errors()[:5]
-    )
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
