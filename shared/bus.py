@@ -26,7 +26,7 @@ from yarl import URL
 from shared.consume import Authorizer, Consumer, Handler, Incoming, Rejected, Retry
 from shared.envelope import Envelope
 from shared.messages.base import Payload
-from shared.messages.catalog import CATALOG, DEAD
+from shared.messages.catalog import CATALOG, COMMANDS, DEAD
 from shared.settings import AmqpSettings
 from shared.topology import declare_exchanges
 
@@ -40,6 +40,10 @@ _PUBLISH_ERRORS = (
     asyncio.TimeoutError,
     RuntimeError,
 )
+
+
+class Unroutable(Exception):
+    """A command was published but no queue is bound for its routing key."""
 
 
 class Bus:
@@ -64,7 +68,9 @@ class Bus:
             self.settings.url.get_secret_value(),
             client_properties={"connection_name": self.source},
         )
-        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         self._exchanges = await declare_exchanges(self._channel)
 
     async def close(self, grace_s: float = 10.0) -> None:
@@ -122,17 +128,31 @@ class Bus:
             correlation_id=envelope.correlation_id,
             timestamp=envelope.occurred_at,
         )
-        await self._publish_raw(entry.exchange, key, message, deadline_s)
+        # A command nobody can receive is an error, not a silent drop (an event may
+        # legitimately have no listener).
+        mandatory = entry.exchange == COMMANDS
+        await self._publish_raw(entry.exchange, key, message, deadline_s, mandatory)
 
     async def _publish_raw(
-        self, exchange: str, key: str, message: aio_pika.Message, deadline_s: float
+        self,
+        exchange: str,
+        key: str,
+        message: aio_pika.Message,
+        deadline_s: float,
+        mandatory: bool = False,
     ) -> None:
+        """Publish until confirmed; raises `Unroutable` for a mandatory message that no
+        queue is bound for (not retried: the caller decides when to try again)."""
         give_up = time.monotonic() + deadline_s
         delay = 0.1
         while True:
             try:
-                await self._exchanges[exchange].publish(message, key, timeout=10)
+                await self._exchanges[exchange].publish(
+                    message, key, mandatory=mandatory, timeout=10
+                )
                 return
+            except aiormq.exceptions.DeliveryError as exc:
+                raise Unroutable(f"no queue is bound for {key!r} on {exchange}") from exc
             except _PUBLISH_ERRORS as exc:
                 if time.monotonic() + delay > give_up:
                     raise
@@ -174,4 +194,4 @@ class Bus:
         return consumer
 
 
-__all__ = ["Bus", "Consumer", "Handler", "Incoming", "Rejected", "Retry"]
+__all__ = ["Bus", "Consumer", "Handler", "Incoming", "Rejected", "Retry", "Unroutable"]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import structlog
+
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.store import IdempotencyConflict, JobStore
 from shared.bus import Incoming, Rejected
 from shared.envelope import Envelope
 from shared.messages.jobs import JobCancel, JobSubmit
 from shared.messages.nodes import NodeStatus, RunFinished, RunOutput, RunStarted
+
+log = structlog.get_logger("medhive.scheduler.handlers")
 
 
 def tenant_of_sender(amqp_tenants: dict[str, str]) -> Callable[[Envelope, str | None], Envelope]:
@@ -83,6 +87,9 @@ class NodeHandlers:
         assert isinstance(msg.payload, NodeStatus)
         online = msg.envelope.type != "node.offline"
         await self.store.node_seen(msg.payload.node_id, msg.payload.model_dump(), online)
+        if msg.envelope.type != "node.heartbeat":
+            log.info(msg.envelope.type.replace(".", "_"), node_id=msg.payload.node_id,
+                     cpus=msg.payload.cpus, memory_mb=msg.payload.memory_mb)  # fmt: skip
         if msg.envelope.type == "node.online" or (online and not msg.redelivered):
             self.wake()
 

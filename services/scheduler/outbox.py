@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import structlog
 
 from services.scheduler.store import JobStore
-from shared.bus import Bus
+from shared.bus import Bus, Unroutable
 from shared.envelope import Envelope
 from shared.mongo import Document
 from shared.tasks import BackgroundLoop
@@ -37,7 +37,13 @@ class OutboxRelay(BackgroundLoop):
         ids = []
         for entry in entries:
             envelope = Envelope.model_validate(entry["envelope"])
-            await self.bus.publish(envelope, node_id=entry.get("node"))
+            try:
+                await self.bus.publish(envelope, node_id=entry.get("node"))
+            except Unroutable as exc:
+                # The node's queue is not there (yet): keep this and what follows, in
+                # order, for the sweep. The state change itself is already stored.
+                log.warning("outbox_unroutable", job_id=job_id, error=str(exc))
+                break
             ids.append(entry["id"])
         if ids:
             await self.store.drop_outbox(job_id, ids)

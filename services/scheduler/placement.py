@@ -113,6 +113,9 @@ class Placer(BackgroundLoop):
             batch = chosen[start : start + DISPATCH_CONCURRENCY]
             results = await asyncio.gather(*(self.jobs.dispatch(j, n) for j, n in batch))
             placed += sum(results)
+            for (job, node), ok in zip(batch, results, strict=True):
+                if ok:
+                    log.info("job_placed", job_id=job["_id"], node_id=node)
         if len(queued) == BATCH and placed:
             self.wake()
         return placed

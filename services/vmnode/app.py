@@ -1,8 +1,10 @@
 """Builds the node agent's app: the shared service wiring plus the agent's own contexts.
 
-Start order: runtime, agent (adopts leftover workloads), heartbeat (`node.online`),
-consumer. Shutdown runs in reverse: stop consuming, `node.offline`, stop watching
-(the workloads keep running for the next agent), close the runtime.
+Start order: runtime, agent (adopts leftover workloads), consumer, heartbeat
+(`node.online`). The node's queue must exist before the node announces itself: the
+scheduler dispatches to it at once, and a command routed to a queue that is not there
+yet would be unroutable. Shutdown runs in reverse: `node.offline`, stop consuming, stop
+watching (the workloads keep running for the next agent), close the runtime.
 """
 
 from __future__ import annotations
@@ -48,5 +50,5 @@ def create_app(settings: NodeSettings) -> web.Application:
         yield
         await app[AGENT].stop_consuming()
 
-    app.cleanup_ctx.extend([runtime, agent, heartbeat, consumer])
+    app.cleanup_ctx.extend([runtime, agent, consumer, heartbeat])
     return app

@@ -141,7 +141,12 @@ async def test_a_job_too_big_for_every_node_waits_then_runs_when_a_node_fits(
             MEDHIVE_VMNODE_NODE_ID=f"{stack.node_id}-large",
             MEDHIVE_VMNODE_PORT=str(free_port()),
         )  # fmt: skip
-        job = await wait_state(api, big["id"])
+        try:
+            job = await wait_state(api, big["id"])
+        except TimeoutError:
+            raise AssertionError(
+                f"{await api.job(big['id'])}\n{await api.nodes()}\n{stack.log('scheduler')}"
+            ) from None
         assert job["state"] == "succeeded"
         assert job["node_id"] == f"{stack.node_id}-large"
 

@@ -65,3 +65,26 @@ async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
     await bus.emit("job.cancel", JobCancel(job_id="j2", reason="after"), correlation_id="j2")
     await asyncio.wait_for(after.wait(), 10)
     await bus.close()
+
+
+async def test_a_command_no_queue_can_receive_raises_instead_of_vanishing(
+    amqp_settings: AmqpSettings,
+) -> None:
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from shared.bus import Unroutable
+    from shared.messages.jobs import JobSpec, NodeRun
+    from shared.messages.nodes import RunOutput
+
+    bus = Bus(amqp_settings, "test@here")
+    await bus.connect()
+    run = NodeRun(job_id="j", attempt=1, tenant="t", spec=JobSpec(name="n", image="i"),
+                  deadline=datetime.now(UTC))  # fmt: skip
+    with pytest.raises(Unroutable, match=r"node\.nowhere\.run"):
+        await bus.emit("node.run", run, node_id="nowhere")
+    # An event nobody listens to is fine: facts may have no audience.
+    await bus.emit("run.output", RunOutput(job_id="j", attempt=1, node_id="n", stream="stdout",
+                                           data="x"))  # fmt: skip
+    await bus.close()
