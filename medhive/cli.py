@@ -51,12 +51,43 @@ async def submit(args: argparse.Namespace) -> int:
         return await _follow(client, job["id"])
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _progress_line(payload: dict[str, Any]) -> str:
+    """`staging  [#####.....] 12 files, 40.0 MiB (input ct)`: bytes so far, no total known
+    up front for every source, so the bar turns rather than fills."""
+    spin = "|/-\\"[payload["files"] % 4]
+    return (
+        f"  staging {spin} {payload['files']} files, {_size(payload['bytes'])} ({payload['input']})"
+    )
+
+
 async def _follow(client: Client, job_id: str) -> int:
-    """Print each state change as audit stores it; at the end, the output."""
-    async for record in client.stream({"job": job_id, "type": "job."}):
-        print(_state_line(record), flush=True)
-        state = (record.get("envelope") or {}).get("payload", {}).get("state")
-        if state in TERMINAL:
+    """Print each state change as audit stores it, staging progress as it goes (one line
+    redrawn on a terminal), and at the end the output."""
+    tty = sys.stdout.isatty()
+    async for record in client.stream({"job": job_id}):
+        type_ = str(record.get("type", ""))
+        payload = (record.get("envelope") or {}).get("payload", {})
+        if type_ == "data.progress":
+            if tty:
+                print("\r" + _progress_line(payload), end="", flush=True)
+            continue
+        if type_ == "data.fetched":
+            line = (f"  fetched {payload['source']}: {payload['files']} files, "
+                    f"{_size(payload['bytes'])} in {payload['seconds']:.1f} s")  # fmt: skip
+            print(("\r\033[K" if tty else "") + line, flush=True)
+            continue
+        if type_ == "job.interactive_ready" or not type_.startswith("job."):
+            continue
+        print(("\r\033[K" if tty else "") + _state_line(record), flush=True)
+        if payload.get("state") in TERMINAL:
             break
     logs = await client.logs(job_id)
     for stream in ("stdout", "stderr"):
@@ -95,6 +126,29 @@ async def cancel(args: argparse.Namespace) -> int:
         job = await client.cancel(args.job_id)
     requested = " (cancel requested)" if job.get("cancel_requested") else ""
     print(f"job {job['id']} {job['state']}{requested}")
+    return 0
+
+
+async def outputs(args: argparse.Namespace) -> int:
+    """List a job's results, or with -o download them, checking each SHA-256."""
+    async with _client(args) as client:
+        listing = await client.outputs(args.job_id)
+        if args.output is None:
+            for item in listing["files"]:
+                print(f"{item['size']:>12}  {item['sha256'][:12]}  {item['path']}")
+            if listing.get("upload"):
+                upload = listing["upload"]
+                print(f"upload to {upload['destination']}: {upload['detail']}")
+            return 0
+        base = Path(args.output)
+        for item in listing["files"]:
+            target = base / item["path"]
+            if not target.resolve().is_relative_to(base.resolve()):
+                raise ApiFailure(502, f"refusing output path {item['path']!r}")
+            digest = await client.download(args.job_id, item["path"], target)
+            if digest != item["sha256"]:
+                raise ApiFailure(502, f"{item['path']} arrived damaged (SHA-256 differs)")
+            print(target)
     return 0
 
 
@@ -196,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     command("status", status, "a job with its history").add_argument("job_id")
     command("logs", logs, "what a job printed").add_argument("job_id")
     command("cancel", cancel, "cancel a job").add_argument("job_id")
+    c = command("outputs", outputs, "list a job's results, or download them with -o")
+    c.add_argument("job_id")
+    c.add_argument("-o", "--output", help="directory to download the results into")
     command("nodes", nodes, "nodes and their free capacity")
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
@@ -215,8 +272,8 @@ def parser() -> argparse.ArgumentParser:
     c = token.add_parser("create", help="create a token (on the server; MEDHIVE_MONGO_URL)")
     c.set_defaults(fn=token_create)
     c.add_argument("--tenant", required=True)
-    c.add_argument("--role", choices=["user", "operator"], default="user")
-    c.add_argument("--name")
+    c.add_argument("--role", choices=["user", "operator", "node"], default="user")
+    c.add_argument("--name", help="who holds it; for a node token, the node id")
     c.add_argument("--save", action="store_true", help="also write it where the CLI finds it")
 
     schema = sub.add_parser("schema", help="message schemas").add_subparsers(
@@ -228,7 +285,10 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("up", up, "run the services of one machine, logs interleaved")
     c.add_argument(
-        "services", nargs="*", default=["scheduler", "audit", "vmnode"], help="which services"
+        "services",
+        nargs="*",
+        default=["scheduler", "audit", "datacache", "vmnode"],
+        help="which services",
     )
     c.add_argument(
         "--db-path",

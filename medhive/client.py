@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -80,6 +81,24 @@ class Client:
 
     async def logs(self, job_id: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}/logs"))
+
+    async def outputs(self, job_id: str) -> dict[str, Any]:
+        return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}/outputs"))
+
+    async def download(self, job_id: str, path: str, target: Path) -> str:
+        """Stream one result file to `target`; returns the SHA-256 of what arrived."""
+        digest = hashlib.sha256()
+        url = f"{self.api_url}/v1/jobs/{job_id}/outputs/{path}"
+        async with self.session.get(url) as response:
+            if response.status >= 400:
+                body = await response.json(content_type=None)
+                raise ApiFailure(response.status, body["error"]["detail"])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("wb") as out:
+                async for chunk in response.content.iter_chunked(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+        return digest.hexdigest()
 
     async def nodes(self) -> list[dict[str, Any]]:
         return list((await self.call("GET", f"{self.api_url}/v1/nodes"))["nodes"])

@@ -60,7 +60,41 @@ async def _database(db_path: str) -> list[str] | None:
             "--log-level", "WARNING"]  # fmt: skip
 
 
-async def run_stack(services: list[str], db_path: str) -> int:
+async def _service_credentials(services: list[str], state_dir: Path) -> None:
+    """A master key for the datacache and a node token for the local node agent, made once
+    and kept in `state_dir` (mode 0600), unless the environment already names them."""
+    from services.datacache.crypto import LocalKeyProvider
+    from shared.auth import Role, TokenStore
+    from shared.mongo import connect
+    from shared.settings import MongoSettings, default_host
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if "datacache" in services and not (
+        os.environ.get("MEDHIVE_DATACACHE_MASTER_KEY_FILE")
+        or os.environ.get("MEDHIVE_DATACACHE_MASTER_KEY")
+    ):
+        key_file = state_dir / "master.key"
+        if not key_file.exists():
+            LocalKeyProvider.generate_key_file(key_file)
+        os.environ["MEDHIVE_DATACACHE_MASTER_KEY_FILE"] = str(key_file)
+    if "vmnode" in services and not os.environ.get("MEDHIVE_VMNODE_DATACACHE_TOKEN"):
+        token_file = state_dir / "node.token"
+        if not token_file.exists():
+            node_id = os.environ.get("MEDHIVE_VMNODE_NODE_ID") or default_host()
+            settings = MongoSettings()
+            client = connect(settings)
+            try:
+                token = await TokenStore(client[settings.identity_db]).create(
+                    node_id, "_nodes", Role.node
+                )
+            finally:
+                await client.close()
+            token_file.touch(mode=0o600)
+            token_file.write_text(token)
+        os.environ["MEDHIVE_VMNODE_DATACACHE_TOKEN"] = token_file.read_text().strip()
+
+
+async def run_stack(services: list[str], db_path: str, state_dir: Path | None = None) -> int:
     processes: list[tuple[str, asyncio.subprocess.Process]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,6 +108,7 @@ async def run_stack(services: list[str], db_path: str) -> int:
             async with asyncio.timeout(60):
                 while not await _answers(url.host or "127.0.0.1", url.port or 27017):  # noqa: ASYNC110
                     await asyncio.sleep(0.1)  # the server gives no other sign of readiness
+        await _service_credentials(services, state_dir or Path(db_path).parent)
         for i, name in enumerate(services):
             argv = [sys.executable, "-m", f"services.{name}"]
             processes.append((name, await _start(name, argv, COLOURS[i % len(COLOURS)])))

@@ -9,7 +9,9 @@ VENV=${MEDHIVE_VENV:-$ROOT/.venv}
 STATE=${MEDHIVE_STATE_DIR:-/var/lib/medhive}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates)
+# orthanc: the real PACS the data cache's tests stage from (DICOMweb and DIMSE).
+APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2
+  orthanc orthanc-dicomweb)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

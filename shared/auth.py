@@ -22,10 +22,13 @@ TOKEN_PREFIX = "mh_"
 
 
 class Role(StrEnum):
-    """`user`: a tenant's own jobs and events. `operator`: also every tenant's audit."""
+    """`user`: a tenant's own jobs and events. `operator`: also every tenant's audit.
+    `node`: a node agent (its token's name is the node id); reads only what a live
+    grant lets that node read."""
 
     user = "user"
     operator = "operator"
+    node = "node"
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,21 @@ Handler = Callable[[Incoming], Awaitable[None]]
 Authorizer = Callable[[Envelope, str | None], Envelope]
 
 
+def trusted_senders(users: set[str]) -> Authorizer:
+    """Believe a message only from the medhive service accounts in `users`.
+
+    RabbitMQ refuses a `user_id` property that differs from the connection's user, so
+    the property proves who sent it.
+    """
+
+    def authorize(envelope: Envelope, user_id: str | None) -> Envelope:
+        if user_id not in users:
+            raise Rejected(f"AMQP user {user_id!r} may not send {envelope.type}")
+        return envelope
+
+    return authorize
+
+
 class Consumer:
     """Runs handlers for one queue; messages of one job are handled in order."""
 

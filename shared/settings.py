@@ -10,6 +10,7 @@ import socket
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
 
 
 class AmqpSettings(BaseSettings):
@@ -25,6 +26,11 @@ class AmqpSettings(BaseSettings):
     delivery_limit: int = Field(
         5, ge=1, description="Redeliveries before a message is dead-lettered."
     )
+
+    @property
+    def user(self) -> str:
+        """The AMQP user of this process: the medhive service account by default."""
+        return URL(self.url.get_secret_value()).user or "guest"
 
 
 class MongoSettings(BaseSettings):

@@ -27,6 +27,9 @@ from pydantic import SecretStr
 
 from shared.settings import AmqpSettings, MongoSettings
 
+#: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
+pytest_plugins = ["tests.fixtures.xnat", "tests.fixtures.orthanc"]
+
 RABBIT_HOST = os.environ.get("MEDHIVE_TEST_RABBIT_HOST", "127.0.0.1")
 RABBIT_ADMIN = os.environ.get("MEDHIVE_TEST_RABBIT_ADMIN", "medhive:medhive")
 MANAGEMENT = f"http://{RABBIT_HOST}:15672/api"

@@ -17,10 +17,14 @@ from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
 
 
-async def make_token(mongo: MongoSettings, tenant: str, role: Role = Role.user) -> str:
+async def make_token(
+    mongo: MongoSettings, tenant: str, role: Role = Role.user, name: str | None = None
+) -> str:
     client = connect(mongo)
     try:
-        return await TokenStore(client[mongo.identity_db]).create(f"{tenant}-{role}", tenant, role)
+        return await TokenStore(client[mongo.identity_db]).create(
+            name or f"{tenant}-{role}", tenant, role
+        )
     finally:
         await client.close()
 

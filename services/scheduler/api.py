@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from pydantic import Field
 
@@ -20,6 +21,8 @@ from shared.mongo import Document
 JOBS = web.AppKey("jobs", JobService)
 STORE = web.AppKey("store", JobStore)
 PLACER = web.AppKey("placer", Placer)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+DATACACHE_URL = web.AppKey("datacache_url", str)
 
 routes = web.RouteTableDef()
 
@@ -81,10 +84,7 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    doc = await request.app[STORE].get(_job_id(request), request[PRINCIPAL].tenant)
-    if doc is None:
-        raise ApiError(404, f"no job {_job_id(request)}")
-    return web.json_response(public_job(doc))
+    return web.json_response(public_job(await _tenant_job(request)))
 
 
 @routes.delete("/v1/jobs/{job_id}")
@@ -106,9 +106,7 @@ async def cancel(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs/{job_id}/logs")
 async def logs(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    job = await store.get(_job_id(request), request[PRINCIPAL].tenant)
-    if job is None:
-        raise ApiError(404, f"no job {_job_id(request)}")
+    job = await _tenant_job(request)
     attempt = query_int(request, "attempt", job["attempt"], 0, 100)
     streams = await store.get_output(job["_id"], attempt)
     body = {"job_id": job["_id"], "attempt": attempt, "state": job["state"]}
@@ -117,6 +115,56 @@ async def logs(request: web.Request) -> web.Response:
         body[name] = doc["data"] if doc else ""
         body[f"{name}_truncated"] = bool(doc and doc["truncated"])
     return web.json_response(body)
+
+
+async def _tenant_job(request: web.Request) -> Document:
+    job = await request.app[STORE].get(_job_id(request), request[PRINCIPAL].tenant)
+    if job is None:
+        raise ApiError(404, f"no job {_job_id(request)}")
+    return job
+
+
+@routes.get("/v1/jobs/{job_id}/outputs")
+async def outputs(request: web.Request) -> web.Response:
+    """The job's results, as the datacache reported them when the job ended."""
+    job = await _tenant_job(request)
+    kept = job.get("outputs") or {"files": [], "bytes": 0}
+    return web.json_response(_json({
+        "job_id": job["_id"], "state": job["state"], "files": kept["files"],
+        "bytes": kept["bytes"], "upload": job.get("outputs_upload"),
+    }))  # fmt: skip
+
+
+@routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
+async def download_output(request: web.Request) -> web.StreamResponse:
+    """One result file, streamed from the datacache with the caller's own token, so the
+    datacache checks the tenant again rather than trusting the gateway."""
+    job = await _tenant_job(request)
+    path = request.match_info["path"]
+    url = f"{request.app[DATACACHE_URL]}/v1/jobs/{job['_id']}/outputs/{path}"
+    headers = {"Authorization": request.headers["Authorization"]}
+    if "Range" in request.headers:
+        headers["Range"] = request.headers["Range"]
+    try:
+        async with request.app[HTTP].get(url, headers=headers) as upstream:
+            if upstream.status >= 400:
+                body = await upstream.json(content_type=None)
+                detail = body.get("error", {}).get(
+                    "detail", f"datacache answered {upstream.status}"
+                )
+                raise ApiError(upstream.status if upstream.status < 500 else 502, detail)
+            response = web.StreamResponse(status=upstream.status)
+            for name in ("Content-Length", "Content-Range", "Accept-Ranges", "X-Medhive-Sha256"):
+                if name in upstream.headers:
+                    response.headers[name] = upstream.headers[name]
+            response.content_type = "application/octet-stream"
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_chunked(1 << 20):
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+    except aiohttp.ClientError as exc:
+        raise ApiError(502, f"the datacache is unreachable: {exc}") from exc
 
 
 @routes.get("/v1/nodes")
@@ -142,4 +190,4 @@ async def nodes(request: web.Request) -> web.Response:
     return web.json_response({"nodes": out})
 
 
-__all__ = ["JOBS", "PLACER", "STORE", "public_job", "routes"]
+__all__ = ["DATACACHE_URL", "HTTP", "JOBS", "PLACER", "STORE", "public_job", "routes"]

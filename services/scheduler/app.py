@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from services.scheduler.api import JOBS, PLACER, STORE, routes
-from services.scheduler.handlers import (
-    CommandHandlers,
-    NodeHandlers,
-    tenant_of_sender,
-    trusted_senders,
-)
+from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, routes
+from services.scheduler.data import DATA_REPORTS, DataHandlers
+from services.scheduler.handlers import CommandHandlers, NodeHandlers, tenant_of_sender
 from services.scheduler.jobs import JobService
 from services.scheduler.outbox import OutboxRelay
 from services.scheduler.placement import Placer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import JobStore
 from services.scheduler.watchdog import Watchdog
+from shared.consume import trusted_senders
 from shared.messages.catalog import COMMANDS, EVENTS
 from shared.service import BUS, MONGO, create_service_app
 
@@ -32,13 +30,19 @@ REPORT_TYPES = ["run.started", "run.output", "run.finished", "node.online", "nod
 def create_app(settings: SchedulerSettings) -> web.Application:
     app = create_service_app("scheduler", settings.amqp, settings.mongo)
     app.add_routes(routes)
+    app[DATACACHE_URL] = settings.datacache_url.rstrip("/")
+
+    async def http(app: web.Application) -> AsyncIterator[None]:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            app[HTTP] = session
+            yield
 
     async def core(app: web.Application) -> AsyncIterator[None]:
         store = JobStore(app[MONGO][settings.database])
         await store.create_indexes()
         placer = Placer(store, settings.node_timeout_s)
         relay = OutboxRelay(store, app[BUS])
-        jobs = JobService(store, app[BUS], relay, placer.wake)
+        jobs = JobService(store, app[BUS], relay, placer.wake, settings.upload_grace_s)
         placer.jobs = jobs
         app[STORE], app[PLACER], app[JOBS] = store, placer, jobs
         watchdog = Watchdog(
@@ -57,6 +61,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         bus, jobs, store = app[BUS], app[JOBS], app[STORE]
         commands = CommandHandlers(jobs)
         reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
+        data = DataHandlers(jobs, store, app[PLACER].wake)
         service_user = URL(settings.amqp.url.get_secret_value()).user or "guest"
         command_consumer = await bus.consume(
             COMMAND_QUEUE,
@@ -66,7 +71,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         )
         report_consumer = await bus.consume(
             REPORT_QUEUE,
-            [(EVENTS, key) for key in REPORT_TYPES],
+            [(EVENTS, key) for key in REPORT_TYPES + DATA_REPORTS],
             {
                 "run.started": reports.started,
                 "run.output": reports.output,
@@ -74,6 +79,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
                 "node.online": reports.status,
                 "node.heartbeat": reports.status,
                 "node.offline": reports.status,
+                **data.handlers(),
             },
             authorize=trusted_senders(set(settings.trusted_users or [service_user])),
         )
@@ -81,5 +87,5 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         await command_consumer.stop()
         await report_consumer.stop()
 
-    app.cleanup_ctx.extend([core, consumers])
+    app.cleanup_ctx.extend([http, core, consumers])
     return app

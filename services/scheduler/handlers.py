@@ -34,17 +34,6 @@ def tenant_of_sender(amqp_tenants: dict[str, str]) -> Callable[[Envelope, str | 
     return authorize
 
 
-def trusted_senders(users: set[str]) -> Callable[[Envelope, str | None], Envelope]:
-    """Node reports are believed only from the medhive service accounts."""
-
-    def authorize(envelope: Envelope, user_id: str | None) -> Envelope:
-        if user_id not in users:
-            raise Rejected(f"AMQP user {user_id!r} may not report for nodes")
-        return envelope
-
-    return authorize
-
-
 class CommandHandlers:
     def __init__(self, jobs: JobService) -> None:
         self.jobs = jobs

@@ -19,7 +19,9 @@ from services.scheduler.outbox import OutboxRelay
 from services.scheduler.store import ALLOWED, JobStore, outbox_entry
 from shared.bus import Bus
 from shared.envelope import utcnow
+from shared.messages.base import Payload
 from shared.messages.catalog import job_event_type
+from shared.messages.data import DataGrant, DataRelease, DataStage
 from shared.messages.jobs import JobEvent, JobSpec, JobState, NodeCancel, NodeRun
 from shared.messages.nodes import RunFinished, RunStarted
 from shared.mongo import Document
@@ -45,12 +47,19 @@ class JobFinished(Exception):
 
 class JobService:
     def __init__(
-        self, store: JobStore, bus: Bus, relay: OutboxRelay, wake_placer: Callable[[], None]
+        self,
+        store: JobStore,
+        bus: Bus,
+        relay: OutboxRelay,
+        wake_placer: Callable[[], None],
+        upload_grace_s: float = 600.0,
     ) -> None:
         self.store = store
         self.bus = bus
         self.relay = relay
         self.wake_placer = wake_placer
+        #: How long after the walltime a node may still store the job's results.
+        self.upload_grace = timedelta(seconds=upload_grace_s)
 
     # -- messages -----------------------------------------------------------------
 
@@ -82,11 +91,22 @@ class JobService:
         )
         return outbox_entry(envelope)
 
-    def _node_command(self, job: Document, type_: str, payload: NodeRun | NodeCancel) -> Document:
+    def _command(self, job: Document, type_: str, payload: Payload) -> Document:
+        """An outbox entry for a command about `job` (to its node, for node commands)."""
         envelope = self.bus.envelope(
             type_, payload, correlation_id=job["_id"], tenant=job["tenant"], actor=job.get("actor")
         )
-        return outbox_entry(envelope, node_id=job["node_id"])
+        node_id = job["node_id"] if type_.startswith("node.") else None
+        return outbox_entry(envelope, node_id=node_id)
+
+    def _release_data(self, job: Document, to: JobState, reason: str | None) -> list[Document]:
+        """`data.release` when a job that had data ends (results go on if it succeeded)."""
+        spec = JobSpec.model_validate(job["spec"])
+        if not spec.needs_data:
+            return []
+        upload_to = spec.outputs.destination if spec.outputs and to == JobState.succeeded else None
+        release = DataRelease(job_id=job["_id"], reason=reason or to.value, upload_to=upload_to)
+        return [self._command(job, "data.release", release)]
 
     async def _move(
         self,
@@ -116,6 +136,8 @@ class JobService:
             outbox = [self._job_event(merged, to, previous, reason, causation_id)]
             if commands is not None:
                 outbox.extend(commands(merged))
+            if to.terminal:
+                outbox.extend(self._release_data(merged, to, reason))
             moved = await self.store.transition(
                 job_id,
                 to,
@@ -151,6 +173,15 @@ class JobService:
                 stub, JobState.queued, JobState.submitted, "waiting for a node", causation_id
             ),
         ]
+        if spec.inputs:
+            reason = f"staging {len(spec.inputs)} inputs"
+            history.append({"state": JobState.staging.value, "at": now, "reason": reason})
+            outbox.append(
+                self._job_event(stub, JobState.staging, JobState.queued, reason, causation_id)
+            )
+            outbox.append(
+                self._command(stub, "data.stage", DataStage(job_id=job_id, inputs=spec.inputs))
+            )
         job, created = await self.store.insert_job(
             job_id, tenant, actor, spec, spec.idempotency_key, history, outbox
         )
@@ -169,14 +200,17 @@ class JobService:
         state = JobState(job["state"])
         if state.terminal:
             raise JobFinished(state.value)
-        if state in (JobState.submitted, JobState.queued, JobState.lost):
+        never_ran = state == JobState.dispatched and job.get("grant_pending")
+        if state in (JobState.submitted, JobState.queued, JobState.staging, JobState.lost) or (
+            never_ran
+        ):
             moved = await self._move(job_id, JobState.cancelled, reason, causation_id=causation_id)
             if moved is not None:
                 return moved
             return await self.cancel(job_id, tenant, reason, causation_id)  # it moved meanwhile
         if job.get("cancel_requested"):
             return job
-        command = self._node_command(
+        command = self._command(
             job, "node.cancel", NodeCancel(job_id=job_id, attempt=job["attempt"], reason=reason)
         )
         if await self.store.update_flags(job_id, {"cancel_requested": reason}, [command]):
@@ -189,23 +223,45 @@ class JobService:
         deadline = utcnow() + timedelta(seconds=spec.walltime_s)
         attempt = job["attempt"] + 1
 
-        def run_command(merged: Document) -> list[Document]:
-            run = NodeRun(
-                job_id=job["_id"], attempt=attempt, tenant=job["tenant"], spec=spec,
-                deadline=deadline,
-            )  # fmt: skip
-            return [self._node_command(merged, "node.run", run)]
+        def first_command(merged: Document) -> list[Document]:
+            if spec.needs_data:  # the node is sent the job once the datacache lets it read
+                grant = DataGrant(
+                    job_id=job["_id"], attempt=attempt, node_id=node_id, expires_at=deadline,
+                    upload_until=deadline + self.upload_grace,
+                )  # fmt: skip
+                return [self._command(merged, "data.grant", grant)]
+            return [self._run_command(merged)]
 
         moved = await self._move(
             job["_id"],
             JobState.dispatched,
             f"placed on {node_id}",
             expect={"attempt": job["attempt"]},
-            set_fields={"node_id": node_id, "attempt": attempt, "deadline": deadline},
-            commands=run_command,
+            set_fields={"node_id": node_id, "attempt": attempt, "deadline": deadline,
+                        "grant_pending": spec.needs_data},
+            commands=first_command,
             current=job,
-        )
+        )  # fmt: skip
         return moved is not None
+
+    def _run_command(self, job: Document) -> Document:
+        run = NodeRun(
+            job_id=job["_id"], attempt=job["attempt"], tenant=job["tenant"],
+            spec=JobSpec.model_validate(job["spec"]), deadline=job["deadline"],
+        )  # fmt: skip
+        return self._command(job, "node.run", run)
+
+    async def granted(self, job_id: str, attempt: int, node_id: str) -> None:
+        """The datacache granted the node access: now send it the job."""
+        job = await self.store.get(job_id)
+        if job is None or job["state"] != JobState.dispatched.value:
+            return
+        if (job["attempt"], job["node_id"], job.get("grant_pending")) != (attempt, node_id, True):
+            return  # a late or repeated grant
+        command = self._run_command(job)
+        expect = {"state": JobState.dispatched.value, "attempt": attempt, "grant_pending": True}
+        if await self.store.update_flags(job_id, {"grant_pending": False}, [command], expect):
+            await self.relay.flush(job_id, [command])
 
     # -- node reports -------------------------------------------------------------
 
@@ -244,6 +300,10 @@ class JobService:
             current=job,
         )
 
+    async def fail(self, job_id: str, reason: str, causation_id: str) -> None:
+        """End a job that cannot run (its data could not be staged or granted)."""
+        await self._move(job_id, JobState.failed, reason, causation_id=causation_id)
+
     # -- the watchdog's decisions -------------------------------------------------
 
     async def lose(self, job: Document, reason: str) -> None:
@@ -266,7 +326,7 @@ class JobService:
 
     async def enforce_walltime(self, job: Document) -> None:
         """Ask the node to stop a job past its deadline (the node normally does it)."""
-        command = self._node_command(
+        command = self._command(
             job,
             "node.cancel",
             NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded"),

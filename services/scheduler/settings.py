@@ -32,3 +32,9 @@ class SchedulerSettings(BaseSettings):
     )
     watchdog_interval_s: float = Field(2.0, gt=0, description="How often deadlines are checked.")
     log_limit_bytes: int = Field(256 * 1024, description="Output kept per job and stream.")
+    upload_grace_s: float = Field(
+        600.0, gt=0, description="How long after its walltime a job's node may store results."
+    )
+    datacache_url: str = Field(
+        "http://127.0.0.1:8082", description="The datacache's API, for downloads of results."
+    )

@@ -23,7 +23,8 @@ S = JobState
 #: The state machine, in one place: which states each state may move to.
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     S.submitted: frozenset({S.queued, S.cancelled, S.failed}),
-    S.queued: frozenset({S.dispatched, S.cancelled, S.failed}),
+    S.queued: frozenset({S.staging, S.dispatched, S.cancelled, S.failed}),
+    S.staging: frozenset({S.dispatched, S.cancelled, S.failed}),
     S.dispatched: frozenset({S.running, S.succeeded, S.failed, S.timed_out, S.cancelled, S.lost}),
     S.running: frozenset({S.succeeded, S.failed, S.timed_out, S.cancelled, S.lost}),
     S.lost: frozenset({S.queued, S.failed, S.cancelled}),
@@ -161,17 +162,30 @@ class JobStore:
         return result.matched_count == 1
 
     async def update_flags(
-        self, job_id: str, fields: dict[str, Any], outbox: list[Document]
+        self,
+        job_id: str,
+        fields: dict[str, Any],
+        outbox: list[Document],
+        expect: dict[str, Any] | None = None,
+        note: Document | None = None,
     ) -> bool:
-        """Set fields of a placed job (cancel requested, walltime enforced) with messages."""
+        """Set fields of a job without changing its state (cancel requested, walltime
+        enforced, inputs staged, grant received), with the messages that go with it and
+        optionally a note in its history."""
+        push: Document = {"outbox": {"$each": outbox}}
+        if note is not None:
+            push["history"] = note
         result = await self.jobs.update_one(
-            {"_id": job_id}, {"$set": fields, "$push": {"outbox": {"$each": outbox}}}
+            {"_id": job_id, **(expect or {})}, {"$set": fields, "$push": push}
         )
         return result.matched_count == 1
 
     async def queued(self, limit: int) -> list[Document]:
-        """Jobs waiting for a node, highest priority first, then oldest first."""
-        cursor = self.jobs.find({"state": JobState.queued.value}, {"outbox": 0, "history": 0})
+        """Jobs waiting for a node (queued, or staging with their inputs staged), highest
+        priority first, then oldest first."""
+        ready = {"$or": [{"state": JobState.queued.value},
+                         {"state": JobState.staging.value, "inputs_staged": True}]}  # fmt: skip
+        cursor = self.jobs.find(ready, {"outbox": 0, "history": 0})
         return (
             await cursor.sort([("priority", DESCENDING), ("_id", ASCENDING)]).limit(limit).to_list()
         )

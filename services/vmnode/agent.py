@@ -26,8 +26,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Literal
 
+import aiohttp
 import structlog
 
+from services.vmnode.jobdata import DataUnavailable, JobData
 from services.vmnode.runtimes.base import (
     EngineUnavailable,
     ExitInfo,
@@ -58,10 +60,13 @@ CANCEL_REPORT_S = 30.0
 class Agent:
     """Consumes this node's commands, watches its workloads, reports their ends."""
 
-    def __init__(self, bus: Bus, runtime: Runtime, settings: NodeSettings) -> None:
+    def __init__(
+        self, bus: Bus, runtime: Runtime, settings: NodeSettings, data: JobData | None = None
+    ) -> None:
         self.bus = bus
         self.runtime = runtime
         self.settings = settings
+        self.data = data or JobData(settings)
         self._watches: dict[tuple[str, int], Watch] = {}
         self._finished: OrderedDict[tuple[str, int], RunOutcome] = OrderedDict()
         self._consumer: Consumer | None = None
@@ -87,6 +92,7 @@ class Agent:
                     continue
                 await self._announce(workload, None)
             self._watch(workload, None)
+        await self.data.wipe_orphans(set(self._watches))
 
     async def start_consuming(self) -> None:
         node = self.settings.node_id
@@ -132,8 +138,16 @@ class Agent:
             await self._report_unstarted(run, incoming.envelope, "timed_out", why)
             return
         try:
-            workload = await self.runtime.prepare(run)
+            mounts = await self.data.prepare(run)
+        except (DataUnavailable, aiohttp.ClientError, OSError) as exc:
+            await self.data.wipe(run.job_id, run.attempt)
+            why = f"the job's data could not be placed on node {self.settings.node_id}: {exc}"
+            await self._report_unstarted(run, incoming.envelope, "failed", why)
+            return
+        try:
+            workload = await self.runtime.prepare(run, mounts)
         except (ImageMissing, WorkloadRefused) as exc:
+            await self.data.wipe(run.job_id, run.attempt)
             await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
             return
         except EngineUnavailable as exc:
@@ -144,6 +158,7 @@ class Agent:
             except WorkloadRefused as exc:
                 await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
                 await self.runtime.remove(workload)
+                await self.data.wipe(run.job_id, run.attempt)
                 return
             except EngineUnavailable as exc:
                 raise Retry(str(exc)) from exc
@@ -212,11 +227,28 @@ class Agent:
             info, output = None, Output("", "")
         finished = run_finished(watch, info, self.settings.node_id)
         if not watch.reported:
+            finished = await self._keep_outputs(workload, finished)
             await self._report(watch, output, finished)
             watch.reported = True
             self._remember(workload.key, finished.outcome)  # from now on, redeliveries are moot
         await self.runtime.remove(workload)
+        await self.data.wipe(workload.job_id, workload.attempt)
         return finished.outcome
+
+    async def _keep_outputs(self, workload: Workload, finished: RunFinished) -> RunFinished:
+        """Store /outputs before reporting; a job whose results were lost did not succeed."""
+        try:
+            files, size = await self.data.collect(workload.job_id, workload.attempt)
+        except (DataUnavailable, OSError) as exc:
+            log.warning("outputs_not_stored", reason=str(exc))
+            if finished.outcome != "succeeded":
+                return finished
+            return finished.model_copy(
+                update={"outcome": "failed", "reason": f"results could not be stored: {exc}"}
+            )
+        if files:
+            log.info("outputs_stored", files=files, bytes=size)
+        return finished
 
     async def _exit(self, watch: Watch) -> ExitInfo:
         """How the workload ended, stopping it at its deadline or when asked to."""

@@ -38,6 +38,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         await app[AGENT].adopt()
         yield
         await app[AGENT].detach()
+        await app[AGENT].data.close()
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:
         app[HEARTBEAT] = Heartbeat(app[BUS], settings, app[AGENT].running)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
@@ -84,13 +84,33 @@ class NodeSettings(BaseSettings):
     log_limit_bytes: int = Field(
         256 * 1024, ge=1024, description="Output kept and reported per stream (the last bytes)."
     )
+    datacache_url: str = Field(
+        "http://127.0.0.1:8082", description="The datacache's API, where jobs' data comes from."
+    )
+    datacache_token: SecretStr | None = Field(
+        None, description="This node's token for the datacache (role `node`, named after it)."
+    )
+    work_dir: Path = Field(
+        Path("/var/lib/medhive/jobs"), description="Private per-job directories of inputs."
+    )
+    tmpfs_inputs_mb: int = Field(
+        2048, ge=0, description="Inputs up to this size are kept in memory (tmpfs), not on disk."
+    )
     workload_user: str = Field(
         "65534:65534", min_length=1, description="uid:gid workloads run as (never root)."
     )
+
+    @property
+    def workload_ids(self) -> tuple[int, int]:
+        """The numeric uid and gid workloads run as (owners of their job directory)."""
+        uid, _, gid = self.workload_user.partition(":")
+        return int(uid), int(gid or uid)
 
     @field_validator("workload_user")
     @classmethod
     def _not_root(cls, value: str) -> str:
         if value.split(":", 1)[0] in {"0", "root"}:
             raise ValueError("workloads never run as root")
+        if not all(part.isdigit() for part in value.split(":", 1)):
+            raise ValueError("give numeric uid:gid")
         return value

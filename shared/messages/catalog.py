@@ -10,6 +10,22 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from shared.messages.base import Payload
+from shared.messages.data import (
+    DataAccessed,
+    DataDenied,
+    DataFailed,
+    DataFetched,
+    DataGrant,
+    DataGranted,
+    DataOutputs,
+    DataProgress,
+    DataQuarantined,
+    DataRelease,
+    DataReleased,
+    DataStage,
+    DataStaged,
+    DataUploaded,
+)
 from shared.messages.jobs import JobCancel, JobEvent, JobState, JobSubmit, NodeCancel, NodeRun
 from shared.messages.nodes import NodeStatus, RunFinished, RunOutput, RunStarted
 from shared.messages.system import MessageRejected
@@ -43,6 +59,20 @@ _ENTRIES = [
         MessageType(f"job.{state.value}", JobEvent, EVENTS, f"The job is now {state.value}.")
         for state in JobState
     ),
+    MessageType("data.stage", DataStage, COMMANDS, "Stage a job's inputs in the datacache."),
+    MessageType("data.grant", DataGrant, COMMANDS, "Let a node read a job's data."),
+    MessageType("data.release", DataRelease, COMMANDS, "The job ended: revoke and unpin."),
+    MessageType("data.progress", DataProgress, EVENTS, "Staging progress of a job."),
+    MessageType("data.fetched", DataFetched, EVENTS, "An input was fetched from its source."),
+    MessageType("data.staged", DataStaged, EVENTS, "Every input of a job is staged."),
+    MessageType("data.failed", DataFailed, EVENTS, "Staging or granting failed."),
+    MessageType("data.granted", DataGranted, EVENTS, "A node may read a job's data."),
+    MessageType("data.accessed", DataAccessed, EVENTS, "An object was read or written."),
+    MessageType("data.denied", DataDenied, EVENTS, "An access was refused."),
+    MessageType("data.quarantined", DataQuarantined, EVENTS, "An object failed its check."),
+    MessageType("data.released", DataReleased, EVENTS, "A job's grants were revoked."),
+    MessageType("data.outputs", DataOutputs, EVENTS, "A job's results are stored."),
+    MessageType("data.uploaded", DataUploaded, EVENTS, "Results sent to their destination."),
     MessageType("node.online", NodeStatus, EVENTS, "A node agent started."),
     MessageType("node.heartbeat", NodeStatus, EVENTS, "A node agent is alive; its capacity."),
     MessageType("node.offline", NodeStatus, EVENTS, "A node agent stopped or was lost."),

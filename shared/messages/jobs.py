@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, Field, StringConstraints
+from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from shared.messages.base import Payload
+from shared.messages.data import InputSpec, OutputSpec
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -17,6 +19,7 @@ class JobState(StrEnum):
 
     submitted = "submitted"
     queued = "queued"
+    staging = "staging"
     dispatched = "dispatched"
     running = "running"
     succeeded = "succeeded"
@@ -66,6 +69,31 @@ class JobSpec(Payload):
     idempotency_key: str | None = Field(
         None, max_length=256, description="Same key, same tenant: the existing job is returned."
     )
+    inputs: list[InputSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Data staged by the datacache and mounted read-only before the job runs.",
+    )
+    outputs: OutputSpec | None = Field(
+        None, description="Keep what the job writes to /outputs (absent: nothing is kept)."
+    )
+
+    @model_validator(mode="after")
+    def _inputs_apart(self) -> JobSpec:
+        """Inputs need distinct names and paths that do not nest in one another."""
+        names = [item.name for item in self.inputs]
+        if len(set(names)) != len(names):
+            raise ValueError("input names must be unique")
+        paths = sorted(item.path for item in self.inputs)
+        for a, b in itertools.pairwise(paths):
+            if b == a or b.startswith(a + "/"):
+                raise ValueError(f"input paths {a} and {b} overlap")
+        return self
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the job's node needs a datacache grant (inputs to read, results to keep)."""
+        return bool(self.inputs) or self.outputs is not None
 
 
 class JobSubmit(Payload):
@@ -94,7 +122,11 @@ class JobEvent(Payload):
 
 
 class NodeRun(Payload):
-    """Command `node.run` (routing key `node.<node_id>.run`): start this attempt."""
+    """Command `node.run` (routing key `node.<node_id>.run`): start this attempt.
+
+    For a job with inputs or outputs it is sent only once the datacache has granted
+    this node access, so the node can fetch the inputs at once.
+    """
 
     job_id: str
     attempt: int

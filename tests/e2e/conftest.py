@@ -4,16 +4,19 @@ on a fresh vhost and fresh databases, each one killable and restartable by a tes
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from services.datacache.crypto import LocalKeyProvider
 from shared.auth import Role
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import free_port
@@ -21,7 +24,8 @@ from tests.helpers import make_token
 
 
 class Stack:
-    """scheduler, audit and a node agent, each a child process with its own log file."""
+    """scheduler, audit, datacache and a node agent, each a child process with its own
+    log file."""
 
     def __init__(self, env: dict[str, str], logs: Path, node_id: str) -> None:
         self.env = env
@@ -33,12 +37,15 @@ class Stack:
         self.modules: dict[str, str] = {}
         self.api = f"http://127.0.0.1:{env['MEDHIVE_SCHEDULER_PORT']}"
         self.audit = f"http://127.0.0.1:{env['MEDHIVE_AUDIT_PORT']}"
+        self.datacache = f"http://127.0.0.1:{env['MEDHIVE_DATACACHE_PORT']}"
+        self.work_dir = Path(env["MEDHIVE_VMNODE_WORK_DIR"])
+        self.cache_dir = Path(env["MEDHIVE_DATACACHE_CACHE_DIR"])
 
     async def start(self, name: str, module: str | None = None, **overrides: str) -> None:
         """Start `services.<module>` (default: the name) with env overrides, until healthy."""
         module = module or name
         env = {**self.env, **overrides}
-        prefix = {"scheduler": "SCHEDULER", "audit": "AUDIT", "vmnode": "VMNODE"}[module]
+        prefix = module.upper()
         self.ports[name] = env[f"MEDHIVE_{prefix}_PORT"]
         self.envs[name] = env
         await self._spawn(name, module)
@@ -68,6 +75,13 @@ class Stack:
                     pass
                 await asyncio.sleep(0.1)
 
+    async def configure_sources(self, sources: list[dict[str, Any]]) -> None:
+        """Give the datacache these sources (tenant, match, credentials) and restart it."""
+        path = Path(self.env["MEDHIVE_DATACACHE_SOURCES_FILE"])
+        path.write_text(json.dumps({"sources": sources}))  # YAML reads JSON
+        self.stop("datacache")
+        await self.restart("datacache")
+
     def kill(self, name: str) -> None:
         """SIGKILL: no graceful shutdown, as when a host loses power."""
         process = self.processes.pop(name)
@@ -96,6 +110,12 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     node_id = f"node-{db_prefix.rstrip('_')}"
+    node_token = await make_token(mongo_settings, "_nodes", Role.node, name=node_id)
+    datacache_port = str(free_port())
+    key_file = tmp_path / "master.key"
+    LocalKeyProvider.generate_key_file(key_file)
+    sources = tmp_path / "sources.yaml"
+    sources.write_text("sources: []\n")
     env = {
         **os.environ,
         "MEDHIVE_AMQP_URL": amqp_settings.url.get_secret_value(),
@@ -113,10 +133,20 @@ async def stack(
         "MEDHIVE_VMNODE_HEARTBEAT_S": "1",
         "MEDHIVE_VMNODE_CPUS": "2",
         "MEDHIVE_VMNODE_MEMORY_MB": "2048",
+        "MEDHIVE_VMNODE_DATACACHE_URL": f"http://127.0.0.1:{datacache_port}",
+        "MEDHIVE_VMNODE_DATACACHE_TOKEN": node_token,
+        "MEDHIVE_VMNODE_WORK_DIR": str(tmp_path / "jobs"),
+        "MEDHIVE_SCHEDULER_DATACACHE_URL": f"http://127.0.0.1:{datacache_port}",
+        "MEDHIVE_DATACACHE_DATABASE": f"{db_prefix}datacache",
+        "MEDHIVE_DATACACHE_PORT": datacache_port,
+        "MEDHIVE_DATACACHE_CACHE_DIR": str(tmp_path / "cache"),
+        "MEDHIVE_DATACACHE_MASTER_KEY_FILE": str(key_file),
+        "MEDHIVE_DATACACHE_SOURCES_FILE": str(sources),
+        "MEDHIVE_DATACACHE_FETCH_BACKOFF_S": "0.1",
     }
     stack = Stack(env, tmp_path, node_id)
     try:
-        for name in ("audit", "scheduler", "vmnode"):
+        for name in ("audit", "scheduler", "datacache", "vmnode"):
             await stack.start(name)
         yield stack
     finally:

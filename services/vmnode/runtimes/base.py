@@ -9,8 +9,10 @@ restarted agent can find and adopt what its predecessor started.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Literal, Protocol
 
 from shared.messages.jobs import NodeRun
@@ -32,6 +34,15 @@ class Workload:
     @property
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.attempt)
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory the workload sees at `target` (inputs read-only, /outputs not)."""
+
+    source: Path
+    target: str
+    read_only: bool = True
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,8 @@ class WorkloadRefused(Exception):
 class Runtime(Protocol):
     """What the node agent needs of a workload engine."""
 
-    async def prepare(self, run: NodeRun) -> Workload:
-        """Create the workload of `run`, or return the one that already exists.
+    async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
+        """Create the workload of `run` with `mounts`, or return the one that already exists.
 
         Raises `ImageMissing` or `WorkloadRefused` when it cannot be created.
         """

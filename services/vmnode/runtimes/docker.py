@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -24,6 +25,7 @@ from services.vmnode.runtimes.base import (
     EngineUnavailable,
     ExitInfo,
     ImageMissing,
+    Mount,
     Output,
     State,
     Workload,
@@ -72,8 +74,14 @@ def log_max_size(limit: int) -> str:
     return f"{max(8 * limit // 1024, 1024)}k"
 
 
-def container_config(run: NodeRun, settings: NodeSettings) -> dict[str, Any]:
-    """The create body for `run`: the image and command, inside medhive's confinement."""
+def container_config(
+    run: NodeRun, settings: NodeSettings, mounts: Sequence[Mount] = ()
+) -> dict[str, Any]:
+    """The create body for `run`: the image and command, inside medhive's confinement.
+
+    `mounts` are the job's own directories (its inputs, read-only, and /outputs); they
+    are bind mounts with private propagation, so nothing mounted later leaks in.
+    """
     spec = run.spec
     memory = spec.resources.memory_mb * MIB
     config: dict[str, Any] = {
@@ -106,6 +114,12 @@ def container_config(run: NodeRun, settings: NodeSettings) -> dict[str, Any]:
             },
         },
     }
+    if mounts:
+        config["HostConfig"]["Mounts"] = [
+            {"Type": "bind", "Source": str(m.source), "Target": m.target, "ReadOnly": m.read_only,
+             "BindOptions": {"Propagation": "rprivate"}}
+            for m in mounts
+        ]  # fmt: skip
     if spec.command is not None:
         config["Cmd"] = list(spec.command)
     if spec.workdir is not None:
@@ -145,11 +159,11 @@ class DockerRuntime:
     def _container(self, workload: Workload) -> DockerContainer:
         return self.docker.containers.container(workload.id)
 
-    async def prepare(self, run: NodeRun) -> Workload:
+    async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         name = container_name(self.settings.node_id, run.job_id, run.attempt)
         try:
             container = await self.docker.containers.create(
-                container_config(run, self.settings), name=name
+                container_config(run, self.settings, mounts), name=name
             )
         except aiodocker.DockerError as exc:
             if exc.status == UNREACHABLE:

@@ -6,7 +6,9 @@ is used only when `MEDHIVE_VMNODE_RUNTIME=instant` is set explicitly.
 
 from __future__ import annotations
 
-from services.vmnode.runtimes.base import ExitInfo, Output, Workload
+from collections.abc import Sequence
+
+from services.vmnode.runtimes.base import ExitInfo, Mount, Output, Workload
 from services.vmnode.settings import NodeSettings
 from shared.messages.jobs import NodeRun
 
@@ -17,7 +19,7 @@ class InstantRuntime:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
 
-    async def prepare(self, run: NodeRun) -> Workload:
+    async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         return Workload(
             id=f"instant-{run.job_id}-{run.attempt}",
             job_id=run.job_id,

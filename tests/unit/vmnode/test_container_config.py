@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from services.vmnode.runtimes.base import keep_tail
+from services.vmnode.runtimes.base import Mount, keep_tail
 from services.vmnode.runtimes.docker import container_config, container_name
 from services.vmnode.settings import NodeSettings
 from shared.messages.jobs import JobSpec, NodeRun, Resources
@@ -71,6 +72,19 @@ def test_workload_is_confined_by_default() -> None:
         "medhive.deadline": "2030-01-02T03:04:05+00:00",
         "medhive.managed": "1",
     }
+
+
+def test_job_data_is_bind_mounted_inputs_read_only_outputs_writable() -> None:
+    mounts = [Mount(Path("/srv/jobs/j.1/inputs/ct"), "/data/ct"),
+              Mount(Path("/srv/jobs/j.1/outputs"), "/outputs", read_only=False)]  # fmt: skip
+    host = container_config(_run(), _settings(), mounts)["HostConfig"]
+    assert host["Mounts"] == [
+        {"Type": "bind", "Source": "/srv/jobs/j.1/inputs/ct", "Target": "/data/ct",
+         "ReadOnly": True, "BindOptions": {"Propagation": "rprivate"}},
+        {"Type": "bind", "Source": "/srv/jobs/j.1/outputs", "Target": "/outputs",
+         "ReadOnly": False, "BindOptions": {"Propagation": "rprivate"}},
+    ]  # fmt: skip
+    assert host["ReadonlyRootfs"] is True and host["NetworkMode"] == "none"
 
 
 def test_image_defaults_are_kept_when_the_spec_names_none() -> None:

@@ -1,0 +1,292 @@
+"""The datacache's cost: staging through the cache vs a plain download, and serving.
+
+`python -m bench.datacache [--size-mb 1024] [--runs 3]`
+
+One run sets up a RabbitMQ vhost, a SecantusDB server, an HTTP origin (its own process,
+sendfile) holding a file of `--size-mb` random bytes, and the datacache as
+`python -m services.datacache`, configured with the origin as a source. Then, alternating
+`--runs` times in the same run:
+
+- **plain**: an aiohttp GET of the file streamed to a file on the same disk;
+- **stage**: `data.stage` of the same file (a fresh query string each time, so each is a
+  real fetch) until `data.staged`: download, SHA-256, encryption, write, catalog.
+
+`stage_ratio` = median plain seconds / median stage seconds (target >= 0.7: the cache
+keeps at least 70 % of a plain download's speed). Then a second job on an input staged
+before: `source_bytes_second_job` is what the origin sent for it (must be 0). Last,
+`serve_mb_s`: a node (with a node token and a live grant) reads the cached object over
+HTTP, decrypted and verified on the fly, median of `--runs` reads (target >= 300).
+
+The last line of stdout is one JSON object with those keys, the medians' inputs, and
+`rss_mb` (the datacache's idle RSS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+from pydantic import SecretStr
+
+from bench.stack import (
+    _spawn,
+    _until_healthy,
+    _until_port,
+    _vhost,
+    free_port,
+    process_rss_mb,
+    progress,
+)
+from shared.auth import Role, TokenStore
+from shared.bus import Bus
+from shared.envelope import utcnow
+from shared.messages.catalog import EVENTS
+from shared.messages.data import DataGrant, DataStage, InputSpec
+from shared.mongo import connect
+from shared.settings import AmqpSettings, MongoSettings
+
+MIB = 1024 * 1024
+
+
+class Events:
+    """The datacache's events, on an exclusive queue, waited for by job id."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], dict[str, Any]] = {}
+        self.changed = asyncio.Condition()
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with message.process():
+            body = json.loads(message.body)
+            async with self.changed:
+                self.seen[(body["type"], body["correlation_id"])] = body
+                self.changed.notify_all()
+
+    async def wait(
+        self, types: tuple[str, ...], job_id: str, within: float = 600
+    ) -> dict[str, Any]:
+        async with asyncio.timeout(within), self.changed:
+            while True:
+                for type_ in types:
+                    if (type_, job_id) in self.seen:
+                        return self.seen[(type_, job_id)]
+                await self.changed.wait()
+
+
+def _write_source(path: Path, size: int) -> None:
+    block = os.urandom(MIB)
+    with path.open("wb") as out:
+        for i in range(size // MIB):
+            out.write(i.to_bytes(8, "big") + block[8:])  # no two blocks alike
+
+
+async def _plain_download(session: aiohttp.ClientSession, url: str, target: Path) -> float:
+    started = time.perf_counter()
+    async with session.get(url) as response:
+        response.raise_for_status()
+        with target.open("wb") as out:
+            async for chunk in response.content.iter_chunked(MIB):
+                await asyncio.to_thread(out.write, chunk)
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
+
+
+async def _stats(session: aiohttp.ClientSession, origin: str) -> dict[str, int]:
+    async with session.get(f"{origin}/_stats") as response:
+        return dict(await response.json())
+
+
+@asynccontextmanager
+async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]]:
+    async with AsyncExitStack() as cleanup:
+        run = os.urandom(4).hex()
+        amqp_url = await cleanup.enter_async_context(_vhost(f"bench-dc-{run}"))
+        db_port, origin_port, port = free_port(), free_port(), free_port()
+        server = str(Path(sys.executable).with_name("secantusd-py"))
+        db = await _spawn(
+            "secantus",
+            [
+                server,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(db_port),
+                "--storage-path",
+                str(workdir / "db"),
+                "--log-level",
+                "WARNING",
+            ],
+            os.environ,
+            workdir / "secantus.log",
+        )
+        cleanup.push_async_callback(db.stop)
+        await _until_port(db, db_port)
+        mongo = MongoSettings(
+            url=SecretStr(f"mongodb://127.0.0.1:{db_port}/"), identity_db=f"bench{run}_identity"
+        )
+        client = connect(mongo)
+        node_token = await TokenStore(client[mongo.identity_db]).create(
+            "bench-node", "_nodes", Role.node
+        )
+        await client.close()
+
+        files = workdir / "origin"
+        files.mkdir()
+        progress(f"writing a {size_mb} MiB source file")
+        await asyncio.to_thread(_write_source, files / "scan.bin", size_mb * MIB)
+        origin = await _spawn(
+            "origin",
+            [sys.executable, "-m", "bench.origin", str(files), str(origin_port)],
+            os.environ,
+            workdir / "origin.log",
+        )
+        cleanup.push_async_callback(origin.stop)
+        await _until_port(origin, origin_port)
+        origin_url = f"http://127.0.0.1:{origin_port}"
+
+        sources = workdir / "sources.json"
+        sources.write_text(json.dumps([{"tenant": "bench", "match": origin_url}]))
+        key = base64.b64encode(os.urandom(32)).decode()
+        env = {
+            **os.environ,
+            "MEDHIVE_AMQP_URL": amqp_url,
+            "MEDHIVE_MONGO_URL": mongo.url.get_secret_value(),
+            "MEDHIVE_MONGO_IDENTITY_DB": mongo.identity_db,
+            "MEDHIVE_DATACACHE_DATABASE": f"bench{run}_datacache",
+            "MEDHIVE_DATACACHE_PORT": str(port),
+            "MEDHIVE_DATACACHE_CACHE_DIR": str(workdir / "cache"),
+            "MEDHIVE_DATACACHE_MASTER_KEY": f"k1:{key}",
+            "MEDHIVE_DATACACHE_SOURCES_FILE": str(sources),
+        }
+        datacache = await _spawn(
+            "datacache",
+            [sys.executable, "-m", "services.datacache"],
+            env,
+            workdir / "datacache.log",
+        )
+        datacache.port = port
+        cleanup.push_async_callback(datacache.stop)
+        async with aiohttp.ClientSession() as session:
+            await _until_healthy(datacache, session)
+        amqp = AmqpSettings(url=SecretStr(amqp_url))
+        bus = Bus(amqp, "scheduler@bench")
+        await bus.connect()
+        cleanup.push_async_callback(bus.close)
+        connection = await aio_pika.connect(amqp_url)
+        cleanup.push_async_callback(connection.close)
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(EVENTS, "data.*")
+        events = Events()
+        await queue.consume(events.on_message)
+        yield {
+            "bus": bus,
+            "events": events,
+            "origin": origin_url,
+            "node_token": node_token,
+            "datacache": f"http://127.0.0.1:{port}",
+            "process": datacache,
+        }
+
+
+async def _stage(s: dict[str, Any], job_id: str, source: str) -> float:
+    started = time.perf_counter()
+    await s["bus"].emit(
+        "data.stage",
+        DataStage(job_id=job_id, inputs=[InputSpec(name="scan", source=source, path="/data/scan")]),
+        correlation_id=job_id,
+        tenant="bench",
+    )
+    event = await s["events"].wait(("data.staged", "data.failed"), job_id)
+    if event["type"] != "data.staged":
+        raise RuntimeError(f"staging failed: {event['payload']}")
+    return time.perf_counter() - started
+
+
+async def bench(size_mb: int, runs: int, workdir: Path) -> dict[str, Any]:
+    async with _services(workdir, size_mb) as s, aiohttp.ClientSession() as session:
+        rss = process_rss_mb(s["process"].pid)
+        url = f"{s['origin']}/scan.bin"
+        plain, staged = [], []
+        for i in range(runs):
+            plain.append(await _plain_download(session, f"{url}?plain={i}", workdir / "plain.bin"))
+            staged.append(await _stage(s, f"stage-{i}", f"{url}?run={i}"))
+            progress(f"run {i + 1}: plain {plain[-1]:.2f} s, stage {staged[-1]:.2f} s")
+
+        before = (await _stats(session, s["origin"]))["body_bytes"]
+        await _stage(s, "second-job", f"{url}?run=0")
+        second_bytes = (await _stats(session, s["origin"]))["body_bytes"] - before
+
+        expires = utcnow() + timedelta(hours=1)
+        await s["bus"].emit(
+            "data.grant",
+            DataGrant(
+                job_id="second-job",
+                attempt=1,
+                node_id="bench-node",
+                expires_at=expires,
+                upload_until=expires,
+            ),
+            correlation_id="second-job",
+            tenant="bench",
+        )
+        await s["events"].wait(("data.granted",), "second-job")
+        auth = {"Authorization": f"Bearer {s['node_token']}"}
+        async with session.get(f"{s['datacache']}/v1/jobs/second-job/inputs", headers=auth) as r:
+            sha = (await r.json())["inputs"][0]["files"][0]["sha256"]
+        serve = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            received = 0
+            async with session.get(
+                f"{s['datacache']}/v1/jobs/second-job/objects/{sha}", headers=auth
+            ) as response:
+                response.raise_for_status()
+                async for chunk in response.content.iter_chunked(MIB):
+                    received += len(chunk)
+            assert received == size_mb * MIB
+            serve.append(received / MIB / (time.perf_counter() - started))
+            progress(f"served {received / MIB:.0f} MiB at {serve[-1]:.0f} MiB/s")
+    plain_s, stage_s = statistics.median(plain), statistics.median(staged)
+    return {
+        "size_mb": size_mb,
+        "runs": runs,
+        "plain_median_s": round(plain_s, 3),
+        "stage_median_s": round(stage_s, 3),
+        "stage_ratio": round(plain_s / stage_s, 3),
+        "plain_mb_s": round(size_mb / plain_s, 1),
+        "stage_mb_s": round(size_mb / stage_s, 1),
+        "serve_mb_s": round(statistics.median(serve), 1),
+        "source_bytes_second_job": second_bytes,
+        "rss_mb": {"datacache": rss},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="medhive-bench-dc-", dir="/var/tmp") as workdir:
+        result = asyncio.run(bench(args.size_mb, args.runs, Path(workdir)))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The datacache's HTTP API: nodes read inputs and store results; tenants read results.
+
+Node routes (role `node`, checked against a live grant):
+- `GET /v1/jobs/{job_id}/inputs`: the job's inputs, each file with its SHA-256 and size.
+- `GET /v1/jobs/{job_id}/objects/{sha256}`: one object's plaintext, streamed, `Range`
+  supported.
+- `PUT /v1/jobs/{job_id}/outputs/{path}`: store one result file.
+
+Tenant routes (any role; a tenant sees its own jobs' results only):
+- `GET /v1/jobs/{job_id}/outputs` and `GET /v1/jobs/{job_id}/outputs/{path}`.
+
+Every byte served or stored is a `data.accessed` event; every refusal `data.denied`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+
+from services.datacache.blobs import BlobStore
+from services.datacache.crypto import IntegrityError
+from services.datacache.grants import Denied, GrantService
+from services.datacache.store import CacheStore
+from shared.bus import Bus
+from shared.http import PRINCIPAL, ApiError
+from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
+
+log = structlog.get_logger("medhive.datacache.api")
+
+GRANTS = web.AppKey("grants", GrantService)
+STORE = web.AppKey("store", CacheStore)
+BLOBS = web.AppKey("blobs", BlobStore)
+DATA_BUS = web.AppKey("data_bus", Bus)
+
+routes = web.RouteTableDef()
+SHA = r"{sha256:[0-9a-f]{64}}"
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+async def _denied(
+    request: web.Request, exc: Denied, job_id: str | None, sha256: str | None = None
+) -> ApiError:
+    principal = request[PRINCIPAL]
+    await request.app[DATA_BUS].emit(
+        "data.denied",
+        DataDenied(
+            job_id=job_id,
+            node_id=principal.name if principal.role == "node" else None,
+            object=sha256,
+            principal=principal.name,
+            reason=exc.reason,
+        ),
+        correlation_id=job_id,
+        tenant=principal.tenant,
+        actor=principal.name,
+    )
+    log.warning("access_denied", job_id=job_id, object=sha256, reason=exc.reason)
+    return ApiError(exc.status, exc.reason)
+
+
+def _byte_range(request: web.Request, size: int) -> tuple[int, int, bool]:
+    """[start, end) of a `Range: bytes=a-b` header (one range), or the whole object."""
+    header = request.headers.get("Range")
+    if not header:
+        return 0, size, False
+    match = RANGE.match(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise ApiError(416, f"unsupported Range {header!r}; use one bytes=a-b range")
+    first, last = match.groups()
+    if first == "":
+        start, end = max(size - int(last), 0), size
+    else:
+        start, end = int(first), size if last == "" else min(int(last) + 1, size)
+    if start >= size or start >= end:
+        raise ApiError(416, f"range {header!r} is outside the object's {size} bytes")
+    return start, end, True
+
+
+async def _stream_object(
+    request: web.Request, sha256: str, blob_id: str, job_id: str
+) -> tuple[web.StreamResponse, int, str | None]:
+    """Send an object's plaintext (or the asked range); returns (response, bytes, range)."""
+    blobs = request.app[BLOBS]
+    size = blobs.size(blob_id)
+    start, end, partial = _byte_range(request, size)
+    response = web.StreamResponse(status=206 if partial else 200)
+    response.content_type = "application/octet-stream"
+    response.content_length = end - start
+    response.headers["Accept-Ranges"] = "bytes"
+    response.headers["X-Medhive-Sha256"] = sha256
+    if partial:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    await response.prepare(request)
+    sent = 0
+    try:
+        async for chunk in blobs.read(blob_id, start, end):
+            await response.write(chunk)
+            sent += len(chunk)
+    except IntegrityError as exc:
+        await _quarantine(request, sha256, blob_id, str(exc), job_id)
+        # Cut the transfer short: the client sees a broken download, never bad bytes.
+        if request.transport is not None:
+            request.transport.close()
+        return response, sent, "integrity check failed"
+    await response.write_eof()
+    return response, sent, f"{start}-{end - 1}" if partial else None
+
+
+async def _quarantine(
+    request: web.Request, sha256: str, blob_id: str, reason: str, job_id: str | None
+) -> None:
+    await request.app[BLOBS].quarantine(blob_id)
+    await request.app[STORE].quarantine(sha256)
+    log.error("object_quarantined", object=sha256, reason=reason)
+    await request.app[DATA_BUS].emit(
+        "data.quarantined",
+        DataQuarantined(object=sha256, reason=reason, job_id=job_id),
+        correlation_id=job_id,
+    )
+
+
+@routes.get("/v1/jobs/{job_id}/inputs")
+async def job_inputs(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    try:
+        access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at")
+    except Denied as exc:
+        raise await _denied(request, exc, job_id) from None
+    grant = access.grant
+    return web.json_response(
+        {
+            "job_id": job_id,
+            "attempt": grant["attempt"],
+            "inputs": grant["manifest"],
+            "expires_at": grant["expires_at"].isoformat(),
+        }
+    )
+
+
+@routes.get(f"/v1/jobs/{{job_id}}/objects/{SHA}")
+async def read_object(request: web.Request) -> web.StreamResponse:
+    job_id, sha256 = request.match_info["job_id"], request.match_info["sha256"]
+    try:
+        access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at", sha256)
+    except Denied as exc:
+        raise await _denied(request, exc, job_id, sha256) from None
+    obj = await request.app[STORE].get_object(sha256)
+    assert obj is not None
+    response, sent, byte_range = await _stream_object(request, sha256, obj["blob"], job_id)
+    await request.app[STORE].touch([sha256])
+    await request.app[DATA_BUS].emit(
+        "data.accessed",
+        DataAccessed(
+            job_id=job_id, node_id=access.node_id, object=sha256, bytes=sent, range=byte_range
+        ),
+        correlation_id=job_id,
+        tenant=access.grant["tenant"],
+        actor=access.node_id,
+    )
+    return response
+
+
+def _result_path(raw: str) -> str:
+    path = posixpath.normpath(raw)
+    if raw.startswith("/") or path.startswith("..") or path in (".", ""):
+        raise ApiError(400, f"result path {raw!r} must be relative, without '..'")
+    return path
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_chunked(1 << 20):
+        yield chunk
+
+
+@routes.put("/v1/jobs/{job_id}/outputs/{path:.+}")
+async def store_output(request: web.Request) -> web.Response:
+    job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
+    try:
+        access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "upload_until")
+    except Denied as exc:
+        raise await _denied(request, exc, job_id) from None
+    tenant, attempt = access.grant["tenant"], access.grant["attempt"]
+    blobs, store = request.app[BLOBS], request.app[STORE]
+    blob = await blobs.write(_body(request))
+    holder = await store.add_object(blob.sha256, blob.blob_id, blob.size, tenant)
+    if holder != blob.blob_id:
+        await blobs.delete(blob.blob_id)
+    await store.put_result(job_id, attempt, tenant, path, blob.sha256, blob.size)
+    await request.app[DATA_BUS].emit(
+        "data.accessed",
+        DataAccessed(
+            job_id=job_id,
+            node_id=access.node_id,
+            object=blob.sha256,
+            path=path,
+            bytes=blob.size,
+            operation="write",
+        ),
+        correlation_id=job_id,
+        tenant=tenant,
+        actor=access.node_id,
+    )
+    return web.json_response({"path": path, "sha256": blob.sha256, "size": blob.size}, status=201)
+
+
+@routes.get("/v1/jobs/{job_id}/outputs")
+async def list_outputs(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    results = await request.app[STORE].job_results(job_id, request[PRINCIPAL].tenant)
+    files = [{"path": r["path"], "sha256": r["sha256"], "size": r["size"]} for r in results]
+    return web.json_response({"job_id": job_id, "files": files})
+
+
+@routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
+async def download_output(request: web.Request) -> web.StreamResponse:
+    job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
+    principal = request[PRINCIPAL]
+    results = await request.app[STORE].job_results(job_id, principal.tenant)
+    match = next((r for r in results if r["path"] == path), None)
+    if match is None:
+        raise ApiError(404, f"job {job_id} has no output {path}")
+    obj = await request.app[STORE].get_object(match["sha256"])
+    if obj is None or obj["quarantined"]:
+        raise ApiError(410, f"output {path} failed its integrity check and is quarantined")
+    response, sent, byte_range = await _stream_object(request, match["sha256"], obj["blob"], job_id)
+    await request.app[DATA_BUS].emit(
+        "data.accessed",
+        DataAccessed(
+            job_id=job_id,
+            object=match["sha256"],
+            path=path,
+            bytes=sent,
+            range=byte_range,
+            operation="download",
+        ),
+        correlation_id=job_id,
+        tenant=principal.tenant,
+        actor=principal.name,
+    )
+    return response

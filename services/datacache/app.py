@@ -1,0 +1,95 @@
+"""Builds the datacache: catalog, encrypted blobs, sources, stagings, grants, HTTP API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from services.datacache.api import BLOBS, DATA_BUS, GRANTS, STORE, routes
+from services.datacache.blobs import BlobStore
+from services.datacache.crypto import KeyProvider, LocalKeyProvider
+from services.datacache.eviction import Evictor
+from services.datacache.grants import GrantService
+from services.datacache.outputs import ResultUploader
+from services.datacache.settings import DatacacheSettings
+from services.datacache.sources.registry import SourceDirectory
+from services.datacache.staging import Stager
+from services.datacache.store import CacheStore
+from shared.bus import Incoming
+from shared.consume import trusted_senders
+from shared.messages.catalog import COMMANDS
+from shared.messages.data import DataGrant, DataRelease, DataStage
+from shared.service import BUS, MONGO, create_service_app
+
+COMMAND_QUEUE = "datacache.commands"
+STAGER = web.AppKey("stager", Stager)
+EVICTOR = web.AppKey("evictor", Evictor)
+
+
+def load_keys(settings: DatacacheSettings) -> KeyProvider:
+    """The master keys, from the key file or the environment; refusing to run without."""
+    if settings.master_key_file is not None:
+        return LocalKeyProvider.from_file(settings.master_key_file)
+    if settings.master_key is not None:
+        return LocalKeyProvider.from_env(settings.master_key.get_secret_value())
+    raise RuntimeError(
+        "the datacache needs a master key: set MEDHIVE_DATACACHE_MASTER_KEY_FILE "
+        "(or MEDHIVE_DATACACHE_MASTER_KEY)"
+    )
+
+
+def create_app(settings: DatacacheSettings) -> web.Application:
+    """The datacache app; does no I/O (everything opens with the app)."""
+    app = create_service_app("datacache", settings.amqp, settings.mongo)
+    app.add_routes(routes)
+    keys = load_keys(settings)
+    sources = SourceDirectory.from_file(settings.sources_file)
+
+    async def core(app: web.Application) -> AsyncIterator[None]:
+        store = CacheStore(app[MONGO][settings.database])
+        await store.create_indexes()
+        blobs = BlobStore(settings.cache_dir, keys)
+        blobs.cleanup_tmp()
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.fetch_timeout_s, sock_read=settings.fetch_timeout_s
+        )
+        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+            stager = Stager(store, blobs, sources, app[BUS], http, settings)
+            uploader = ResultUploader(store, blobs, sources, app[BUS], http, settings)
+            evictor = Evictor(store, blobs, settings, lambda: set().union(*stager.in_use.values()))
+            grants = GrantService(store, app[BUS])
+            app[STORE], app[BLOBS], app[GRANTS], app[DATA_BUS] = store, blobs, grants, app[BUS]
+            app[STAGER], app[EVICTOR] = stager, evictor
+
+            async def stage(msg: Incoming) -> None:
+                assert isinstance(msg.payload, DataStage)
+                await stager.stage(msg.envelope, msg.payload)
+
+            async def grant(msg: Incoming) -> None:
+                assert isinstance(msg.payload, DataGrant)
+                await grants.grant(msg.envelope, msg.payload)
+
+            async def release(msg: Incoming) -> None:
+                assert isinstance(msg.payload, DataRelease)
+                await grants.release(msg.envelope, msg.payload)
+                await uploader.job_ended(msg.envelope, msg.payload)
+
+            await stager.start()
+            await uploader.start()
+            await evictor.start()
+            consumer = await app[BUS].consume(
+                COMMAND_QUEUE,
+                [(COMMANDS, key) for key in ("data.stage", "data.grant", "data.release")],
+                {"data.stage": stage, "data.grant": grant, "data.release": release},
+                authorize=trusted_senders(set(settings.trusted_users or [settings.amqp.user])),
+            )
+            yield
+            await consumer.stop()
+            await evictor.stop()
+            await uploader.stop()
+            await stager.stop()
+
+    app.cleanup_ctx.append(core)
+    return app

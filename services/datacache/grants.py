@@ -1,0 +1,143 @@
+"""Grants: which node may read which objects for which job, and until when.
+
+The scheduler asks for a grant when it places a job (`data.grant`) and releases it
+when the job ends (`data.release`). No secret travels on the bus: a node proves who it
+is with its own token (role `node`, named after the node), and the grant is the
+record that lets that node read that job's objects until the job's walltime ends.
+Every refusal says why, so an operator reading `data.denied` can tell an expired grant
+from a node reading another job's data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from services.datacache.store import CacheStore
+from shared.auth import Principal, Role
+from shared.bus import Bus, Rejected
+from shared.envelope import Envelope, utcnow
+from shared.messages.data import DataFailed, DataGrant, DataGranted, DataRelease, DataReleased
+from shared.mongo import Document
+
+log = structlog.get_logger("medhive.datacache.grants")
+
+
+class Denied(Exception):
+    """An access refused; `status` is the HTTP status the caller gets."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Access:
+    """A checked access: the grant that allows it."""
+
+    grant: Document
+    node_id: str
+
+
+class GrantService:
+    def __init__(self, store: CacheStore, bus: Bus) -> None:
+        self.store = store
+        self.bus = bus
+
+    async def grant(self, envelope: Envelope, command: DataGrant) -> None:
+        """Handle `data.grant`: record the grant, announce `data.granted` (or `data.failed`)."""
+        tenant = envelope.tenant
+        if tenant is None:
+            raise Rejected("data.grant without a tenant")
+        staging = await self.store.get_staging(command.job_id)
+        if staging is not None and staging["tenant"] != tenant:
+            raise Rejected(f"job {command.job_id} was staged for another tenant")
+        if staging is not None and staging["state"] != "staged":
+            await self.bus.emit(
+                "data.failed",
+                DataFailed(
+                    job_id=command.job_id, reason=f"inputs are {staging['state']}, not staged"
+                ),
+                **envelope.caused(),
+            )
+            return
+        objects = staging["objects"] if staging else []
+        # A new attempt supersedes the old: a node that lost the job reads no more.
+        await self.store.revoke_grants(command.job_id, below_attempt=command.attempt)
+        await self.store.put_grant(
+            {
+                "_id": f"{command.job_id}:{command.attempt}",
+                "job_id": command.job_id,
+                "attempt": command.attempt,
+                "node_id": command.node_id,
+                "tenant": tenant,
+                "objects": objects,
+                "manifest": staging["manifest"] if staging else [],
+                "expires_at": command.expires_at,
+                "upload_until": command.upload_until,
+                "revoked_at": None,
+                "created_at": utcnow(),
+            }
+        )
+        log.info(
+            "grant_issued",
+            job_id=command.job_id,
+            node_id=command.node_id,
+            objects=len(objects),
+            expires_at=command.expires_at.isoformat(),
+        )
+        await self.bus.emit(
+            "data.granted",
+            DataGranted(
+                job_id=command.job_id,
+                attempt=command.attempt,
+                node_id=command.node_id,
+                objects=len(objects),
+                expires_at=command.expires_at,
+            ),
+            **envelope.caused(),
+        )
+
+    async def release(self, envelope: Envelope, command: DataRelease) -> int:
+        """Handle `data.release`: revoke the job's grants and unpin its inputs."""
+        revoked = await self.store.revoke_grants(command.job_id)
+        await self.store.release_staging(command.job_id)
+        await self.bus.emit(
+            "data.released",
+            DataReleased(job_id=command.job_id, grants_revoked=revoked),
+            **envelope.caused(),
+        )
+        return revoked
+
+    async def check(
+        self, principal: Principal, job_id: str, deadline_field: str, sha256: str | None = None
+    ) -> Access:
+        """Allow a node's access to a job's data (one object, or the job as a whole)."""
+        if principal.role != Role.node:
+            raise Denied(403, "only node agents read job data through grants")
+        now = utcnow()
+        grant = await self.store.live_grant(job_id, principal.name, now, deadline_field)
+        if grant is None:
+            raise Denied(403, await self._why_not(job_id, principal.name, now, deadline_field))
+        if sha256 is not None:
+            if sha256 not in grant["objects"]:
+                raise Denied(403, f"object {sha256} is not part of job {job_id}'s grant")
+            obj = await self.store.get_object(sha256)
+            if obj is None or grant["tenant"] not in obj["tenants"]:
+                raise Denied(403, f"object {sha256} is not held for tenant {grant['tenant']}")
+            if obj["quarantined"]:
+                raise Denied(410, f"object {sha256} failed its integrity check and is quarantined")
+        return Access(grant=grant, node_id=principal.name)
+
+    async def _why_not(self, job_id: str, node_id: str, now: datetime, field: str) -> str:
+        grant = await self.store.any_grant(job_id)
+        if grant is None:
+            return f"no grant for job {job_id}"
+        if grant["node_id"] != node_id:
+            return f"job {job_id}'s grant is for node {grant['node_id']}, not {node_id}"
+        if grant["revoked_at"] is not None:
+            return f"job {job_id}'s grant was revoked when the job ended"
+        return f"job {job_id}'s grant expired at {grant[field].isoformat()}"

@@ -1,0 +1,331 @@
+"""Staging: bring a job's inputs into the cache, fetching only what it does not hold.
+
+For each input the source is probed for its version (cheap: an ETag, a listing, a
+query), and what that tenant's source held at that version is looked up. Only a miss
+fetches, and concurrent misses on the same key share one fetch. A fetch that fails
+with `SourceUnavailable` is tried again with doubling waits; `SourceRefused` fails at
+once. Everything a staging decides is stored before it is announced, and a restarted
+datacache resumes stagings that were under way: the job still gets its data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import posixpath
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+
+import aiohttp
+import structlog
+
+from services.datacache.blobs import BlobStore
+from services.datacache.retries import with_retries
+from services.datacache.settings import DatacacheSettings
+from services.datacache.sources.base import (
+    FileSink,
+    Source,
+    SourceError,
+    SourceRef,
+    SourceRefused,
+    SourceUnavailable,
+)
+from services.datacache.sources.registry import SourceDirectory
+from services.datacache.store import CacheStore, source_key
+from shared.bus import Bus
+from shared.envelope import Envelope
+from shared.messages.data import (
+    DataFailed,
+    DataFetched,
+    DataProgress,
+    DataStage,
+    DataStaged,
+    InputSpec,
+    StagedInput,
+)
+from shared.mongo import Document
+
+log = structlog.get_logger("medhive.datacache.staging")
+
+
+class Progress:
+    """Files and bytes stored for one job so far, announced a few times a second."""
+
+    def __init__(self, job_id: str, tenant: str, bus: Bus, interval_s: float) -> None:
+        self.job_id, self.tenant, self.bus, self.interval_s = job_id, tenant, bus, interval_s
+        self.files = self.bytes = 0
+        self.input = ""
+        self._last = 0.0
+
+    async def advance(self, files: int, nbytes: int) -> None:
+        self.files += files
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            await self.bus.emit(
+                "data.progress",
+                DataProgress(
+                    job_id=self.job_id, input=self.input, files=self.files, bytes=self.bytes
+                ),
+                correlation_id=self.job_id,
+                tenant=self.tenant,
+            )
+
+
+class CacheSink(FileSink):
+    """Stores each file a source delivers as an encrypted, deduplicated object."""
+
+    def __init__(
+        self, blobs: BlobStore, store: CacheStore, tenant: str, source: str, progress: Progress
+    ) -> None:
+        self.blobs, self.store, self.tenant, self.source = blobs, store, tenant, source
+        self.progress = progress
+        self.files: list[Document] = []
+        self.bytes = 0
+
+    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
+        clean = posixpath.normpath(path)
+        if path.startswith("/") or clean.startswith("..") or clean in (".", ""):
+            raise SourceRefused(f"{self.source} delivered a file named {path!r}")
+        if any(f["path"] == clean for f in self.files):
+            raise SourceRefused(f"{self.source} delivered {clean!r} twice")
+        blob = await self.blobs.write(self._counted(chunks))
+        holder = await self.store.add_object(blob.sha256, blob.blob_id, blob.size, self.tenant)
+        if holder != blob.blob_id:
+            await self.blobs.delete(blob.blob_id)  # the same content is stored already
+        self.files.append({"path": clean, "sha256": blob.sha256, "size": blob.size})
+        await self.progress.advance(1, 0)
+
+    async def _counted(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.bytes += len(chunk)
+            await self.progress.advance(0, len(chunk))
+            yield chunk
+
+
+class Stager:
+    """Runs the stagings of jobs, one task each, and shares fetches between them."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        blobs: BlobStore,
+        sources: SourceDirectory,
+        bus: Bus,
+        http: aiohttp.ClientSession,
+        settings: DatacacheSettings,
+    ) -> None:
+        self.store, self.blobs, self.sources, self.bus = store, blobs, sources, bus
+        self.http, self.settings = http, settings
+        self._inflight: dict[str, asyncio.Future[Document]] = {}
+        self._slots = asyncio.Semaphore(settings.concurrent_fetches)
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: Objects that stagings under way have found or fetched but not yet pinned.
+        self.in_use: dict[str, set[str]] = {}
+
+    async def start(self) -> None:
+        """Resume whatever a previous run of the datacache left unfinished."""
+        for staging in await self.store.unfinished_stagings():
+            log.info("staging_resumed", job_id=staging["_id"], state=staging["state"])
+            self._spawn(staging["_id"])
+
+    async def stop(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stage(self, envelope: Envelope, command: DataStage) -> None:
+        """Handle `data.stage`: record it (idempotently), then stage in the background."""
+        assert envelope.tenant is not None
+        inputs = [item.model_dump(mode="json") for item in command.inputs]
+        await self.store.open_staging(command.job_id, envelope.tenant, inputs)
+        self._spawn(command.job_id)
+
+    def _spawn(self, job_id: str) -> None:
+        if job_id in self._tasks:
+            return
+        task = asyncio.create_task(self._run(job_id), name=f"staging-{job_id}")
+        self._tasks[job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job_id, None))
+
+    async def _run(self, job_id: str) -> None:
+        staging = await self.store.get_staging(job_id)
+        if staging is None:
+            return
+        with structlog.contextvars.bound_contextvars(job_id=job_id, tenant=staging["tenant"]):
+            if staging["state"] == "staging":
+                await self._stage_all(staging)
+                staging = await self.store.get_staging(job_id)
+                assert staging is not None
+            if not staging.get("announced"):
+                await self._announce(staging)
+
+    async def _stage_all(self, staging: Document) -> None:
+        job_id, tenant = staging["_id"], staging["tenant"]
+        progress = Progress(job_id, tenant, self.bus, self.settings.progress_interval_s)
+        staged: list[Document] = []
+        manifest: list[Document] = []
+        objects: set[str] = set()
+        cached = 0
+        item: InputSpec | None = None
+        try:
+            for raw in staging["inputs"]:
+                item = InputSpec.model_validate(raw)
+                progress.input = item.name
+                self.in_use.setdefault(job_id, set())
+                source, hit = await self._input(tenant, job_id, item, progress)
+                self.in_use[job_id].update(f["sha256"] for f in source["files"])
+                cached += hit
+                files = source["files"]
+                objects.update(f["sha256"] for f in files)
+                manifest.append({"name": item.name, "path": item.path, "files": files})
+                staged.append(
+                    StagedInput(
+                        name=item.name,
+                        path=item.path,
+                        source=source["source"],
+                        version=source.get("version"),
+                        files=len(files),
+                        bytes=source["bytes"],
+                    ).model_dump(mode="json")
+                )
+        except SourceError as exc:
+            assert item is not None
+            reason = f"input {item.name}: {exc}"
+            log.warning("staging_failed", reason=reason)
+            await self.store.finish_staging(
+                job_id, {"state": "failed", "reason": reason, "failed_source": item.source}
+            )
+            return
+        finally:
+            self.in_use.pop(job_id, None)
+        await self.store.finish_staging(
+            job_id,
+            {
+                "state": "staged",
+                "staged": staged,
+                "manifest": manifest,
+                "objects": sorted(objects),
+                "cached": cached,
+            },
+        )
+        log.info("staging_done", inputs=len(staged), cached=cached, bytes=progress.bytes)
+
+    async def _announce(self, staging: Document) -> None:
+        job_id, tenant = staging["_id"], staging["tenant"]
+        if staging["state"] == "failed":
+            await self.bus.emit(
+                "data.failed",
+                DataFailed(
+                    job_id=job_id, reason=staging["reason"], source=staging.get("failed_source")
+                ),
+                correlation_id=job_id,
+                tenant=tenant,
+            )
+        elif staging["state"] == "staged":
+            staged = [StagedInput.model_validate(item) for item in staging["staged"]]
+            await self.bus.emit(
+                "data.staged",
+                DataStaged(job_id=job_id, inputs=staged, cached=staging.get("cached", 0)),
+                correlation_id=job_id,
+                tenant=tenant,
+            )
+        await self.store.mark_announced(job_id)
+
+    async def _input(
+        self, tenant: str, job_id: str, item: InputSpec, progress: Progress
+    ) -> tuple[Document, bool]:
+        """What the source holds for this input, from the cache or fetched; (doc, hit)."""
+        source, ref = self.sources.open(tenant, item.source, self.http)
+        canonical = source.canonical(ref)
+        version = await with_retries(self.settings, canonical, lambda: source.version(ref))
+        key = source_key(tenant, canonical, version)
+        if (cached := await self._cached(key)) is not None:
+            return cached, True
+        if (shared := self._inflight.get(key)) is not None:
+            return await asyncio.shield(shared), True
+        future: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            doc = await self._fetch(source, ref, canonical, version, tenant, job_id, progress)
+            await self.store.save_source(key, doc)
+            future.set_result(doc)
+            return doc, False
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here: waiters re-raise it themselves
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _cached(self, key: str) -> Document | None:
+        """The cached listing, if every object of it is still held and sound."""
+        doc = await self.store.find_source(key)
+        if doc is None:
+            return None
+        shas = [f["sha256"] for f in doc["files"]]
+        for sha in set(shas):
+            obj = await self.store.get_object(sha)
+            if obj is None or obj["quarantined"] or not self.blobs.exists(obj["blob"]):
+                return None
+        await self.store.touch(shas)
+        return doc
+
+    async def _fetch(
+        self,
+        source: Source,
+        ref: SourceRef,
+        canonical: str,
+        version: str | None,
+        tenant: str,
+        job_id: str,
+        progress: Progress,
+    ) -> Document:
+        started = time.monotonic()
+        attempts = 0
+
+        async def one_try() -> CacheSink:
+            nonlocal attempts
+            attempts += 1
+            sink = CacheSink(self.blobs, self.store, tenant, canonical, progress)
+            try:
+                async with self._slots:
+                    await source.fetch(ref, sink)
+            except SourceUnavailable:
+                await progress.advance(-len(sink.files), -sink.bytes)
+                raise
+            return sink
+
+        sink = await with_retries(self.settings, canonical, one_try)
+        seconds = time.monotonic() - started
+        await self.bus.emit(
+            "data.fetched",
+            DataFetched(
+                job_id=job_id,
+                source=canonical,
+                version=version,
+                files=len(sink.files),
+                bytes=sink.bytes,
+                seconds=round(seconds, 3),
+                attempts=attempts,
+            ),
+            correlation_id=job_id,
+            tenant=tenant,
+        )
+        log.info(
+            "source_fetched",
+            source=canonical,
+            files=len(sink.files),
+            bytes=sink.bytes,
+            seconds=round(seconds, 3),
+            attempts=attempts,
+        )
+        return {
+            "tenant": tenant,
+            "source": canonical,
+            "version": version,
+            "files": sink.files,
+            "bytes": sink.bytes,
+            "fetched_at": time.time(),
+        }

@@ -1,0 +1,261 @@
+"""The datacache's catalog in MongoDB; the encrypted bytes themselves are in `BlobStore`.
+
+- `objects`: one per distinct plaintext (`_id` = its SHA-256), with the blob holding it,
+  the tenants that may be granted it, and when it was last used (for LRU and TTL).
+- `sources`: what a source URI held at a version, for a tenant: the files and their
+  objects. A second job on the same input finds it here and fetches nothing.
+- `stagings`: one per job: its inputs, how far staging got, and the objects it pins.
+  A restarted datacache resumes every staging that was not finished.
+- `grants`: one per job attempt: which node may read which objects, until when.
+- `results`: the files a job's node stored from /outputs.
+- `uploads`: a job's results on their way to the destination the job named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from shared.envelope import utcnow
+from shared.mongo import Document
+
+
+def source_key(tenant: str, canonical: str, version: str | None) -> str:
+    """The id of what one source held at one version, as one tenant fetched it."""
+    return hashlib.sha256(f"{tenant}\0{canonical}\0{version or ''}".encode()).hexdigest()
+
+
+class CacheStore:
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self.objects = db["objects"]
+        self.sources = db["sources"]
+        self.stagings = db["stagings"]
+        self.grants = db["grants"]
+        self.results = db["results"]
+        self.uploads = db["uploads"]
+
+    async def create_indexes(self) -> None:
+        await self.objects.create_index([("last_access", ASCENDING)])
+        await self.sources.create_index([("files.sha256", ASCENDING)])
+        await self.stagings.create_index([("state", ASCENDING)])
+        await self.grants.create_index([("job_id", ASCENDING)])
+        await self.results.create_index([("job_id", ASCENDING), ("path", ASCENDING)], unique=True)
+
+    # -- objects ----------------------------------------------------------------------
+
+    async def add_object(self, sha256: str, blob_id: str, size: int, tenant: str) -> str | None:
+        """Record a stored blob under its content hash, for `tenant`.
+
+        Returns the blob that now holds this content: `blob_id`, or the one already
+        recorded (then the caller deletes its duplicate blob).
+        """
+        now = utcnow()
+        try:
+            await self.objects.insert_one(
+                {
+                    "_id": sha256,
+                    "blob": blob_id,
+                    "size": size,
+                    "tenants": [tenant],
+                    "created_at": now,
+                    "last_access": now,
+                    "quarantined": False,
+                }
+            )
+            return blob_id
+        except DuplicateKeyError:
+            pass
+        existing = await self.objects.find_one_and_update(
+            {"_id": sha256, "quarantined": False},
+            {"$addToSet": {"tenants": tenant}, "$set": {"last_access": now}},
+            return_document=ReturnDocument.AFTER,
+        )
+        if existing is None:  # the stored copy was quarantined: this fresh one replaces it
+            await self.objects.update_one(
+                {"_id": sha256},
+                {
+                    "$set": {
+                        "blob": blob_id,
+                        "size": size,
+                        "quarantined": False,
+                        "last_access": now,
+                    },
+                    "$addToSet": {"tenants": tenant},
+                },
+            )
+            return blob_id
+        return str(existing["blob"])
+
+    async def get_object(self, sha256: str) -> Document | None:
+        return await self.objects.find_one({"_id": sha256})
+
+    async def touch(self, sha256s: list[str]) -> None:
+        await self.objects.update_many(
+            {"_id": {"$in": sha256s}}, {"$set": {"last_access": utcnow()}}
+        )
+
+    async def quarantine(self, sha256: str) -> None:
+        """Mark an object bad and forget every cached source listing it, so it is fetched anew."""
+        await self.objects.update_one({"_id": sha256}, {"$set": {"quarantined": True}})
+        await self.sources.delete_many({"files.sha256": sha256})
+
+    async def lru(self, limit: int) -> list[Document]:
+        return await self.objects.find().sort("last_access", ASCENDING).limit(limit).to_list()
+
+    async def forget_object(self, sha256: str) -> None:
+        await self.objects.delete_one({"_id": sha256})
+        await self.sources.delete_many({"files.sha256": sha256})
+
+    async def pinned(self, now: datetime) -> set[str]:
+        """Objects a live staging or grant names: eviction never touches these."""
+        pins: set[str] = set()
+        async for doc in self.stagings.find({"state": {"$ne": "released"}}, {"objects": 1}):
+            pins.update(doc.get("objects", []))
+        live = {"revoked_at": None, "upload_until": {"$gt": now}}
+        async for doc in self.grants.find(live, {"objects": 1}):
+            pins.update(doc.get("objects", []))
+        async for doc in self.results.find({}, {"sha256": 1}):
+            pins.add(doc["sha256"])  # results are the tenant's until they are deleted
+        return pins
+
+    # -- sources ----------------------------------------------------------------------
+
+    async def find_source(self, key: str) -> Document | None:
+        return await self.sources.find_one({"_id": key})
+
+    async def save_source(self, key: str, doc: Document) -> None:
+        await self.sources.replace_one({"_id": key}, {"_id": key, **doc}, upsert=True)
+
+    # -- stagings ---------------------------------------------------------------------
+
+    async def open_staging(self, job_id: str, tenant: str, inputs: list[Document]) -> bool:
+        """Record a job's staging; False if it exists (a redelivered command)."""
+        try:
+            await self.stagings.insert_one(
+                {
+                    "_id": job_id,
+                    "tenant": tenant,
+                    "inputs": inputs,
+                    "state": "staging",
+                    "staged": [],
+                    "objects": [],
+                    "announced": False,
+                    "created_at": utcnow(),
+                }
+            )
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def get_staging(self, job_id: str) -> Document | None:
+        return await self.stagings.find_one({"_id": job_id})
+
+    async def unfinished_stagings(self) -> list[Document]:
+        """Stagings a previous run of the datacache left running or unannounced."""
+        return await self.stagings.find(
+            {"$or": [{"state": "staging"}, {"announced": False}]}
+        ).to_list()
+
+    async def finish_staging(self, job_id: str, fields: dict[str, Any]) -> None:
+        await self.stagings.update_one(
+            {"_id": job_id, "state": "staging"}, {"$set": {**fields, "finished_at": utcnow()}}
+        )
+
+    async def mark_announced(self, job_id: str) -> None:
+        await self.stagings.update_one({"_id": job_id}, {"$set": {"announced": True}})
+
+    async def release_staging(self, job_id: str) -> None:
+        await self.stagings.update_one(
+            {"_id": job_id}, {"$set": {"state": "released", "released_at": utcnow()}}
+        )
+
+    # -- grants -----------------------------------------------------------------------
+
+    async def put_grant(self, grant: Document) -> None:
+        await self.grants.replace_one({"_id": grant["_id"]}, grant, upsert=True)
+
+    async def live_grant(
+        self, job_id: str, node_id: str, now: datetime, field: str
+    ) -> Document | None:
+        """The unrevoked grant of `job_id` for `node_id` whose `field` deadline is ahead."""
+        return await self.grants.find_one(
+            {"job_id": job_id, "node_id": node_id, "revoked_at": None, field: {"$gt": now}},
+            sort=[("attempt", -1)],
+        )
+
+    async def any_grant(self, job_id: str) -> Document | None:
+        """The latest grant of a job whatever its state (to explain a refusal)."""
+        return await self.grants.find_one({"job_id": job_id}, sort=[("attempt", -1)])
+
+    async def revoke_grants(self, job_id: str, below_attempt: int | None = None) -> int:
+        """Revoke the job's grants (only those of attempts before `below_attempt`)."""
+        query: Document = {"job_id": job_id, "revoked_at": None}
+        if below_attempt is not None:
+            query["attempt"] = {"$lt": below_attempt}
+        result = await self.grants.update_many(query, {"$set": {"revoked_at": utcnow()}})
+        return result.modified_count
+
+    # -- results ----------------------------------------------------------------------
+
+    async def put_result(
+        self, job_id: str, attempt: int, tenant: str, path: str, sha256: str, size: int
+    ) -> None:
+        await self.results.replace_one(
+            {"job_id": job_id, "path": path},
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "tenant": tenant,
+                "path": path,
+                "sha256": sha256,
+                "size": size,
+                "stored_at": utcnow(),
+            },
+            upsert=True,
+        )
+
+    async def job_results(self, job_id: str, tenant: str | None = None) -> list[Document]:
+        query: Document = {"job_id": job_id}
+        if tenant is not None:
+            query["tenant"] = tenant
+        return await self.results.find(query).sort("path", ASCENDING).to_list()
+
+    # -- uploads ----------------------------------------------------------------------
+
+    async def open_upload(
+        self, job_id: str, tenant: str, destination: str, envelope: Document
+    ) -> Document | None:
+        """Record an upload to do; None if it was recorded before (a repeated release)."""
+        doc = {
+            "_id": job_id,
+            "tenant": tenant,
+            "destination": destination,
+            "state": "pending",
+            "envelope": envelope,
+            "created_at": utcnow(),
+        }
+        try:
+            await self.uploads.insert_one(doc)
+        except DuplicateKeyError:
+            return None
+        return doc
+
+    async def pending_uploads(self) -> list[Document]:
+        return await self.uploads.find({"state": "pending"}).to_list()
+
+    async def finish_upload(self, job_id: str, ok: bool, detail: str) -> None:
+        await self.uploads.update_one(
+            {"_id": job_id},
+            {
+                "$set": {
+                    "state": "done" if ok else "failed",
+                    "detail": detail,
+                    "finished_at": utcnow(),
+                }
+            },
+        )

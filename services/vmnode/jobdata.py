@@ -1,0 +1,239 @@
+"""A job's data on the node: inputs fetched under a grant, /outputs sent back, then wiped.
+
+Each attempt gets a private directory `work_dir/<job>.<attempt>` owned by the workload's
+uid with mode 0700. Inputs go to `inputs/<name>/` (a tmpfs when they fit, so patient
+data never touches the node's disk), each file checked against its SHA-256 and made
+read-only; the container sees each input read-only at its path. `/outputs` is a tmpfs
+of the size the job asked for, so a runaway job fills its own bound, not the node's
+disk. After the run its regular files (never symlinks) are stored in the datacache,
+and the directory is unmounted and removed whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import structlog
+
+from services.vmnode.runtimes.base import Mount
+from services.vmnode.settings import NodeSettings
+from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
+from shared.messages.jobs import JobSpec, NodeRun
+
+log = structlog.get_logger("medhive.vmnode.jobdata")
+
+CHUNK = 1 << 20
+MIB = 1024 * 1024
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+READY = ".ready"
+#: What `collect` needs to know after an agent restart, kept beside the data.
+SPEC = "job.json"
+
+
+class DataUnavailable(Exception):
+    """The job's data could not be placed on, or stored from, this node."""
+
+
+class JobData:
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            token = self.settings.datacache_token
+            headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+            self._http = aiohttp.ClientSession(
+                base_url=self.settings.datacache_url.rstrip("/") + "/",
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
+                auto_decompress=False,
+            )
+        return self._http
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    def directory(self, job_id: str, attempt: int) -> Path:
+        return self.settings.work_dir / f"{_UNSAFE.sub('-', job_id)}.{attempt}"
+
+    # -- before the run -----------------------------------------------------------------
+
+    async def prepare(self, run: NodeRun) -> list[Mount]:
+        """Fetch the job's inputs and make its /outputs; the mounts the workload gets."""
+        spec = run.spec
+        if not spec.needs_data:
+            return []
+        root = self.directory(run.job_id, run.attempt)
+        if (root / READY).exists():  # a redelivered run whose data is in place
+            return self._mounts(root, spec)
+        await self.wipe(run.job_id, run.attempt)  # whatever a broken try left
+        manifest = await self._manifest(run.job_id)
+        total = sum(f.size for item in manifest for f in item.files)
+        await asyncio.to_thread(self._make_root, root)
+        if spec.inputs:
+            if total <= self.settings.tmpfs_inputs_mb * MIB:
+                await self._mount_tmpfs(root / "inputs", total + MIB)
+            for item in manifest:
+                for entry in item.files:
+                    await self._download(run.job_id, entry, root / "inputs" / item.name)
+            await asyncio.to_thread(self._seal_inputs, root / "inputs")
+        if spec.outputs is not None:
+            await self._mount_tmpfs(root / "outputs", spec.outputs.max_mb * MIB, writable=True)
+        (root / SPEC).write_text(spec.model_dump_json())
+        (root / READY).touch()
+        log.info("inputs_placed", files=sum(len(i.files) for i in manifest), bytes=total)
+        return self._mounts(root, spec)
+
+    def _mounts(self, root: Path, spec: JobSpec) -> list[Mount]:
+        mounts = [Mount(root / "inputs" / item.name, item.path) for item in spec.inputs]
+        if spec.outputs is not None:
+            mounts.append(Mount(root / "outputs", OUTPUTS_PATH, read_only=False))
+        return mounts
+
+    async def _manifest(self, job_id: str) -> list[InputManifest]:
+        async with self.http.get(f"v1/jobs/{job_id}/inputs") as response:
+            body = await response.json(content_type=None)
+            if response.status != 200:
+                raise DataUnavailable(f"the datacache refused the inputs: {_detail(body)}")
+        return [InputManifest.model_validate(item) for item in body["inputs"]]
+
+    async def _download(self, job_id: str, entry: StagedFile, base: Path) -> None:
+        """One object into `base/path`, refused unless its SHA-256 is the one granted."""
+        rel, sha = entry.path, entry.sha256
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise DataUnavailable(f"input file {rel!r} would escape its directory")
+        target = base / rel
+        await asyncio.to_thread(target.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        async with self.http.get(f"v1/jobs/{job_id}/objects/{sha}") as response:
+            if response.status != 200:
+                body = await response.json(content_type=None)
+                raise DataUnavailable(f"the datacache refused {rel}: {_detail(body)}")
+            with await asyncio.to_thread(open, target, "wb") as out:
+                async for chunk in response.content.iter_chunked(CHUNK):
+                    digest.update(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+        if digest.hexdigest() != sha:
+            raise DataUnavailable(f"input file {rel} arrived with the wrong SHA-256")
+
+    def _make_root(self, root: Path) -> None:
+        uid, gid = self.settings.workload_ids
+        self.settings.work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.settings.work_dir, 0o711)  # lets the container reach its own dir only
+        root.mkdir(mode=0o700)
+        (root / "inputs").mkdir(mode=0o700)
+        (root / "outputs").mkdir(mode=0o700)
+        for path in (root, root / "inputs", root / "outputs"):
+            os.chown(path, uid, gid)
+
+    def _seal_inputs(self, inputs: Path) -> None:
+        """Inputs belong to the workload's uid and cannot be changed by it."""
+        uid, gid = self.settings.workload_ids
+        for dirpath, dirnames, filenames in os.walk(inputs):
+            for name in filenames:
+                os.chown(os.path.join(dirpath, name), uid, gid)
+                os.chmod(os.path.join(dirpath, name), 0o400)
+            for name in dirnames:
+                os.chown(os.path.join(dirpath, name), uid, gid)
+                os.chmod(os.path.join(dirpath, name), 0o500)
+        os.chown(inputs, uid, gid)
+        os.chmod(inputs, 0o500)
+
+    async def _mount_tmpfs(self, path: Path, size: int, writable: bool = False) -> None:
+        """A tmpfs owned by the workload's uid; without the privilege, a plain directory."""
+        uid, gid = self.settings.workload_ids
+        options = f"size={max(size, MIB)},mode=0700,uid={uid},gid={gid},nosuid,nodev,noexec"
+        process = await asyncio.create_subprocess_exec(
+            "mount", "-t", "tmpfs", "-o", options, "medhive-job", str(path),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await process.communicate()
+        if process.returncode != 0:
+            log.warning("tmpfs_unavailable", path=str(path), writable=writable,
+                        reason=err.decode(errors="replace").strip())  # fmt: skip
+
+    # -- after the run ------------------------------------------------------------------
+
+    async def collect(self, job_id: str, attempt: int) -> tuple[int, int]:
+        """Store the regular files under /outputs in the datacache; (files, bytes)."""
+        root = self.directory(job_id, attempt)
+        try:
+            spec = JobSpec.model_validate_json(await asyncio.to_thread((root / SPEC).read_text))
+        except FileNotFoundError:
+            return 0, 0  # a job without data
+        if spec.outputs is None:
+            return 0, 0
+        outputs = root / "outputs"
+        files = await asyncio.to_thread(_regular_files, outputs)
+        limit = spec.outputs.max_mb * MIB
+        if sum(size for _, size in files) > limit:
+            raise DataUnavailable(f"/outputs holds more than the {spec.outputs.max_mb} MiB asked")
+        for rel, size in files:
+            async with self.http.put(
+                f"v1/jobs/{job_id}/outputs/{rel}",
+                data=_read_file(outputs / rel),
+                headers={"Content-Length": str(size)},
+            ) as response:
+                if response.status != 201:
+                    body = await response.json(content_type=None)
+                    raise DataUnavailable(f"the datacache refused output {rel}: {_detail(body)}")
+        return len(files), sum(size for _, size in files)
+
+    async def wipe(self, job_id: str, attempt: int) -> None:
+        """Unmount and delete the attempt's directory; nothing of the job stays behind."""
+        root = self.directory(job_id, attempt)
+        for sub in ("outputs", "inputs"):
+            if await asyncio.to_thread(os.path.ismount, root / sub):
+                process = await asyncio.create_subprocess_exec(
+                    "umount", "-l", str(root / sub), stderr=asyncio.subprocess.DEVNULL
+                )
+                await process.wait()
+        await asyncio.to_thread(shutil.rmtree, root, True)
+
+    async def wipe_orphans(self, keep: set[tuple[str, int]]) -> None:
+        """Remove directories no workload of this node needs (a crash between steps)."""
+        wanted = {self.directory(job, attempt).name for job, attempt in keep}
+        names = await asyncio.to_thread(
+            lambda: os.listdir(self.settings.work_dir) if self.settings.work_dir.exists() else []
+        )
+        for name in names:
+            if name not in wanted and "." in name:
+                job, _, attempt = name.rpartition(".")
+                if attempt.isdigit():
+                    log.info("job_dir_orphaned", dir=name)
+                    await self.wipe(job, int(attempt))
+
+
+def _regular_files(root: Path) -> list[tuple[str, int]]:
+    """Regular files under `root`, relative, without following any symlink."""
+    found = []
+    for dirpath, _, filenames in os.walk(root, followlinks=False):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            info = os.lstat(full)
+            if os.path.isfile(full) and not os.path.islink(full):
+                found.append((os.path.relpath(full, root), info.st_size))
+    return sorted(found)
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as src:
+        while chunk := await asyncio.to_thread(src.read, CHUNK):
+            yield chunk
+
+
+def _detail(body: object) -> str:
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        return str(body["error"].get("detail"))
+    return str(body)

@@ -1,0 +1,227 @@
+"""The data path: what a job reads and writes, and the datacache's commands and events.
+
+Inputs are named by source URI only; credentials live in the datacache's configuration
+for each tenant and source, never in a job. Objects are named by the SHA-256 of their
+plaintext, which is how a node checks what it received.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Annotated
+
+from pydantic import AwareDatetime, Field, StringConstraints, field_validator
+
+from shared.messages.base import Payload
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.-]+$")]
+SourceUri = Annotated[str, StringConstraints(min_length=3, max_length=2048)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+#: Where a container's results are collected; inputs may not be placed there.
+OUTPUTS_PATH = "/outputs"
+#: Paths an input may not cover: the system's own and the workload's scratch space.
+RESERVED_PATHS = ("/", "/proc", "/sys", "/dev", "/etc", "/tmp", OUTPUTS_PATH)
+
+
+def workload_path(value: str) -> str:
+    """An absolute, normalised path in the workload that is not a reserved one."""
+    if not value.startswith("/"):
+        raise ValueError("must be an absolute path")
+    norm = posixpath.normpath(value)
+    if norm != value.rstrip("/") or ".." in value.split("/"):
+        raise ValueError("must be a normalised path without '..'")
+    for reserved in RESERVED_PATHS:
+        if norm == reserved or (reserved != "/" and norm.startswith(reserved + "/")):
+            raise ValueError(f"{reserved} is reserved")
+    return norm
+
+
+class InputSpec(Payload):
+    """One input of a job: where it comes from and where the workload finds it."""
+
+    name: Name = Field(description="Name of the input, unique in the job.")
+    source: SourceUri = Field(
+        description="xnat://host/projects/P/subjects/S/experiments/E/scans/N/resources/R, "
+        "dicomweb+https://host/path/studies/<uid>, dimse://AET@host:port/studies/<uid>, "
+        "or https://...",
+    )
+    path: str = Field(description="Directory in the workload where its files appear.")
+
+    @field_validator("path")
+    @classmethod
+    def _in_workload(cls, value: str) -> str:
+        return workload_path(value)
+
+
+class OutputSpec(Payload):
+    """What the job writes to /outputs is kept; optionally sent on to a destination."""
+
+    max_mb: int = Field(1024, ge=1, le=1024 * 1024, description="Size bound of /outputs.")
+    destination: SourceUri | None = Field(
+        None,
+        description="Where to upload the results too: an XNAT resource, a DICOMweb "
+        "STOW-RS endpoint (dicomweb+https://...), or an HTTP(S) URL to PUT each file under.",
+    )
+
+
+class StagedFile(Payload):
+    """One file of a staged input."""
+
+    path: str = Field(description="Relative path under the input's directory.")
+    sha256: Sha256
+    size: int = Field(ge=0)
+
+
+class InputManifest(Payload):
+    """An input's files, as a node fetches them under a grant."""
+
+    name: Name
+    path: str = Field(description="Directory in the workload.")
+    files: list[StagedFile]
+
+
+class StagedInput(Payload):
+    """An input as the datacache holds it."""
+
+    name: Name
+    path: str = Field(description="Directory in the workload.")
+    source: str = Field(description="Canonical source URI.")
+    version: str | None = Field(None, description="Version or ETag the source gave.")
+    files: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+# -- commands to the datacache ---------------------------------------------------------
+
+
+class DataStage(Payload):
+    """Command `data.stage`: fetch (or find cached) the inputs of a job."""
+
+    job_id: str
+    inputs: list[InputSpec] = Field(min_length=1)
+
+
+class DataGrant(Payload):
+    """Command `data.grant`: let one node read a job's inputs and write its results."""
+
+    job_id: str
+    attempt: int = Field(ge=1)
+    node_id: str
+    expires_at: AwareDatetime = Field(description="Reads end here: the job's walltime end.")
+    upload_until: AwareDatetime = Field(description="Result uploads end here.")
+
+
+class DataRelease(Payload):
+    """Command `data.release`: the job ended; revoke its grants, unpin its inputs."""
+
+    job_id: str
+    reason: str = Field(max_length=500)
+    upload_to: SourceUri | None = Field(
+        None, description="Destination the job's results go to (set when it succeeded)."
+    )
+
+
+# -- events of the datacache -----------------------------------------------------------
+
+
+class DataProgress(Payload):
+    """Event `data.progress`: staging goes on (at most a few per second per job)."""
+
+    job_id: str
+    input: str = Field(description="Name of the input being fetched.")
+    files: int = Field(ge=0, description="Files of the job's inputs stored so far.")
+    bytes: int = Field(ge=0, description="Bytes of the job's inputs stored so far.")
+
+
+class DataFetched(Payload):
+    """Event `data.fetched`: who fetched what from which source."""
+
+    job_id: str
+    source: str = Field(description="Canonical source URI (never credentials).")
+    version: str | None = None
+    files: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    seconds: float = Field(ge=0)
+    attempts: int = Field(ge=1, description="Tries it took (1 when the first one worked).")
+
+
+class DataStaged(Payload):
+    """Event `data.staged`: every input of the job is in the cache, pinned for it."""
+
+    job_id: str
+    inputs: list[StagedInput]
+    cached: int = Field(ge=0, description="Inputs found in the cache without a fetch.")
+
+
+class DataFailed(Payload):
+    """Event `data.failed`: staging or granting failed; the job cannot run."""
+
+    job_id: str
+    reason: str
+    source: str | None = Field(None, description="The source that failed, when one did.")
+
+
+class DataGranted(Payload):
+    """Event `data.granted`: the node may now read the job's inputs."""
+
+    job_id: str
+    attempt: int
+    node_id: str
+    objects: int = Field(ge=0)
+    expires_at: AwareDatetime
+
+
+class DataAccessed(Payload):
+    """Event `data.accessed`: a node read (part of) an object, or stored a result."""
+
+    job_id: str
+    node_id: str | None = None
+    object: Sha256
+    path: str | None = Field(None, description="Where the object appears for the job.")
+    bytes: int = Field(ge=0)
+    range: str | None = Field(None, description="Byte range asked for, when partial.")
+    operation: str = Field("read", description="`read`, `write` or `download`.")
+
+
+class DataDenied(Payload):
+    """Event `data.denied`: an access was refused, and why."""
+
+    job_id: str | None = None
+    node_id: str | None = None
+    object: str | None = None
+    principal: str | None = Field(None, description="Token name of the caller.")
+    reason: str
+
+
+class DataQuarantined(Payload):
+    """Event `data.quarantined`: a stored object failed its integrity check."""
+
+    object: Sha256
+    reason: str
+    job_id: str | None = None
+
+
+class DataReleased(Payload):
+    """Event `data.released`: the job's grants are revoked and its inputs unpinned."""
+
+    job_id: str
+    grants_revoked: int = Field(ge=0)
+
+
+class DataOutputs(Payload):
+    """Event `data.outputs`: the results a job's node stored, kept for its tenant."""
+
+    job_id: str
+    attempt: int
+    files: list[StagedFile]
+    bytes: int = Field(ge=0)
+
+
+class DataUploaded(Payload):
+    """Event `data.uploaded`: the results went (or failed to go) to their destination."""
+
+    job_id: str
+    destination: str
+    ok: bool
+    detail: str

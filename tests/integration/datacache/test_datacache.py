@@ -1,0 +1,264 @@
+"""The datacache as a service: staging, dedup, grants, serving, at-rest encryption,
+quarantine, eviction, results and restarts; with a real HTTP origin as the source."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from services.datacache.app import EVICTOR, STAGER
+from services.datacache.settings import DatacacheSettings
+from tests.integration.datacache.conftest import Harness
+from tests.integration.datacache.http_origin import Origin
+
+MIB = 1024 * 1024
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def _staged_ok(h: Harness, job_id: str, *sources: str) -> dict[str, Any]:
+    await h.stage(job_id, *sources)
+    event = await h.staged(job_id)
+    assert event["type"] == "data.staged", event["payload"]
+    return event
+
+
+async def test_a_staged_input_is_read_by_the_granted_node_byte_for_byte(
+    harness: Harness, origin: Origin
+) -> None:
+    data = os.urandom(3 * MIB + 7)
+    origin.files["ct.bin"] = data
+    staged = await _staged_ok(harness, "job-1", f"{origin.url}/ct.bin")
+    assert staged["payload"]["inputs"][0]["bytes"] == len(data)
+    fetched = harness.events.of_job("job-1", "data.fetched")
+    assert fetched[0]["payload"]["source"] == f"{origin.url}/ct.bin"
+    assert fetched[0]["tenant"] == "radiology"
+    assert "origin-token" not in str(harness.events.messages)
+
+    granted = await harness.grant("job-1")
+    assert granted["type"] == "data.granted" and granted["payload"]["objects"] == 1
+    manifest = await (await harness.inputs("job-1")).json()
+    files = manifest["inputs"][0]["files"]
+    assert files == [{"path": "ct.bin", "sha256": _sha(data), "size": len(data)}]
+    response = await harness.read("job-1", _sha(data))
+    assert response.status == 200
+    assert await response.read() == data
+    partial = await harness.read("job-1", _sha(data), Range="bytes=1048570-1048580")
+    assert partial.status == 206
+    assert await partial.read() == data[1048570:1048581]
+    access = await harness.events.wait_for(lambda m: m["type"] == "data.accessed")
+    assert access["payload"]["bytes"] == len(data)
+    assert access["payload"]["node_id"] == "node-1"
+
+
+async def test_nothing_of_a_staged_input_is_readable_at_rest(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    data = os.urandom(2 * MIB)
+    origin.files["a.bin"] = data
+    await _staged_ok(harness, "job-1", f"{origin.url}/a.bin")
+    windows = [data[i : i + 16] for i in range(0, len(data) - 16, 4093)]
+    stored = [p for p in Path(datacache_settings.cache_dir).rglob("*") if p.is_file()]
+    assert stored
+    for path in stored:
+        content = path.read_bytes()
+        assert not any(window in content for window in windows), path
+        assert _sha(data) not in path.name
+
+
+async def test_the_second_job_on_a_source_fetches_nothing(harness: Harness, origin: Origin) -> None:
+    origin.files["study.bin"] = os.urandom(MIB)
+    await _staged_ok(harness, "job-1", f"{origin.url}/study.bin")
+    body_before = origin.body_bytes
+    second = await _staged_ok(harness, "job-2", f"{origin.url}/study.bin")
+    assert second["payload"]["cached"] == 1
+    assert origin.body_bytes == body_before
+    assert origin.requests["GET"] == 1
+
+
+async def test_concurrent_jobs_on_one_source_share_one_fetch(
+    harness: Harness, origin: Origin
+) -> None:
+    origin.files["study.bin"] = os.urandom(MIB)
+    origin.gate = asyncio.Event()
+    await harness.stage("job-1", f"{origin.url}/study.bin")
+    await origin.started.wait()
+    await harness.stage("job-2", f"{origin.url}/study.bin")
+    await harness.events.wait_for(lambda m: m["type"] == "data.progress")
+    origin.gate.set()
+    for job in ("job-1", "job-2"):
+        assert (await harness.staged(job))["type"] == "data.staged"
+    assert origin.requests["GET"] == 1
+
+
+async def test_a_source_failing_twice_is_retried(harness: Harness, origin: Origin) -> None:
+    origin.files["a.bin"] = b"x" * 1000
+    origin.fail_next = 2  # three tries are allowed
+    staged = await _staged_ok(harness, "job-1", f"{origin.url}/a.bin")
+    assert staged["payload"]["inputs"][0]["bytes"] == 1000
+    fetched = harness.events.of_job("job-1", "data.fetched")[0]
+    assert fetched["payload"]["attempts"] == 3
+
+
+async def test_a_source_that_stays_down_fails_the_staging_naming_it(
+    harness: Harness, origin: Origin
+) -> None:
+    origin.files["a.bin"] = b"x"
+    origin.fail_next = 100
+    await harness.stage("job-1", f"{origin.url}/a.bin")
+    failed = await harness.staged("job-1")
+    assert failed["type"] == "data.failed"
+    assert f"{origin.url}/a.bin" in failed["payload"]["reason"]
+    assert "after 3 tries" in failed["payload"]["reason"]
+    assert failed["payload"]["source"] == f"{origin.url}/a.bin"
+
+
+async def test_a_source_not_configured_for_the_tenant_is_refused(harness: Harness) -> None:
+    await harness.stage("job-1", "https://elsewhere.example/a")
+    failed = await harness.staged("job-1")
+    assert failed["type"] == "data.failed"
+    assert "no source configured for tenant 'radiology'" in failed["payload"]["reason"]
+
+
+async def test_reads_without_a_live_grant_are_refused_and_recorded(
+    harness: Harness, origin: Origin
+) -> None:
+    secret, other = os.urandom(1000), os.urandom(1000)
+    origin.files["mine.bin"], origin.files["theirs.bin"] = secret, other
+    await _staged_ok(harness, "job-1", f"{origin.url}/mine.bin")
+    await harness.stage("job-9", f"{origin.url}/theirs.bin", tenant="cardiology")
+    await harness.staged("job-9")
+    await harness.grant("job-9", node="node-1", tenant="cardiology")
+
+    denied = await harness.read("job-1", _sha(secret))
+    assert denied.status == 403
+    assert "no grant for job job-1" in (await denied.json())["error"]["detail"]
+    await harness.grant("job-1")
+    # another node, another job's grant, another tenant's object, a user's token
+    cases = [
+        (await harness.read("job-1", _sha(secret), harness.other_node_auth), "node-1, not node-2"),
+        (await harness.read("job-9", _sha(secret)), "not part of job job-9"),
+        (await harness.read("job-1", _sha(other)), "not part of job job-1"),
+        (await harness.read("job-1", _sha(secret), harness.user_auth), "only node agents"),
+    ]
+    for response, reason in cases:
+        assert response.status == 403
+        assert reason in (await response.json())["error"]["detail"]
+    expired = await harness.grant("job-1", seconds=-1, attempt=2)
+    assert expired["type"] == "data.granted"
+    response = await harness.read("job-1", _sha(secret))
+    assert response.status == 403 and "expired" in (await response.json())["error"]["detail"]
+
+    await harness.release("job-1")
+    response = await harness.read("job-1", _sha(secret))
+    assert response.status == 403 and "revoked" in (await response.json())["error"]["detail"]
+    await harness.events.wait_for(
+        lambda m: m["type"] == "data.denied" and "revoked" in m["payload"]["reason"]
+    )
+    denials = [m for m in harness.events.messages if m["type"] == "data.denied"]
+    assert len(denials) == 7
+    assert all(d["payload"]["reason"] for d in denials)
+
+
+async def test_a_tampered_object_is_refused_quarantined_and_reported(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    data = os.urandom(3 * MIB)
+    origin.files["a.bin"] = data
+    await _staged_ok(harness, "job-1", f"{origin.url}/a.bin")
+    await harness.grant("job-1")
+    [blob] = [p for p in (datacache_settings.cache_dir / "objects").iterdir()]
+    raw = bytearray(blob.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    blob.write_bytes(bytes(raw))
+
+    response = await harness.read("job-1", _sha(data))
+    body = b""
+    with contextlib.suppress(aiohttp.ClientPayloadError):  # the transfer is cut short
+        body = await response.read()
+    assert body != data
+    event = await harness.events.wait_for(lambda m: m["type"] == "data.quarantined")
+    assert event["payload"]["object"] == _sha(data)
+    assert not blob.exists()
+    assert list((datacache_settings.cache_dir / "quarantine").iterdir())
+    again = await harness.read("job-1", _sha(data))
+    assert again.status == 410
+    # The next staging of that source fetches it anew.
+    await _staged_ok(harness, "job-2", f"{origin.url}/a.bin")
+    assert origin.requests["GET"] == 2
+
+
+async def test_eviction_keeps_what_live_grants_and_stagings_name(
+    make_harness: Any, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    settings = datacache_settings.model_copy(update={"budget_mb": 1})
+    harness: Harness = await make_harness(settings)
+    for name in ("a", "b", "c"):
+        origin.files[name] = os.urandom(MIB)
+        await _staged_ok(harness, f"job-{name}", f"{origin.url}/{name}")
+    await harness.grant("job-b")
+    await harness.release("job-a")
+    await harness.release("job-c")
+    evicted = await harness.client.app[EVICTOR].evict_once()
+    assert set(evicted) == {_sha(origin.files["a"]), _sha(origin.files["c"])}
+    response = await harness.read("job-b", _sha(origin.files["b"]))
+    assert await response.read() == origin.files["b"]
+
+
+async def test_a_restart_during_a_fetch_still_stages_the_job(
+    make_harness: Any, origin: Origin
+) -> None:
+    data = os.urandom(3 * MIB)
+    origin.files["a.bin"] = data
+    origin.gate = asyncio.Event()
+    first: Harness = await make_harness()
+    await first.stage("job-1", f"{origin.url}/a.bin")
+    await origin.started.wait()
+    await first.client.close()  # the datacache stops mid-fetch
+    origin.gate.set()
+    second: Harness = await make_harness()
+    assert (await second.staged("job-1"))["type"] == "data.staged"
+    await second.grant("job-1")
+    assert await (await second.read("job-1", _sha(data))).read() == data
+    assert not second.client.app[STAGER].in_use
+
+
+async def test_results_are_stored_encrypted_and_downloaded_by_the_tenant_only(
+    harness: Harness, origin: Origin, mongo_settings: Any
+) -> None:
+    from tests.helpers import bearer, make_token
+
+    await harness.grant("job-1")  # a job with outputs only: no staging
+    result = os.urandom(100_000)
+    put = await harness.client.put(
+        "/v1/jobs/job-1/outputs/seg/mask.nii", data=result, headers=harness.node_auth
+    )
+    assert put.status == 201
+    refused = await harness.client.put(
+        "/v1/jobs/job-1/outputs/x", data=b"x", headers=harness.other_node_auth
+    )
+    assert refused.status == 403
+    listing = await (
+        await harness.client.get("/v1/jobs/job-1/outputs", headers=harness.user_auth)
+    ).json()
+    assert listing["files"] == [{"path": "seg/mask.nii", "sha256": _sha(result), "size": 100_000}]
+    got = await harness.client.get("/v1/jobs/job-1/outputs/seg/mask.nii", headers=harness.user_auth)
+    assert await got.read() == result
+    other = bearer(await make_token(mongo_settings, "cardiology"))
+    theirs = await harness.client.get("/v1/jobs/job-1/outputs/seg/mask.nii", headers=other)
+    assert theirs.status == 404
+
+    await harness.release("job-1", upload_to=f"{origin.url}/results/job-1")
+    outputs = await harness.events.wait_for(lambda m: m["type"] == "data.outputs")
+    assert outputs["payload"]["files"][0]["path"] == "seg/mask.nii"
+    uploaded = await harness.events.wait_for(lambda m: m["type"] == "data.uploaded")
+    assert uploaded["payload"]["ok"], uploaded["payload"]["detail"]
+    assert origin.uploads == {"results/job-1/seg/mask.nii": result}
