@@ -10,7 +10,7 @@ STATE=${MEDHIVE_STATE_DIR:-/var/lib/medhive}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # orthanc: the real PACS the data cache's tests stage from (DICOMweb and DIMSE).
-APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2
+APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
   orthanc orthanc-dicomweb)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

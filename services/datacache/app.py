@@ -55,7 +55,7 @@ def create_app(settings: DatacacheSettings) -> web.Application:
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.fetch_timeout_s, sock_read=settings.fetch_timeout_s
         )
-        async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as http:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
             stager = Stager(store, blobs, sources, app[BUS], http, settings)
             uploader = ResultUploader(store, blobs, sources, app[BUS], http, settings)
             evictor = Evictor(store, blobs, settings, lambda: set().union(*stager.in_use.values()))

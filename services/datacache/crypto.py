@@ -153,7 +153,7 @@ class Sealer:
         self._aead = AESGCM(data_key)
         self._index = 0
 
-    def seal(self, plaintext: bytes, last: bool) -> bytes:
+    def seal(self, plaintext: bytes | memoryview, last: bool) -> bytes:
         if len(plaintext) > self.segment_size or (not last and len(plaintext) != self.segment_size):
             raise ValueError("segments are full except the last")
         nonce = _nonce(self._prefix, self._index, last)

@@ -11,9 +11,7 @@ datacache resumes stagings that were under way: the job still gets its data.
 from __future__ import annotations
 
 import asyncio
-import posixpath
 import time
-from collections.abc import AsyncIterable, AsyncIterator
 
 import aiohttp
 import structlog
@@ -21,12 +19,11 @@ import structlog
 from services.datacache.blobs import BlobStore
 from services.datacache.retries import with_retries
 from services.datacache.settings import DatacacheSettings
+from services.datacache.sink import CacheSink, Progress
 from services.datacache.sources.base import (
-    FileSink,
     Source,
     SourceError,
     SourceRef,
-    SourceRefused,
     SourceUnavailable,
 )
 from services.datacache.sources.registry import SourceDirectory
@@ -36,7 +33,6 @@ from shared.envelope import Envelope
 from shared.messages.data import (
     DataFailed,
     DataFetched,
-    DataProgress,
     DataStage,
     DataStaged,
     InputSpec,
@@ -45,62 +41,6 @@ from shared.messages.data import (
 from shared.mongo import Document
 
 log = structlog.get_logger("medhive.datacache.staging")
-
-
-class Progress:
-    """Files and bytes stored for one job so far, announced a few times a second."""
-
-    def __init__(self, job_id: str, tenant: str, bus: Bus, interval_s: float) -> None:
-        self.job_id, self.tenant, self.bus, self.interval_s = job_id, tenant, bus, interval_s
-        self.files = self.bytes = 0
-        self.input = ""
-        self._last = 0.0
-
-    async def advance(self, files: int, nbytes: int) -> None:
-        self.files += files
-        self.bytes += nbytes
-        now = time.monotonic()
-        if now - self._last >= self.interval_s:
-            self._last = now
-            await self.bus.emit(
-                "data.progress",
-                DataProgress(
-                    job_id=self.job_id, input=self.input, files=self.files, bytes=self.bytes
-                ),
-                correlation_id=self.job_id,
-                tenant=self.tenant,
-            )
-
-
-class CacheSink(FileSink):
-    """Stores each file a source delivers as an encrypted, deduplicated object."""
-
-    def __init__(
-        self, blobs: BlobStore, store: CacheStore, tenant: str, source: str, progress: Progress
-    ) -> None:
-        self.blobs, self.store, self.tenant, self.source = blobs, store, tenant, source
-        self.progress = progress
-        self.files: list[Document] = []
-        self.bytes = 0
-
-    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
-        clean = posixpath.normpath(path)
-        if path.startswith("/") or clean.startswith("..") or clean in (".", ""):
-            raise SourceRefused(f"{self.source} delivered a file named {path!r}")
-        if any(f["path"] == clean for f in self.files):
-            raise SourceRefused(f"{self.source} delivered {clean!r} twice")
-        blob = await self.blobs.write(self._counted(chunks))
-        holder = await self.store.add_object(blob.sha256, blob.blob_id, blob.size, self.tenant)
-        if holder != blob.blob_id:
-            await self.blobs.delete(blob.blob_id)  # the same content is stored already
-        self.files.append({"path": clean, "sha256": blob.sha256, "size": blob.size})
-        await self.progress.advance(1, 0)
-
-    async def _counted(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self.bytes += len(chunk)
-            await self.progress.advance(0, len(chunk))
-            yield chunk
 
 
 class Stager:
@@ -190,10 +130,15 @@ class Stager:
                         bytes=source["bytes"],
                     ).model_dump(mode="json")
                 )
-        except SourceError as exc:
+        except Exception as exc:
+            # Whatever went wrong, the job hears of it: a staging never hangs silently.
             assert item is not None
-            reason = f"input {item.name}: {exc}"
-            log.warning("staging_failed", reason=reason)
+            if isinstance(exc, SourceError):
+                reason = f"input {item.name}: {exc}"
+                log.warning("staging_failed", reason=reason)
+            else:
+                reason = f"input {item.name}: internal error: {type(exc).__name__}: {exc}"
+                log.exception("staging_crashed", input=item.name)
             await self.store.finish_staging(
                 job_id, {"state": "failed", "reason": reason, "failed_source": item.source}
             )

@@ -10,6 +10,7 @@ Credentials come from the datacache's configuration (`SourceConfig`), never from
 
 from __future__ import annotations
 
+import base64
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -55,17 +56,15 @@ class SourceConfig(BaseModel):
     calling_aet: str = Field("MEDHIVE", description="Our AE title towards a DIMSE peer.")
     verify_tls: bool = True
 
-    def basic_auth(self) -> aiohttp.BasicAuth | None:
-        if self.username is None:
-            return None
-        password = self.password.get_secret_value() if self.password else ""
-        return aiohttp.BasicAuth(self.username, password)
-
     def http_headers(self) -> dict[str, str]:
-        """Bearer token and extra headers (basic auth is passed separately)."""
+        """Extra headers, and Authorization: bearer token, else basic with username."""
         headers = {name: value.get_secret_value() for name, value in self.headers.items()}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token.get_secret_value()}"
+        elif self.username is not None:
+            password = self.password.get_secret_value() if self.password else ""
+            pair = base64.b64encode(f"{self.username}:{password}".encode()).decode()
+            headers["Authorization"] = f"Basic {pair}"
         return headers
 
 

@@ -64,7 +64,6 @@ class HttpSource(Source):
             method,
             url,
             headers={**(config.http_headers() if config else {}), **(headers or {})},
-            auth=config.basic_auth() if config else None,
             ssl=config.verify_tls if config else True,
             data=data,
         )
@@ -94,9 +93,10 @@ class HttpSource(Source):
         """The entity's bytes, resumed by Range after a break when the server allows."""
         offset, validator, total, resumes, resumable = 0, None, None, 0, False
         while True:
-            headers: dict[str, str] = {}
+            # The entity as served: no transfer compression for the client to undo.
+            headers: dict[str, str] = {"Accept-Encoding": "identity"}
             if offset:
-                headers = {"Range": f"bytes={offset}-", "If-Range": validator or ""}
+                headers |= {"Range": f"bytes={offset}-", "If-Range": validator or ""}
             try:
                 async with self._request("GET", url, headers) as response:
                     if offset and response.status == 200:
@@ -109,7 +109,7 @@ class HttpSource(Source):
                         )
                         resumable = response.headers.get("Accept-Ranges") == "bytes"
                         total = response.content_length
-                    async for chunk in response.content.iter_chunked(CHUNK):
+                    async for chunk in response.content.iter_any():
                         offset += len(chunk)
                         yield chunk
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError,

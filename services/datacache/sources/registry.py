@@ -16,10 +16,12 @@ import yaml
 from pydantic import TypeAdapter
 
 from services.datacache.sources.base import Source, SourceConfig, SourceRef, SourceRefused
+from services.datacache.sources.dicomweb import DicomWebSource
+from services.datacache.sources.dimse import DimseSource
 from services.datacache.sources.http import HttpSource
 
 SOURCE_CLASSES: dict[str, type[Source]] = {
-    scheme: cls for cls in (HttpSource,) for scheme in cls.schemes
+    scheme: cls for cls in (HttpSource, DicomWebSource, DimseSource) for scheme in cls.schemes
 }
 
 _CONFIGS = TypeAdapter(list[SourceConfig])

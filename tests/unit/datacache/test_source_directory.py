@@ -52,12 +52,12 @@ def test_what_is_not_configured_for_the_tenant_is_refused(
 
 
 def test_unknown_schemes_are_refused_naming_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(SourceRefused, match=r"ftp.*known: .*https"):
+    with pytest.raises(SourceRefused, match=r"ftp.*known: .*dimse"):
         _directory(tmp_path).open("radiology", "ftp://pacs.example/a", None)  # type: ignore[arg-type]
 
 
 def test_every_scheme_of_the_job_description_has_a_source() -> None:
-    assert {"http", "https"} <= set(SOURCE_CLASSES)
+    assert {"http", "https", "dicomweb+http", "dicomweb+https", "dimse"} <= set(SOURCE_CLASSES)
 
 
 def test_secrets_never_show_in_a_config_repr(tmp_path: Path) -> None:

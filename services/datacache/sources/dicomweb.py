@@ -1,0 +1,178 @@
+"""DICOMweb sources: QIDO-RS to know a study, WADO-RS to fetch it, STOW-RS for results.
+
+`dicomweb+https://pacs.example/dicom-web/studies/<StudyUID>[/series/<SeriesUID>]`; the
+service root is everything before `/studies`, or `base_url` from the configuration.
+WADO-RS answers with `multipart/related; type="application/dicom"`: each part is one
+instance, streamed to the cache as it arrives and stored byte for byte as the PACS sent
+it, under `<SeriesUID>/<SOPInstanceUID>.dcm` (the UIDs read from the part's own header).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections.abc import AsyncIterator
+
+import aiohttp
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from services.datacache.sources.base import (
+    FileSink,
+    ResultFile,
+    Source,
+    SourceRef,
+    SourceRefused,
+    SourceUnavailable,
+)
+from services.datacache.sources.http import http_error
+
+UID = r"[0-9]+(?:\.[0-9]+)*"
+PATH = re.compile(rf"^(?P<root>.*?)/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
+DICOM_PARTS = 'multipart/related; type="application/dicom"'
+#: Bytes of a part read before its header is parsed for its UIDs.
+HEADER_PREFIX = 256 * 1024
+CHUNK = 1 << 20
+
+
+class DicomWebSource(Source):
+    schemes = ("dicomweb+http", "dicomweb+https")
+
+    def _parts(self, ref: SourceRef) -> tuple[str, str, str | None]:
+        match = PATH.match(ref.path)
+        if match is None or not ref.netloc:
+            raise SourceRefused(
+                f"{ref.uri} is not a DICOMweb study or series URI "
+                "(dicomweb+https://host/root/studies/<uid>[/series/<uid>])"
+            )
+        return match["root"], match["study"], match["series"]
+
+    def canonical(self, ref: SourceRef) -> str:
+        root, study, series = self._parts(ref)
+        tail = f"/studies/{study}" + (f"/series/{series}" if series else "")
+        return f"{ref.scheme}://{ref.netloc.lower()}{root}{tail}"
+
+    def _root(self, ref: SourceRef) -> str:
+        if self.config is not None and self.config.base_url:
+            return self.config.base_url.rstrip("/")
+        root, _, _ = self._parts(ref)
+        return f"{ref.scheme.removeprefix('dicomweb+')}://{ref.netloc}{root}"
+
+    def _request(
+        self, method: str, url: str, headers: dict[str, str], data: object = None
+    ) -> aiohttp.client._RequestContextManager:
+        config = self.config
+        return self.session.request(
+            method,
+            url,
+            headers={**(config.http_headers() if config else {}), **headers},
+            ssl=config.verify_tls if config else True,
+            data=data,
+        )
+
+    async def version(self, ref: SourceRef) -> str | None:
+        """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels."""
+        _, study, series = self._parts(ref)
+        path = f"/studies/{study}" + (f"/series/{series}" if series else "") + "/instances"
+        url = self._root(ref) + path
+        try:
+            async with self._request("GET", url, {"Accept": "application/dicom+json"}) as r:
+                if r.status == 204:
+                    raise SourceRefused(f"{self.canonical(ref)}: no such study in the PACS")
+                if r.status >= 400:
+                    raise http_error(r.status, self.canonical(ref))
+                found = await r.json(content_type=None)
+        except ValueError as exc:
+            raise SourceRefused(f"{self.canonical(ref)}: QIDO-RS answer is not JSON") from exc
+        except aiohttp.ClientError as exc:
+            raise SourceUnavailable(f"{self.canonical(ref)}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise SourceUnavailable(f"{self.canonical(ref)}: timed out") from exc
+        uids = sorted(item.get("00080018", {}).get("Value", [""])[0] for item in found or [])
+        if not uids:
+            raise SourceRefused(f"{self.canonical(ref)}: no such study in the PACS")
+        return f"{len(uids)}:{hashlib.sha256(chr(0).join(uids).encode()).hexdigest()[:16]}"
+
+    async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
+        _, study, series = self._parts(ref)
+        url = self._root(ref) + f"/studies/{study}" + (f"/series/{series}" if series else "")
+        name = self.canonical(ref)
+        try:
+            async with self._request("GET", url, {"Accept": DICOM_PARTS}) as response:
+                if response.status >= 400:
+                    raise http_error(response.status, name)
+                reader = aiohttp.MultipartReader(response.headers, response.content)
+                count = 0
+                while (part := await reader.next()) is not None:
+                    if not isinstance(part, aiohttp.BodyPartReader):
+                        raise SourceRefused(f"{name}: nested multipart in a WADO-RS answer")
+                    prefix = await _read_prefix(part)
+                    await sink.put(_instance_path(prefix, count), _rest(prefix, part))
+                    count += 1
+        except aiohttp.ClientError as exc:
+            raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+        except TimeoutError as exc:
+            raise SourceUnavailable(f"{name}: timed out") from exc
+        if count == 0:
+            raise SourceRefused(f"{name}: the PACS returned no instances")
+
+    async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
+        """STOW-RS of the result files that are DICOM; anything else is refused."""
+        bodies = []
+        for item in files:
+            data = b"".join([chunk async for chunk in item.open()])
+            if data[128:132] != b"DICM":
+                raise SourceRefused(f"result {item.path} is not a DICOM file; STOW-RS takes DICOM")
+            bodies.append(data)
+        with aiohttp.MultipartWriter("related", boundary=None) as writer:
+            for data in bodies:
+                writer.append(data, {"Content-Type": "application/dicom"})
+        writer.headers["Content-Type"] = (
+            f'multipart/related; type="application/dicom"; boundary={writer.boundary}'
+        )
+        url = self._root(ref) + "/studies"
+        try:
+            async with self._request(
+                "POST",
+                url,
+                {
+                    "Content-Type": writer.headers["Content-Type"],
+                    "Accept": "application/dicom+json",
+                },
+                writer,
+            ) as response:
+                if response.status >= 300:
+                    raise http_error(response.status, url)
+        except aiohttp.ClientError as exc:
+            raise SourceUnavailable(f"{url}: {type(exc).__name__}: {exc}") from exc
+        return f"stored {len(bodies)} instances at {url} (STOW-RS)"
+
+
+async def _read_prefix(part: aiohttp.BodyPartReader) -> bytes:
+    prefix = b""
+    while len(prefix) < HEADER_PREFIX:
+        chunk = await part.read_chunk(CHUNK)
+        if not chunk:
+            break
+        prefix += chunk
+    return prefix
+
+
+async def _rest(prefix: bytes, part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
+    yield prefix
+    while chunk := await part.read_chunk(CHUNK):
+        yield chunk
+
+
+def _instance_path(prefix: bytes, index: int) -> str:
+    """`<SeriesUID>/<SOPInstanceUID>.dcm` from the instance's header; by position if the
+    header does not fit the prefix."""
+    try:
+        ds = dcmread(io.BytesIO(prefix), stop_before_pixels=True, defer_size=1024)
+        series, sop = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        if re.fullmatch(UID, series) and re.fullmatch(UID, sop):
+            return f"{series}/{sop}.dcm"
+    except (InvalidDicomError, AttributeError, EOFError, ValueError, OSError):
+        pass
+    return f"instance-{index:06d}.dcm"

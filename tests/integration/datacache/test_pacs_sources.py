@@ -1,0 +1,168 @@
+"""DICOMweb and DIMSE sources against a real PACS (Orthanc), with a synthetic study."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterable, AsyncIterator
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from services.datacache.sources.base import (
+    ResultFile,
+    SourceConfig,
+    SourceRef,
+    SourceRefused,
+    SourceUnavailable,
+)
+from services.datacache.sources.dicomweb import DicomWebSource
+from services.datacache.sources.dimse import DimseSource
+from tests.fixtures.orthanc import (
+    DicomStudy,
+    Orthanc,
+    dataset_bytes,
+    make_instance,
+    upload_study,
+)
+
+
+class Collect:
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+
+    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
+        self.files[path] = b"".join([chunk async for chunk in chunks])
+
+
+def _web(
+    session: aiohttp.ClientSession, pacs: Orthanc, password: str | None = None
+) -> DicomWebSource:
+    config = SourceConfig(
+        tenant="t",
+        match=f"dicomweb+http://{pacs.host}:{pacs.http_port}",
+        username=pacs.username,
+        password=SecretStr(password or pacs.password),
+    )
+    return DicomWebSource(config, session)
+
+
+def _dimse(pacs: Orthanc, calling: str = "MEDHIVE") -> DimseSource:
+    config = SourceConfig(
+        tenant="t", match=f"dimse://{pacs.aet}@{pacs.host}:{pacs.dicom_port}", calling_aet=calling
+    )
+    return DimseSource(config, None)  # type: ignore[arg-type]
+
+
+def _web_ref(pacs: Orthanc, study: str) -> SourceRef:
+    return SourceRef(f"dicomweb+http://{pacs.host}:{pacs.http_port}/dicom-web/studies/{study}")
+
+
+def _dimse_ref(pacs: Orthanc, study: str) -> SourceRef:
+    return SourceRef(f"dimse://{pacs.aet}@{pacs.host}:{pacs.dicom_port}/studies/{study}")
+
+
+def _by_sop(files: dict[str, bytes]) -> dict[str, str]:
+    return {
+        path.rsplit("/", 1)[1].removesuffix(".dcm"): hashlib.sha256(data).hexdigest()
+        for path, data in files.items()
+    }
+
+
+async def test_dicomweb_fetches_every_instance_byte_for_byte(
+    orthanc: Orthanc, dicom_study: DicomStudy
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        sink = Collect()
+        await _web(session, orthanc).fetch(_web_ref(orthanc, dicom_study.study_uid), sink)
+    assert _by_sop(sink.files) == dicom_study.sha256
+    for path in sink.files:
+        series, sop = path.removesuffix(".dcm").split("/")
+        assert dicom_study.series_of[sop] == series
+
+
+async def test_dimse_c_get_fetches_every_dataset_byte_for_byte(
+    orthanc: Orthanc, dicom_study: DicomStudy
+) -> None:
+    """DIMSE carries datasets: each one is the PACS's byte for byte, behind our meta group."""
+    sink = Collect()
+    await _dimse(orthanc).fetch(_dimse_ref(orthanc, dicom_study.study_uid), sink)
+    datasets = {path: dataset_bytes(data) for path, data in sink.files.items()}
+    assert _by_sop(datasets) == dicom_study.dataset_sha256
+
+
+async def test_versions_change_with_the_study_and_download_no_pixels(
+    orthanc: Orthanc, dicom_study: DicomStudy
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        web, dimse = _web(session, orthanc), _dimse(orthanc)
+        web_ref = _web_ref(orthanc, dicom_study.study_uid)
+        dimse_ref = _dimse_ref(orthanc, dicom_study.study_uid)
+        before = (await web.version(web_ref), await dimse.version(dimse_ref))
+        stats_before = orthanc.json("/statistics")
+        assert before[0] == before[1]  # the same instances, whichever way asked
+        raw = make_instance(
+            dicom_study.patient_id, dicom_study.study_uid, dicom_study.series_uids[0], 99
+        )
+        orthanc.request("POST", "/instances", raw)
+        after = (await web.version(web_ref), await dimse.version(dimse_ref))
+        assert after[0] != before[0] and after[1] != before[1]
+        assert stats_before is not None
+
+
+async def test_wrong_credentials_unknown_studies_and_unknown_aes_are_refused(
+    orthanc: Orthanc, dicom_study: DicomStudy
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        ref = _web_ref(orthanc, dicom_study.study_uid)
+        with pytest.raises(SourceRefused, match="401"):
+            await _web(session, orthanc, password="wrong").fetch(ref, Collect())
+        with pytest.raises(SourceRefused, match="no such study"):
+            await _web(session, orthanc).version(_web_ref(orthanc, "1.2.3.4.5"))
+    with pytest.raises(SourceRefused, match="no such study"):
+        await _dimse(orthanc).version(_dimse_ref(orthanc, "1.2.3.4.5"))
+    with pytest.raises(SourceRefused, match=r"aborted C-FIND; may calling AE 'STRANGER'"):
+        await _dimse(orthanc, calling="STRANGER").version(
+            _dimse_ref(orthanc, dicom_study.study_uid)
+        )
+    with pytest.raises(SourceRefused, match=r"aborted C-GET; may calling AE 'STRANGER'"):
+        await _dimse(orthanc, calling="STRANGER").fetch(
+            _dimse_ref(orthanc, dicom_study.study_uid), Collect()
+        )
+
+
+async def test_an_unreachable_pacs_is_unavailable() -> None:
+    gone = Orthanc(host="127.0.0.1", http_port=1, dicom_port=1)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(SourceUnavailable, match="dicomweb"):
+            await _web(session, gone).fetch(_web_ref(gone, "1.2.3"), Collect())
+    with pytest.raises(SourceUnavailable, match="dimse"):
+        await _dimse(gone).fetch(_dimse_ref(gone, "1.2.3"), Collect())
+
+
+async def test_results_are_stored_in_the_pacs_by_stow_rs_and_c_store(orthanc: Orthanc) -> None:
+    study = upload_study(orthanc, instances=1, series=1)
+    files = []
+    for number in (2, 3):
+        raw = make_instance(study.patient_id, study.study_uid, study.series_uids[0], number)
+
+        async def content(data: bytes = raw) -> AsyncIterator[bytes]:
+            yield data
+
+        files.append(ResultFile(path=f"seg{number}.dcm", size=len(raw), open=content))
+    async with aiohttp.ClientSession() as session:
+        summary = await _web(session, orthanc).upload(_web_ref(orthanc, study.study_uid), files[:1])
+        assert "1 instances" in summary
+    summary = await _dimse(orthanc).upload(_dimse_ref(orthanc, study.study_uid), files[1:])
+    assert "1 instances" in summary
+    found = orthanc.json(f"/dicom-web/studies/{study.study_uid}/instances")
+    assert isinstance(found, list) and len(found) == 3
+
+    async def not_dicom() -> AsyncIterator[bytes]:
+        yield b"plain text"
+
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(SourceRefused, match="not a DICOM file"):
+            await _web(session, orthanc).upload(
+                _web_ref(orthanc, study.study_uid), [ResultFile("a.txt", 10, not_dicom)]
+            )
