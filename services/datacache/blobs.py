@@ -92,6 +92,7 @@ class BlobStore:
         except BaseException:
             await sealed.close()
             tmp.unlink(missing_ok=True)
+            await _close(chunks)  # a source's stream ends now, not whenever it is collected
             raise
         stored = len(sealed.sealer.header) + size + TAG * max(1, -(-size // self.segment_size))
         return StoredBlob(blob_id, size, sealed.digest.hexdigest(), stored)
@@ -257,3 +258,9 @@ class _SealedFile:
         await asyncio.gather(*self._steps, return_exceptions=True)
         self._steps.clear()
         self.out.close()
+
+
+async def _close(chunks: AsyncIterable[bytes]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -18,8 +18,10 @@ from shared.mongo import Document
 class Progress:
     """Files and bytes stored for one job so far, announced a few times a second."""
 
-    def __init__(self, job_id: str, tenant: str, bus: Bus, interval_s: float) -> None:
-        self.job_id, self.tenant, self.bus, self.interval_s = job_id, tenant, bus, interval_s
+    def __init__(self, job_id: str, fields: Document, bus: Bus, interval_s: float) -> None:
+        #: Envelope fields of the job's data events: the job, its tenant, who submitted it.
+        self.fields = fields
+        self.job_id, self.bus, self.interval_s = job_id, bus, interval_s
         self.files = self.bytes = 0
         self.input = ""
         self._last = 0.0
@@ -35,8 +37,7 @@ class Progress:
                 DataProgress(
                     job_id=self.job_id, input=self.input, files=self.files, bytes=self.bytes
                 ),
-                correlation_id=self.job_id,
-                tenant=self.tenant,
+                **self.fields,
             )
 
 
@@ -65,7 +66,12 @@ class CacheSink(FileSink):
         await self.progress.advance(1, 0)
 
     async def _counted(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self.bytes += len(chunk)
-            await self.progress.advance(0, len(chunk))
-            yield chunk
+        try:
+            async for chunk in chunks:
+                self.bytes += len(chunk)
+                await self.progress.advance(0, len(chunk))
+                yield chunk
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()

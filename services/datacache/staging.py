@@ -79,7 +79,7 @@ class Stager:
         """Handle `data.stage`: record it (idempotently), then stage in the background."""
         assert envelope.tenant is not None
         inputs = [item.model_dump(mode="json") for item in command.inputs]
-        await self.store.open_staging(command.job_id, envelope.tenant, inputs)
+        await self.store.open_staging(command.job_id, envelope.tenant, envelope.actor, inputs)
         self._spawn(command.job_id)
 
     def _spawn(self, job_id: str) -> None:
@@ -103,7 +103,7 @@ class Stager:
 
     async def _stage_all(self, staging: Document) -> None:
         job_id, tenant = staging["_id"], staging["tenant"]
-        progress = Progress(job_id, tenant, self.bus, self.settings.progress_interval_s)
+        progress = Progress(job_id, _fields(staging), self.bus, self.settings.progress_interval_s)
         staged: list[Document] = []
         manifest: list[Document] = []
         objects: set[str] = set()
@@ -158,23 +158,21 @@ class Stager:
         log.info("staging_done", inputs=len(staged), cached=cached, bytes=progress.bytes)
 
     async def _announce(self, staging: Document) -> None:
-        job_id, tenant = staging["_id"], staging["tenant"]
+        job_id = staging["_id"]
         if staging["state"] == "failed":
             await self.bus.emit(
                 "data.failed",
                 DataFailed(
                     job_id=job_id, reason=staging["reason"], source=staging.get("failed_source")
                 ),
-                correlation_id=job_id,
-                tenant=tenant,
+                **_fields(staging),
             )
         elif staging["state"] == "staged":
             staged = [StagedInput.model_validate(item) for item in staging["staged"]]
             await self.bus.emit(
                 "data.staged",
                 DataStaged(job_id=job_id, inputs=staged, cached=staging.get("cached", 0)),
-                correlation_id=job_id,
-                tenant=tenant,
+                **_fields(staging),
             )
         await self.store.mark_announced(job_id)
 
@@ -255,8 +253,7 @@ class Stager:
                 seconds=round(seconds, 3),
                 attempts=attempts,
             ),
-            correlation_id=job_id,
-            tenant=tenant,
+            **progress.fields,
         )
         log.info(
             "source_fetched",
@@ -274,3 +271,12 @@ class Stager:
             "bytes": sink.bytes,
             "fetched_at": time.time(),
         }
+
+
+def _fields(staging: Document) -> Document:
+    """Envelope fields of a staging's events: the job, its tenant, who submitted it."""
+    return {
+        "correlation_id": staging["_id"],
+        "tenant": staging["tenant"],
+        "actor": staging.get("actor"),
+    }

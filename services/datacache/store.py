@@ -133,13 +133,16 @@ class CacheStore:
 
     # -- stagings ---------------------------------------------------------------------
 
-    async def open_staging(self, job_id: str, tenant: str, inputs: list[Document]) -> bool:
+    async def open_staging(
+        self, job_id: str, tenant: str, actor: str | None, inputs: list[Document]
+    ) -> bool:
         """Record a job's staging; False if it exists (a redelivered command)."""
         try:
             await self.stagings.insert_one(
                 {
                     "_id": job_id,
                     "tenant": tenant,
+                    "actor": actor,
                     "inputs": inputs,
                     "state": "staging",
                     "staged": [],

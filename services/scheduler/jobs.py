@@ -226,9 +226,12 @@ class JobService:
         def first_command(merged: Document) -> list[Document]:
             if spec.needs_data:  # the node is sent the job once the datacache lets it read
                 grant = DataGrant(
-                    job_id=job["_id"], attempt=attempt, node_id=node_id, expires_at=deadline,
+                    job_id=job["_id"],
+                    attempt=attempt,
+                    node_id=node_id,
+                    expires_at=deadline,
                     upload_until=deadline + self.upload_grace,
-                )  # fmt: skip
+                )
                 return [self._command(merged, "data.grant", grant)]
             return [self._run_command(merged)]
 
@@ -237,18 +240,25 @@ class JobService:
             JobState.dispatched,
             f"placed on {node_id}",
             expect={"attempt": job["attempt"]},
-            set_fields={"node_id": node_id, "attempt": attempt, "deadline": deadline,
-                        "grant_pending": spec.needs_data},
+            set_fields={
+                "node_id": node_id,
+                "attempt": attempt,
+                "deadline": deadline,
+                "grant_pending": spec.needs_data,
+            },
             commands=first_command,
             current=job,
-        )  # fmt: skip
+        )
         return moved is not None
 
     def _run_command(self, job: Document) -> Document:
         run = NodeRun(
-            job_id=job["_id"], attempt=job["attempt"], tenant=job["tenant"],
-            spec=JobSpec.model_validate(job["spec"]), deadline=job["deadline"],
-        )  # fmt: skip
+            job_id=job["_id"],
+            attempt=job["attempt"],
+            tenant=job["tenant"],
+            spec=JobSpec.model_validate(job["spec"]),
+            deadline=job["deadline"],
+        )
         return self._command(job, "node.run", run)
 
     async def granted(self, job_id: str, attempt: int, node_id: str) -> None:
@@ -290,6 +300,13 @@ class JobService:
         fields: dict[str, Any] = {"exit_code": report.exit_code, "reason": reason}
         if report.oom_killed:
             fields["oom_killed"] = True
+        if report.outputs:  # listed with the end itself, so a finished job shows its results
+            files = [item.model_dump(mode="json") for item in report.outputs]
+            fields["outputs"] = {
+                "attempt": report.attempt,
+                "files": files,
+                "bytes": sum(item.size for item in report.outputs),
+            }
         await self._move(
             report.job_id,
             state,
@@ -318,9 +335,10 @@ class JobService:
             await self._move(job["_id"], JobState.cancelled, lost["cancel_requested"])
         elif lost["attempt"] <= spec.retries:
             await self._move(
-                job["_id"], JobState.queued,
+                job["_id"],
+                JobState.queued,
                 f"retry {lost['attempt']} of {spec.retries} after: {reason}",
-            )  # fmt: skip
+            )
         else:
             await self._move(job["_id"], JobState.failed, f"{reason}; no retries left")
 
@@ -337,7 +355,8 @@ class JobService:
     async def time_out(self, job: Document) -> None:
         """The node did not confirm the stop in time: end the job here."""
         await self._move(
-            job["_id"], JobState.timed_out,
+            job["_id"],
+            JobState.timed_out,
             f"walltime exceeded; node {job['node_id']} did not confirm the stop",
             expect={"attempt": job["attempt"]},
-        )  # fmt: skip
+        )

@@ -238,7 +238,7 @@ class Agent:
     async def _keep_outputs(self, workload: Workload, finished: RunFinished) -> RunFinished:
         """Store /outputs before reporting; a job whose results were lost did not succeed."""
         try:
-            files, size = await self.data.collect(workload.job_id, workload.attempt)
+            files = await self.data.collect(workload.job_id, workload.attempt)
         except (DataUnavailable, OSError) as exc:
             log.warning("outputs_not_stored", reason=str(exc))
             if finished.outcome != "succeeded":
@@ -247,8 +247,8 @@ class Agent:
                 update={"outcome": "failed", "reason": f"results could not be stored: {exc}"}
             )
         if files:
-            log.info("outputs_stored", files=files, bytes=size)
-        return finished
+            log.info("outputs_stored", files=len(files), bytes=sum(f.size for f in files))
+        return finished.model_copy(update={"outputs": files})
 
     async def _exit(self, watch: Watch) -> ExitInfo:
         """How the workload ended, stopping it at its deadline or when asked to."""

@@ -164,20 +164,21 @@ class JobData:
 
     # -- after the run ------------------------------------------------------------------
 
-    async def collect(self, job_id: str, attempt: int) -> tuple[int, int]:
-        """Store the regular files under /outputs in the datacache; (files, bytes)."""
+    async def collect(self, job_id: str, attempt: int) -> list[StagedFile]:
+        """Store the regular files under /outputs in the datacache; what it stored."""
         root = self.directory(job_id, attempt)
         try:
             spec = JobSpec.model_validate_json(await asyncio.to_thread((root / SPEC).read_text))
         except FileNotFoundError:
-            return 0, 0  # a job without data
+            return []  # a job without data
         if spec.outputs is None:
-            return 0, 0
+            return []
         outputs = root / "outputs"
         files = await asyncio.to_thread(_regular_files, outputs)
         limit = spec.outputs.max_mb * MIB
         if sum(size for _, size in files) > limit:
             raise DataUnavailable(f"/outputs holds more than the {spec.outputs.max_mb} MiB asked")
+        stored = []
         for rel, size in files:
             async with self.http.put(
                 f"v1/jobs/{job_id}/outputs/{rel}",
@@ -187,7 +188,8 @@ class JobData:
                 if response.status != 201:
                     body = await response.json(content_type=None)
                     raise DataUnavailable(f"the datacache refused output {rel}: {_detail(body)}")
-        return len(files), sum(size for _, size in files)
+                stored.append(StagedFile.model_validate(await response.json()))
+        return stored
 
     async def wipe(self, job_id: str, attempt: int) -> None:
         """Unmount and delete the attempt's directory; nothing of the job stays behind."""

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import AwareDatetime, Field
 
 from shared.messages.base import Payload
+from shared.messages.data import StagedFile
 
 RunOutcome = Literal["succeeded", "failed", "timed_out", "cancelled"]
 
@@ -53,3 +54,6 @@ class RunFinished(Payload):
     exit_code: int | None = None
     oom_killed: bool = False
     reason: str | None = None
+    outputs: list[StagedFile] = Field(
+        default_factory=list, description="Result files the node stored in the datacache."
+    )

@@ -19,9 +19,12 @@ from services.datacache.sources.base import Source, SourceConfig, SourceRef, Sou
 from services.datacache.sources.dicomweb import DicomWebSource
 from services.datacache.sources.dimse import DimseSource
 from services.datacache.sources.http import HttpSource
+from services.datacache.sources.xnat import XnatSource
 
 SOURCE_CLASSES: dict[str, type[Source]] = {
-    scheme: cls for cls in (HttpSource, DicomWebSource, DimseSource) for scheme in cls.schemes
+    scheme: cls
+    for cls in (HttpSource, XnatSource, DicomWebSource, DimseSource)
+    for scheme in cls.schemes
 }
 
 _CONFIGS = TypeAdapter(list[SourceConfig])

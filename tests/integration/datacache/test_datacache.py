@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from services.datacache.api import STORE
 from services.datacache.app import EVICTOR, STAGER
 from services.datacache.settings import DatacacheSettings
+from shared.envelope import utcnow
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
@@ -262,3 +265,21 @@ async def test_results_are_stored_encrypted_and_downloaded_by_the_tenant_only(
     uploaded = await harness.events.wait_for(lambda m: m["type"] == "data.uploaded")
     assert uploaded["payload"]["ok"], uploaded["payload"]["detail"]
     assert origin.uploads == {"results/job-1/seg/mask.nii": result}
+
+
+async def test_objects_unused_past_their_ttl_are_evicted_unless_pinned(
+    make_harness: Any, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    settings = datacache_settings.model_copy(update={"object_ttl_s": 3600})
+    harness: Harness = await make_harness(settings)
+    for name in ("old", "pinned"):
+        origin.files[name] = os.urandom(1000)
+        await _staged_ok(harness, f"job-{name}", f"{origin.url}/{name}")
+    await harness.release("job-old")
+    long_ago = utcnow() - timedelta(hours=2)
+    await harness.client.app[STORE].objects.update_many({}, {"$set": {"last_access": long_ago}})
+    evicted = await harness.client.app[EVICTOR].evict_once()
+    assert evicted == [_sha(origin.files["old"])]
+    # Gone from the cache: the next job on that source fetches it again.
+    await _staged_ok(harness, "job-again", f"{origin.url}/old")
+    assert origin.requests["GET"] == 3

@@ -36,6 +36,7 @@ async def test_exit_zero_succeeds_with_stdout_captured(
         "exit_code": 0,
         "oom_killed": False,
         "reason": None,
+        "outputs": [],
     }
     assert events.output(job, "stdout") == {
         "job_id": job,

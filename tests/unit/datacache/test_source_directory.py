@@ -57,7 +57,9 @@ def test_unknown_schemes_are_refused_naming_the_known_ones(tmp_path: Path) -> No
 
 
 def test_every_scheme_of_the_job_description_has_a_source() -> None:
-    assert {"http", "https", "dicomweb+http", "dicomweb+https", "dimse"} <= set(SOURCE_CLASSES)
+    assert {"http", "https", "xnat", "dicomweb+http", "dicomweb+https", "dimse"} <= set(
+        SOURCE_CLASSES
+    )
 
 
 def test_secrets_never_show_in_a_config_repr(tmp_path: Path) -> None:
