@@ -19,14 +19,7 @@ from services.datacache.sources.base import (
 from services.datacache.sources.http import HttpSource
 from tests.conftest import free_port
 from tests.integration.datacache.http_origin import Origin, serve_origin
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
-        self.files[path] = b"".join([chunk async for chunk in chunks])
+from tests.integration.datacache.support import Collect
 
 
 def _source(session: aiohttp.ClientSession, token: str | None = "t0k") -> HttpSource:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -25,14 +25,7 @@ from tests.fixtures.orthanc import (
     make_instance,
     upload_study,
 )
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
-        self.files[path] = b"".join([chunk async for chunk in chunks])
+from tests.integration.datacache.support import Collect
 
 
 def _web(

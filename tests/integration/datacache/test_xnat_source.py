@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import os
 import zipfile
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -25,16 +25,9 @@ from services.datacache.sources.base import (
 from services.datacache.sources.xnat import XnatSource
 from tests.conftest import free_port
 from tests.fixtures.xnat import Xnat
+from tests.integration.datacache.support import Collect
 
 SCAN = "projects/P1/subjects/S1/experiments/E1/scans/2/resources/DICOM"
-
-
-class Collect:
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-
-    async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
-        self.files[path] = b"".join([chunk async for chunk in chunks])
 
 
 def _arrange(server: Xnat) -> dict[str, bytes]:
