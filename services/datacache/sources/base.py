@@ -33,6 +33,13 @@ class SourceRefused(SourceError):
     """The source answered, and the answer will not change (401/403/404, bad data)."""
 
 
+def http_error(status: int, what: str) -> SourceError:
+    """The error for an HTTP status: 5xx, 408 and 429 may pass, the rest will not."""
+    if status >= 500 or status in (408, 429):
+        return SourceUnavailable(f"{what} answered HTTP {status}")
+    return SourceRefused(f"{what} answered HTTP {status}")
+
+
 class SourceConfig(BaseModel):
     """How the datacache reaches one source for one tenant (from its configuration file).
 
@@ -120,6 +127,19 @@ class Source(ABC):
     def __init__(self, config: SourceConfig | None, session: aiohttp.ClientSession) -> None:
         self.config = config
         self.session = session
+
+    def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, data: object = None
+    ) -> aiohttp.client._RequestContextManager:
+        """An HTTP request with the configured credentials (never logged, never in a URI)."""
+        config = self.config
+        return self.session.request(
+            method,
+            url,
+            headers={**(config.http_headers() if config else {}), **(headers or {})},
+            ssl=config.verify_tls if config else True,
+            data=data,
+        )
 
     @abstractmethod
     def canonical(self, ref: SourceRef) -> str:

@@ -25,8 +25,8 @@ from services.datacache.sources.base import (
     SourceRef,
     SourceRefused,
     SourceUnavailable,
+    http_error,
 )
-from services.datacache.sources.http import http_error
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
 PATH = re.compile(rf"^(?P<root>.*?)/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
@@ -59,25 +59,13 @@ class DicomWebSource(Source):
         root, _, _ = self._parts(ref)
         return f"{ref.scheme.removeprefix('dicomweb+')}://{ref.netloc}{root}"
 
-    def _request(
-        self, method: str, url: str, headers: dict[str, str], data: object = None
-    ) -> aiohttp.client._RequestContextManager:
-        config = self.config
-        return self.session.request(
-            method,
-            url,
-            headers={**(config.http_headers() if config else {}), **headers},
-            ssl=config.verify_tls if config else True,
-            data=data,
-        )
-
     async def version(self, ref: SourceRef) -> str | None:
         """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels."""
         _, study, series = self._parts(ref)
         path = f"/studies/{study}" + (f"/series/{series}" if series else "") + "/instances"
         url = self._root(ref) + path
         try:
-            async with self._request("GET", url, {"Accept": "application/dicom+json"}) as r:
+            async with self.request("GET", url, {"Accept": "application/dicom+json"}) as r:
                 if r.status == 204:
                     raise SourceRefused(f"{self.canonical(ref)}: no such study in the PACS")
                 if r.status >= 400:
@@ -99,7 +87,7 @@ class DicomWebSource(Source):
         url = self._root(ref) + f"/studies/{study}" + (f"/series/{series}" if series else "")
         name = self.canonical(ref)
         try:
-            async with self._request("GET", url, {"Accept": DICOM_PARTS}) as response:
+            async with self.request("GET", url, {"Accept": DICOM_PARTS}) as response:
                 if response.status >= 400:
                     raise http_error(response.status, name)
                 reader = aiohttp.MultipartReader(response.headers, response.content)
@@ -133,7 +121,7 @@ class DicomWebSource(Source):
         )
         url = self._root(ref) + "/studies"
         try:
-            async with self._request(
+            async with self.request(
                 "POST",
                 url,
                 {

@@ -21,19 +21,13 @@ from services.datacache.sources.base import (
     SourceRef,
     SourceRefused,
     SourceUnavailable,
+    http_error,
 )
 
 CHUNK = 1 << 20
 #: Range resumptions within one try, before the try counts as failed.
 RESUMES = 5
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def http_error(status: int, what: str) -> Exception:
-    """The error for an HTTP status: 5xx and 429 may pass, the rest will not."""
-    if status >= 500 or status in (408, 429):
-        return SourceUnavailable(f"{what} answered HTTP {status}")
-    return SourceRefused(f"{what} answered HTTP {status}")
 
 
 class HttpSource(Source):
@@ -55,23 +49,10 @@ class HttpSource(Source):
             host = f"{host}:{parts.port}"
         return urlunsplit((scheme, host, parts.path or "/", parts.query, ""))
 
-    def _request(
-        self, method: str, url: str, headers: dict[str, str] | None = None, data: object = None
-    ) -> aiohttp.client._RequestContextManager:
-        """A request with the configured credentials (never logged, never in the URI)."""
-        config = self.config
-        return self.session.request(
-            method,
-            url,
-            headers={**(config.http_headers() if config else {}), **(headers or {})},
-            ssl=config.verify_tls if config else True,
-            data=data,
-        )
-
     async def version(self, ref: SourceRef) -> str | None:
         url = self.canonical(ref)
         try:
-            async with self._request("HEAD", url) as r:
+            async with self.request("HEAD", url) as r:
                 if r.status in (405, 501):
                     return None  # no HEAD here; the content hash will tell
                 if r.status >= 400:
@@ -98,7 +79,7 @@ class HttpSource(Source):
             if offset:
                 headers |= {"Range": f"bytes={offset}-", "If-Range": validator or ""}
             try:
-                async with self._request("GET", url, headers) as response:
+                async with self.request("GET", url, headers) as response:
                     if offset and response.status == 200:
                         raise SourceUnavailable(f"{url}: the entity changed while downloading")
                     if response.status not in (200, 206):
@@ -133,7 +114,7 @@ class HttpSource(Source):
         for item in files:
             url = f"{base}/{item.path}"
             try:
-                async with self._request("PUT", url, data=item.open()) as response:
+                async with self.request("PUT", url, data=item.open()) as response:
                     if response.status >= 300:
                         raise http_error(response.status, url)
             except aiohttp.ClientError as exc:

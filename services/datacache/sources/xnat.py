@@ -26,8 +26,8 @@ from services.datacache.sources.base import (
     SourceRef,
     SourceRefused,
     SourceUnavailable,
+    http_error,
 )
-from services.datacache.sources.http import http_error
 from services.datacache.sources.zipstream import ZipError, entries
 
 NAME = r"[^/]+"
