@@ -10,8 +10,14 @@ STATE=${MEDHIVE_STATE_DIR:-/var/lib/medhive}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # orthanc: the real PACS the data cache's tests stage from (DICOMweb and DIMSE).
+# libvirt, QEMU and the disk tools: VM jobs (libvirt-dev, pkg-config and gcc build
+# libvirt-python). dnsmasq-base, nftables, conntrack: the network gateway; udhcpc: the
+# DHCP client of the stand-in guests in its tests.
 APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
-  orthanc orthanc-dicomweb)
+  orthanc orthanc-dicomweb
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
+  libvirt-dev pkg-config gcc cpio genisoimage e2fsprogs dosfstools mtools
+  dnsmasq-base nftables libnftables1 conntrack udhcpc)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -51,6 +57,24 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null
 fi
 bash scripts/build-images.sh
+
+# libvirt without systemd or the libvirt-daemon-system package: its user, virtlogd and
+# a qemu.conf without a security driver (with one, every define takes ~50 s here).
+id libvirt-qemu >/dev/null 2>&1 ||
+  useradd -r -U -M -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/images
+if ! grep -qs '^security_driver = "none"' /etc/libvirt/qemu.conf; then
+  printf 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n' > /etc/libvirt/qemu.conf
+fi
+pgrep -x virtlogd >/dev/null || virtlogd -d
+if ! virsh -q -c qemu:///system version >/dev/null 2>&1; then
+  say "starting libvirtd"
+  pgrep -x libvirtd >/dev/null || libvirtd -d
+  for _ in $(seq 1 60); do virsh -q -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.5; done
+  virsh -q -c qemu:///system version >/dev/null
+fi
+# The tiny guest the VM tests and the VM benchmark boot (kernel from the Debian mirror).
+bash scripts/build-guest.sh "$STATE/guest"
 
 # The project's virtualenv.
 if [ ! -x "$VENV/bin/python" ]; then

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aio_pika
@@ -19,6 +20,7 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
+    AbstractQueue,
     AbstractRobustConnection,
 )
 from yarl import URL
@@ -46,6 +48,10 @@ class Unroutable(Exception):
     """A command was published but no queue is bound for its routing key."""
 
 
+class NoReply(Exception):
+    """A request got no answer in time (the service may be down or busy): ask again."""
+
+
 class Bus:
     """One robust connection per service, one confirmed channel for publishing."""
 
@@ -57,6 +63,8 @@ class Bus:
         self._channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumers: list[Consumer] = []
+        self._replies: AbstractQueue | None = None
+        self._waiting: dict[str, asyncio.Future[Envelope]] = {}
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -72,6 +80,7 @@ class Bus:
             publisher_confirms=True, on_return_raises=True
         )
         self._exchanges = await declare_exchanges(self._channel)
+        self._exchanges[""] = self._channel.default_exchange
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop consumers (letting handlers finish), then close; bounded when the
@@ -109,6 +118,8 @@ class Bus:
         routing_key: str | None = None,
         node_id: str | None = None,
         deadline_s: float = 60.0,
+        reply_to: str | None = None,
+        exchange: str | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm, retrying through reconnects.
 
@@ -127,11 +138,13 @@ class Bus:
             app_id=self.source,
             correlation_id=envelope.correlation_id,
             timestamp=envelope.occurred_at,
+            reply_to=reply_to,
         )
         # A command nobody can receive is an error, not a silent drop (an event may
-        # legitimately have no listener).
-        mandatory = entry.exchange == COMMANDS
-        await self._publish_raw(entry.exchange, key, message, deadline_s, mandatory)
+        # legitimately have no listener, and a reply a requester that gave up).
+        exchange = entry.exchange if exchange is None else exchange
+        mandatory = exchange == COMMANDS
+        await self._publish_raw(exchange, key, message, deadline_s, mandatory)
 
     async def _publish_raw(
         self,
@@ -159,6 +172,57 @@ class Bus:
                 log.warning("publish_retry", exchange=exchange, key=key, error=repr(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    # -- request and reply -----------------------------------------------------------
+
+    async def request(
+        self, type_: str, payload: Payload, *, timeout_s: float = 30.0, **fields: Any
+    ) -> Envelope:
+        """Send a request command and wait for its reply (matched by causation id).
+
+        Raises `NoReply` after `timeout_s`. Requests are idempotent by contract, so the
+        caller may simply ask again.
+        """
+        queue = await self._reply_queue()
+        envelope = self.envelope(type_, payload, **fields)
+        future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+        self._waiting[str(envelope.id)] = future
+        try:
+            await self.publish(envelope, reply_to=queue.name)
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            raise NoReply(f"no reply to {type_} within {timeout_s:g} s") from None
+        finally:
+            self._waiting.pop(str(envelope.id), None)
+
+    async def reply(self, request: Incoming, envelope: Envelope) -> None:
+        """Send `envelope` (caused by `request`) to the requester's reply queue, if any."""
+        if request.reply_to:
+            await self.publish(envelope, routing_key=request.reply_to, exchange="")
+
+    async def _reply_queue(self) -> AbstractQueue:
+        """This connection's own reply queue, declared on first use.
+
+        A client-chosen name (not a server-named one) so the robust connection declares
+        the same queue again after a reconnect.
+        """
+        if self._replies is None:
+            channel = await self.connection.channel()
+            name = f"medhive.replies.{self.source}.{uuid.uuid4().hex[:12]}"
+            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._replies = queue
+        return self._replies
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = Envelope.model_validate_json(message.body)
+        except ValueError:
+            log.warning("reply_undecodable", message_id=message.message_id)
+            return
+        future = self._waiting.get(str(envelope.causation_id))
+        if future is not None and not future.done():
+            future.set_result(envelope)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str) -> None:
         """Copy a delivery to `medhive.dead` with the reason; the caller then acks it."""
@@ -194,4 +258,13 @@ class Bus:
         return consumer
 
 
-__all__ = ["Bus", "Consumer", "Handler", "Incoming", "Rejected", "Retry", "Unroutable"]
+__all__ = [
+    "Bus",
+    "Consumer",
+    "Handler",
+    "Incoming",
+    "NoReply",
+    "Rejected",
+    "Retry",
+    "Unroutable",
+]

@@ -51,6 +51,7 @@ class Incoming:
     user_id: str | None
     routing_key: str
     redelivered: bool
+    reply_to: str | None = None  # where a request's answer goes (net.* requests)
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
@@ -143,7 +144,12 @@ class Consumer:
         if self.authorize is not None:
             envelope = self.authorize(envelope, user_id)
         return Incoming(
-            envelope, payload, user_id, message.routing_key or "", bool(message.redelivered)
+            envelope,
+            payload,
+            user_id,
+            message.routing_key or "",
+            bool(message.redelivered),
+            message.reply_to,
         )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:

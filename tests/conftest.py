@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from shared.settings import AmqpSettings, MongoSettings
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
-pytest_plugins = ["tests.fixtures.xnat", "tests.fixtures.orthanc"]
+pytest_plugins = ["tests.fixtures.xnat", "tests.fixtures.orthanc", "tests.fixtures.vmnet"]
 
 RABBIT_HOST = os.environ.get("MEDHIVE_TEST_RABBIT_HOST", "127.0.0.1")
 RABBIT_ADMIN = os.environ.get("MEDHIVE_TEST_RABBIT_ADMIN", "medhive:medhive")

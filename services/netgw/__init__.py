@@ -1,1 +1,1 @@
-"""The network gateway: MAC/IP leases and port forwards for VM jobs (a later issue)."""
+"""The network gateway: MAC/IP leases, DHCP bindings and port forwards for VM jobs."""

@@ -26,8 +26,25 @@ from shared.messages.data import (
     DataStaged,
     DataUploaded,
 )
-from shared.messages.jobs import JobCancel, JobEvent, JobState, JobSubmit, NodeCancel, NodeRun
-from shared.messages.nodes import NodeStatus, RunFinished, RunOutput, RunStarted
+from shared.messages.jobs import (
+    JobCancel,
+    JobEvent,
+    JobInteractive,
+    JobState,
+    JobSubmit,
+    NodeCancel,
+    NodeRun,
+)
+from shared.messages.net import (
+    NetFailed,
+    NetForward,
+    NetForwarded,
+    NetLease,
+    NetLeased,
+    NetRelease,
+    NetReleased,
+)
+from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
 from shared.messages.system import MessageRejected
 
 COMMANDS: Final = "medhive.commands"
@@ -59,6 +76,9 @@ _ENTRIES = [
         MessageType(f"job.{state.value}", JobEvent, EVENTS, f"The job is now {state.value}.")
         for state in JobState
     ),
+    MessageType(
+        "job.interactive_ready", JobInteractive, EVENTS, "The guest answers; where to connect."
+    ),
     MessageType("data.stage", DataStage, COMMANDS, "Stage a job's inputs in the datacache."),
     MessageType("data.grant", DataGrant, COMMANDS, "Let a node read a job's data."),
     MessageType("data.release", DataRelease, COMMANDS, "The job ended: revoke and unpin."),
@@ -73,10 +93,18 @@ _ENTRIES = [
     MessageType("data.released", DataReleased, EVENTS, "A job's grants were revoked."),
     MessageType("data.outputs", DataOutputs, EVENTS, "A job's results are stored."),
     MessageType("data.uploaded", DataUploaded, EVENTS, "Results sent to their destination."),
+    MessageType("net.lease", NetLease, COMMANDS, "Lease a MAC and IP for a VM (request)."),
+    MessageType("net.forward", NetForward, COMMANDS, "Forward a port to a VM (request)."),
+    MessageType("net.release", NetRelease, COMMANDS, "Free a VM's lease and forwards (request)."),
+    MessageType("net.leased", NetLeased, EVENTS, "A MAC and IP are leased; reply to net.lease."),
+    MessageType("net.forwarded", NetForwarded, EVENTS, "A port is forwarded to a guest."),
+    MessageType("net.released", NetReleased, EVENTS, "A lease and its forwards are freed."),
+    MessageType("net.failed", NetFailed, EVENTS, "A network request could not be met."),
     MessageType("node.online", NodeStatus, EVENTS, "A node agent started."),
     MessageType("node.heartbeat", NodeStatus, EVENTS, "A node agent is alive; its capacity."),
     MessageType("node.offline", NodeStatus, EVENTS, "A node agent stopped or was lost."),
     MessageType("run.started", RunStarted, EVENTS, "A workload started on a node."),
+    MessageType("run.interactive", RunInteractive, EVENTS, "A guest's ports are forwarded."),
     MessageType("run.output", RunOutput, EVENTS, "Output a workload printed."),
     MessageType("run.finished", RunFinished, EVENTS, "A workload ended on a node."),
     MessageType(

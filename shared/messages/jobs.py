@@ -10,6 +10,7 @@ from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
 from shared.messages.base import Payload
 from shared.messages.data import InputSpec, OutputSpec
+from shared.messages.net import Port, PortName
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -48,17 +49,60 @@ class Resources(Payload):
     pids: int = Field(256, ge=8, le=65536, description="Process and thread limit.")
 
 
+HostPath = Annotated[str, StringConstraints(min_length=2, max_length=1024, pattern=r"^/[^\x00]*$")]
+
+
+class InteractivePort(Payload):
+    """A guest port a user reaches through the network gateway while the job runs."""
+
+    name: PortName = Field(description="What the port is for: rdp, ssh, ...")
+    port: Port = Field(description="The TCP port the guest serves.")
+
+
+class VmSpec(Payload):
+    """How a `vm` job's guest boots and receives its data."""
+
+    kernel: HostPath | None = Field(None, description="Kernel on the node, for direct boot.")
+    initrd: HostPath | None = Field(None, description="Initial ramdisk, with `kernel`.")
+    cmdline: str | None = Field(None, max_length=2048, description="Kernel command line.")
+    os: Literal["linux", "windows"] = Field("linux", description="Guest operating system.")
+    data_method: Literal["iso", "disk"] = Field(
+        "iso",
+        description="`iso`: inputs on a read-only CD-ROM, results on a writable disk; "
+        "`disk`: inputs and results on one writable disk.",
+    )
+    disk_size_mb: int = Field(64, ge=1, le=1024 * 1024, description="Writable disk size.")
+    filesystem: Literal["ext4", "fat32"] = Field("ext4", description="The writable disk's.")
+    interactive: list[InteractivePort] = Field(
+        default_factory=list, max_length=8, description="Ports forwarded while the job runs."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VmSpec:
+        if self.initrd is not None and self.kernel is None:
+            raise ValueError("an initrd needs a kernel")
+        if self.cmdline is not None and self.kernel is None:
+            raise ValueError("a cmdline needs a kernel (direct boot)")
+        if self.filesystem == "fat32" and self.disk_size_mb < 33:
+            raise ValueError("a FAT32 disk needs at least 33 MiB")
+        names = [p.name for p in self.interactive]
+        if len(set(names)) != len(names):
+            raise ValueError("interactive port names must be unique")
+        return self
+
+
 class JobSpec(Payload):
     """What a user asks to run. Published as JSON Schema for other systems."""
 
-    kind: Literal["container"] = Field(
-        "container", description="Workload kind; `vm` arrives with the VM runtime."
-    )
+    kind: Literal["container", "vm"] = Field("container", description="Workload kind.")
     name: Name = Field(description="Human-readable job name.")
     labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
-    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] = Field(
-        description="Container image, present on the node (medhive pulls nothing)."
+    image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
+        description="Container image present on the node (medhive pulls nothing), or for "
+        "a VM the path of a qcow2 base image on the node (never written: each job runs "
+        "on an overlay).",
     )
+    vm: VmSpec | None = Field(None, description="Guest settings of a `vm` job.")
     command: list[str] | None = Field(None, description="Command and arguments (exec form).")
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
     workdir: str | None = Field(None, description="Working directory inside the workload.")
@@ -77,6 +121,29 @@ class JobSpec(Payload):
     outputs: OutputSpec | None = Field(
         None, description="Keep what the job writes to /outputs (absent: nothing is kept)."
     )
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> JobSpec:
+        """Container fields make no sense for a VM, nor guest settings for a container."""
+        if self.kind == "container":
+            if self.vm is not None:
+                raise ValueError("`vm` settings need `kind: vm`")
+            return self
+        used = [f for f in ("command", "workdir") if getattr(self, f) is not None]
+        used += ["env"] if self.env else []
+        if used:
+            raise ValueError(f"{', '.join(used)} apply to containers only")
+        if not self.image.startswith("/"):
+            raise ValueError("a VM's image is the absolute path of a qcow2 file on the node")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vm_defaults(cls, data: object) -> object:
+        """A `vm` job without a `vm` section gets the default guest settings."""
+        if isinstance(data, dict) and data.get("kind") == "vm" and data.get("vm") is None:
+            return {**data, "vm": {}}
+        return data
 
     @model_validator(mode="after")
     def _inputs_apart(self) -> JobSpec:
@@ -119,6 +186,14 @@ class JobEvent(Payload):
     attempt: int = 0
     node_id: str | None = None
     exit_code: int | None = None
+
+
+class JobInteractive(Payload):
+    """Event `job.interactive_ready`: the guest answers; where a user connects to it."""
+
+    job_id: str
+    attempt: int
+    endpoints: dict[str, str] = Field(description="Port name to host:port on the gateway.")
 
 
 class NodeRun(Payload):

@@ -33,6 +33,15 @@ class RunStarted(Payload):
     workload_id: str = Field(description="Container or domain id on the node.")
 
 
+class RunInteractive(Payload):
+    """Event `run.interactive`: the guest's interactive ports are forwarded."""
+
+    job_id: str
+    attempt: int
+    node_id: str
+    endpoints: dict[str, str] = Field(description="Port name to host:port on the gateway.")
+
+
 class RunOutput(Payload):
     """Event `run.output`: what the workload printed (bounded)."""
 

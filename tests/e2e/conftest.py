@@ -3,17 +3,11 @@ on a fresh vhost and fresh databases, each one killable and restartable by a tes
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from services.datacache.crypto import LocalKeyProvider
@@ -21,84 +15,7 @@ from shared.auth import Role
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import free_port
 from tests.helpers import make_token
-
-
-class Stack:
-    """scheduler, audit, datacache and a node agent, each a child process with its own
-    log file."""
-
-    def __init__(self, env: dict[str, str], logs: Path, node_id: str) -> None:
-        self.env = env
-        self.node_id = node_id
-        self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.ports: dict[str, str] = {}
-        self.envs: dict[str, dict[str, str]] = {}
-        self.modules: dict[str, str] = {}
-        self.api = f"http://127.0.0.1:{env['MEDHIVE_SCHEDULER_PORT']}"
-        self.audit = f"http://127.0.0.1:{env['MEDHIVE_AUDIT_PORT']}"
-        self.datacache = f"http://127.0.0.1:{env['MEDHIVE_DATACACHE_PORT']}"
-        self.work_dir = Path(env["MEDHIVE_VMNODE_WORK_DIR"])
-        self.cache_dir = Path(env["MEDHIVE_DATACACHE_CACHE_DIR"])
-
-    async def start(self, name: str, module: str | None = None, **overrides: str) -> None:
-        """Start `services.<module>` (default: the name) with env overrides, until healthy."""
-        module = module or name
-        env = {**self.env, **overrides}
-        prefix = module.upper()
-        self.ports[name] = env[f"MEDHIVE_{prefix}_PORT"]
-        self.envs[name] = env
-        await self._spawn(name, module)
-
-    async def restart(self, name: str) -> None:
-        await self._spawn(name, self.modules[name])
-
-    async def _spawn(self, name: str, module: str) -> None:
-        self.modules[name] = module
-        with (self.logs / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{module}"],
-                env=self.envs[name], stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        await self._healthy(name, f"http://127.0.0.1:{self.ports[name]}/healthz")
-
-    async def _healthy(self, name: str, url: str) -> None:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-            while True:
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited:\n{self.log(name)}")
-                try:
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-
-    async def configure_sources(self, sources: list[dict[str, Any]]) -> None:
-        """Give the datacache these sources (tenant, match, credentials) and restart it."""
-        path = Path(self.env["MEDHIVE_DATACACHE_SOURCES_FILE"])
-        path.write_text(json.dumps({"sources": sources}))  # YAML reads JSON
-        self.stop("datacache")
-        await self.restart("datacache")
-
-    def kill(self, name: str) -> None:
-        """SIGKILL: no graceful shutdown, as when a host loses power."""
-        process = self.processes.pop(name)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-
-    def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-20000:]
+from tests.processes import Stack
 
 
 @pytest.fixture

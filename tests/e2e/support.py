@@ -11,8 +11,8 @@ from shared.envelope import Envelope
 from shared.messages.jobs import JobSpec, JobSubmit
 from shared.settings import AmqpSettings
 from tests.conftest import TEST_IMAGE
-from tests.e2e.conftest import Stack
 from tests.helpers import publish_raw
+from tests.processes import Stack
 
 
 def spec(name: str, *command: str, **fields: Any) -> dict[str, Any]:

@@ -15,8 +15,8 @@ import pytest
 
 from shared.settings import AmqpSettings
 from tests.conftest import free_port
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, job_of_message, spec, submit_over_amqp, wait_state
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

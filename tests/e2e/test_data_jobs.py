@@ -16,9 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, spec, wait_state
 from tests.integration.datacache.http_origin import Origin, serve_origin
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

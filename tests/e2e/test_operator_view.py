@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from shared.settings import AmqpSettings
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, spec, wait_state
 from tests.helpers import eventually, publish_raw
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, spec, wait_state
 from tests.fixtures.orthanc import DicomStudy, Orthanc, dataset_bytes
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

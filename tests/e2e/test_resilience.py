@@ -12,9 +12,9 @@ import pytest
 from medhive.client import Client
 from shared.settings import AmqpSettings
 from tests.conftest import free_port, rabbit_api
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, spec, wait_state
 from tests.helpers import event_tap, eventually
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import os
 
 import pytest
 
-from tests.e2e.conftest import Stack
 from tests.e2e.support import client, spec, wait_state
 from tests.fixtures.xnat import Xnat
 from tests.helpers import eventually
+from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 

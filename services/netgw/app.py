@@ -1,0 +1,52 @@
+"""Builds the network gateway's app: the shared wiring plus the gateway itself.
+
+Start order: store, data plane reconciled with the store (expired leases swept
+first), then the request consumer and the sweeper; shutdown in reverse. dnsmasq stops
+with netgw; the nftables rules stay, and the next start reconciles them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.netgw.dhcp import Dhcp
+from services.netgw.firewall import Firewall
+from services.netgw.gateway import Gateway, Sweeper
+from services.netgw.netns import Namespace
+from services.netgw.settings import NetgwSettings
+from services.netgw.store import NetStore
+from shared.service import BUS, MONGO, create_service_app
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def create_app(settings: NetgwSettings) -> web.Application:
+    """The gateway's app; it does no I/O until started."""
+    app = create_service_app("netgw", settings.amqp, settings.mongo, with_auth=False)
+
+    async def gateway(app: web.Application) -> AsyncIterator[None]:
+        store = NetStore(app[MONGO][settings.database], settings)
+        await store.ensure_indexes()
+        namespace = Namespace(settings.netns)
+        firewall = Firewall(
+            namespace,
+            guest_interface=settings.guest_interface,
+            guest_network=str(settings.guest_network.network),
+            external_address=str(settings.external_address),
+            allow_egress=settings.allow_egress,
+        )
+        gw = Gateway(app[BUS], store, settings, namespace, firewall, Dhcp(settings, namespace))
+        await gw.start()
+        await gw.start_consuming()
+        sweeper = Sweeper(gw, settings.sweep_s)
+        await sweeper.start()
+        app[GATEWAY] = gw
+        yield
+        await sweeper.stop()
+        await gw.stop()
+        namespace.close()
+
+    app.cleanup_ctx.append(gateway)
+    return app

@@ -1,0 +1,276 @@
+"""The gateway: answers lease, forward and release requests, and keeps the data plane
+(dnsmasq's bindings, nftables' forwards) equal to its store.
+
+Every change is stored first and applied second. A netgw killed in between finds on
+its next start a store that says more than the data plane does, and `reconcile`
+applies the difference: nothing live is lost, nothing stale stays open. Leases expire
+with their job (plus a grace period): the sweeper releases what outlived its job, say
+because the node that held it died.
+
+Each request is answered with the event that records its outcome, published for audit
+and sent to the requester's reply queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+import structlog
+
+from services.netgw.dhcp import Dhcp
+from services.netgw.firewall import Firewall, Rule
+from services.netgw.netns import Namespace
+from services.netgw.settings import NetgwSettings
+from services.netgw.store import NetStore, PoolExhausted, lease_id
+from shared.bus import Bus, Consumer, Incoming
+from shared.consume import trusted_senders
+from shared.envelope import utcnow
+from shared.messages.base import Payload
+from shared.messages.catalog import COMMANDS
+from shared.messages.net import (
+    NetFailed,
+    NetForward,
+    NetForwarded,
+    NetLease,
+    NetLeased,
+    NetRelease,
+    NetReleased,
+)
+from shared.mongo import Document
+from shared.tasks import BackgroundLoop
+
+log = structlog.get_logger("medhive.netgw")
+
+REQUESTS = "netgw.requests"
+
+
+def _rule(forward: Document) -> Rule:
+    return Rule(
+        forward["_id"], forward["external_port"], forward["guest_ip"], forward["guest_port"]
+    )
+
+
+class Gateway:
+    """netgw's request handlers, start-up reconciliation and release logic."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: NetStore,
+        settings: NetgwSettings,
+        namespace: Namespace,
+        firewall: Firewall,
+        dhcp: Dhcp,
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.settings = settings
+        self.ns = namespace
+        self.firewall = firewall
+        self.dhcp = dhcp
+        self._consumer: Consumer | None = None
+        self._bindings = asyncio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Sweep what expired while netgw was down, then make the data plane match."""
+        await self.sweep()
+        leases = await self.store.live_leases()
+        forwards = await self.store.live_forwards()
+        await self.firewall.reconcile([_rule(f) for f in forwards])
+        await self.dhcp.start((lease["mac"], lease["ip"]) for lease in leases)
+
+    async def start_consuming(self) -> None:
+        self._consumer = await self.bus.consume(
+            REQUESTS,
+            [(COMMANDS, "net.lease"), (COMMANDS, "net.forward"), (COMMANDS, "net.release")],
+            {
+                "net.lease": self.on_lease,
+                "net.forward": self.on_forward,
+                "net.release": self.on_release,
+            },
+            authorize=trusted_senders(set(self.settings.trusted_users)),
+        )
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self.dhcp.stop()
+
+    # -- requests -------------------------------------------------------------------
+
+    async def on_lease(self, incoming: Incoming) -> None:
+        req = incoming.payload
+        assert isinstance(req, NetLease)
+        expires_at = req.expires_at + timedelta(seconds=self.settings.lease_grace_s)
+        try:
+            lease, created = await self.store.lease(
+                req.job_id, req.attempt, req.node_id, expires_at
+            )
+        except PoolExhausted as exc:
+            await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
+            return
+        if created:
+            await self._rebind()
+            log.info("leased", mac=lease["mac"], ip=lease["ip"])
+        answer = NetLeased(
+            job_id=req.job_id,
+            attempt=req.attempt,
+            mac=lease["mac"],
+            ip=lease["ip"],
+            expires_at=lease["expires_at"],
+        )
+        await self._answer(incoming, "net.leased", answer)
+
+    async def on_forward(self, incoming: Incoming) -> None:
+        req = incoming.payload
+        assert isinstance(req, NetForward)
+        lease = await self.store.get_lease(req.job_id, req.attempt)
+        if lease is None:
+            why = f"attempt {req.attempt} of job {req.job_id} holds no lease"
+            await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
+            return
+        if not await self._answers(lease["ip"], req.port, req.wait_s):
+            why = f"the guest does not answer on {lease['ip']}:{req.port} yet"
+            await self._fail(incoming, req.job_id, req.attempt, why, retryable=True)
+            return
+        try:
+            forward, created = await self.store.forward(lease, req.name, req.port)
+        except PoolExhausted as exc:
+            await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
+            return
+        await self.firewall.add(_rule(forward))
+        external = f"{self.settings.external_address}:{forward['external_port']}"
+        if created:
+            log.info("forwarded", name=req.name, external=external)
+        answer = NetForwarded(
+            job_id=req.job_id,
+            attempt=req.attempt,
+            name=req.name,
+            guest=f"{lease['ip']}:{req.port}",
+            external=external,
+        )
+        await self._answer(incoming, "net.forwarded", answer)
+
+    async def on_release(self, incoming: Incoming) -> None:
+        req = incoming.payload
+        assert isinstance(req, NetRelease)
+        lease = await self.store.get_lease(req.job_id, req.attempt)
+        released = await self.release(lease, req.reason) if lease is not None else None
+        answer = released or NetReleased(job_id=req.job_id, attempt=req.attempt, reason=req.reason)
+        await self._answer(incoming, "net.released", answer)
+
+    # -- releasing ------------------------------------------------------------------
+
+    async def release(self, lease: Document, reason: str) -> NetReleased:
+        """Remove the lease's forwards from the data plane, then the lease from the store."""
+        forwards = await self.store.forwards_of(lease)
+        for forward in forwards:
+            await self.firewall.remove(forward["_id"])
+            await self._forget_connections(forward["external_port"])
+        await self.store.drop_lease(lease)
+        await self._rebind()
+        log.info("released", job_id=lease["job_id"], ip=lease["ip"], reason=reason)
+        return NetReleased(
+            job_id=lease["job_id"],
+            attempt=lease["attempt"],
+            mac=lease["mac"],
+            ip=lease["ip"],
+            forwards=[f"{self.settings.external_address}:{f['external_port']}" for f in forwards],
+            reason=reason,
+        )
+
+    async def sweep(self) -> int:
+        """Release every lease that outlived its job; announce each release."""
+        expired = await self.store.expired_leases(utcnow())
+        for lease in expired:
+            released = await self.release(lease, "the lease expired with its job")
+            await self.bus.emit(
+                "net.released", released, correlation_id=lease["job_id"], actor="netgw"
+            )
+        return len(expired)
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def _answers(self, ip: str, port: int, wait_s: float) -> bool:
+        """Whether the guest accepts a TCP connection within `wait_s` (checked at once)."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            left = give_up - time.monotonic()
+            if await self.ns.reachable(ip, port, max(min(left, 1.0), 0.2)):
+                return True
+            if time.monotonic() + self.settings.probe_interval_s > give_up:
+                return False
+            await asyncio.sleep(self.settings.probe_interval_s)  # the guest is still booting
+
+    async def _rebind(self) -> None:
+        """Write every live lease to dnsmasq's hosts file (one writer at a time)."""
+        async with self._bindings:
+            leases = await self.store.live_leases()
+            await self.dhcp.bind((lease["mac"], lease["ip"]) for lease in leases)
+
+    async def _forget_connections(self, external_port: int) -> None:
+        """Drop tracked connections through a removed forward, so none lives on."""
+        argv = self.ns.command(
+            "conntrack",
+            "-D",
+            "-p",
+            "tcp",
+            "--orig-dst",
+            str(self.settings.external_address),
+            "--orig-port-dst",
+            str(external_port),
+        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+            )
+            await process.wait()  # exit 1 means no such connection: nothing to do
+        except FileNotFoundError:
+            log.warning("conntrack_missing", why="established connections outlive the forward")
+
+    async def _answer(self, incoming: Incoming, type_: str, payload: Payload) -> None:
+        job_id = getattr(payload, "job_id", None)
+        envelope = self.bus.envelope(
+            type_, payload, **incoming.envelope.caused(correlation_id=job_id, actor="netgw")
+        )
+        await self.bus.publish(envelope)
+        await self.bus.reply(incoming, envelope)
+
+    async def _fail(
+        self, incoming: Incoming, job_id: str, attempt: int, reason: str, *, retryable: bool
+    ) -> None:
+        log.info("request_failed", request=incoming.envelope.type, reason=reason)
+        failed = NetFailed(
+            job_id=job_id,
+            attempt=attempt,
+            request=incoming.envelope.type,
+            reason=reason,
+            retryable=retryable,
+        )
+        await self._answer(incoming, "net.failed", failed)
+
+
+class Sweeper(BackgroundLoop):
+    """Releases expired leases every `sweep_s`."""
+
+    task_name = "netgw-sweeper"
+
+    def __init__(self, gateway: Gateway, period_s: float) -> None:
+        super().__init__()
+        self.gateway = gateway
+        self.period_s = period_s
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)  # the sweep period, not a wait for an event
+            try:
+                await self.gateway.sweep()
+            except Exception:
+                log.exception("sweep_failed")
+
+
+__all__ = ["Gateway", "Sweeper", "lease_id"]

@@ -1,0 +1,160 @@
+"""Leases and forwards in MongoDB: the gateway's record, and the truth it reconciles to.
+
+A lease takes one slot of the pool; slot i is both the i-th MAC and the i-th IP, and a
+unique index on the slot makes two concurrent leases (in this process or another) end
+up in different slots. A forward's external port is unique the same way. Slots and
+ports are handed out round-robin, so an address freed a moment ago (still in a
+guest's ARP cache or dnsmasq's lease file) is the last to be used again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import datetime
+
+from pymongo import ASCENDING, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.netgw.settings import NetgwSettings
+from shared.envelope import utcnow
+from shared.mongo import Document
+
+
+class PoolExhausted(Exception):
+    """Every address or port of a pool is in use."""
+
+
+def lease_id(job_id: str, attempt: int) -> str:
+    return f"{job_id}:{attempt}"
+
+
+def forward_id(job_id: str, attempt: int, name: str) -> str:
+    return f"medhive:{job_id}:{attempt}:{name}"
+
+
+class NetStore:
+    """The `leases` and `forwards` collections, and the pools they draw from."""
+
+    def __init__(self, db: AsyncDatabase[Document], settings: NetgwSettings) -> None:
+        self.leases = db["leases"]
+        self.forwards = db["forwards"]
+        self.cursors = db["cursors"]
+        self.settings = settings
+
+    async def ensure_indexes(self) -> None:
+        await self.leases.create_index([("slot", ASCENDING)], unique=True)
+        await self.leases.create_index([("expires_at", ASCENDING)])
+        await self.forwards.create_index([("external_port", ASCENDING)], unique=True)
+        await self.forwards.create_index([("lease_id", ASCENDING)])
+
+    # -- pools --------------------------------------------------------------------
+
+    def address(self, slot: int) -> tuple[str, str]:
+        """The MAC and IP of pool slot `slot`."""
+        first, _ = self.settings.ip_range
+        ip = ipaddress.IPv4Address(int(first) + slot)
+        tail = slot.to_bytes(3, "big")
+        mac = self.settings.mac_prefix + "".join(f":{b:02x}" for b in tail)
+        return mac, str(ip)
+
+    async def _next(self, pool: str, size: int) -> int:
+        """Where the round-robin search of `pool` starts this time."""
+        cursor = await self.cursors.find_one_and_update(
+            {"_id": pool}, {"$inc": {"n": 1}}, upsert=True, return_document=ReturnDocument.AFTER
+        )
+        assert cursor is not None
+        return int(cursor["n"]) % size
+
+    # -- leases -------------------------------------------------------------------
+
+    async def lease(
+        self, job_id: str, attempt: int, node_id: str, expires_at: datetime
+    ) -> tuple[Document, bool]:
+        """The attempt's lease, made now if it has none; and whether it was made now."""
+        key = lease_id(job_id, attempt)
+        if (existing := await self.leases.find_one({"_id": key})) is not None:
+            return existing, False
+        # As stored: MongoDB keeps milliseconds, so a repeated answer is the same answer.
+        expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
+        size = self.settings.pool_size
+        used = {doc["slot"] async for doc in self.leases.find({}, {"slot": 1})}
+        start = await self._next("slots", size)
+        for offset in range(size):
+            slot = (start + offset) % size
+            if slot in used:
+                continue
+            mac, ip = self.address(slot)
+            doc = {
+                "_id": key,
+                "job_id": job_id,
+                "attempt": attempt,
+                "node_id": node_id,
+                "slot": slot,
+                "mac": mac,
+                "ip": ip,
+                "expires_at": expires_at,
+                "created_at": utcnow(),
+            }
+            try:
+                await self.leases.insert_one(doc)
+            except DuplicateKeyError:
+                if (existing := await self.leases.find_one({"_id": key})) is not None:
+                    return existing, False  # the same request, handled twice at once
+                continue  # another lease took this slot meanwhile
+            return doc, True
+        raise PoolExhausted(f"all {size} guest addresses are leased")
+
+    async def get_lease(self, job_id: str, attempt: int) -> Document | None:
+        return await self.leases.find_one({"_id": lease_id(job_id, attempt)})
+
+    async def live_leases(self) -> list[Document]:
+        return [doc async for doc in self.leases.find({})]
+
+    async def expired_leases(self, now: datetime) -> list[Document]:
+        return [doc async for doc in self.leases.find({"expires_at": {"$lt": now}})]
+
+    async def drop_lease(self, lease: Document) -> None:
+        await self.forwards.delete_many({"lease_id": lease["_id"]})
+        await self.leases.delete_one({"_id": lease["_id"]})
+
+    # -- forwards -----------------------------------------------------------------
+
+    async def forward(self, lease: Document, name: str, guest_port: int) -> tuple[Document, bool]:
+        """The lease's forward called `name`, made now if missing; and whether it was."""
+        key = forward_id(lease["job_id"], lease["attempt"], name)
+        if (existing := await self.forwards.find_one({"_id": key})) is not None:
+            return existing, False
+        low, high = self.settings.external_ports
+        size = high - low + 1
+        used = {doc["external_port"] async for doc in self.forwards.find({}, {"external_port": 1})}
+        start = await self._next("ports", size)
+        for offset in range(size):
+            port = low + (start + offset) % size
+            if port in used:
+                continue
+            doc = {
+                "_id": key,
+                "lease_id": lease["_id"],
+                "job_id": lease["job_id"],
+                "attempt": lease["attempt"],
+                "name": name,
+                "external_port": port,
+                "guest_ip": lease["ip"],
+                "guest_port": guest_port,
+                "expires_at": lease["expires_at"],
+            }
+            try:
+                await self.forwards.insert_one(doc)
+            except DuplicateKeyError:
+                if (existing := await self.forwards.find_one({"_id": key})) is not None:
+                    return existing, False
+                continue
+            return doc, True
+        raise PoolExhausted(f"all {size} external ports are forwarded")
+
+    async def forwards_of(self, lease: Document) -> list[Document]:
+        return [doc async for doc in self.forwards.find({"lease_id": lease["_id"]})]
+
+    async def live_forwards(self) -> list[Document]:
+        return [doc async for doc in self.forwards.find({})]

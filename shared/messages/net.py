@@ -1,0 +1,92 @@
+"""The network gateway's requests and answers: leases, port forwards, releases.
+
+`net.lease`, `net.forward` and `net.release` are requests: the node agent sends them
+with an AMQP `reply_to`, and netgw answers with the event that records the outcome
+(`net.leased`, `net.forwarded`, `net.released`, or `net.failed` with the reason),
+published on the events exchange for audit and sent to `reply_to` as the reply. Every
+request is idempotent per job attempt, so a node may repeat one after a timeout.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AwareDatetime, Field, StringConstraints
+
+from shared.messages.base import Payload
+
+PortName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[a-z0-9-]+$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Mac = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")]
+
+
+class NetLease(Payload):
+    """Request `net.lease`: a MAC address with an IP bound to it by DHCP, for one attempt."""
+
+    job_id: str
+    attempt: int
+    node_id: str
+    expires_at: AwareDatetime = Field(description="The job's walltime end; released after it.")
+
+
+class NetForward(Payload):
+    """Request `net.forward`: forward a free external port to the guest's `port`.
+
+    netgw first checks that the guest answers on its leased IP and `port`, for up to
+    `wait_s`; a guest still booting gets `net.failed` with `retryable` set.
+    """
+
+    job_id: str
+    attempt: int
+    name: PortName = Field(description="The interactive port's name (rdp, ssh, ...).")
+    port: Port = Field(description="The guest's TCP port.")
+    wait_s: float = Field(10.0, ge=0, le=120, description="How long to wait for the guest.")
+
+
+class NetRelease(Payload):
+    """Request `net.release`: remove the attempt's forwards and free its lease."""
+
+    job_id: str
+    attempt: int
+    reason: str = Field("the job ended", max_length=500)
+
+
+class NetLeased(Payload):
+    """Event `net.leased`: the attempt holds this MAC and IP until `expires_at`."""
+
+    job_id: str
+    attempt: int
+    mac: Mac
+    ip: str
+    expires_at: AwareDatetime
+
+
+class NetForwarded(Payload):
+    """Event `net.forwarded`: `external` (host:port) now reaches `guest` (ip:port)."""
+
+    job_id: str
+    attempt: int
+    name: PortName
+    guest: str
+    external: str
+
+
+class NetReleased(Payload):
+    """Event `net.released`: the attempt's lease and forwards are gone."""
+
+    job_id: str
+    attempt: int
+    mac: Mac | None = None
+    ip: str | None = None
+    forwards: list[str] = Field(default_factory=list, description="External host:port freed.")
+    reason: str
+
+
+class NetFailed(Payload):
+    """Event `net.failed`: a request could not be met, and why."""
+
+    job_id: str
+    attempt: int
+    request: str = Field(description="The request's type.")
+    reason: str
+    retryable: bool = Field(description="True when asking again later may succeed.")

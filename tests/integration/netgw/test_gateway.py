@@ -1,0 +1,162 @@
+"""netgw against real dnsmasq and nftables in network namespaces, with stand-in guests
+that take their address by DHCP and serve TCP like the VM test guest does."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from shared.bus import Bus
+from shared.envelope import Envelope, utcnow
+from shared.messages.net import NetForward, NetLease, NetRelease
+from shared.settings import AmqpSettings
+from tests.fixtures.vmnet import EXTERNAL_IP, VmNet, sh
+from tests.helpers import event_tap
+from tests.processes import Stack
+
+
+async def lease(bus: Bus, job_id: str, expires_in_s: float = 3600) -> Envelope:
+    request = NetLease(
+        job_id=job_id,
+        attempt=1,
+        node_id="node-a",
+        expires_at=utcnow() + timedelta(seconds=expires_in_s),
+    )
+    return await bus.request("net.lease", request, correlation_id=job_id)
+
+
+async def forward(bus: Bus, job_id: str, port: int, wait_s: float = 10) -> Envelope:
+    request = NetForward(job_id=job_id, attempt=1, name="ssh", port=port, wait_s=wait_s)
+    return await bus.request("net.forward", request, correlation_id=job_id, timeout_s=60)
+
+
+async def release(bus: Bus, job_id: str) -> Envelope:
+    request = NetRelease(job_id=job_id, attempt=1)
+    return await bus.request("net.release", request, correlation_id=job_id)
+
+
+def external_port(reply: Envelope) -> int:
+    assert reply.type == "net.forwarded", reply.payload
+    host, port = str(reply.payload["external"]).split(":")
+    assert host == EXTERNAL_IP
+    return int(port)
+
+
+def refused(vmnet: VmNet, port: int) -> bool:
+    try:
+        vmnet.connect(EXTERNAL_IP, port)
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_a_guest_is_reached_through_its_forward_until_release(
+    netgw: Stack, vmnet: VmNet, bus: Bus, amqp_settings: AmqpSettings, udhcpc_script: Any
+) -> None:
+    await netgw.start("netgw")
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    async with event_tap(amqp_settings, ["net.*"]) as tap:
+        leased = await lease(bus, job)
+        assert leased.type == "net.leased"
+        mac, ip = leased.payload["mac"], leased.payload["ip"]
+        assert mac.startswith("02:6d:68:")
+        assert f"{mac},{ip}" in vmnet.dhcp_hosts()
+        assert (await lease(bus, job)).payload == leased.payload  # a repeated request
+
+        guest = vmnet.guest(mac)
+        assert await asyncio.to_thread(guest.dhcp, udhcpc_script) == ip
+
+        # Nothing listens yet: netgw checks before it forwards, and says so.
+        early = await forward(bus, job, 2222, wait_s=0.5)
+        assert early.type == "net.failed"
+        assert early.payload["retryable"] is True
+        assert f"{ip}:2222" in early.payload["reason"]
+
+        guest.serve(2222, "medhive-guest ready")
+        port = external_port(await forward(bus, job, 2222))
+        assert await asyncio.to_thread(vmnet.connect, EXTERNAL_IP, port) == b"medhive-guest ready\n"
+        assert len(vmnet.forward_rules()) == 1
+        assert external_port(await forward(bus, job, 2222)) == port  # repeated: same port
+        assert len(vmnet.forward_rules()) == 1
+
+        released = await release(bus, job)
+        assert released.type == "net.released"
+        assert released.payload["forwards"] == [f"{EXTERNAL_IP}:{port}"]
+        assert await asyncio.to_thread(refused, vmnet, port)
+        assert vmnet.forward_rules() == []
+        assert vmnet.dhcp_hosts() == []
+        # Each answer was also published for audit.
+        for kind in ("net.leased", "net.failed", "net.forwarded", "net.released"):
+            await tap.wait_for(lambda m, k=kind: m["type"] == k and m["correlation_id"] == job)
+
+
+async def test_concurrent_leases_never_share_an_address_and_a_full_pool_says_so(
+    netgw: Stack, bus: Bus
+) -> None:
+    await netgw.start("netgw", MEDHIVE_NETGW_IP_RANGE='["10.77.0.100", "10.77.0.104"]')
+    jobs = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
+    replies = await asyncio.gather(*(lease(bus, job) for job in jobs))
+    granted = [r for r in replies if r.type == "net.leased"]
+    refused_ = [r for r in replies if r.type == "net.failed"]
+    assert len(granted) == 5
+    assert len({r.payload["mac"] for r in granted}) == 5
+    assert len({r.payload["ip"] for r in granted}) == 5
+    assert len(refused_) == 3
+    for reply in refused_:
+        assert reply.payload["reason"] == "all 5 guest addresses are leased"
+        assert reply.payload["retryable"] is True
+    # A released address is handed out again.
+    await release(bus, str(granted[0].correlation_id))
+    again = await lease(bus, str(refused_[0].correlation_id))
+    assert again.type == "net.leased"
+    assert again.payload["ip"] == granted[0].payload["ip"]
+
+
+async def test_forwarding_without_a_lease_is_refused(netgw: Stack, bus: Bus) -> None:
+    await netgw.start("netgw")
+    reply = await forward(bus, "job-without-lease", 22, wait_s=0)
+    assert reply.type == "net.failed"
+    assert reply.payload["retryable"] is False
+    assert "holds no lease" in reply.payload["reason"]
+
+
+async def test_a_restart_keeps_live_forwards_and_drops_expired_ones(
+    netgw: Stack, vmnet: VmNet, bus: Bus, amqp_settings: AmqpSettings, udhcpc_script: Any
+) -> None:
+    await netgw.start("netgw", MEDHIVE_NETGW_LEASE_GRACE_S="0", MEDHIVE_NETGW_SWEEP_S="3600")
+    live, dying = f"live-{uuid.uuid4().hex[:6]}", f"dying-{uuid.uuid4().hex[:6]}"
+    ports = {}
+    for job, expires_in in ((live, 3600), (dying, 4)):
+        leased = await lease(bus, job, expires_in_s=expires_in)
+        guest = vmnet.guest(leased.payload["mac"])
+        await asyncio.to_thread(guest.dhcp, udhcpc_script)
+        guest.serve(2222, f"guest of {job}")
+        ports[job] = external_port(await forward(bus, job, 2222))
+    assert len(vmnet.forward_rules()) == 2
+
+    netgw.kill("netgw")
+    # The forward still works while netgw is down: the kernel forwards, not netgw.
+    assert await asyncio.to_thread(vmnet.connect, EXTERNAL_IP, ports[live]) == (
+        f"guest of {live}\n".encode()
+    )
+    expiry = utcnow() + timedelta(seconds=4)
+    await asyncio.sleep(max((expiry - utcnow()).total_seconds(), 0))  # let `dying` expire
+
+    async with event_tap(amqp_settings, ["net.released"]) as tap:
+        await netgw.restart("netgw")
+        await tap.wait_for(lambda m: m["correlation_id"] == dying)
+    rules = vmnet.forward_rules()
+    assert len(rules) == 1, rules  # the live one, not doubled
+    assert f"medhive:{live}:1:ssh" in rules[0]
+    assert await asyncio.to_thread(vmnet.connect, EXTERNAL_IP, ports[live]) == (
+        f"guest of {live}\n".encode()
+    )
+    assert await asyncio.to_thread(refused, vmnet, ports[dying])
+    assert len(vmnet.dhcp_hosts()) == 1
+    # One DHCP server on the guests' network: the killed netgw's dnsmasq was replaced.
+    pids = sh("ip", "netns", "pids", vmnet.gateway_ns).split()
+    names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids]
+    assert names.count("dnsmasq") == 1
