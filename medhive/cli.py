@@ -84,7 +84,11 @@ async def _follow(client: Client, job_id: str) -> int:
                     f"{_size(payload['bytes'])} in {payload['seconds']:.1f} s")  # fmt: skip
             print(("\r\033[K" if tty else "") + line, flush=True)
             continue
-        if type_ == "job.interactive_ready" or not type_.startswith("job."):
+        if type_ == "job.interactive_ready":
+            for name, where in payload["endpoints"].items():
+                print(("\r\033[K" if tty else "") + f"  {name}: connect to {where}", flush=True)
+            continue
+        if not type_.startswith("job."):
             continue
         print(("\r\033[K" if tty else "") + _state_line(record), flush=True)
         if payload.get("state") in TERMINAL:

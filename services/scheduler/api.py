@@ -47,6 +47,8 @@ def public_job(doc: Document) -> Document:
     """A job as clients see it: no internal fields, `id` instead of `_id`."""
     hidden = {"_id", "outbox", "priority", "idempotency_key"}
     out = {"id": doc["_id"], **{k: v for k, v in doc.items() if k not in hidden}}
+    if doc.get("state") != "running":
+        out.pop("interactive", None)  # forwards end with the run
     return dict(_json(out))
 
 

@@ -23,8 +23,8 @@ from shared.service import BUS, MONGO, create_service_app
 
 COMMAND_QUEUE = "scheduler.commands"
 REPORT_QUEUE = "scheduler.reports"
-REPORT_TYPES = ["run.started", "run.output", "run.finished", "node.online", "node.heartbeat",
-                "node.offline"]  # fmt: skip
+REPORT_TYPES = ["run.started", "run.interactive", "run.output", "run.finished", "node.online",
+                "node.heartbeat", "node.offline"]  # fmt: skip
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -74,6 +74,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
             [(EVENTS, key) for key in REPORT_TYPES + DATA_REPORTS],
             {
                 "run.started": reports.started,
+                "run.interactive": reports.interactive,
                 "run.output": reports.output,
                 "run.finished": reports.finished,
                 "node.online": reports.status,

@@ -11,7 +11,7 @@ from services.scheduler.store import IdempotencyConflict, JobStore
 from shared.bus import Incoming, Rejected
 from shared.envelope import Envelope
 from shared.messages.jobs import JobCancel, JobSubmit
-from shared.messages.nodes import NodeStatus, RunFinished, RunOutput, RunStarted
+from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
 
 log = structlog.get_logger("medhive.scheduler.handlers")
 
@@ -85,6 +85,10 @@ class NodeHandlers:
     async def started(self, msg: Incoming) -> None:
         assert isinstance(msg.payload, RunStarted)
         await self.jobs.run_started(msg.payload, str(msg.envelope.id))
+
+    async def interactive(self, msg: Incoming) -> None:
+        assert isinstance(msg.payload, RunInteractive)
+        await self.jobs.run_interactive(msg.payload, str(msg.envelope.id))
 
     async def output(self, msg: Incoming) -> None:
         assert isinstance(msg.payload, RunOutput)

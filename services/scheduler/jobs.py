@@ -22,8 +22,15 @@ from shared.envelope import utcnow
 from shared.messages.base import Payload
 from shared.messages.catalog import job_event_type
 from shared.messages.data import DataGrant, DataRelease, DataStage
-from shared.messages.jobs import JobEvent, JobSpec, JobState, NodeCancel, NodeRun
-from shared.messages.nodes import RunFinished, RunStarted
+from shared.messages.jobs import (
+    JobEvent,
+    JobInteractive,
+    JobSpec,
+    JobState,
+    NodeCancel,
+    NodeRun,
+)
+from shared.messages.nodes import RunFinished, RunInteractive, RunStarted
 from shared.mongo import Document
 
 log = structlog.get_logger("medhive.scheduler.jobs")
@@ -283,6 +290,39 @@ class JobService:
             causation_id=causation_id,
             expect={"attempt": report.attempt, "node_id": report.node_id},
         )
+
+    async def run_interactive(self, report: RunInteractive, causation_id: str) -> None:
+        """The guest's ports are forwarded: store where to connect, announce it."""
+        job = await self.store.get(report.job_id)
+        if job is None or (job.get("attempt"), job.get("node_id")) != (
+            report.attempt,
+            report.node_id,
+        ):
+            return  # an older attempt's report
+        if job["state"] != JobState.running.value or job.get("interactive") == report.endpoints:
+            return  # ended meanwhile, or a repeated report (an agent restarted)
+        ready = JobInteractive(
+            job_id=report.job_id, attempt=report.attempt, endpoints=report.endpoints
+        )
+        envelope = self.bus.envelope(
+            "job.interactive_ready",
+            ready,
+            correlation_id=job["_id"],
+            causation_id=causation_id,
+            tenant=job["tenant"],
+        )
+        connect = ", ".join(f"{name} {where}" for name, where in report.endpoints.items())
+        note = {
+            "state": job["state"],
+            "at": utcnow(),
+            "event": "job.interactive_ready",
+            "reason": f"connect to {connect}",
+        }
+        entry = outbox_entry(envelope)
+        expect = {"state": JobState.running.value, "attempt": report.attempt}
+        fields = {"interactive": report.endpoints}
+        if await self.store.update_flags(job["_id"], fields, [entry], expect, note):
+            await self.relay.flush(job["_id"], [entry])
 
     async def run_finished(self, report: RunFinished, causation_id: str) -> None:
         job = await self.store.get(report.job_id)

@@ -46,7 +46,7 @@ from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
 from shared.envelope import Envelope, utcnow
 from shared.messages.catalog import COMMANDS
 from shared.messages.jobs import NodeCancel, NodeRun
-from shared.messages.nodes import RunFinished, RunOutcome, RunOutput, RunStarted
+from shared.messages.nodes import RunFinished, RunInteractive, RunOutcome, RunOutput, RunStarted
 from shared.topology import node_queue
 
 log = structlog.get_logger("medhive.vmnode")
@@ -177,7 +177,7 @@ class Agent:
             return
         watch.decide("cancelled", cancel.reason, incoming.envelope)
         # Ack only once the run is stopped and reported.
-        await asyncio.wait({watch.task}, timeout=self.settings.stop_grace_s + CANCEL_REPORT_S)
+        await asyncio.wait({watch.task}, timeout=self._grace(watch.workload) + CANCEL_REPORT_S)
 
     # -- watching -------------------------------------------------------------------
 
@@ -192,6 +192,31 @@ class Agent:
             self._watches[workload.key] = watch
         return watch
 
+    async def _expose(self, watch: Watch) -> None:
+        """Once the guest answers on its interactive ports, say where users connect."""
+        workload = watch.workload
+        try:
+            endpoints = await self.runtime.expose(workload)
+        except Exception as exc:
+            # The job runs on without its ports; the log and the job's history say why.
+            log.warning("expose_failed", reason=str(exc))
+            return
+        if endpoints and not watch.stop_requested.is_set():
+            ready = RunInteractive(
+                job_id=workload.job_id,
+                attempt=workload.attempt,
+                node_id=self.settings.node_id,
+                endpoints=endpoints,
+            )
+            await self.bus.emit("run.interactive", ready, **self._fields(workload, watch.cause))
+            log.info("run_interactive", endpoints=endpoints)
+
+    def _grace(self, workload: Workload) -> float:
+        """How long a workload gets to stop by itself: a guest OS needs longer."""
+        if workload.kind == "vm":
+            return self.settings.vm_shutdown_grace_s
+        return self.settings.stop_grace_s
+
     async def _follow(self, watch: Watch) -> None:
         """Watch until reported; an engine or broker outage is retried, not fatal."""
         workload = watch.workload
@@ -200,6 +225,7 @@ class Agent:
         with structlog.contextvars.bound_contextvars(
             job_id=workload.job_id, attempt=workload.attempt, tenant=workload.tenant
         ):
+            exposing = asyncio.create_task(self._expose(watch), name=f"expose-{workload.id}")
             while True:
                 try:
                     outcome = await self._end(watch)
@@ -210,6 +236,8 @@ class Agent:
                     log.exception("watch_failed", retry_in_s=delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
+            exposing.cancel()
+            await asyncio.gather(exposing, return_exceptions=True)
             del self._watches[workload.key]
             log.info(
                 "run_finished",
@@ -238,8 +266,11 @@ class Agent:
     async def _keep_outputs(self, workload: Workload, finished: RunFinished) -> RunFinished:
         """Store /outputs before reporting; a job whose results were lost did not succeed."""
         try:
+            into = self.data.directory(workload.job_id, workload.attempt) / "outputs"
+            if await asyncio.to_thread(into.is_dir):  # the job asked for its results
+                await self.runtime.export_outputs(workload, into)
             files = await self.data.collect(workload.job_id, workload.attempt)
-        except (DataUnavailable, OSError) as exc:
+        except (DataUnavailable, WorkloadRefused, OSError) as exc:
             log.warning("outputs_not_stored", reason=str(exc))
             if finished.outcome != "succeeded":
                 return finished
@@ -258,7 +289,7 @@ class Agent:
             if watch.outcome is None:
                 ended = workload.deadline.isoformat()
                 watch.decide("timed_out", f"walltime ended at {ended}", None)
-            await self.runtime.stop(workload, self.settings.stop_grace_s)
+            await self.runtime.stop(workload, self._grace(workload))
             info = await self.runtime.wait(workload)
         return info
 

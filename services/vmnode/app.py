@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from services.vmnode.agent import Agent
+from services.vmnode.guestnet import GuestNetwork
 from services.vmnode.heartbeat import Heartbeat
 from services.vmnode.runtimes import Runtime, create_runtime
 from services.vmnode.settings import NodeSettings
@@ -29,7 +30,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     app = create_service_app("vmnode", settings.amqp, settings.mongo)
 
     async def runtime(app: web.Application) -> AsyncIterator[None]:
-        app[RUNTIME] = create_runtime(settings)
+        app[RUNTIME] = create_runtime(settings, GuestNetwork(app[BUS], settings.node_id))
         yield
         await app[RUNTIME].close()
 
@@ -41,7 +42,7 @@ def create_app(settings: NodeSettings) -> web.Application:
         await app[AGENT].data.close()
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:
-        app[HEARTBEAT] = Heartbeat(app[BUS], settings, app[AGENT].running)
+        app[HEARTBEAT] = Heartbeat(app[BUS], settings, app[AGENT].running, list(app[RUNTIME].kinds))
         await app[HEARTBEAT].start()
         yield
         await app[HEARTBEAT].stop()

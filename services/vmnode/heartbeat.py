@@ -20,17 +20,21 @@ from shared.messages.nodes import NodeStatus
 
 log = structlog.get_logger("medhive.vmnode.heartbeat")
 
-#: Workload kinds this agent runs (both runtimes run container jobs).
-RUNTIMES = ["container"]
-
 
 class Heartbeat:
     """Publishes the node's status on start, every `heartbeat_s`, and on stop."""
 
-    def __init__(self, bus: Bus, settings: NodeSettings, running: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        settings: NodeSettings,
+        running: Callable[[], list[str]],
+        kinds: list[str],
+    ) -> None:
         self.bus = bus
         self.settings = settings
         self.running = running
+        self.kinds = kinds
         self.started_at: datetime = utcnow()
         self._task: asyncio.Task[None] | None = None
 
@@ -40,7 +44,7 @@ class Heartbeat:
             cpus=self.settings.cpus,
             memory_mb=self.settings.memory_mb,
             running=self.running(),
-            runtimes=list(RUNTIMES),
+            runtimes=list(self.kinds),
             heartbeat_s=self.settings.heartbeat_s,
             started_at=self.started_at,
         )

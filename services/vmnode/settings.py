@@ -31,6 +31,10 @@ def _default_memory_mb() -> int:
     return max(total_memory_mb() - HOST_RESERVE_MB, 64)
 
 
+def _default_domain_type() -> Literal["kvm", "qemu"]:
+    return "kvm" if os.path.exists("/dev/kvm") else "qemu"
+
+
 def _default_cpus() -> float:
     return float(os.cpu_count() or 1)
 
@@ -95,6 +99,28 @@ class NodeSettings(BaseSettings):
     )
     tmpfs_inputs_mb: int = Field(
         2048, ge=0, description="Inputs up to this size are kept in memory (tmpfs), not on disk."
+    )
+    libvirt_uri: str | None = Field(
+        None,
+        description="libvirt connection for VM jobs, e.g. `qemu:///system`; unset: this "
+        "node runs no VMs.",
+    )
+    vm_domain_type: Literal["kvm", "qemu", "test"] = Field(
+        default_factory=_default_domain_type,
+        description="libvirt domain type: `kvm` where /dev/kvm exists, else `qemu` "
+        "(software emulation); `test` for libvirt's test driver.",
+    )
+    vm_dir: Path = Field(
+        Path("/var/lib/medhive/vms"), description="Per-attempt overlays, data disks, consoles."
+    )
+    vm_network: str | None = Field(
+        None,
+        pattern=r"^(bridge|direct):[\w.-]{1,15}$",
+        description="Where guests' NICs attach: `bridge:NAME` (a Linux bridge) or "
+        "`direct:DEVICE` (macvtap on a device); needed for interactive ports.",
+    )
+    vm_shutdown_grace_s: float = Field(
+        60.0, ge=0, description="Seconds a guest gets to power off (ACPI) before it is destroyed."
     )
     workload_user: str = Field(
         "65534:65534", min_length=1, description="uid:gid workloads run as (never root)."

@@ -1,9 +1,10 @@
 """The interface between the node agent and a workload engine.
 
-The agent only ever talks to a `Runtime`; Docker (runtimes/docker.py) and the
-benchmark runtime (runtimes/instant.py) implement it, and libvirt will. Every
-method is a coroutine that never blocks the loop. A workload's identity (job,
-attempt, tenant, deadline) lives in the engine itself (container labels), so a
+The agent only ever talks to a `Runtime`: Docker (runtimes/docker.py), libvirt
+(runtimes/libvirt.py) and the benchmark runtime (runtimes/instant.py) implement it, and
+`ByKind` (runtimes/__init__.py) sends each job to the one for its kind. Every method is
+a coroutine that never blocks the loop. A workload's identity (job, attempt, tenant,
+deadline) lives in the engine itself (container labels, domain metadata), so a
 restarted agent can find and adopt what its predecessor started.
 """
 
@@ -30,6 +31,7 @@ class Workload:
     tenant: str
     deadline: datetime
     state: State
+    kind: str = "container"
 
     @property
     def key(self) -> tuple[str, int]:
@@ -83,6 +85,9 @@ class WorkloadRefused(Exception):
 class Runtime(Protocol):
     """What the node agent needs of a workload engine."""
 
+    #: The job kinds it runs (announced in heartbeats, so only fitting jobs come here).
+    kinds: tuple[str, ...]
+
     async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         """Create the workload of `run` with `mounts`, or return the one that already exists.
 
@@ -100,6 +105,14 @@ class Runtime(Protocol):
 
     async def output(self, workload: Workload, limit: int) -> Output:
         """Stdout and stderr, each the last `limit` bytes at most; may raise `WorkloadGone`."""
+
+    async def expose(self, workload: Workload) -> dict[str, str]:
+        """Make the workload's interactive ports reachable once it answers on them;
+        name -> host:port. Workloads without interactive ports return {} at once."""
+
+    async def export_outputs(self, workload: Workload, into: Path) -> None:
+        """Put the results of an exited workload into `into`, where the agent collects
+        them (nothing to do where `/outputs` is a host directory already)."""
 
     async def remove(self, workload: Workload) -> None:
         """Delete the workload and what it printed; a missing one is not an error."""

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import aiodocker
@@ -145,6 +146,8 @@ def workload_from(container_id: str, state: str, container_labels: dict[str, str
 class DockerRuntime:
     """The `Runtime` over the local Docker engine. Never pulls an image."""
 
+    kinds: tuple[str, ...] = ("container",)
+
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self._docker: aiodocker.Docker | None = None
@@ -225,6 +228,12 @@ class DockerRuntime:
                 raise WorkloadGone(exc.message) from exc
             raise
         return Output(stdout, stderr, out_cut, err_cut)
+
+    async def expose(self, workload: Workload) -> dict[str, str]:
+        return {}  # containers have no network, let alone interactive ports
+
+    async def export_outputs(self, workload: Workload, into: Path) -> None:
+        return None  # /outputs is a host directory mounted into the container
 
     async def remove(self, workload: Workload) -> None:
         try:

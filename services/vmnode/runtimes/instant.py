@@ -7,6 +7,7 @@ is used only when `MEDHIVE_VMNODE_RUNTIME=instant` is set explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from services.vmnode.runtimes.base import ExitInfo, Mount, Output, Workload
 from services.vmnode.settings import NodeSettings
@@ -15,6 +16,8 @@ from shared.messages.jobs import NodeRun
 
 class InstantRuntime:
     """A `Runtime` whose workloads exist only in name."""
+
+    kinds: tuple[str, ...] = ("container",)
 
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
@@ -40,6 +43,12 @@ class InstantRuntime:
 
     async def output(self, workload: Workload, limit: int) -> Output:
         return Output("", "")
+
+    async def expose(self, workload: Workload) -> dict[str, str]:
+        return {}  # containers have no network, let alone interactive ports
+
+    async def export_outputs(self, workload: Workload, into: Path) -> None:
+        return None  # /outputs is a host directory mounted into the container
 
     async def remove(self, workload: Workload) -> None:
         return None

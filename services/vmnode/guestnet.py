@@ -1,0 +1,80 @@
+"""The node's side of the network gateway: lease, forward and release, over RabbitMQ.
+
+Requests are idempotent per attempt, so every call simply asks again when netgw does
+not answer in time (it may be restarting); only a refusal that asking again cannot
+change, or the job's deadline, ends the asking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import structlog
+
+from shared.bus import Bus, NoReply
+from shared.envelope import Envelope, utcnow
+from shared.messages.base import Payload
+from shared.messages.net import NetForward, NetLease, NetRelease
+
+log = structlog.get_logger("medhive.vmnode.guestnet")
+
+#: How long netgw may wait for a booting guest within one `net.forward`.
+FORWARD_WAIT_S = 10.0
+
+
+class NetworkRefused(Exception):
+    """netgw refused a request (pool exhausted, no lease, ...); the reason says why."""
+
+
+class GuestNetwork:
+    """Leases and forwards for this node's VMs."""
+
+    def __init__(self, bus: Bus, node_id: str, timeout_s: float = 30.0) -> None:
+        self.bus = bus
+        self.node_id = node_id
+        self.timeout_s = timeout_s
+
+    async def lease(self, job_id: str, attempt: int, until: datetime) -> tuple[str, str]:
+        """The attempt's (mac, ip); raises `NetworkRefused` or `NoReply`."""
+        request = NetLease(job_id=job_id, attempt=attempt, node_id=self.node_id, expires_at=until)
+        reply = await self._ask("net.lease", request, job_id)
+        if reply.type != "net.leased":
+            raise NetworkRefused(f"no network address for the guest: {reply.payload['reason']}")
+        return str(reply.payload["mac"]), str(reply.payload["ip"])
+
+    async def forward(
+        self, job_id: str, attempt: int, name: str, port: int, until: datetime
+    ) -> str:
+        """Ask until the guest answers on `port` and is forwarded; returns host:port."""
+        while True:
+            request = NetForward(
+                job_id=job_id, attempt=attempt, name=name, port=port, wait_s=FORWARD_WAIT_S
+            )
+            try:
+                reply = await self._ask("net.forward", request, job_id, FORWARD_WAIT_S)
+            except NoReply:
+                reply = None
+            if reply is not None and reply.type == "net.forwarded":
+                return str(reply.payload["external"])
+            if reply is not None and not reply.payload.get("retryable", False):
+                raise NetworkRefused(str(reply.payload["reason"]))
+            if utcnow() >= until:
+                raise NetworkRefused(f"the guest never answered on port {port} ({name})")
+            await asyncio.sleep(1.0)  # netgw restarting or the pool full: ask again soon
+
+    async def release(self, job_id: str, attempt: int, reason: str) -> None:
+        """Free the attempt's lease and forwards (nothing held is not an error)."""
+        request = NetRelease(job_id=job_id, attempt=attempt, reason=reason[:500])
+        await self._ask("net.release", request, job_id)
+
+    async def _ask(
+        self, type_: str, request: Payload, job_id: str, extra_s: float = 0.0
+    ) -> Envelope:
+        return await self.bus.request(
+            type_,
+            request,
+            timeout_s=self.timeout_s + extra_s,
+            correlation_id=job_id,
+            actor=self.node_id,
+        )
