@@ -108,7 +108,7 @@ class Gateway:
         expires_at = req.expires_at + timedelta(seconds=self.settings.lease_grace_s)
         try:
             lease, created = await self.store.lease(
-                req.job_id, req.attempt, req.node_id, expires_at
+                req.job_id, req.attempt, req.node_id, incoming.envelope.tenant, expires_at
             )
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
@@ -189,7 +189,11 @@ class Gateway:
         for lease in expired:
             released = await self.release(lease, "the lease expired with its job")
             await self.bus.emit(
-                "net.released", released, correlation_id=lease["job_id"], actor="netgw"
+                "net.released",
+                released,
+                correlation_id=lease["job_id"],
+                tenant=lease.get("tenant"),
+                actor="netgw",
             )
         return len(expired)
 

@@ -69,7 +69,7 @@ class NetStore:
     # -- leases -------------------------------------------------------------------
 
     async def lease(
-        self, job_id: str, attempt: int, node_id: str, expires_at: datetime
+        self, job_id: str, attempt: int, node_id: str, tenant: str | None, expires_at: datetime
     ) -> tuple[Document, bool]:
         """The attempt's lease, made now if it has none; and whether it was made now."""
         key = lease_id(job_id, attempt)
@@ -90,6 +90,7 @@ class NetStore:
                 "job_id": job_id,
                 "attempt": attempt,
                 "node_id": node_id,
+                "tenant": tenant,
                 "slot": slot,
                 "mac": mac,
                 "ip": ip,

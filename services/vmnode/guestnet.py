@@ -35,16 +35,18 @@ class GuestNetwork:
         self.node_id = node_id
         self.timeout_s = timeout_s
 
-    async def lease(self, job_id: str, attempt: int, until: datetime) -> tuple[str, str]:
+    async def lease(
+        self, job_id: str, attempt: int, tenant: str, until: datetime
+    ) -> tuple[str, str]:
         """The attempt's (mac, ip); raises `NetworkRefused` or `NoReply`."""
         request = NetLease(job_id=job_id, attempt=attempt, node_id=self.node_id, expires_at=until)
-        reply = await self._ask("net.lease", request, job_id)
+        reply = await self._ask("net.lease", request, job_id, tenant)
         if reply.type != "net.leased":
             raise NetworkRefused(f"no network address for the guest: {reply.payload['reason']}")
         return str(reply.payload["mac"]), str(reply.payload["ip"])
 
     async def forward(
-        self, job_id: str, attempt: int, name: str, port: int, until: datetime
+        self, job_id: str, attempt: int, tenant: str, name: str, port: int, until: datetime
     ) -> str:
         """Ask until the guest answers on `port` and is forwarded; returns host:port."""
         while True:
@@ -52,7 +54,7 @@ class GuestNetwork:
                 job_id=job_id, attempt=attempt, name=name, port=port, wait_s=FORWARD_WAIT_S
             )
             try:
-                reply = await self._ask("net.forward", request, job_id, FORWARD_WAIT_S)
+                reply = await self._ask("net.forward", request, job_id, tenant, FORWARD_WAIT_S)
             except NoReply:
                 reply = None
             if reply is not None and reply.type == "net.forwarded":
@@ -63,18 +65,21 @@ class GuestNetwork:
                 raise NetworkRefused(f"the guest never answered on port {port} ({name})")
             await asyncio.sleep(1.0)  # netgw restarting or the pool full: ask again soon
 
-    async def release(self, job_id: str, attempt: int, reason: str) -> None:
+    async def release(self, job_id: str, attempt: int, tenant: str, reason: str) -> None:
         """Free the attempt's lease and forwards (nothing held is not an error)."""
         request = NetRelease(job_id=job_id, attempt=attempt, reason=reason[:500])
-        await self._ask("net.release", request, job_id)
+        await self._ask("net.release", request, job_id, tenant)
 
     async def _ask(
-        self, type_: str, request: Payload, job_id: str, extra_s: float = 0.0
+        self, type_: str, request: Payload, job_id: str, tenant: str, extra_s: float = 0.0
     ) -> Envelope:
+        """One request; the job's tenant travels in the envelope, so the answers (and
+        their audit records) are the tenant's to see."""
         return await self.bus.request(
             type_,
             request,
             timeout_s=self.timeout_s + extra_s,
             correlation_id=job_id,
+            tenant=tenant,
             actor=self.node_id,
         )

@@ -158,7 +158,9 @@ class LibvirtRuntime:
             await asyncio.to_thread(shutil.rmtree, layout.directory, True)
             if vm.interactive and self.network is not None:
                 with contextlib.suppress(NoReply):
-                    await self.network.release(run.job_id, run.attempt, "the VM was not created")
+                    await self.network.release(
+                        run.job_id, run.attempt, run.tenant, "the VM was not created"
+                    )
             raise
         log.info("domain_defined", domain=name, iso=has_iso, disk=has_disk, nic=nic is not None)
         return await self._workload(domain)
@@ -169,7 +171,7 @@ class LibvirtRuntime:
                 f"node {self.settings.node_id} has no guest network for interactive ports"
             )
         try:
-            mac, _ = await self.network.lease(run.job_id, run.attempt, run.deadline)
+            mac, _ = await self.network.lease(run.job_id, run.attempt, run.tenant, run.deadline)
         except NetworkRefused as exc:
             raise WorkloadRefused(str(exc)) from exc
         except NoReply as exc:
@@ -230,7 +232,7 @@ class LibvirtRuntime:
         endpoints = {}
         for name, port in record.interactive.items():
             endpoints[name] = await self.network.forward(
-                workload.job_id, workload.attempt, name, port, workload.deadline
+                workload.job_id, workload.attempt, workload.tenant, name, port, workload.deadline
             )
         return endpoints
 
@@ -255,7 +257,9 @@ class LibvirtRuntime:
         self._stopped.pop(workload.id, None)
         if self.network is not None:
             try:
-                await self.network.release(workload.job_id, workload.attempt, "the job ended")
+                await self.network.release(
+                    workload.job_id, workload.attempt, workload.tenant, "the job ended"
+                )
             except NoReply:
                 # netgw's sweeper frees the lease when it expires with the job.
                 log.warning("network_release_unanswered", domain=workload.id)

@@ -1,0 +1,220 @@
+"""VM jobs end to end: real libvirt and QEMU (software emulation), the tiny guest, netgw
+with real dnsmasq and nftables in the test network's namespaces, every service a
+process.
+
+The guest is the kernel from Debian's cloud image with a busybox initramfs
+(scripts/build-guest.sh); what it does comes from its kernel command line: take its
+address by DHCP and serve a banner (`medhive.serve`), checksum its inputs onto the
+writable disk (`medhive.checksum`), stay up (`medhive.sleep`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from medhive.client import Client
+from tests.conftest import free_port
+from tests.e2e.support import client, wait_state
+from tests.fixtures.vmnet import EXTERNAL_IP, VmNet
+from tests.helpers import eventually
+from tests.integration.datacache.http_origin import Origin, serve_origin
+from tests.processes import Stack
+
+pytestmark = pytest.mark.slow
+
+GUEST_DIR = Path(os.environ.get("MEDHIVE_TEST_GUEST_DIR", "/var/lib/medhive/guest"))
+URI = "qemu:///system"
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
+    return done.stdout
+
+
+def domains_of(node_id: str) -> list[str]:
+    """The medhive domains libvirt holds for `node_id` (running or not)."""
+    names = [n for n in virsh("list", "--all", "--name").split() if n.startswith("medhive-")]
+    return [n for n in names if f'"node_id": "{node_id}"' in virsh("dumpxml", n)]
+
+
+@pytest.fixture
+async def vm_stack(
+    stack: Stack, vmnet: VmNet, db_prefix: str, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """The stack with netgw on the test network and a node agent that runs VMs."""
+    assert (GUEST_DIR / "vmlinuz").is_file(), "scripts/setup.sh builds the test guest"
+    await stack.start(
+        "netgw",
+        **vmnet.netgw_env(),
+        MEDHIVE_NETGW_DATABASE=f"{db_prefix}netgw",
+        MEDHIVE_NETGW_PORT=str(free_port()),
+    )
+    stack.stop("vmnode")
+    await stack.start(
+        "vmnode",
+        MEDHIVE_VMNODE_LIBVIRT_URI=URI,
+        MEDHIVE_VMNODE_VM_DIR=str(tmp_path / "vms"),
+        MEDHIVE_VMNODE_VM_NETWORK=f"direct:{vmnet.uplink}",
+        MEDHIVE_VMNODE_VM_SHUTDOWN_GRACE_S="5",
+    )
+    try:
+        yield stack
+    finally:
+        for name in domains_of(stack.node_id):
+            virsh("destroy", name)
+            virsh("undefine", name)
+
+
+@pytest.fixture
+def base_image(tmp_path: Path) -> Path:
+    path = tmp_path / "base.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M"], check=True)
+    return path
+
+
+def vm_job(base: Path, cmdline: str, **fields: Any) -> dict[str, Any]:
+    vm = {
+        "kernel": str(GUEST_DIR / "vmlinuz"),
+        "initrd": str(GUEST_DIR / "initrd.img"),
+        "cmdline": cmdline,
+        **fields.pop("vm", {}),
+    }
+    return {"kind": "vm", "name": "guest", "image": str(base), "walltime_s": 300,
+            "resources": {"cpus": 1, "memory_mb": 256}, "vm": vm, **fields}  # fmt: skip
+
+
+async def interactive(api: Client, job_id: str, within: float = 120) -> dict[str, str]:
+    async with asyncio.timeout(within):
+        while not (job := await api.job(job_id)).get("interactive"):
+            assert job["state"] in {"queued", "dispatched", "running"}, job
+            await asyncio.sleep(0.2)
+    return dict(job["interactive"])
+
+
+def refused(vmnet: VmNet, port: int) -> bool:
+    try:
+        vmnet.connect(EXTERNAL_IP, port)
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
+    vm_stack: Stack, vmnet: VmNet, user_token: str, base_image: Path, tmp_path: Path
+) -> None:
+    job = vm_job(
+        base_image,
+        "medhive.serve=2222 medhive.sleep=inf",
+        vm={"interactive": [{"name": "ssh", "port": 2222}]},
+    )
+    async with client(vm_stack, user_token) as api:
+        job_id = (await api.submit(job))["id"]
+        endpoints = await interactive(api, job_id)
+        host, port = endpoints["ssh"].split(":")
+        assert host == EXTERNAL_IP
+        banner = await asyncio.to_thread(vmnet.connect, host, int(port))
+        assert banner == b"medhive-guest ready\n"
+
+        # The CLI shows the same.
+        env = {**os.environ, "MEDHIVE_API_URL": vm_stack.api, "MEDHIVE_TOKEN": user_token,
+               "MEDHIVE_AUDIT_URL": vm_stack.audit}  # fmt: skip
+        status = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "medhive", "status", job_id],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert f'"ssh": "{EXTERNAL_IP}:{port}"' in status.stdout
+
+        await api.cancel(job_id)
+        done = await wait_state(api, job_id, within=120)
+        assert done["state"] == "cancelled"
+        assert "interactive" not in done
+        assert await asyncio.to_thread(refused, vmnet, int(port))
+        await eventually(lambda: _async(vmnet.dhcp_hosts() == []), within=60)
+        assert domains_of(vm_stack.node_id) == []
+        assert list((tmp_path / "vms").iterdir()) == []
+        events, _ = await api.events({"job": job_id, "type": "net."})
+        types = [e["type"] for e in events]
+        for kind in ("net.lease", "net.leased", "net.forwarded", "net.released"):
+            assert kind in types, types
+        ready, _ = await api.events({"job": job_id, "type": "job.interactive_ready"})
+        assert ready[0]["envelope"]["payload"]["endpoints"] == endpoints
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_a_guest_reads_its_staged_input_from_the_iso_and_its_result_comes_back(
+    vm_stack: Stack, user_token: str, base_image: Path
+) -> None:
+    data = os.urandom(300_000)
+    async with serve_origin(Origin(files={"ecg.bin": data}, token="s3cret")) as origin:
+        await vm_stack.configure_sources(
+            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
+        )
+        job = vm_job(
+            base_image,
+            "medhive.checksum=1",
+            inputs=[{"name": "ecg", "source": f"{origin.url}/ecg.bin", "path": "/data/ecg"}],
+            outputs={"max_mb": 8},
+            vm={"data_method": "iso", "disk_size_mb": 16, "filesystem": "ext4"},
+        )
+        async with client(vm_stack, user_token) as api:
+            job_id = (await api.submit(job))["id"]
+            done = await wait_state(api, job_id, within=180)
+            assert done["state"] == "succeeded", done
+            listing = await api.outputs(job_id)
+            assert [f["path"] for f in listing["files"]] == ["checksums.sha256"]
+            body = await api.output_file(job_id, "checksums.sha256")
+            digest = hashlib.sha256(data).hexdigest()
+            assert body.decode() == f"{digest}  data/ecg/ecg.bin\n"
+            logs = await api.logs(job_id)
+            assert "medhive-guest: up" in logs["stdout"]  # the serial console is the log
+            assert re.search(rf"medhive-guest: sha256 {digest}", logs["stdout"])
+
+
+async def test_walltime_shuts_the_guest_down_and_cleans_up(
+    vm_stack: Stack, vmnet: VmNet, user_token: str, base_image: Path, tmp_path: Path
+) -> None:
+    job = vm_job(
+        base_image,
+        "medhive.serve=2222 medhive.sleep=inf",
+        walltime_s=25,
+        vm={"interactive": [{"name": "ssh", "port": 2222}], "data_method": "disk"},
+        outputs={"max_mb": 4},
+    )
+    async with client(vm_stack, user_token) as api:
+        job_id = (await api.submit(job))["id"]
+        done = await wait_state(api, job_id, within=120)
+        assert done["state"] == "timed_out", done
+        assert domains_of(vm_stack.node_id) == []
+        assert list((tmp_path / "vms").iterdir()) == []
+        await eventually(lambda: _async(vmnet.dhcp_hosts() == []), within=60)
+        assert vmnet.forward_rules() == []
+
+
+async def test_a_restarted_node_agent_finds_its_running_vm_and_reports_its_end(
+    vm_stack: Stack, user_token: str, base_image: Path
+) -> None:
+    job = vm_job(base_image, "medhive.sleep=20")
+    async with client(vm_stack, user_token) as api:
+        job_id = (await api.submit(job))["id"]
+        await wait_state(api, job_id, {"running"}, within=60)
+        vm_stack.kill("vmnode")
+        assert len(domains_of(vm_stack.node_id)) == 1  # the guest runs on without its agent
+        await vm_stack.restart("vmnode")
+        done = await wait_state(api, job_id, within=120)
+        assert done["state"] == "succeeded", done
+        assert domains_of(vm_stack.node_id) == []
+        logs = await api.logs(job_id)
+        assert "medhive-guest: done" in logs["stdout"]
