@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +33,17 @@ def _default_memory_mb() -> int:
 
 
 def _default_domain_type() -> Literal["kvm", "qemu"]:
-    return "kvm" if os.path.exists("/dev/kvm") else "qemu"
+    """`kvm` where the CPU offers virtualisation and /dev/kvm exists, else `qemu`.
+
+    /dev/kvm alone is not enough: some hosts have the device without the CPU flags,
+    and a `kvm` domain there starts but never runs its guest.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "qemu"
+    has_flags = re.search(r"^flags\s*:.*\b(vmx|svm)\b", flags, re.MULTILINE) is not None
+    return "kvm" if has_flags and os.path.exists("/dev/kvm") else "qemu"
 
 
 def _default_cpus() -> float:
