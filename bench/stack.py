@@ -136,6 +136,7 @@ class Stack:
     user_token: str
     operator_token: str
     vhost: str
+    amqp_url: str
     node_ids: list[str]
     workdir: Path
     processes: dict[str, Process] = field(default_factory=dict)
@@ -297,8 +298,10 @@ async def bench_stack(
     node_env: Mapping[str, str] | None = None,
     scheduler_env: Mapping[str, str] | None = None,
     audit_env: Mapping[str, str] | None = None,
+    netgw_env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Stack]:
-    """Start a whole installation; `*_env` add or override `MEDHIVE_*` settings."""
+    """Start a whole installation; `*_env` add or override `MEDHIVE_*` settings. netgw
+    runs only when `netgw_env` is given (it needs a network to manage)."""
     run_id = uuid.uuid4().hex[:10]
     workdir = Path(tempfile.mkdtemp(prefix=f"medhive-bench-{run_id}-"))
     keep = os.environ.get("MEDHIVE_BENCH_KEEP") == "1"
@@ -333,6 +336,7 @@ async def bench_stack(
                 user_token=user_token,
                 operator_token=operator_token,
                 vhost=f"bench-{run_id}",
+                amqp_url=amqp_url,
                 node_ids=node_ids,
                 workdir=workdir,
             )
@@ -355,6 +359,13 @@ async def bench_stack(
                     **(scheduler_env or {}),
                 }, ports["scheduler"]),
             ]  # fmt: skip
+            if netgw_env is not None:
+                port = free_port()
+                services.append(("netgw", "netgw", {
+                    "MEDHIVE_NETGW_DATABASE": f"bench{run_id}_netgw",
+                    "MEDHIVE_NETGW_PORT": str(port),
+                    **netgw_env,
+                }, port))  # fmt: skip
             for i, node_id in enumerate(node_ids):
                 port = free_port()
                 name = "vmnode" if nodes == 1 else f"vmnode{i + 1}"

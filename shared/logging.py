@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
 
 
-def configure_logging(level: str = "INFO", *, json: bool | None = None) -> None:
-    """Route structlog and the standard library through one renderer.
+def configure_logging(level: str | None = None, *, json: bool | None = None) -> None:
+    """Route structlog and the standard library through one renderer, at `level`
+    (default: `MEDHIVE_LOG_LEVEL`, else INFO).
 
     Context bound with `structlog.contextvars.bound_contextvars` (job id, message id,
     tenant) appears on every line logged while it is bound.
     """
+    level = level or os.environ.get("MEDHIVE_LOG_LEVEL", "INFO")
     if json is None:
         json = not sys.stdout.isatty()
     shared_processors: list[structlog.types.Processor] = [

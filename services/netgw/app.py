@@ -28,7 +28,7 @@ def create_app(settings: NetgwSettings) -> web.Application:
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         store = NetStore(app[MONGO][settings.database], settings)
-        await store.ensure_indexes()
+        await store.load()
         namespace = Namespace(settings.netns)
         firewall = Firewall(
             namespace,

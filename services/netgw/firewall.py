@@ -153,11 +153,12 @@ class Firewall:
         removed, restored = await self.ns.serial(self._reconcile, live)
         log.info("firewall_reconciled", live=len(live), removed=removed, restored=restored)
 
-    async def add(self, rule: Rule) -> None:
-        """Add the forward's rule unless it is there already (a repeated request)."""
+    async def add(self, rule: Rule, *, new: bool) -> None:
+        """Add the forward's rule; for a forward that is not `new` (a repeated request)
+        only if it is missing, so no rule is ever doubled."""
 
         def add_once() -> None:
-            if not any(comment == rule.forward_id for _, comment in self._listed()):
+            if new or not any(comment == rule.forward_id for _, comment in self._listed()):
                 self._add(rule)
 
         await self.ns.serial(add_once)

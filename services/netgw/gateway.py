@@ -78,8 +78,8 @@ class Gateway:
     async def start(self) -> None:
         """Sweep what expired while netgw was down, then make the data plane match."""
         await self.sweep()
-        leases = await self.store.live_leases()
-        forwards = await self.store.live_forwards()
+        leases = self.store.live_leases()
+        forwards = self.store.live_forwards()
         await self.firewall.reconcile([_rule(f) for f in forwards])
         await self.dhcp.start((lease["mac"], lease["ip"]) for lease in leases)
 
@@ -113,9 +113,6 @@ class Gateway:
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
-        if created:
-            await self._rebind()
-            log.info("leased", mac=lease["mac"], ip=lease["ip"])
         answer = NetLeased(
             job_id=req.job_id,
             attempt=req.attempt,
@@ -123,12 +120,19 @@ class Gateway:
             ip=lease["ip"],
             expires_at=lease["expires_at"],
         )
-        await self._answer(incoming, "net.leased", answer)
+        # The guest asks for its address only once its VM has booted, well after this
+        # answer: the binding is written alongside it (and at start, should netgw die
+        # in between).
+        await asyncio.gather(
+            self._answer(incoming, "net.leased", answer), self._rebind() if created else _done()
+        )
+        if created:
+            log.info("leased", mac=lease["mac"], ip=lease["ip"])
 
     async def on_forward(self, incoming: Incoming) -> None:
         req = incoming.payload
         assert isinstance(req, NetForward)
-        lease = await self.store.get_lease(req.job_id, req.attempt)
+        lease = self.store.get_lease(req.job_id, req.attempt)
         if lease is None:
             why = f"attempt {req.attempt} of job {req.job_id} holds no lease"
             await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
@@ -142,7 +146,7 @@ class Gateway:
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
-        await self.firewall.add(_rule(forward))
+        await self.firewall.add(_rule(forward), new=created)
         external = f"{self.settings.external_address}:{forward['external_port']}"
         if created:
             log.info("forwarded", name=req.name, external=external)
@@ -158,7 +162,7 @@ class Gateway:
     async def on_release(self, incoming: Incoming) -> None:
         req = incoming.payload
         assert isinstance(req, NetRelease)
-        lease = await self.store.get_lease(req.job_id, req.attempt)
+        lease = self.store.get_lease(req.job_id, req.attempt)
         released = await self.release(lease, req.reason) if lease is not None else None
         answer = released or NetReleased(job_id=req.job_id, attempt=req.attempt, reason=req.reason)
         await self._answer(incoming, "net.released", answer)
@@ -167,7 +171,7 @@ class Gateway:
 
     async def release(self, lease: Document, reason: str) -> NetReleased:
         """Remove the lease's forwards from the data plane, then the lease from the store."""
-        forwards = await self.store.forwards_of(lease)
+        forwards = self.store.forwards_of(lease)
         for forward in forwards:
             await self.firewall.remove(forward["_id"])
             await self._forget_connections(forward["external_port"])
@@ -185,7 +189,7 @@ class Gateway:
 
     async def sweep(self) -> int:
         """Release every lease that outlived its job; announce each release."""
-        expired = await self.store.expired_leases(utcnow())
+        expired = self.store.expired_leases(utcnow())
         for lease in expired:
             released = await self.release(lease, "the lease expired with its job")
             await self.bus.emit(
@@ -213,8 +217,7 @@ class Gateway:
     async def _rebind(self) -> None:
         """Write every live lease to dnsmasq's hosts file (one writer at a time)."""
         async with self._bindings:
-            leases = await self.store.live_leases()
-            await self.dhcp.bind((lease["mac"], lease["ip"]) for lease in leases)
+            await self.dhcp.bind((lease["mac"], lease["ip"]) for lease in self.store.live_leases())
 
     async def _forget_connections(self, external_port: int) -> None:
         """Drop tracked connections through a removed forward, so none lives on."""
@@ -241,8 +244,8 @@ class Gateway:
         envelope = self.bus.envelope(
             type_, payload, **incoming.envelope.caused(correlation_id=job_id, actor="netgw")
         )
-        await self.bus.publish(envelope)
-        await self.bus.reply(incoming, envelope)
+        # The reply and the record go out together (the reply first: a node waits on it).
+        await asyncio.gather(self.bus.reply(incoming, envelope), self.bus.publish(envelope))
 
     async def _fail(
         self, incoming: Incoming, job_id: str, attempt: int, reason: str, *, retryable: bool
@@ -256,6 +259,10 @@ class Gateway:
             retryable=retryable,
         )
         await self._answer(incoming, "net.failed", failed)
+
+
+async def _done() -> None:
+    return None
 
 
 class Sweeper(BackgroundLoop):

@@ -1,10 +1,15 @@
 """Leases and forwards in MongoDB: the gateway's record, and the truth it reconciles to.
 
 A lease takes one slot of the pool; slot i is both the i-th MAC and the i-th IP, and a
-unique index on the slot makes two concurrent leases (in this process or another) end
-up in different slots. A forward's external port is unique the same way. Slots and
-ports are handed out round-robin, so an address freed a moment ago (still in a
-guest's ARP cache or dnsmasq's lease file) is the last to be used again.
+unique index on the slot means two leases can never share one, whatever this process
+believes. A forward's external port is unique the same way. Slots and ports are
+handed out round-robin, so an address freed a moment ago (still in a guest's ARP
+cache or dnsmasq's lease file) is the last to be used again.
+
+One netgw owns one gateway (its dnsmasq, its nftables table), so the store keeps what
+it wrote in memory as well: writes go to the database first, then to memory, and
+reads are answered from memory. A request then costs one database write, which keeps
+a lease and a forward within a few milliseconds.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 from datetime import datetime
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -39,14 +44,22 @@ class NetStore:
     def __init__(self, db: AsyncDatabase[Document], settings: NetgwSettings) -> None:
         self.leases = db["leases"]
         self.forwards = db["forwards"]
-        self.cursors = db["cursors"]
         self.settings = settings
+        self._leases: dict[str, Document] = {}
+        self._forwards: dict[str, Document] = {}
+        self._next_slot = 0
+        self._next_port = 0
 
-    async def ensure_indexes(self) -> None:
+    async def load(self) -> None:
+        """Create the indexes and read what the store holds (at start)."""
         await self.leases.create_index([("slot", ASCENDING)], unique=True)
         await self.leases.create_index([("expires_at", ASCENDING)])
         await self.forwards.create_index([("external_port", ASCENDING)], unique=True)
         await self.forwards.create_index([("lease_id", ASCENDING)])
+        self._leases = {doc["_id"]: doc async for doc in self.leases.find({})}
+        self._forwards = {doc["_id"]: doc async for doc in self.forwards.find({})}
+        newest = max(self._leases.values(), key=lambda d: d["created_at"], default=None)
+        self._next_slot = newest["slot"] + 1 if newest else 0
 
     # -- pools --------------------------------------------------------------------
 
@@ -58,14 +71,6 @@ class NetStore:
         mac = self.settings.mac_prefix + "".join(f":{b:02x}" for b in tail)
         return mac, str(ip)
 
-    async def _next(self, pool: str, size: int) -> int:
-        """Where the round-robin search of `pool` starts this time."""
-        cursor = await self.cursors.find_one_and_update(
-            {"_id": pool}, {"$inc": {"n": 1}}, upsert=True, return_document=ReturnDocument.AFTER
-        )
-        assert cursor is not None
-        return int(cursor["n"]) % size
-
     # -- leases -------------------------------------------------------------------
 
     async def lease(
@@ -73,89 +78,84 @@ class NetStore:
     ) -> tuple[Document, bool]:
         """The attempt's lease, made now if it has none; and whether it was made now."""
         key = lease_id(job_id, attempt)
-        if (existing := await self.leases.find_one({"_id": key})) is not None:
+        if (existing := self._leases.get(key)) is not None:
             return existing, False
         # As stored: MongoDB keeps milliseconds, so a repeated answer is the same answer.
         expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
         size = self.settings.pool_size
-        used = {doc["slot"] async for doc in self.leases.find({}, {"slot": 1})}
-        start = await self._next("slots", size)
+        used = {doc["slot"] for doc in self._leases.values()}
         for offset in range(size):
-            slot = (start + offset) % size
+            slot = (self._next_slot + offset) % size
             if slot in used:
                 continue
             mac, ip = self.address(slot)
             doc = {
-                "_id": key,
-                "job_id": job_id,
-                "attempt": attempt,
-                "node_id": node_id,
-                "tenant": tenant,
-                "slot": slot,
-                "mac": mac,
-                "ip": ip,
-                "expires_at": expires_at,
-                "created_at": utcnow(),
-            }
+                "_id": key, "job_id": job_id, "attempt": attempt, "node_id": node_id,
+                "tenant": tenant, "slot": slot, "mac": mac, "ip": ip,
+                "expires_at": expires_at, "created_at": utcnow(),
+            }  # fmt: skip
             try:
                 await self.leases.insert_one(doc)
             except DuplicateKeyError:
                 if (existing := await self.leases.find_one({"_id": key})) is not None:
+                    self._leases[key] = existing
                     return existing, False  # the same request, handled twice at once
-                continue  # another lease took this slot meanwhile
+                continue  # taken behind this process's back: try the next slot
+            self._leases[key] = doc
+            self._next_slot = slot + 1
             return doc, True
         raise PoolExhausted(f"all {size} guest addresses are leased")
 
-    async def get_lease(self, job_id: str, attempt: int) -> Document | None:
-        return await self.leases.find_one({"_id": lease_id(job_id, attempt)})
+    def get_lease(self, job_id: str, attempt: int) -> Document | None:
+        return self._leases.get(lease_id(job_id, attempt))
 
-    async def live_leases(self) -> list[Document]:
-        return [doc async for doc in self.leases.find({})]
+    def live_leases(self) -> list[Document]:
+        return list(self._leases.values())
 
-    async def expired_leases(self, now: datetime) -> list[Document]:
-        return [doc async for doc in self.leases.find({"expires_at": {"$lt": now}})]
+    def expired_leases(self, now: datetime) -> list[Document]:
+        return [doc for doc in self._leases.values() if doc["expires_at"] < now]
 
     async def drop_lease(self, lease: Document) -> None:
         await self.forwards.delete_many({"lease_id": lease["_id"]})
         await self.leases.delete_one({"_id": lease["_id"]})
+        for forward in self.forwards_of(lease):
+            del self._forwards[forward["_id"]]
+        self._leases.pop(lease["_id"], None)
 
     # -- forwards -----------------------------------------------------------------
 
     async def forward(self, lease: Document, name: str, guest_port: int) -> tuple[Document, bool]:
         """The lease's forward called `name`, made now if missing; and whether it was."""
         key = forward_id(lease["job_id"], lease["attempt"], name)
-        if (existing := await self.forwards.find_one({"_id": key})) is not None:
+        if (existing := self._forwards.get(key)) is not None:
             return existing, False
         low, high = self.settings.external_ports
         size = high - low + 1
-        used = {doc["external_port"] async for doc in self.forwards.find({}, {"external_port": 1})}
-        start = await self._next("ports", size)
+        used = {doc["external_port"] for doc in self._forwards.values()}
         for offset in range(size):
-            port = low + (start + offset) % size
+            port = low + (self._next_port + offset) % size
             if port in used:
                 continue
             doc = {
-                "_id": key,
-                "lease_id": lease["_id"],
-                "job_id": lease["job_id"],
-                "attempt": lease["attempt"],
-                "name": name,
-                "external_port": port,
-                "guest_ip": lease["ip"],
-                "guest_port": guest_port,
+                "_id": key, "lease_id": lease["_id"], "job_id": lease["job_id"],
+                "attempt": lease["attempt"], "name": name, "external_port": port,
+                "guest_ip": lease["ip"], "guest_port": guest_port,
                 "expires_at": lease["expires_at"],
-            }
+            }  # fmt: skip
             try:
                 await self.forwards.insert_one(doc)
             except DuplicateKeyError:
                 if (existing := await self.forwards.find_one({"_id": key})) is not None:
+                    self._forwards[key] = existing
                     return existing, False
                 continue
+            self._forwards[key] = doc
+            self._next_port = port - low + 1
             return doc, True
         raise PoolExhausted(f"all {size} external ports are forwarded")
 
-    async def forwards_of(self, lease: Document) -> list[Document]:
-        return [doc async for doc in self.forwards.find({"lease_id": lease["_id"]})]
+    def forwards_of(self, lease: Document) -> list[Document]:
+        return [doc for doc in self._forwards.values() if doc["lease_id"] == lease["_id"]]
 
-    async def live_forwards(self) -> list[Document]:
-        return [doc async for doc in self.forwards.find({})]
+    def live_forwards(self) -> list[Document]:
+        return list(self._forwards.values())
