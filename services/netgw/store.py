@@ -84,8 +84,9 @@ class NetStore:
         expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
         size = self.settings.pool_size
         used = {doc["slot"] for doc in self._leases.values()}
+        start = self._next_slot  # others move it while this one awaits its insert
         for offset in range(size):
-            slot = (self._next_slot + offset) % size
+            slot = (start + offset) % size
             if slot in used:
                 continue
             mac, ip = self.address(slot)
@@ -132,8 +133,9 @@ class NetStore:
         low, high = self.settings.external_ports
         size = high - low + 1
         used = {doc["external_port"] for doc in self._forwards.values()}
+        start = self._next_port
         for offset in range(size):
-            port = low + (self._next_port + offset) % size
+            port = low + (start + offset) % size
             if port in used:
                 continue
             doc = {

@@ -118,7 +118,7 @@ class NodeSettings(BaseSettings):
     )
     vm_domain_type: Literal["kvm", "qemu", "test"] = Field(
         default_factory=_default_domain_type,
-        description="libvirt domain type: `kvm` where /dev/kvm exists, else `qemu` "
+        description="libvirt domain type: `kvm` where the CPU and /dev/kvm allow it, else `qemu` "
         "(software emulation); `test` for libvirt's test driver.",
     )
     vm_dir: Path = Field(
