@@ -7,17 +7,11 @@ node sent `node.run`. Its end releases the data; a staging failure fails the job
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import pytest
 from aiohttp.test_utils import TestClient
 
-from shared.bus import Bus
-from shared.envelope import utcnow
-from shared.messages.catalog import COMMANDS
 from shared.messages.data import (
     DataFailed,
     DataGranted,
@@ -28,9 +22,10 @@ from shared.messages.data import (
     StagedFile,
     StagedInput,
 )
-from shared.messages.nodes import NodeStatus, RunFinished, RunStarted
+from shared.messages.nodes import RunFinished, RunStarted
 from shared.settings import AmqpSettings, MongoSettings
-from tests.helpers import EventTap, bearer, event_tap, eventually, make_token
+from tests.helpers import bearer, event_tap, eventually, make_token
+from tests.integration.scheduler.support import pretend
 
 JOB = {
     "name": "segment",
@@ -38,34 +33,6 @@ JOB = {
     "inputs": [{"name": "ct", "source": "https://data.example/ct.zip", "path": "/data/ct"}],
     "outputs": {"destination": "https://results.example/upload"},
 }
-
-
-@contextlib.asynccontextmanager
-async def pretend(amqp: AmqpSettings) -> AsyncIterator[tuple[Bus, EventTap]]:
-    """The datacache's and a node's side: a bus to report on, and their command queue."""
-    bus = Bus(amqp, "pretend@test")
-    await bus.connect()
-    commands = EventTap()
-    connection = await aio_pika.connect(amqp.url.get_secret_value())
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    for key in ("data.#", "node.n1.#"):
-        await queue.bind(COMMANDS, key)
-    await queue.consume(commands._on)
-    status = NodeStatus(
-        node_id="n1",
-        cpus=4,
-        memory_mb=4096,
-        runtimes=["container"],
-        heartbeat_s=30,
-        started_at=utcnow(),
-    )
-    await bus.emit("node.online", status)
-    try:
-        yield bus, commands
-    finally:
-        await connection.close()
-        await bus.close()
 
 
 def _of(job_id: str, type_: str) -> Any:
