@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -121,25 +122,33 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
         "medhive.serve=2222 medhive.sleep=inf",
         vm={"interactive": [{"name": "ssh", "port": 2222}]},
     )
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(json.dumps(job))  # YAML reads JSON
+    env = {**os.environ, "MEDHIVE_API_URL": vm_stack.api, "MEDHIVE_TOKEN": user_token,
+           "MEDHIVE_AUDIT_URL": vm_stack.audit}  # fmt: skip
+    follow = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "medhive", "submit", str(job_file), "--follow",
+        env=env, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert follow.stdout is not None
+    shown: list[str] = []
+    async with asyncio.timeout(120):
+        while not (shown and "connect to" in shown[-1]):
+            shown.append((await follow.stdout.readline()).decode().rstrip())
+    job_id = shown[0].split()[1]
+    assert re.match(r"\d\d:\d\d:\d\d  running", shown[-2]), shown
+    host, port = shown[-1].split("ssh: connect to ")[1].split(":")
+    assert host == EXTERNAL_IP
+    banner = await asyncio.to_thread(vmnet.connect, host, int(port))
+    assert banner == b"medhive-guest ready\n"
+
     async with client(vm_stack, user_token) as api:
-        job_id = (await api.submit(job))["id"]
-        endpoints = await interactive(api, job_id)
-        host, port = endpoints["ssh"].split(":")
-        assert host == EXTERNAL_IP
-        banner = await asyncio.to_thread(vmnet.connect, host, int(port))
-        assert banner == b"medhive-guest ready\n"
-
-        # The CLI shows the same.
-        env = {**os.environ, "MEDHIVE_API_URL": vm_stack.api, "MEDHIVE_TOKEN": user_token,
-               "MEDHIVE_AUDIT_URL": vm_stack.audit}  # fmt: skip
-        status = await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "medhive", "status", job_id],
-            env=env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert f'"ssh": "{EXTERNAL_IP}:{port}"' in status.stdout
-
+        job = await api.job(job_id)
+        assert job["interactive"] == {"ssh": f"{host}:{port}"}  # as `medhive status` shows
         await api.cancel(job_id)
-        done = await wait_state(api, job_id, within=120)
+        rest, _ = await asyncio.wait_for(follow.communicate(), 120)
+        assert "cancelled" in rest.decode()
+        done = await wait_state(api, job_id, within=60)
         assert done["state"] == "cancelled"
         assert "interactive" not in done
         assert await asyncio.to_thread(refused, vmnet, int(port))
@@ -151,7 +160,7 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
         for kind in ("net.lease", "net.leased", "net.forwarded", "net.released"):
             assert kind in types, types
         ready, _ = await api.events({"job": job_id, "type": "job.interactive_ready"})
-        assert ready[0]["envelope"]["payload"]["endpoints"] == endpoints
+        assert ready[0]["envelope"]["payload"]["endpoints"] == {"ssh": f"{host}:{port}"}
 
 
 async def _async(value: bool) -> bool:
