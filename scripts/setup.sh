@@ -29,9 +29,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     --no-install-recommends "${missing[@]}"
 fi
 
-# RabbitMQ: loopback only, management API for per-test vhosts.
-if [ ! -f /etc/rabbitmq/rabbitmq-env.conf ] || ! grep -q NODE_IP_ADDRESS /etc/rabbitmq/rabbitmq-env.conf; then
+# RabbitMQ: loopback only, management API for per-test vhosts. Its schedulers do not
+# spin while idle: on a small host they would take CPU from the services.
+if ! grep -qs '^NODE_IP_ADDRESS=' /etc/rabbitmq/rabbitmq-env.conf; then
   echo "NODE_IP_ADDRESS=127.0.0.1" >> /etc/rabbitmq/rabbitmq-env.conf
+fi
+if ! grep -qs '^SERVER_ADDITIONAL_ERL_ARGS=' /etc/rabbitmq/rabbitmq-env.conf; then
+  echo 'SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"' >> /etc/rabbitmq/rabbitmq-env.conf
 fi
 if ! grep -qs "management.tcp.ip" /etc/rabbitmq/rabbitmq.conf; then
   printf 'management.tcp.ip = 127.0.0.1\n' >> /etc/rabbitmq/rabbitmq.conf
