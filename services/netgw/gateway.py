@@ -120,14 +120,10 @@ class Gateway:
             ip=lease["ip"],
             expires_at=lease["expires_at"],
         )
-        # The guest asks for its address only once its VM has booted, well after this
-        # answer: the binding is written alongside it (and at start, should netgw die
-        # in between).
-        await asyncio.gather(
-            self._answer(incoming, "net.leased", answer), self._rebind() if created else _done()
-        )
-        if created:
+        if created:  # bound before the answer: a leased guest may ask for its address at once
+            await self._rebind()
             log.info("leased", mac=lease["mac"], ip=lease["ip"])
+        await self._answer(incoming, "net.leased", answer)
 
     async def on_forward(self, incoming: Incoming) -> None:
         req = incoming.payload
@@ -259,10 +255,6 @@ class Gateway:
             retryable=retryable,
         )
         await self._answer(incoming, "net.failed", failed)
-
-
-async def _done() -> None:
-    return None
 
 
 class Sweeper(BackgroundLoop):
