@@ -106,14 +106,6 @@ async def interactive(api: Client, job_id: str, within: float = 120) -> dict[str
     return dict(job["interactive"])
 
 
-def refused(vmnet: VmNet, port: int) -> bool:
-    try:
-        vmnet.connect(EXTERNAL_IP, port)
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
     vm_stack: Stack, vmnet: VmNet, user_token: str, base_image: Path, tmp_path: Path
 ) -> None:
@@ -151,8 +143,8 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
         done = await wait_state(api, job_id, within=60)
         assert done["state"] == "cancelled"
         assert "interactive" not in done
-        assert await asyncio.to_thread(refused, vmnet, int(port))
-        await eventually(lambda: _async(vmnet.dhcp_hosts() == []), within=60)
+        assert await asyncio.to_thread(vmnet.refuses, int(port))
+        await eventually(vmnet.dhcp_hosts_empty, within=60)
         assert domains_of(vm_stack.node_id) == []
         assert list((tmp_path / "vms").iterdir()) == []
         events, _ = await api.events({"job": job_id, "type": "net."})
@@ -161,10 +153,6 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
             assert kind in types, types
         ready, _ = await api.events({"job": job_id, "type": "job.interactive_ready"})
         assert ready[0]["envelope"]["payload"]["endpoints"] == {"ssh": f"{host}:{port}"}
-
-
-async def _async(value: bool) -> bool:
-    return value
 
 
 async def test_a_guest_reads_its_staged_input_from_the_iso_and_its_result_comes_back(
@@ -213,7 +201,7 @@ async def test_walltime_shuts_the_guest_down_and_cleans_up(
         assert done["state"] == "timed_out", done
         assert domains_of(vm_stack.node_id) == []
         assert list((tmp_path / "vms").iterdir()) == []
-        await eventually(lambda: _async(vmnet.dhcp_hosts() == []), within=60)
+        await eventually(vmnet.dhcp_hosts_empty, within=60)
         assert vmnet.forward_rules() == []
 
 

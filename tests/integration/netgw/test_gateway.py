@@ -45,14 +45,6 @@ def external_port(reply: Envelope) -> int:
     return int(port)
 
 
-def refused(vmnet: VmNet, port: int) -> bool:
-    try:
-        vmnet.connect(EXTERNAL_IP, port)
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
 async def test_a_guest_is_reached_through_its_forward_until_release(
     netgw: Stack, vmnet: VmNet, bus: Bus, amqp_settings: AmqpSettings, udhcpc_script: Any
 ) -> None:
@@ -85,7 +77,7 @@ async def test_a_guest_is_reached_through_its_forward_until_release(
         released = await release(bus, job)
         assert released.type == "net.released"
         assert released.payload["forwards"] == [f"{EXTERNAL_IP}:{port}"]
-        assert await asyncio.to_thread(refused, vmnet, port)
+        assert await asyncio.to_thread(vmnet.refuses, port)
         assert vmnet.forward_rules() == []
         assert vmnet.dhcp_hosts() == []
         # Each answer was also published for audit.
@@ -100,17 +92,17 @@ async def test_concurrent_leases_never_share_an_address_and_a_full_pool_says_so(
     jobs = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
     replies = await asyncio.gather(*(lease(bus, job) for job in jobs))
     granted = [r for r in replies if r.type == "net.leased"]
-    refused_ = [r for r in replies if r.type == "net.failed"]
+    refusals = [r for r in replies if r.type == "net.failed"]
     assert len(granted) == 5
     assert len({r.payload["mac"] for r in granted}) == 5
     assert len({r.payload["ip"] for r in granted}) == 5
-    assert len(refused_) == 3
-    for reply in refused_:
+    assert len(refusals) == 3
+    for reply in refusals:
         assert reply.payload["reason"] == "all 5 guest addresses are leased"
         assert reply.payload["retryable"] is True
     # A released address is handed out again.
     await release(bus, str(granted[0].correlation_id))
-    again = await lease(bus, str(refused_[0].correlation_id))
+    again = await lease(bus, str(refusals[0].correlation_id))
     assert again.type == "net.leased"
     assert again.payload["ip"] == granted[0].payload["ip"]
 
@@ -154,7 +146,7 @@ async def test_a_restart_keeps_live_forwards_and_drops_expired_ones(
     assert await asyncio.to_thread(vmnet.connect, EXTERNAL_IP, ports[live]) == (
         f"guest of {live}\n".encode()
     )
-    assert await asyncio.to_thread(refused, vmnet, ports[dying])
+    assert await asyncio.to_thread(vmnet.refuses, ports[dying])
     assert len(vmnet.dhcp_hosts()) == 1
     # One DHCP server on the guests' network: the killed netgw's dnsmasq was replaced.
     pids = sh("ip", "netns", "pids", vmnet.gateway_ns).split()
