@@ -14,6 +14,11 @@ operator token; see `run_jobs` for how, and why the type filter is applied here)
 Target: `jobs_per_s` >= 300 on a 2-core machine (everything here, this bench included,
 shares the two cores).
 
+The reference, measured in the same run against the same database server:
+`db_ceiling_jobs_per_s`, how many jobs per second that server can store when storing
+is all there is (see `db_ceiling`): no implementation of this design can go faster
+on it, and `of_ceiling` is the share of it that medhive reaches.
+
 The last line of stdout is one JSON object:
 - `jobs_per_s`: M / (end - first submit);
 - `p50_dispatch_ms`, `p99_dispatch_ms`: per job, from its `submitted` history entry to
@@ -21,6 +26,7 @@ The last line of stdout is one JSON object:
 - `events_per_s`: audit records stored during the run (counted with `GET /v1/events`:
   every record after the last one stored before the first submit, up to the end)
   per second of the run;
+- `db_ceiling_jobs_per_s`, `of_ceiling`: the reference above, and jobs_per_s over it;
 - `jobs`, `nodes`, `rss_mb` (idle RSS of each service process before any job; `vmnode`
   is the largest agent);
 - for diagnosis: `duration_s`, `submit_s` (until every POST was answered),
@@ -41,14 +47,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pymongo import AsyncMongoClient, UpdateOne
+
 from bench.stack import Stack, bench_stack, cpu_used, progress
 from medhive.client import Client
+from services.audit.store import AuditStore
+from services.scheduler.store import JobStore
 
 IMAGE = "medhive/busybox:1"
 IN_FLIGHT = 64
 POLL_S = 0.025
 WARMUP_JOBS = 20
 EVENTS_PAGE = 1000
+CEILING_JOBS = 300
+CEILING_BATCH = 100
+LATER_STATES = 3  # dispatched, running, succeeded: the transitions after the insert
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -187,6 +200,57 @@ async def histories(api: Client, ids: list[str]) -> list[dict[str, datetime]]:
     return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
 
 
+async def db_ceiling(stack: Stack, sample_job_id: str) -> float:
+    """Jobs per second the database server could store if storing were all a job cost.
+
+    The reference for `jobs_per_s`: for CEILING_JOBS jobs, only the writes that this
+    design cannot do without, in their cheapest form and with nothing else running:
+    each job inserted, its three later transitions stored, and its audit records
+    inserted, all in batches of CEILING_BATCH jobs. The documents are copies (new ids)
+    of a job of this run and of its audit records, so sizes are the real ones, and the
+    collections get the services' own indexes. No broker, no service, no wait: no
+    implementation of this design goes faster on this database server.
+    """
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.mongo_url)
+    try:
+        source_jobs = client[f"{stack.db_prefix}_scheduler"]["jobs"]
+        job = await source_jobs.find_one({"_id": sample_job_id})
+        source_records = client[f"{stack.db_prefix}_audit"]["records"]
+        records = await source_records.find({"job_id": sample_job_id}).to_list()
+        assert job is not None and records, "the sample job and its records are stored"
+        later = job["history"][-LATER_STATES:]
+        first = {**job, "history": job["history"][:-LATER_STATES], "state": "queued"}
+        target = client[f"{stack.db_prefix}_ceiling"]
+        jobs, audit = JobStore(target), AuditStore(target)
+        await jobs.create_indexes()
+        await audit.ensure_indexes()
+        seq = 0
+        started = time.perf_counter()
+        for batch in range(CEILING_JOBS // CEILING_BATCH):
+            ids = [f"ceiling-{batch}-{i}" for i in range(CEILING_BATCH)]
+            await jobs.jobs.insert_many([{**first, "_id": job_id} for job_id in ids])
+            for entry in later:
+                await jobs.jobs.bulk_write(
+                    [
+                        UpdateOne(
+                            {"_id": job_id},
+                            {"$set": {"state": entry["state"]}, "$push": {"history": entry}},
+                        )
+                        for job_id in ids
+                    ],
+                    ordered=False,
+                )
+            copies = []
+            for job_id in ids:
+                for record in records:
+                    seq += 1
+                    copies.append({**record, "_id": f"{job_id}-{seq}", "seq": seq})
+            await audit.insert(copies)
+        return CEILING_JOBS / (time.perf_counter() - started)
+    finally:
+        await client.close()
+
+
 def ms(a: datetime, b: datetime) -> float:
     return (b - a).total_seconds() * 1000
 
@@ -214,10 +278,14 @@ async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
         progress(f"all {m} done in {duration:.2f} s; CPU seconds used: {cpu}")
         records = run.records
         times = await histories(api, run.ids)
+    progress(f"reference: {CEILING_JOBS} jobs' writes straight to the database")
+    ceiling = await db_ceiling(stack, run.ids[0])
     dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
     return {
         "jobs_per_s": round(m / duration, 1),
+        "db_ceiling_jobs_per_s": round(ceiling, 1),
+        "of_ceiling": round(m / duration / ceiling, 2),
         "p50_dispatch_ms": round(percentile(dispatch, 50), 1),
         "p99_dispatch_ms": round(percentile(dispatch, 99), 1),
         "events_per_s": round(records / duration, 1),

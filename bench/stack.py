@@ -137,6 +137,8 @@ class Stack:
     operator_token: str
     vhost: str
     amqp_url: str
+    mongo_url: str
+    db_prefix: str  # the services' databases are <db_prefix>_<service>
     node_ids: list[str]
     workdir: Path
     processes: dict[str, Process] = field(default_factory=dict)
@@ -337,6 +339,8 @@ async def bench_stack(
                 operator_token=operator_token,
                 vhost=f"bench-{run_id}",
                 amqp_url=amqp_url,
+                mongo_url=mongo_url,
+                db_prefix=f"bench{run_id}",
                 node_ids=node_ids,
                 workdir=workdir,
             )

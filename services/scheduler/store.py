@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, DESCENDING
+from pymongo import ASCENDING, DESCENDING, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -206,8 +206,15 @@ class JobStore:
             .to_list()
         )
 
-    async def drop_outbox(self, job_id: str, ids: list[str]) -> None:
-        await self.jobs.update_one({"_id": job_id}, {"$pull": {"outbox": {"id": {"$in": ids}}}})
+    async def drop_outboxes(self, published: dict[str, set[str]]) -> None:
+        """Remove entries from the outboxes of many jobs (job id -> entry ids) at once."""
+        await self.jobs.bulk_write(
+            [
+                UpdateOne({"_id": job_id}, {"$pull": {"outbox": {"id": {"$in": sorted(ids)}}}})
+                for job_id, ids in published.items()
+            ],
+            ordered=False,
+        )
 
     # -- nodes --------------------------------------------------------------------
 

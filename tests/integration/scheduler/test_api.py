@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
+from services.scheduler.api import JOBS, STORE
 from shared.auth import Role
 from shared.settings import AmqpSettings, MongoSettings
-from tests.helpers import bearer, event_tap, make_token
+from tests.helpers import bearer, event_tap, eventually, make_token
 
 JOB = {"name": "hello", "image": "medhive/busybox:1", "command": ["echo", "hi"]}
 
@@ -110,3 +111,13 @@ async def test_job_events_are_published_after_they_are_stored(
     assert queued["tenant"] == "cardiology"
     assert queued["payload"]["previous_state"] == "submitted"
     assert [m["type"] for m in tap.of_job(job["id"])] == ["job.submitted", "job.queued"]
+
+    # Once published, the messages leave the job's outbox (in a later batched write),
+    # and a sweep has nothing left to publish.
+    store = scheduler.app[STORE]
+
+    async def outbox_emptied() -> bool:
+        return not await store.with_outbox()
+
+    await eventually(outbox_emptied)
+    assert await scheduler.app[JOBS].relay.sweep() == 0
