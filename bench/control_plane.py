@@ -27,6 +27,8 @@ The last line of stdout is one JSON object:
   every record after the last one stored before the first submit, up to the end)
   per second of the run;
 - `db_ceiling_jobs_per_s`, `of_ceiling`: the reference above, and jobs_per_s over it;
+  `db_ceiling_audit_records_per_s`, the audit inserts of that reference timed alone,
+  and `audit_records_per_job` in this run;
 - `jobs`, `nodes`, `rss_mb` (idle RSS of each service process before any job; `vmnode`
   is the largest agent);
 - for diagnosis: `duration_s`, `submit_s` (until every POST was answered),
@@ -200,7 +202,13 @@ async def histories(api: Client, ids: list[str]) -> list[dict[str, datetime]]:
     return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
 
 
-async def db_ceiling(stack: Stack, sample_job_id: str) -> float:
+@dataclass
+class Ceiling:
+    jobs_per_s: float  # every write a job needs
+    records_per_s: float  # the audit records alone
+
+
+async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
     """Jobs per second the database server could store if storing were all a job cost.
 
     The reference for `jobs_per_s`: for CEILING_JOBS jobs, only the writes that this
@@ -209,7 +217,9 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> float:
     inserted, all in batches of CEILING_BATCH jobs. The documents are copies (new ids)
     of a job of this run and of its audit records, so sizes are the real ones, and the
     collections get the services' own indexes. No broker, no service, no wait: no
-    implementation of this design goes faster on this database server.
+    implementation of this design goes faster on this database server. The audit
+    inserts are also timed alone (`records_per_s`): every design that records every
+    event needs at least that many records per job, whatever it does with the rest.
     """
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(stack.mongo_url)
     try:
@@ -225,6 +235,7 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> float:
         await jobs.create_indexes()
         await audit.ensure_indexes()
         seq = 0
+        auditing = 0.0
         started = time.perf_counter()
         for batch in range(CEILING_JOBS // CEILING_BATCH):
             ids = [f"ceiling-{batch}-{i}" for i in range(CEILING_BATCH)]
@@ -245,8 +256,11 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> float:
                 for record in records:
                     seq += 1
                     copies.append({**record, "_id": f"{job_id}-{seq}", "seq": seq})
+            audit_started = time.perf_counter()
             await audit.insert(copies)
-        return CEILING_JOBS / (time.perf_counter() - started)
+            auditing += time.perf_counter() - audit_started
+        elapsed = time.perf_counter() - started
+        return Ceiling(CEILING_JOBS / elapsed, CEILING_JOBS * len(records) / auditing)
     finally:
         await client.close()
 
@@ -284,8 +298,10 @@ async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
     return {
         "jobs_per_s": round(m / duration, 1),
-        "db_ceiling_jobs_per_s": round(ceiling, 1),
-        "of_ceiling": round(m / duration / ceiling, 2),
+        "db_ceiling_jobs_per_s": round(ceiling.jobs_per_s, 1),
+        "of_ceiling": round(m / duration / ceiling.jobs_per_s, 2),
+        "db_ceiling_audit_records_per_s": round(ceiling.records_per_s),
+        "audit_records_per_job": round(records / m, 1),
         "p50_dispatch_ms": round(percentile(dispatch, 50), 1),
         "p99_dispatch_ms": round(percentile(dispatch, 99), 1),
         "events_per_s": round(records / duration, 1),
