@@ -17,6 +17,11 @@ reachability check and the nftables rule. Each cycle is lease, forward, then rel
 lease that does not exist), which is the broker round trip and the consume wrapper
 alone (`empty_request_p50_ms`). Target: `lease_forward_p99_ms` <= 20.
 
+The gateway's reference, measured in turn with each cycle: two requests to a bare
+aio-pika responder that stores one document per request in the same database server
+(`bench/bare_rpc.py`): `bare_pair_p50_ms`, `bare_pair_p99_ms`, the floor that the
+broker, the database and Python set on this machine for any lease plus forward.
+
 The last line of stdout is one JSON object.
 """
 
@@ -40,6 +45,7 @@ import libvirt
 import libvirtaio
 from pydantic import SecretStr
 
+from bench.bare_rpc import BareClient, start_responder
 from bench.stack import Stack, bench_stack, progress
 from medhive.client import TERMINAL, Client
 from shared.bus import Bus
@@ -196,7 +202,11 @@ def stand_in_guest(net: VmNet, cleanup: ExitStack) -> None:
 async def lease_forward(stack: Stack, n: int) -> dict[str, Any]:
     bus = Bus(AmqpSettings(url=SecretStr(stack.amqp_url)), "bench@vm_overhead")
     await bus.connect()
+    responder = start_responder(stack.amqp_url, stack.mongo_url)
+    bare = BareClient(stack.amqp_url)
+    await bare.connect()
     times: list[float] = []
+    bare_times: list[float] = []
     parts: dict[str, list[float]] = {"lease": [], "forward": [], "empty_request": []}
     try:
         for i in range(n + 10):
@@ -220,15 +230,26 @@ async def lease_forward(stack: Stack, n: int) -> dict[str, Any]:
             empty = time.perf_counter()
             await bus.request("net.release", NetRelease(job_id=f"none-{i}", attempt=1))
             parts["empty_request"].append((time.perf_counter() - empty) * 1000)
+            # The reference, in turn with the above: two bare requests, one stored document each.
+            bare_started = time.perf_counter()
+            await bare.request()
+            await bare.request()
+            bare_elapsed = time.perf_counter() - bare_started
             if i >= 10:  # the first ten warm the connections and caches up
                 times.append(elapsed * 1000)
+                bare_times.append(bare_elapsed * 1000)
                 parts["lease"].append((between - started) * 1000)
                 parts["forward"].append((started + elapsed - between) * 1000)
     finally:
+        await bare.close()
+        responder.kill()
+        responder.wait()
         await bus.close()
     return {
         "lease_forward_p50_ms": round(percentile(times, 0.5), 2),
         "lease_forward_p99_ms": round(percentile(times, 0.99), 2),
+        "bare_pair_p50_ms": round(percentile(bare_times, 0.5), 2),
+        "bare_pair_p99_ms": round(percentile(bare_times, 0.99), 2),
         "lease_forward_n": n,
         **{
             f"{k}_p50_ms": round(statistics.median(v[10:] if k == "empty_request" else v), 2)

@@ -1,9 +1,12 @@
 """The gateway: answers lease, forward and release requests, and keeps the data plane
 (dnsmasq's bindings, nftables' forwards) equal to its store.
 
-Every change is stored first and applied second. A netgw killed in between finds on
-its next start a store that says more than the data plane does, and `reconcile`
-applies the difference: nothing live is lost, nothing stale stays open. Leases expire
+A new lease or forward is stored and applied to the data plane at the same time, and
+answered once both are done; a release is applied first and stored second. A netgw
+killed in between finds on its next start a data plane and a store that disagree, and
+`reconcile` makes the data plane match the store: what no stored lease names is
+removed, what is missing is restored. Nothing live is lost, nothing stale stays open,
+and nothing is answered that is not both stored and in place. Leases expire
 with their job (plus a grace period): the sweeper releases what outlived its job, say
 because the node that held it died.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -107,12 +111,17 @@ class Gateway:
         assert isinstance(req, NetLease)
         expires_at = req.expires_at + timedelta(seconds=self.settings.lease_grace_s)
         try:
-            lease, created = await self.store.lease(
+            lease, created = self.store.claim_lease(
                 req.job_id, req.attempt, req.node_id, incoming.envelope.tenant, expires_at
             )
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
+        if created:  # bound before the answer: a leased guest may ask for its address at once
+            lease = await self._store_and_apply(
+                lease, self.store.save_lease(lease), self._rebind(), self._rebind
+            )
+            log.info("leased", mac=lease["mac"], ip=lease["ip"])
         answer = NetLeased(
             job_id=req.job_id,
             attempt=req.attempt,
@@ -120,9 +129,6 @@ class Gateway:
             ip=lease["ip"],
             expires_at=lease["expires_at"],
         )
-        if created:  # bound before the answer: a leased guest may ask for its address at once
-            await self._rebind()
-            log.info("leased", mac=lease["mac"], ip=lease["ip"])
         await self._answer(incoming, "net.leased", answer)
 
     async def on_forward(self, incoming: Incoming) -> None:
@@ -138,20 +144,20 @@ class Gateway:
             await self._fail(incoming, req.job_id, req.attempt, why, retryable=True)
             return
         try:
-            forward, created = await self.store.forward(lease, req.name, req.port)
+            forward, created = self.store.claim_forward(lease, req.name, req.port)
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
-        await self.firewall.add(_rule(forward), new=created)
-        external = f"{self.settings.external_address}:{forward['external_port']}"
         if created:
-            log.info("forwarded", name=req.name, external=external)
+            forward = await self._new_forward(forward)
+        else:  # a repeated request: the rule goes back only if it went missing
+            await self.firewall.add(_rule(forward), new=False)
         answer = NetForwarded(
             job_id=req.job_id,
             attempt=req.attempt,
             name=req.name,
             guest=f"{lease['ip']}:{req.port}",
-            external=external,
+            external=f"{self.settings.external_address}:{forward['external_port']}",
         )
         await self._answer(incoming, "net.forwarded", answer)
 
@@ -162,6 +168,19 @@ class Gateway:
         released = await self.release(lease, req.reason) if lease is not None else None
         answer = released or NetReleased(job_id=req.job_id, attempt=req.attempt, reason=req.reason)
         await self._answer(incoming, "net.released", answer)
+
+    async def _new_forward(self, claim: Document) -> Document:
+        async def undo() -> None:
+            await self.firewall.remove(claim["_id"])
+
+        forward = await self._store_and_apply(
+            claim, self.store.save_forward(claim), self.firewall.add(_rule(claim), new=True), undo
+        )
+        if forward is not claim:
+            await self.firewall.add(_rule(forward), new=False)
+        external = f"{self.settings.external_address}:{forward['external_port']}"
+        log.info("forwarded", name=forward["name"], external=external)
+        return forward
 
     # -- releasing ------------------------------------------------------------------
 
@@ -198,6 +217,33 @@ class Gateway:
         return len(expired)
 
     # -- helpers --------------------------------------------------------------------
+
+    async def _store_and_apply(
+        self,
+        claim: Document,
+        store: Awaitable[Document],
+        apply: Awaitable[None],
+        undo: Callable[[], Awaitable[None]],
+    ) -> Document:
+        """Store a claimed lease or forward and apply it at once; returns it as stored.
+
+        Each costs a few milliseconds and neither needs the other, so the answer waits
+        for the slower one only. If either fails, the claim is withdrawn and `undo`
+        takes its change back out of the data plane; the request is then retried. If
+        the store already held the same request's lease or forward (a redelivery
+        handled twice), that one is returned, and `undo` has taken the claim's change
+        out: the caller puts the stored one in place.
+        """
+        stored, applied = await asyncio.gather(store, apply, return_exceptions=True)
+        failure = next((r for r in (stored, applied) if isinstance(r, BaseException)), None)
+        if failure is not None:
+            self.store.withdraw(claim)
+            await undo()
+            raise failure
+        assert isinstance(stored, dict)
+        if stored is not claim:
+            await undo()
+        return stored
 
     async def _answers(self, ip: str, port: int, wait_s: float) -> bool:
         """Whether the guest accepts a TCP connection within `wait_s` (checked at once)."""

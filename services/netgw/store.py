@@ -7,9 +7,11 @@ handed out round-robin, so an address freed a moment ago (still in a guest's ARP
 cache or dnsmasq's lease file) is the last to be used again.
 
 One netgw owns one gateway (its dnsmasq, its nftables table), so the store keeps what
-it wrote in memory as well: writes go to the database first, then to memory, and
-reads are answered from memory. A request then costs one database write, which keeps
-a lease and a forward within a few milliseconds.
+it wrote in memory as well, and reads are answered from memory. A new lease or forward
+is claimed in memory first, so that requests handled meanwhile pass its slot by, then
+stored; the gateway changes the data plane while the insert is in flight. A request
+then costs one database write, which keeps a lease and a forward within a few
+milliseconds.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import ipaddress
 from datetime import datetime
 
 from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -28,6 +31,18 @@ from shared.mongo import Document
 
 class PoolExhausted(Exception):
     """Every address or port of a pool is in use."""
+
+
+class SlotTaken(Exception):
+    """The slot or port of a claim is stored for another lease or forward."""
+
+
+def _next_free(start: int, size: int, used: set[int]) -> int | None:
+    """The first of 0..size-1 not in `used`, going round from `start`."""
+    for offset in range(size):
+        if (candidate := (start + offset) % size) not in used:
+            return candidate
+    return None
 
 
 def lease_id(job_id: str, attempt: int) -> str:
@@ -73,39 +88,60 @@ class NetStore:
 
     # -- leases -------------------------------------------------------------------
 
-    async def lease(
+    def claim_lease(
         self, job_id: str, attempt: int, node_id: str, tenant: str | None, expires_at: datetime
     ) -> tuple[Document, bool]:
-        """The attempt's lease, made now if it has none; and whether it was made now."""
+        """The attempt's lease, or a new one on the next free slot; and whether it is new.
+
+        A new lease is held in memory at once, so that requests handled meanwhile pass
+        its slot by, and is not stored yet: `save_lease` stores it, `withdraw` gives
+        the slot back.
+        """
         key = lease_id(job_id, attempt)
         if (existing := self._leases.get(key)) is not None:
             return existing, False
+        size = self.settings.pool_size
+        slot = _next_free(self._next_slot, size, {doc["slot"] for doc in self._leases.values()})
+        if slot is None:
+            raise PoolExhausted(f"all {size} guest addresses are leased")
+        mac, ip = self.address(slot)
         # As stored: MongoDB keeps milliseconds, so a repeated answer is the same answer.
         expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
-        size = self.settings.pool_size
-        used = {doc["slot"] for doc in self._leases.values()}
-        start = self._next_slot  # others move it while this one awaits its insert
-        for offset in range(size):
-            slot = (start + offset) % size
-            if slot in used:
-                continue
-            mac, ip = self.address(slot)
-            doc = {
-                "_id": key, "job_id": job_id, "attempt": attempt, "node_id": node_id,
-                "tenant": tenant, "slot": slot, "mac": mac, "ip": ip,
-                "expires_at": expires_at, "created_at": utcnow(),
-            }  # fmt: skip
-            try:
-                await self.leases.insert_one(doc)
-            except DuplicateKeyError:
-                if (existing := await self.leases.find_one({"_id": key})) is not None:
-                    self._leases[key] = existing
-                    return existing, False  # the same request, handled twice at once
-                continue  # taken behind this process's back: try the next slot
-            self._leases[key] = doc
-            self._next_slot = slot + 1
-            return doc, True
-        raise PoolExhausted(f"all {size} guest addresses are leased")
+        doc = {
+            "_id": key, "job_id": job_id, "attempt": attempt, "node_id": node_id,
+            "tenant": tenant, "slot": slot, "mac": mac, "ip": ip,
+            "expires_at": expires_at, "created_at": utcnow(),
+        }  # fmt: skip
+        self._leases[key] = doc
+        self._next_slot = slot + 1
+        return doc, True
+
+    async def save_lease(self, lease: Document) -> Document:
+        """Store a claimed lease; returns the lease as stored.
+
+        That is another one when the same request was stored already (a redelivery
+        handled twice): the claim is replaced by it. `SlotTaken` when the slot is held
+        behind this process's back: withdraw the claim and claim again.
+        """
+        return await self._save(self.leases, self._leases, lease)
+
+    def withdraw(self, claim: Document) -> None:
+        """Give back a claimed lease or forward that could not be stored."""
+        for kept in (self._leases, self._forwards):
+            if kept.get(claim["_id"]) is claim:
+                del kept[claim["_id"]]
+
+    async def _save(
+        self, collection: AsyncCollection[Document], kept: dict[str, Document], claim: Document
+    ) -> Document:
+        try:
+            await collection.insert_one(claim)
+        except DuplicateKeyError:
+            if (existing := await collection.find_one({"_id": claim["_id"]})) is None:
+                raise SlotTaken(claim["_id"]) from None
+            kept[claim["_id"]] = existing
+            return existing
+        return claim
 
     def get_lease(self, job_id: str, attempt: int) -> Document | None:
         return self._leases.get(lease_id(job_id, attempt))
@@ -125,36 +161,31 @@ class NetStore:
 
     # -- forwards -----------------------------------------------------------------
 
-    async def forward(self, lease: Document, name: str, guest_port: int) -> tuple[Document, bool]:
-        """The lease's forward called `name`, made now if missing; and whether it was."""
+    def claim_forward(self, lease: Document, name: str, guest_port: int) -> tuple[Document, bool]:
+        """The lease's forward called `name`, or a new one on the next free port; and
+        whether it is new. Held in memory like a claimed lease, until `save_forward`."""
         key = forward_id(lease["job_id"], lease["attempt"], name)
         if (existing := self._forwards.get(key)) is not None:
             return existing, False
         low, high = self.settings.external_ports
         size = high - low + 1
-        used = {doc["external_port"] for doc in self._forwards.values()}
-        start = self._next_port
-        for offset in range(size):
-            port = low + (start + offset) % size
-            if port in used:
-                continue
-            doc = {
-                "_id": key, "lease_id": lease["_id"], "job_id": lease["job_id"],
-                "attempt": lease["attempt"], "name": name, "external_port": port,
-                "guest_ip": lease["ip"], "guest_port": guest_port,
-                "expires_at": lease["expires_at"],
-            }  # fmt: skip
-            try:
-                await self.forwards.insert_one(doc)
-            except DuplicateKeyError:
-                if (existing := await self.forwards.find_one({"_id": key})) is not None:
-                    self._forwards[key] = existing
-                    return existing, False
-                continue
-            self._forwards[key] = doc
-            self._next_port = port - low + 1
-            return doc, True
-        raise PoolExhausted(f"all {size} external ports are forwarded")
+        used = {doc["external_port"] - low for doc in self._forwards.values()}
+        offset = _next_free(self._next_port, size, used)
+        if offset is None:
+            raise PoolExhausted(f"all {size} external ports are forwarded")
+        doc = {
+            "_id": key, "lease_id": lease["_id"], "job_id": lease["job_id"],
+            "attempt": lease["attempt"], "name": name, "external_port": low + offset,
+            "guest_ip": lease["ip"], "guest_port": guest_port,
+            "expires_at": lease["expires_at"],
+        }  # fmt: skip
+        self._forwards[key] = doc
+        self._next_port = offset + 1
+        return doc, True
+
+    async def save_forward(self, forward: Document) -> Document:
+        """Store a claimed forward; as `save_lease`."""
+        return await self._save(self.forwards, self._forwards, forward)
 
     def forwards_of(self, lease: Document) -> list[Document]:
         return [doc for doc in self._forwards.values() if doc["lease_id"] == lease["_id"]]

@@ -9,10 +9,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from pymongo import AsyncMongoClient
+
 from shared.bus import Bus
 from shared.envelope import Envelope, utcnow
 from shared.messages.net import NetForward, NetLease, NetRelease
-from shared.settings import AmqpSettings
+from shared.settings import AmqpSettings, MongoSettings
 from tests.fixtures.vmnet import EXTERNAL_IP, VmNet, sh
 from tests.helpers import event_tap
 from tests.processes import Stack
@@ -152,3 +154,38 @@ async def test_a_restart_keeps_live_forwards_and_drops_expired_ones(
     pids = sh("ip", "netns", "pids", vmnet.gateway_ns).split()
     names = [Path(f"/proc/{pid}/comm").read_text().strip() for pid in pids]
     assert names.count("dnsmasq") == 1
+
+
+async def test_a_port_taken_behind_its_back_leaves_no_rule_and_the_next_port_is_used(
+    netgw: Stack,
+    vmnet: VmNet,
+    bus: Bus,
+    mongo_settings: MongoSettings,
+    db_prefix: str,
+    udhcpc_script: Any,
+) -> None:
+    """The rule goes in while the forward is being stored; when storing fails, the rule
+    comes out again and the retried request gets the next port."""
+    await netgw.start("netgw")
+    job = f"job-{uuid.uuid4().hex[:8]}"
+    leased = await lease(bus, job)
+    guest = vmnet.guest(leased.payload["mac"])
+    assert await asyncio.to_thread(guest.dhcp, udhcpc_script) == leased.payload["ip"]
+    guest.serve(2222, "medhive-guest ready")
+    # The first port of the pool (41000 in this netgw's range), stored by someone else.
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_settings.url.get_secret_value()
+    )
+    try:
+        await client[f"{db_prefix}netgw"]["forwards"].insert_one(
+            {"_id": "medhive:elsewhere:1:ssh", "lease_id": "elsewhere:1", "external_port": 41000}
+        )
+    finally:
+        await client.close()
+
+    port = external_port(await forward(bus, job, 2222))
+    assert port == 41001
+    (rule,) = vmnet.forward_rules()
+    assert "dport 41001" in rule and f"medhive:{job}:1:ssh" in rule
+    assert await asyncio.to_thread(vmnet.connect, EXTERNAL_IP, port) == b"medhive-guest ready\n"
+    assert await asyncio.to_thread(vmnet.refuses, 41000)
