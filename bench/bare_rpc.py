@@ -34,9 +34,7 @@ async def respond(amqp_url: str, mongo_url: str) -> None:
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel(publisher_confirms=True)
     await channel.set_qos(prefetch_count=32)
-    queue = await channel.declare_queue(
-        QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    queue = await channel.declare_queue(QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
     slots = iter(range(1 << 62))
 
     async def on_request(message: AbstractIncomingMessage) -> None:
