@@ -2,11 +2,11 @@
 (dnsmasq's bindings, nftables' forwards) equal to its store.
 
 A new lease or forward is stored and applied to the data plane at the same time, and
-answered once both are done; a release is applied first and stored second. A netgw
-killed in between finds on its next start a data plane and a store that disagree, and
-`reconcile` makes the data plane match the store: what no stored lease names is
-removed, what is missing is restored. Nothing live is lost, nothing stale stays open,
-and nothing is answered that is not both stored and in place. Leases expire
+answered once both are done. A netgw killed in between, or in the middle of a release,
+finds on its next start a data plane and a store that disagree, and `reconcile` makes
+the data plane match the store: what no stored lease names is removed, what is missing
+is restored. Nothing live is lost, nothing stale stays open, and nothing is answered
+that is not both stored and in place. Leases expire
 with their job (plus a grace period): the sweeper releases what outlived its job, say
 because the node that held it died.
 
