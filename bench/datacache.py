@@ -52,6 +52,7 @@ from bench.stack import (
     process_rss_mb,
     progress,
 )
+from medhive.up import local_database_argv
 from shared.auth import Role, TokenStore
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -117,20 +118,9 @@ async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]
         run = os.urandom(4).hex()
         amqp_url = await cleanup.enter_async_context(_vhost(f"bench-dc-{run}"))
         db_port, origin_port, port = free_port(), free_port(), free_port()
-        server = str(Path(sys.executable).with_name("secantusd-py"))
         db = await _spawn(
             "secantus",
-            [
-                server,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(db_port),
-                "--storage-path",
-                str(workdir / "db"),
-                "--log-level",
-                "WARNING",
-            ],
+            local_database_argv("127.0.0.1", db_port, str(workdir / "db")),
             os.environ,
             workdir / "secantus.log",
         )

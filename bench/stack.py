@@ -33,6 +33,7 @@ import aiohttp
 from pydantic import SecretStr
 
 from medhive.client import Client
+from medhive.up import local_database_argv
 from shared.auth import Role, TokenStore
 from shared.mongo import connect
 from shared.settings import MongoSettings
@@ -318,9 +319,7 @@ async def bench_stack(
             amqp_url = await cleanup.enter_async_context(_vhost(f"bench-{run_id}"))
 
             db_port = free_port()
-            server = str(Path(sys.executable).with_name("secantusd-py"))
-            argv = [server, "--host", "127.0.0.1", "--port", str(db_port),
-                    "--storage-path", str(workdir / "db"), "--log-level", "WARNING"]  # fmt: skip
+            argv = local_database_argv("127.0.0.1", db_port, str(workdir / "db"))
             db = await _spawn("secantus", argv, os.environ, workdir / "secantus.log")
             cleanup.push_async_callback(db.stop)
             await _until_port(db, db_port)

@@ -14,17 +14,16 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
+from medhive.up import local_database_argv
 from shared.settings import AmqpSettings, MongoSettings
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
@@ -99,14 +98,10 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("secantus")
     log = (storage / "server.log").open("w")
     process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("secantusd-py")),
-            "--host", "127.0.0.1", "--port", str(port),
-            "--storage-path", str(storage / "data"), "--log-level", "WARNING",
-        ],
+        local_database_argv("127.0.0.1", port, str(storage / "data")),
         stdout=log,
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
