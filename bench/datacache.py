@@ -52,7 +52,7 @@ from bench.stack import (
     process_rss_mb,
     progress,
 )
-from medhive.up import local_database_argv
+from medhive import localdb
 from shared.auth import Role, TokenStore
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -120,7 +120,7 @@ async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]
         db_port, origin_port, port = free_port(), free_port(), free_port()
         db = await _spawn(
             "secantus",
-            local_database_argv("127.0.0.1", db_port, str(workdir / "db")),
+            localdb.argv("127.0.0.1", db_port, str(workdir / "db")),
             os.environ,
             workdir / "secantus.log",
         )

@@ -32,8 +32,8 @@ from typing import IO, Any
 import aiohttp
 from pydantic import SecretStr
 
+from medhive import localdb
 from medhive.client import Client
-from medhive.up import local_database_argv
 from shared.auth import Role, TokenStore
 from shared.mongo import connect
 from shared.settings import MongoSettings
@@ -319,7 +319,7 @@ async def bench_stack(
             amqp_url = await cleanup.enter_async_context(_vhost(f"bench-{run_id}"))
 
             db_port = free_port()
-            argv = local_database_argv("127.0.0.1", db_port, str(workdir / "db"))
+            argv = localdb.argv("127.0.0.1", db_port, str(workdir / "db"))
             db = await _spawn("secantus", argv, os.environ, workdir / "secantus.log")
             cleanup.push_async_callback(db.stop)
             await _until_port(db, db_port)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
 
 from yarl import URL
+
+from medhive import localdb
 
 COLOURS = ["36", "35", "33", "32", "34", "31"]
 
@@ -46,30 +47,16 @@ async def _start(name: str, argv: list[str], colour: str) -> asyncio.subprocess.
     return process
 
 
-def local_database_argv(host: str, port: int, storage_path: str) -> list[str]:
-    """How a local MongoDB-protocol server (SecantusDB) is started, by `up`, the tests
-    and the benchmarks alike.
-
-    Standalone: medhive uses no change streams and no transactions, so it needs no
-    replica set, and a standalone server writes no oplog (a third less work per write).
-    """
-    beside = Path(sys.executable).with_name("secantusd-py")  # installed with medhive
-    server = str(beside) if beside.exists() else shutil.which("secantusd-py") or str(beside)
-    return [server, "--host", host, "--port", str(port), "--storage-path", storage_path,
-            "--log-level", "WARNING", "--standalone"]  # fmt: skip
-
-
 async def _database(db_path: str) -> list[str] | None:
     """The command that starts a local database, or None when one answers already."""
     url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
     host, port = url.host or "127.0.0.1", url.port or 27017
     if await _answers(host, port):
         return None
-    argv = local_database_argv(host, port, db_path)
-    if host not in ("127.0.0.1", "localhost") or not Path(argv[0]).exists():
+    if host not in ("127.0.0.1", "localhost") or not localdb.available():
         raise SystemExit(f"medhive up: no MongoDB answers at {host}:{port}")
     Path(db_path).mkdir(parents=True, exist_ok=True)
-    return argv
+    return localdb.argv(host, port, db_path)
 
 
 async def _service_credentials(services: list[str], state_dir: Path) -> None:

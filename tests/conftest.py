@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from medhive.up import local_database_argv
+from medhive import localdb
 from shared.settings import AmqpSettings, MongoSettings
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
@@ -98,7 +98,7 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("secantus")
     log = (storage / "server.log").open("w")
     process = subprocess.Popen(
-        local_database_argv("127.0.0.1", port, str(storage / "data")),
+        localdb.argv("127.0.0.1", port, str(storage / "data")),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
