@@ -1,14 +1,14 @@
 """The gateway: answers lease, forward and release requests, and keeps the data plane
 (dnsmasq's bindings, nftables' forwards) equal to its store.
 
-A new lease or forward is stored and applied to the data plane at the same time, and
-answered once both are done. A netgw killed in between, or in the middle of a release,
-finds on its next start a data plane and a store that disagree, and `reconcile` makes
-the data plane match the store: what no stored lease names is removed, what is missing
-is restored. Nothing live is lost, nothing stale stays open, and nothing is answered
-that is not both stored and in place. Leases expire
-with their job (plus a grace period): the sweeper releases what outlived its job, say
-because the node that held it died.
+A new lease is bound in dnsmasq's hosts file and stored; a new forward is stored while
+the guest is probed, and its rule goes in once the guest answers. Either is answered
+only once it is both stored and in place. A netgw killed in between, or in the middle
+of a release, finds on its next start a data plane and a store that disagree, and
+`reconcile` makes the data plane match the store: what no stored lease names is
+removed, what is missing is restored. Nothing live is lost and nothing stale stays
+open. Leases expire with their job (plus a grace period): the sweeper releases what
+outlived its job, say because the node that held it died.
 
 Each request is answered with the event that records its outcome, published for audit
 and sent to the requester's reply queue.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import structlog
@@ -50,6 +49,10 @@ log = structlog.get_logger("medhive.netgw")
 REQUESTS = "netgw.requests"
 
 
+async def _ready(value: Document) -> Document:
+    return value
+
+
 def _rule(forward: Document) -> Rule:
     return Rule(
         forward["_id"], forward["external_port"], forward["guest_ip"], forward["guest_port"]
@@ -75,7 +78,6 @@ class Gateway:
         self.firewall = firewall
         self.dhcp = dhcp
         self._consumer: Consumer | None = None
-        self._bindings = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -117,10 +119,8 @@ class Gateway:
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
-        if created:  # bound before the answer: a leased guest may ask for its address at once
-            lease = await self._store_and_apply(
-                lease, self.store.save_lease(lease), self._rebind(), self._rebind
-            )
+        if created:
+            lease = await self._store_lease(lease)
             log.info("leased", mac=lease["mac"], ip=lease["ip"])
         answer = NetLeased(
             job_id=req.job_id,
@@ -139,19 +139,26 @@ class Gateway:
             why = f"attempt {req.attempt} of job {req.job_id} holds no lease"
             await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
             return
-        if not await self._answers(lease["ip"], req.port, req.wait_s):
-            why = f"the guest does not answer on {lease['ip']}:{req.port} yet"
-            await self._fail(incoming, req.job_id, req.attempt, why, retryable=True)
-            return
         try:
-            forward, created = self.store.claim_forward(lease, req.name, req.port)
+            claim, created = self.store.claim_forward(lease, req.name, req.port)
         except PoolExhausted as exc:
             await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
             return
-        if created:
-            forward = await self._new_forward(forward)
-        else:  # a repeated request: the rule goes back only if it went missing
-            await self.firewall.add(_rule(forward), new=False)
+        forward = await self._open(claim, created, lease, req.port, req.wait_s)
+        if forward is None:
+            why = f"the guest does not answer on {lease['ip']}:{req.port} yet"
+            await self._fail(incoming, req.job_id, req.attempt, why, retryable=True)
+            return
+        if self.store.get_lease(req.job_id, req.attempt) is not lease:
+            # Swept while the guest was probed: the forward goes with its lease.
+            await self.firewall.remove(forward["_id"])
+            await self.store.drop_forward(forward)
+            why = f"the lease of attempt {req.attempt} of job {req.job_id} was released"
+            await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
+            return
+        if forward is claim and created:
+            external = f"{self.settings.external_address}:{forward['external_port']}"
+            log.info("forwarded", name=forward["name"], external=external)
         answer = NetForwarded(
             job_id=req.job_id,
             attempt=req.attempt,
@@ -169,18 +176,68 @@ class Gateway:
         answer = released or NetReleased(job_id=req.job_id, attempt=req.attempt, reason=req.reason)
         await self._answer(incoming, "net.released", answer)
 
-    async def _new_forward(self, claim: Document) -> Document:
-        async def undo() -> None:
-            await self.firewall.remove(claim["_id"])
+    async def _store_lease(self, claim: Document) -> Document:
+        """Bind a claimed lease in dnsmasq and store it; returns the lease as stored.
 
-        forward = await self._store_and_apply(
-            claim, self.store.save_forward(claim), self.firewall.add(_rule(claim), new=True), undo
+        Bound first: a leased guest may ask for its address as soon as it is answered,
+        and the hosts file costs far less than the insert. If the insert fails, the
+        claim is withdrawn and unbound, and the request is retried. If the store held
+        the same request's lease already (a redelivery handled twice), that one is
+        bound instead.
+        """
+        self._rebind()
+        try:
+            stored = await self.store.save_lease(claim)
+        except BaseException:
+            self.store.withdraw(claim)
+            self._rebind()
+            raise
+        if stored is not claim:
+            self._rebind()
+        return stored
+
+    async def _open(
+        self, claim: Document, created: bool, lease: Document, port: int, wait_s: float
+    ) -> Document | None:
+        """Probe the guest, then put the forward's rule in place; returns the forward as
+        stored, or None if the guest did not answer within `wait_s`.
+
+        A new forward is stored meanwhile: the probe and the rule cost about what the
+        insert does, so the answer waits for the slower of the two only. The rule goes
+        in only once the guest answers, so it never points at a port that is shut, and
+        a repeated request adds it only if it is missing, so no rule is ever doubled.
+        If storing fails, the rule comes out, the claim is withdrawn and the request is
+        retried. A new forward whose guest did not answer is dropped again.
+        """
+
+        async def probe_then_open() -> bool:
+            if not await self._answers(lease["ip"], port, wait_s):
+                return False
+            await self.firewall.add(_rule(claim), new=created)
+            return True
+
+        if not created:
+            return claim if await probe_then_open() else None
+        stored, opened = await asyncio.gather(
+            self.store.save_forward(claim), probe_then_open(), return_exceptions=True
         )
-        if forward is not claim:
-            await self.firewall.add(_rule(forward), new=False)
-        external = f"{self.settings.external_address}:{forward['external_port']}"
-        log.info("forwarded", name=forward["name"], external=external)
-        return forward
+        if stored is claim and opened is True:
+            return claim
+        if opened is True:  # the rule is in for a claim that was not stored
+            await self.firewall.remove(claim["_id"])
+        if isinstance(stored, BaseException):
+            self.store.withdraw(claim)
+            raise stored
+        if stored is claim:  # the guest did not answer (or the probe failed)
+            await self.store.drop_forward(claim)
+        if isinstance(opened, BaseException):
+            raise opened
+        if opened is not True:
+            return None
+        # The same request's forward was stored already (a redelivery handled twice).
+        assert isinstance(stored, dict)
+        await self.firewall.add(_rule(stored), new=False)
+        return stored
 
     # -- releasing ------------------------------------------------------------------
 
@@ -191,7 +248,7 @@ class Gateway:
             await self.firewall.remove(forward["_id"])
             await self._forget_connections(forward["external_port"])
         await self.store.drop_lease(lease)
-        await self._rebind()
+        self._rebind()
         log.info("released", job_id=lease["job_id"], ip=lease["ip"], reason=reason)
         return NetReleased(
             job_id=lease["job_id"],
@@ -218,33 +275,6 @@ class Gateway:
 
     # -- helpers --------------------------------------------------------------------
 
-    async def _store_and_apply(
-        self,
-        claim: Document,
-        store: Awaitable[Document],
-        apply: Awaitable[None],
-        undo: Callable[[], Awaitable[None]],
-    ) -> Document:
-        """Store a claimed lease or forward and apply it at once; returns it as stored.
-
-        Each costs a few milliseconds and neither needs the other, so the answer waits
-        for the slower one only. If either fails, the claim is withdrawn and `undo`
-        takes its change back out of the data plane; the request is then retried. If
-        the store already held the same request's lease or forward (a redelivery
-        handled twice), that one is returned, and `undo` has taken the claim's change
-        out: the caller puts the stored one in place.
-        """
-        stored, applied = await asyncio.gather(store, apply, return_exceptions=True)
-        failure = next((r for r in (stored, applied) if isinstance(r, BaseException)), None)
-        if failure is not None:
-            self.store.withdraw(claim)
-            await undo()
-            raise failure
-        assert isinstance(stored, dict)
-        if stored is not claim:
-            await undo()
-        return stored
-
     async def _answers(self, ip: str, port: int, wait_s: float) -> bool:
         """Whether the guest accepts a TCP connection within `wait_s` (checked at once)."""
         give_up = time.monotonic() + wait_s
@@ -256,10 +286,9 @@ class Gateway:
                 return False
             await asyncio.sleep(self.settings.probe_interval_s)  # the guest is still booting
 
-    async def _rebind(self) -> None:
-        """Write every live lease to dnsmasq's hosts file (one writer at a time)."""
-        async with self._bindings:
-            await self.dhcp.bind((lease["mac"], lease["ip"]) for lease in self.store.live_leases())
+    def _rebind(self) -> None:
+        """Write every live lease to dnsmasq's hosts file."""
+        self.dhcp.bind((lease["mac"], lease["ip"]) for lease in self.store.live_leases())
 
     async def _forget_connections(self, external_port: int) -> None:
         """Drop tracked connections through a removed forward, so none lives on."""

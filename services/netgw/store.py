@@ -9,7 +9,7 @@ cache or dnsmasq's lease file) is the last to be used again.
 One netgw owns one gateway (its dnsmasq, its nftables table), so the store keeps what
 it wrote in memory as well, and reads are answered from memory. A new lease or forward
 is claimed in memory first, so that requests handled meanwhile pass its slot by, then
-stored; the gateway changes the data plane while the insert is in flight. A request
+stored; the gateway binds the lease or probes the guest while the insert is in flight. A request
 then costs one database write, which keeps a lease and a forward within a few
 milliseconds.
 """
@@ -186,6 +186,11 @@ class NetStore:
     async def save_forward(self, forward: Document) -> Document:
         """Store a claimed forward; as `save_lease`."""
         return await self._save(self.forwards, self._forwards, forward)
+
+    async def drop_forward(self, forward: Document) -> None:
+        """Forget a forward that was never answered (its guest did not answer)."""
+        self._forwards.pop(forward["_id"], None)
+        await self.forwards.delete_one({"_id": forward["_id"]})
 
     def forwards_of(self, lease: Document) -> list[Document]:
         return [doc for doc in self._forwards.values() if doc["lease_id"] == lease["_id"]]

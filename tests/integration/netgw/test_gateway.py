@@ -40,6 +40,16 @@ async def release(bus: Bus, job_id: str) -> Envelope:
     return await bus.request("net.release", request, correlation_id=job_id)
 
 
+async def stored_forwards(mongo_settings: MongoSettings, db_prefix: str) -> list[dict[str, Any]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_settings.url.get_secret_value()
+    )
+    try:
+        return await client[f"{db_prefix}netgw"]["forwards"].find().to_list()
+    finally:
+        await client.close()
+
+
 def external_port(reply: Envelope) -> int:
     assert reply.type == "net.forwarded", reply.payload
     host, port = str(reply.payload["external"]).split(":")
@@ -48,7 +58,13 @@ def external_port(reply: Envelope) -> int:
 
 
 async def test_a_guest_is_reached_through_its_forward_until_release(
-    netgw: Stack, vmnet: VmNet, bus: Bus, amqp_settings: AmqpSettings, udhcpc_script: Any
+    netgw: Stack,
+    vmnet: VmNet,
+    bus: Bus,
+    amqp_settings: AmqpSettings,
+    mongo_settings: MongoSettings,
+    db_prefix: str,
+    udhcpc_script: Any,
 ) -> None:
     await netgw.start("netgw")
     job = f"job-{uuid.uuid4().hex[:8]}"
@@ -68,6 +84,9 @@ async def test_a_guest_is_reached_through_its_forward_until_release(
         assert early.type == "net.failed"
         assert early.payload["retryable"] is True
         assert f"{ip}:2222" in early.payload["reason"]
+        # The forward stored while the guest was probed is gone again, and had no rule.
+        assert await stored_forwards(mongo_settings, db_prefix) == []
+        assert vmnet.forward_rules() == []
 
         guest.serve(2222, "medhive-guest ready")
         port = external_port(await forward(bus, job, 2222))
