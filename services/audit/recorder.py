@@ -235,16 +235,19 @@ class Recorder:
         return new
 
     async def _settle(self, batch: list[AbstractIncomingMessage], *, ack: bool) -> None:
-        """Acknowledge (or hand back) a batch; the frames go out together, not one by one."""
-        results = await asyncio.gather(
-            *(message.ack() if ack else message.nack(requeue=True) for message in batch),
-            return_exceptions=True,
-        )
-        failed = [result for result in results if isinstance(result, BaseException)]
-        if failed:
+        """Acknowledge (or hand back) a batch with one frame.
+
+        The batch holds the channel's oldest unsettled deliveries (they are taken in
+        order, and each batch is settled before the next is taken), so settling its
+        last one with `multiple` settles exactly the batch.
+        """
+        last = batch[-1]
+        try:
+            await (last.ack(multiple=True) if ack else last.nack(multiple=True, requeue=True))
+        except Exception as exc:  # the writer goes on whatever the broker did
             # The channel closed under us: the broker redelivers, and what is stored
             # already is recognised then.
-            log.warning("audit_ack_failed", failed=len(failed), error=repr(failed[0]))
+            log.warning("audit_ack_failed", size=len(batch), error=repr(exc))
 
     async def _load_head(self) -> Head:
         last = await self.store.last()

@@ -9,13 +9,14 @@ from typing import Any
 import aio_pika
 import pytest
 
-from services.audit.recorder import Recorder
+from services.audit.recorder import QUEUE, Recorder
 from services.audit.settings import AuditSettings
 from shared.auth import Role
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.catalog import COMMANDS
 from shared.messages.jobs import JobCancel, JobEvent, JobSpec, JobState, JobSubmit, NodeRun
+from shared.settings import AmqpSettings
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth, record_of, stored
 
@@ -114,6 +115,21 @@ async def test_restart_in_the_middle_of_a_flow_loses_nothing_and_doubles_nothing
     operator = auth(await token("ops", Role.operator))
     verdict = await (await second.get("/v1/audit/verify", headers=operator)).json()
     assert (verdict["ok"], verdict["records"]) == (True, 400)
+
+
+async def test_every_stored_delivery_is_acknowledged(
+    start_app: StartApp, bus: Bus, records: Any, amqp_settings: AmqpSettings
+) -> None:
+    """Batches are acknowledged with one frame each: none may be left out."""
+    app = await start_app()
+    await _flow(bus, range(120), size=7)
+    await stored(records, 120)
+    await app.close()  # whatever was not acknowledged goes back to the queue
+    connection = await aio_pika.connect(amqp_settings.url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(QUEUE, passive=True)
+        assert queue.declaration_result.message_count == 0
 
 
 async def test_a_crash_between_storing_and_acknowledging_stores_nothing_twice(
