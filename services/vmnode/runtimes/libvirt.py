@@ -189,11 +189,13 @@ class LibvirtRuntime:
     async def wait(self, workload: Workload) -> ExitInfo:
         stopped = self._stop_event(workload.id)
         while True:
+            # Cleared before the state is read: an event that arrives while it is being
+            # read then still wakes the wait below, instead of being cleared unseen.
+            stopped.clear()
             domain = await self._domain(workload.id)
             state, reason = await self._call(domain.state)
             if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
                 return _exit_info(state, reason)
-            stopped.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), POLL_S)
 
