@@ -49,10 +49,6 @@ log = structlog.get_logger("medhive.netgw")
 REQUESTS = "netgw.requests"
 
 
-async def _ready(value: Document) -> Document:
-    return value
-
-
 def _rule(forward: Document) -> Rule:
     return Rule(
         forward["_id"], forward["external_port"], forward["guest_ip"], forward["guest_port"]
