@@ -1,8 +1,9 @@
 """`medhive`: the command line of users and operators.
 
 Talks to the job API (`MEDHIVE_API_URL`) and the audit API (`MEDHIVE_AUDIT_URL`) with
-the token in `MEDHIVE_TOKEN` (or the file `token create --save` wrote). `token create`
-and `up` are the administrator's tools and run on the server itself.
+the token in `MEDHIVE_TOKEN` (or the file `token create --save` wrote). `token`,
+`amqp-user`, `dead` (medhive/admin.py) and `up` are the administrator's tools and run
+on the server itself.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import Any
 
 import yaml
 
+from medhive import admin
 from medhive.client import TERMINAL, ApiFailure, Client, default_token
+from medhive.integrators import ManagementError
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -195,28 +198,6 @@ async def audit_verify(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-async def token_create(args: argparse.Namespace) -> int:
-    from shared.auth import Role, TokenStore
-    from shared.mongo import connect
-    from shared.settings import MongoSettings
-
-    settings = MongoSettings()
-    db = connect(settings)
-    try:
-        token = await TokenStore(db[settings.identity_db]).create(
-            args.name or f"{args.tenant}-{args.role}", args.tenant, Role(args.role)
-        )
-    finally:
-        await db.close()
-    if args.save:
-        path = Path(os.environ.get("MEDHIVE_TOKEN_FILE", "~/.config/medhive/token")).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(token + "\n")
-        path.chmod(0o600)
-    print(token)
-    return 0
-
-
 async def schema_export(args: argparse.Namespace) -> int:
     from shared.schema import export_schemas
 
@@ -270,15 +251,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--tenant")
     audit.add_parser("verify", help="check the hash chain").set_defaults(fn=audit_verify)
 
-    token = sub.add_parser("token", help="API tokens").add_subparsers(
-        dest="token_command", required=True
-    )
-    c = token.add_parser("create", help="create a token (on the server; MEDHIVE_MONGO_URL)")
-    c.set_defaults(fn=token_create)
-    c.add_argument("--tenant", required=True)
-    c.add_argument("--role", choices=["user", "operator", "node"], default="user")
-    c.add_argument("--name", help="who holds it; for a node token, the node id")
-    c.add_argument("--save", action="store_true", help="also write it where the CLI finds it")
+    admin.add_commands(sub)
 
     schema = sub.add_parser("schema", help="message schemas").add_subparsers(
         dest="schema_command", required=True
@@ -311,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     except KeyboardInterrupt:
         code = 130
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, ValueError, ManagementError) as exc:
+        # ValueError: a name that may not name a tenant or user (shared/identity.py)
         print(f"medhive: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -40,17 +40,35 @@ fi
 if ! grep -qs "management.tcp.ip" /etc/rabbitmq/rabbitmq.conf; then
   printf 'management.tcp.ip = 127.0.0.1\n' >> /etc/rabbitmq/rabbitmq.conf
 fi
+# The broker's own ceiling on a message (8 MiB). The services refuse, with a reason and
+# an audit record, anything over MEDHIVE_AMQP_MAX_MESSAGE_BYTES (1 MiB) below it.
+MAX_MESSAGE_SIZE=8388608
+if ! grep -qs "^max_message_size" /etc/rabbitmq/rabbitmq.conf; then
+  printf 'max_message_size = %s\n' "$MAX_MESSAGE_SIZE" >> /etc/rabbitmq/rabbitmq.conf
+fi
 rabbitmq-plugins enable --offline rabbitmq_management >/dev/null
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   say "starting rabbitmq"
   rabbitmq-server -detached
   rabbitmqctl -q wait --timeout 120 "/var/lib/rabbitmq/mnesia/rabbit@$(hostname -s).pid"
 fi
-# The services' own user, an administrator so tests can make vhosts through the API.
+# A broker started before the ceiling was configured takes it at once.
+rabbitmqctl -q eval "application:set_env(rabbit, max_message_size, $MAX_MESSAGE_SIZE)." >/dev/null
+# The services' own user: an administrator (it provisions integrators' users, and tests
+# make vhosts through the API) and an impersonator (a dead-letter copy keeps the
+# original sender's user_id).
 if ! rabbitmqctl -q list_users | grep -q '^medhive\b'; then
   rabbitmqctl -q add_user medhive medhive
-  rabbitmqctl -q set_user_tags medhive administrator
   rabbitmqctl -q set_permissions -p / medhive '.*' '.*' '.*'
+fi
+if ! rabbitmqctl -q list_users | grep '^medhive\b' | grep -q impersonator; then
+  rabbitmqctl -q set_user_tags medhive administrator impersonator
+fi
+# An unbounded dead-letter queue of an earlier version cannot be re-declared with its
+# bounds: it goes (its letters are in the audit trail), and the services make it anew.
+if rabbitmqctl -q list_queues name arguments 2>/dev/null | grep '^medhive\.dead\b' | grep -qv x-max-length; then
+  say "replacing the unbounded medhive.dead queue"
+  rabbitmqctl -q delete_queue medhive.dead >/dev/null
 fi
 
 # Docker engine (no systemd here: start it by hand when it is not answering).

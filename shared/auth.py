@@ -16,6 +16,7 @@ from enum import StrEnum
 from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.envelope import utcnow
+from shared.identity import check_name
 from shared.mongo import Document
 
 TOKEN_PREFIX = "mh_"
@@ -54,6 +55,7 @@ class TokenStore:
 
     async def create(self, name: str, tenant: str, role: Role) -> str:
         """Store a new token and return it; this is the only time it is visible."""
+        check_name(tenant)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         await self.tokens.insert_one(
             {

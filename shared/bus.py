@@ -96,9 +96,14 @@ class Bus:
     # -- publishing ---------------------------------------------------------------
 
     def envelope(self, type_: str, payload: Payload, **fields: Any) -> Envelope:
-        """A new envelope from this service; `fields` are the envelope's own fields."""
-        if not isinstance(payload, CATALOG[type_].model):
-            raise TypeError(f"{type_} carries {CATALOG[type_].model.__name__}")
+        """A new envelope from this service; `fields` are the envelope's own fields
+        (a fresh `id` unless one is given: see `shared.envelope.derived_id`)."""
+        entry = CATALOG[type_]
+        if not isinstance(payload, entry.model):
+            raise TypeError(f"{type_} carries {entry.model.__name__}")
+        if entry.for_tenants and not fields.get("tenant"):
+            raise ValueError(f"{type_} goes to a tenant's channel: it needs a tenant")
+        fields.setdefault("id", uuid.uuid4())
         return Envelope(
             type=type_, source=self.source, payload=payload.model_dump(mode="json"), **fields
         )
@@ -127,7 +132,7 @@ class Bus:
         was going to publish (an outbox, an unacked delivery) and tries again later.
         """
         entry = CATALOG[envelope.type]
-        key = routing_key or entry.key_pattern.format(node_id=node_id)
+        key = routing_key or entry.key_pattern.format(node_id=node_id, tenant=envelope.tenant)
         message = aio_pika.Message(
             body=envelope.model_dump_json().encode(),
             content_type="application/json",
@@ -225,20 +230,44 @@ class Bus:
             future.set_result(envelope)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str) -> None:
-        """Copy a delivery to `medhive.dead` with the reason; the caller then acks it."""
+        """Copy a delivery to `medhive.dead` with the reason; the caller then acks it.
+
+        The copy keeps every property of the original, `user_id` included (the service
+        account carries RabbitMQ's `impersonator` tag for this), so an operator sees who
+        sent it and `medhive dead replay` sends it again as its sender did.
+        """
         headers = dict(message.headers or {})
-        headers.update({"x-medhive-reason": reason[:1000], "x-medhive-queue": queue})
+        headers.update(
+            {
+                "x-medhive-reason": reason[:1000],
+                "x-medhive-queue": queue,
+                "x-medhive-exchange": message.exchange or "",
+                "x-medhive-user-id": message.user_id or "",
+            }
+        )
         copy = aio_pika.Message(
             body=message.body,
             headers=headers,
             content_type=message.content_type,
+            content_encoding=message.content_encoding,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
             message_id=message.message_id,
-            type=message.type,
-            app_id=message.app_id,
             timestamp=message.timestamp,
+            type=message.type,
+            user_id=message.user_id,
+            app_id=message.app_id,
         )
-        await self._publish_raw(DEAD, message.routing_key or "", copy, 60.0)
+        try:
+            await self._publish_raw(DEAD, message.routing_key or "", copy, 60.0)
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            # The service account may not publish as another user (no `impersonator`
+            # tag): keep the letter, with its sender in the header only.
+            log.warning("dead_letter_without_user_id", user_id=message.user_id)
+            copy.user_id = None
+            await self._publish_raw(DEAD, message.routing_key or "", copy, 60.0)
 
     # -- consuming ----------------------------------------------------------------
 

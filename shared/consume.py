@@ -1,17 +1,21 @@
-"""The one consume wrapper: decode, validate, authorize, run the handler, ack or
-dead-letter. It is the only place that catches broad exceptions.
+"""The one consume wrapper: identify the sender, bound, decode, validate, run the
+handler, ack or dead-letter. It is the only place that catches broad exceptions.
 
 Deliveries arrive as concurrent tasks; messages of one job (one `correlation_id`) are
 handled in delivery order, different jobs in parallel. A message that is wrong and
 will stay wrong is copied to `medhive.dead` with an `x-medhive-reason` header and
-announced as `message.rejected`; a handler failure is requeued after a backoff, and the
-queue's delivery limit dead-letters a message that fails every time.
+announced as `message.rejected` (operators only: it quotes the body); when the sender
+acts for a tenant, it also learns of it by `command.rejected` on its tenant's channel,
+which names the message and the reason but quotes nothing. A handler failure is
+requeued after a backoff, and the queue's delivery limit dead-letters a message that
+fails every time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,10 +26,11 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from shared.envelope import Envelope
+from shared.envelope import Envelope, derived_id
+from shared.identity import Sender
 from shared.messages.base import Payload
 from shared.messages.catalog import CATALOG
-from shared.messages.system import MessageRejected
+from shared.messages.system import CommandRejected, MessageRejected
 from shared.topology import declare_exchanges, declare_queue
 
 if TYPE_CHECKING:
@@ -44,35 +49,35 @@ class Retry(Exception):
 
 @dataclass(frozen=True)
 class Incoming:
-    """A delivery that passed decoding and validation."""
+    """A delivery that passed identification, decoding and validation."""
 
     envelope: Envelope
     payload: Payload
-    user_id: str | None
+    sender: Sender
     routing_key: str
     redelivered: bool
     reply_to: str | None = None  # where a request's answer goes (net.* requests)
 
+    @property
+    def user_id(self) -> str | None:
+        return self.sender.user
+
 
 Handler = Callable[[Incoming], Awaitable[None]]
-#: Checks who sent a message; returns the envelope to hand on (e.g. with the tenant
-#: filled from the AMQP user) or raises `Rejected`.
-Authorizer = Callable[[Envelope, str | None], Envelope]
+#: Decides who sent a delivery from its proven AMQP user, before anything of the body
+#: is believed; raises `Rejected` for a sender the queue does not take commands from.
+Authorizer = Callable[[str | None], Awaitable[Sender]]
 
 
 def trusted_senders(users: set[str]) -> Authorizer:
-    """Believe a message only from the medhive service accounts in `users`.
+    """Take messages only from the medhive service accounts in `users`."""
 
-    RabbitMQ refuses a `user_id` property that differs from the connection's user, so
-    the property proves who sent it.
-    """
-
-    def authorize(envelope: Envelope, user_id: str | None) -> Envelope:
+    async def identify(user_id: str | None) -> Sender:
         if user_id not in users:
-            raise Rejected(f"AMQP user {user_id!r} may not send {envelope.type}")
-        return envelope
+            raise Rejected(f"AMQP user {user_id!r} may not send to this queue")
+        return Sender(user_id, service=True)
 
-    return authorize
+    return identify
 
 
 class Consumer:
@@ -91,6 +96,10 @@ class Consumer:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def max_bytes(self) -> int:
+        return self.bus.settings.max_message_bytes
 
     async def start(self, bindings: list[tuple[str, str]], prefetch: int) -> None:
         channel = await self.bus.connection.channel()
@@ -126,11 +135,22 @@ class Consumer:
             if not self._in_flight:
                 self._idle.set()
 
-    def _decode(self, message: AbstractIncomingMessage) -> Incoming:
+    async def _identify(self, message: AbstractIncomingMessage) -> Sender:
+        if self.authorize is None:
+            return Sender(message.user_id)
+        return await self.authorize(message.user_id)
+
+    def _decode(self, message: AbstractIncomingMessage, sender: Sender) -> Incoming:
+        if len(message.body) > self.max_bytes:
+            raise Rejected(
+                f"message of {len(message.body)} bytes is over the limit of {self.max_bytes}"
+            )
         try:
             envelope = Envelope.model_validate_json(message.body)
         except ValidationError as exc:
             raise Rejected(f"not a medhive envelope: {summarize(exc)}") from exc
+        if message.message_id is not None and message.message_id != str(envelope.id):
+            raise Rejected("the message_id property differs from the envelope's id")
         entry = CATALOG.get(envelope.type)
         if entry is None or envelope.type not in self.handlers:
             raise Rejected(f"unknown message type {envelope.type!r} for queue {self.queue_name}")
@@ -140,13 +160,13 @@ class Consumer:
             payload = entry.model.model_validate(envelope.payload)
         except ValidationError as exc:
             raise Rejected(f"invalid {envelope.type} payload: {summarize(exc)}") from exc
-        user_id = message.user_id
-        if self.authorize is not None:
-            envelope = self.authorize(envelope, user_id)
+        if sender.tenant is not None:
+            # An integrator acts for its tenant, whatever the message claims.
+            envelope = envelope.model_copy(update={"tenant": sender.tenant, "actor": sender.user})
         return Incoming(
             envelope,
             payload,
-            user_id,
+            sender,
             message.routing_key or "",
             bool(message.redelivered),
             message.reply_to,
@@ -154,10 +174,17 @@ class Consumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
+        sender = Sender(message.user_id)
         try:
-            incoming = self._decode(message)
+            sender = await self._identify(message)
+            incoming = self._decode(message, sender)
         except Rejected as exc:
-            await self._reject(message, str(exc))
+            await self._reject(message, str(exc), sender)
+            return
+        except Exception:  # the identity store is away: try again later
+            log.exception("identify_failed", queue=self.queue_name)
+            await asyncio.sleep(_backoff(message))
+            await message.nack(requeue=True)
             return
         envelope = incoming.envelope
         key = envelope.correlation_id or str(envelope.id)
@@ -172,7 +199,7 @@ class Consumer:
                     try:
                         await self.handlers[envelope.type](incoming)
                     except Rejected as exc:
-                        await self._reject(message, str(exc))
+                        await self._reject(message, str(exc), sender)
                         return
                     except Retry as exc:
                         log.warning("handler_retry", queue=self.queue_name, reason=str(exc))
@@ -197,10 +224,16 @@ class Consumer:
             # The channel closed under us (broker restart): the broker redelivers.
             log.warning("ack_failed", queue=self.queue_name, error=repr(exc))
 
-    async def _reject(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Dead-letter with the reason, announce it, then ack the original."""
+    async def _reject(self, message: AbstractIncomingMessage, reason: str, sender: Sender) -> None:
+        """Dead-letter with the reason, announce it, then ack the original.
+
+        The announcements have ids derived from the message, so a crash before the ack
+        (which makes the broker deliver the message again) repeats them under the same
+        ids rather than adding new ones.
+        """
         log.warning("message_rejected", queue=self.queue_name, reason=reason)
         await self.bus.dead_letter(message, self.queue_name, reason)
+        seen_as = message.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()
         rejected = MessageRejected(
             queue=self.queue_name,
             reason=reason,
@@ -210,10 +243,29 @@ class Consumer:
             user_id=message.user_id,
             body_excerpt=message.body[:512].decode("utf-8", "replace"),
         )
-        # No tenant: a rejected body's claims are unverified, so only operators see it.
+        # No tenant: the body's claims are unverified, so only operators see it.
         await self.bus.emit(
-            "message.rejected", rejected, causation_id=message.message_id, actor=message.user_id
+            "message.rejected",
+            rejected,
+            id=derived_id("message.rejected", self.queue_name, seen_as),
+            causation_id=message.message_id,
+            actor=message.user_id,
         )
+        if sender.tenant is not None:
+            refused = CommandRejected(
+                reason=reason,
+                message_id=message.message_id,
+                message_type=message.type,
+                user_id=sender.user,
+            )
+            await self.bus.emit(
+                "command.rejected",
+                refused,
+                id=derived_id("command.rejected", self.queue_name, seen_as),
+                causation_id=message.message_id,
+                tenant=sender.tenant,
+                actor=sender.user,
+            )
         await message.ack()
 
 

@@ -13,10 +13,23 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+#: The namespace of ids derived from what a message is about (`derived_id`).
+_DERIVED = uuid.UUID("5b0f3c2e-6d1a-4e8b-9a57-0c6f1d2e8a41")
+
 
 def utcnow() -> datetime:
     """Timezone-aware now, the only clock the messages use."""
     return datetime.now(UTC)
+
+
+def derived_id(*parts: object) -> uuid.UUID:
+    """The same id for the same fact, e.g. `derived_id("run.started", job, attempt)`.
+
+    A fact that may be announced more than once (a crash between publishing and
+    remembering it, a redelivered command) keeps one id, so that every consumer's
+    de-duplication by message id recognises the repeat.
+    """
+    return uuid.uuid5(_DERIVED, "/".join(str(part) for part in parts))
 
 
 class Envelope(BaseModel):
@@ -25,7 +38,8 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: uuid.UUID = Field(
-        default_factory=uuid.uuid4, description="Unique id; also the AMQP message_id."
+        description="Unique id, chosen by the sender; also the AMQP message_id. A command "
+        "is acted on once per id and sender: send a repeat with the same id."
     )
     type: str = Field(description="Message type, e.g. `job.submit`; also the AMQP type.")
     version: int = Field(1, ge=1, description="Payload schema version of this type.")

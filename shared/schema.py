@@ -30,7 +30,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from shared.envelope import Envelope
-from shared.messages.catalog import CATALOG, COMMANDS, DEAD, MessageType
+from shared.messages.catalog import (
+    CATALOG,
+    COMMANDS,
+    DEAD,
+    INTEGRATOR_COMMANDS,
+    TENANTS,
+    MessageType,
+)
+from shared.topology import DEAD_LETTER_BOUNDS, DEAD_LETTER_QUEUE
 
 JsonSchema = dict[str, Any]
 
@@ -53,21 +61,37 @@ Every message body is one JSON envelope (`components.schemas.Envelope`) whose `t
 names the catalog entry and whose `payload` follows that entry's schema. The same
 schemas are published as standalone JSON Schema files, one per type.
 
+**Two kinds of parties.** medhive's services and operators use every channel. Another
+hospital system (an integrator) gets an AMQP user for one tenant from
+`medhive amqp-user add NAME --tenant TENANT`, and RabbitMQ's own permissions let it
+use exactly the channels marked `x-medhive-audience: integrators`: publish
+{", ".join(f"`{name}`" for name in INTEGRATOR_COMMANDS)} to `{COMMANDS}`, and read its
+tenant's keys (`<tenant>.#`) of `{TENANTS}`, from its own queue
+`medhive.integrator.<user>` or from server-named queues (`amq.gen-*`) it binds itself.
+Binding any other key, or to any other exchange, is refused by the broker.
+
 **Who sent it.** Set the AMQP `user_id` property of every message you publish to the
 user name of your AMQP connection. RabbitMQ validates it: the broker refuses a message
 whose `user_id` differs from the connection's user, so the property proves the sender.
-The scheduler maps that user to a tenant and rejects a command (`job.submit`,
-`job.cancel`) without it or from an unmapped user; the envelope's `tenant` comes from
-that mapping, never from the body. `node.{{node_id}}.*` commands are internal: a node
-agent obeys only the AMQP users it trusts (the scheduler's service account).
+The scheduler maps that user to a tenant and rejects a command without it or from an
+unmapped user; the envelope's `tenant` and `actor` come from that mapping, never from
+the body. `node.{{node_id}}.*` commands are internal: a node agent obeys only the AMQP
+users it trusts (the scheduler's service account).
+
+**Once per id.** The envelope `id` is required and chosen by the sender: a command is
+acted on once per sender and id, so a repeat (after a lost confirm, say) is safe; a
+repeated `job.submit` is answered with `job.duplicate`, which names the job. Events
+may be delivered more than once (at least once); a repeat has the same `id`.
 
 **Other AMQP properties.** `message_id` = envelope `id`, `type` = envelope `type`,
 `content_type` = `application/json`, `delivery_mode` = 2 (persistent); publish with
-publisher confirms.
+publisher confirms. A body over 1 MiB (`MEDHIVE_AMQP_MAX_MESSAGE_BYTES`) is refused.
 
-**Invalid messages** (undecodable, failing validation, unknown type, unauthorised
-sender) are dead-lettered to the `{DEAD}` exchange and announced by a
-`message.rejected` event that says why. Nothing is dropped silently.
+**Invalid messages** (undecodable, too large, failing validation, unknown type,
+unauthorised sender) are dead-lettered to the `{DEAD}` exchange and announced by a
+`message.rejected` event that says why (operators only: it quotes the body); the
+sender's tenant is told by `command.rejected` on its channel (no body). Nothing is
+dropped silently.
 """
 
 
@@ -145,6 +169,7 @@ def asyncapi_document() -> dict[str, Any]:
     channels: dict[str, Any] = {}
     for pattern, entries in _by_key_pattern(CATALOG.values()).items():
         channels[pattern] = _channel(pattern, entries)
+    channels[DEAD_LETTER_QUEUE] = _dead_letter_channel(envelope_ref)
     return {
         "asyncapi": ASYNCAPI_VERSION,
         "id": "urn:medhive:messaging",
@@ -245,8 +270,10 @@ def _channel(pattern: str, entries: list[MessageType]) -> JsonSchema:
             "property set to your connection's user."
         )
     operation["message"] = message
+    audience, permission = _audience(exchange, entries)
     channel: JsonSchema = {
-        "description": f"Routing key `{pattern}` on the `{exchange}` exchange.",
+        "description": f"Routing key `{pattern}` on the `{exchange}` exchange. {permission}",
+        "x-medhive-audience": audience,
         "bindings": {
             "amqp": {
                 "is": "routingKey",
@@ -271,6 +298,58 @@ def _channel(pattern: str, entries: list[MessageType]) -> JsonSchema:
             for name in parameters
         }
     return channel
+
+
+def _audience(exchange: str, entries: list[MessageType]) -> tuple[str, str]:
+    """Who may use a channel, and the broker permission that says so."""
+    if exchange == TENANTS:
+        return "integrators", (
+            "An integrator of tenant T may bind keys starting `T.` only "
+            "(topic permission: read `^T\\.`); services and operators see every tenant's."
+        )
+    if exchange == COMMANDS and all(entry.name in INTEGRATOR_COMMANDS for entry in entries):
+        return "integrators", (
+            "Integrators may publish it (topic permission: write "
+            f"`^({'|'.join(INTEGRATOR_COMMANDS)})$` on `{COMMANDS}`)."
+        )
+    return "services", "medhive's services and operators only: no integrator may use it."
+
+
+def _dead_letter_channel(envelope_ref: JsonSchema) -> JsonSchema:
+    """The dead-letter queue: what operators find there, and its bounds."""
+    bounds = ", ".join(f"`{name}` {value}" for name, value in DEAD_LETTER_BOUNDS.items())
+    return {
+        "description": (
+            f"The queue `{DEAD_LETTER_QUEUE}`, bound to every key of the `{DEAD}` exchange: "
+            "messages a consumer refused (header `x-medhive-reason`, and `x-medhive-queue`, "
+            "`x-medhive-exchange`) or that failed every delivery (RabbitMQ's `x-death`), "
+            "with their original properties, `user_id` included. Bounded "
+            f"({bounds}): past the bounds the oldest go, and every letter is in the audit "
+            "trail already. Operators use it through `medhive dead list|show|replay|purge`."
+        ),
+        "x-medhive-audience": "operators",
+        "bindings": {
+            "amqp": {
+                "is": "queue",
+                "queue": {
+                    "name": DEAD_LETTER_QUEUE,
+                    "durable": True,
+                    "exclusive": False,
+                    "autoDelete": False,
+                },
+                "bindingVersion": AMQP_BINDING_VERSION,
+            }
+        },
+        "subscribe": {
+            "operationId": "receive_dead_letters",
+            "summary": "Refused messages, as they were sent.",
+            "message": {
+                "name": "dead-letter",
+                "summary": "Any message, usually an envelope; the body as its sender sent it.",
+                "payload": envelope_ref,
+            },
+        },
+    }
 
 
 def _by_key_pattern(entries: Iterable[MessageType]) -> dict[str, list[MessageType]]:

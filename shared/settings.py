@@ -26,11 +26,28 @@ class AmqpSettings(BaseSettings):
     delivery_limit: int = Field(
         5, ge=1, description="Redeliveries before a message is dead-lettered."
     )
+    max_message_bytes: int = Field(
+        1024 * 1024,
+        ge=64 * 1024,
+        description="Larger messages are refused by every consumer, with a reason and an "
+        "audit record (the broker's own `max_message_size`, set by the setup, is higher).",
+    )
+    management_url: str | None = Field(
+        None,
+        description="RabbitMQ's management API, for `medhive amqp-user` and `medhive dead`; "
+        "default: port 15672 on the AMQP host.",
+    )
 
     @property
     def user(self) -> str:
         """The AMQP user of this process: the medhive service account by default."""
         return URL(self.url.get_secret_value()).user or "guest"
+
+    @property
+    def vhost(self) -> str:
+        """The virtual host of the AMQP URL (`/` when it names none)."""
+        path = URL(self.url.get_secret_value()).path
+        return path[1:] if len(path) > 1 else "/"
 
 
 class MongoSettings(BaseSettings):

@@ -7,10 +7,19 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from shared.messages.catalog import COMMANDS, DEAD, EVENTS
+from shared.messages.catalog import COMMANDS, DEAD, EVENTS, TENANTS
 
 #: Where dead letters wait for an operator, with the reason in their headers.
 DEAD_LETTER_QUEUE = "medhive.dead"
+#: Bounds of the dead-letter queue. Past them the oldest letters go first: every one
+#: of them is in the audit trail already (the original and its `message.rejected`), so
+#: the queue is an operator's working set for `medhive dead`, not the record.
+DEAD_LETTER_BOUNDS: dict[str, Any] = {
+    "x-max-length": 10_000,
+    "x-max-length-bytes": 256 * 1024 * 1024,
+    "x-message-ttl": 14 * 24 * 3600 * 1000,
+    "x-overflow": "drop-head",
+}
 
 
 def node_queue(node_id: str) -> str:
@@ -19,13 +28,15 @@ def node_queue(node_id: str) -> str:
 
 
 async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
-    """Declare the three durable topic exchanges and the dead-letter queue."""
+    """Declare the four durable topic exchanges and the dead-letter queue."""
     exchanges = {
         name: await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-        for name in (COMMANDS, EVENTS, DEAD)
+        for name in (COMMANDS, EVENTS, TENANTS, DEAD)
     }
     dead = await channel.declare_queue(
-        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        DEAD_LETTER_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "quorum", **DEAD_LETTER_BOUNDS},
     )
     await dead.bind(exchanges[DEAD], "#")
     return exchanges
@@ -60,4 +71,12 @@ async def declare_queue(
     return queue
 
 
-__all__ = ["COMMANDS", "DEAD", "DEAD_LETTER_QUEUE", "EVENTS", "declare_exchanges", "node_queue"]
+__all__ = [
+    "COMMANDS",
+    "DEAD",
+    "DEAD_LETTER_QUEUE",
+    "EVENTS",
+    "TENANTS",
+    "declare_exchanges",
+    "node_queue",
+]

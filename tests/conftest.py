@@ -18,12 +18,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pydantic import SecretStr
+from yarl import URL
 
-from medhive import localdb
+from medhive import integrators, localdb
+from shared.identity import AmqpUsers
+from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
@@ -78,17 +81,44 @@ def amqp_settings(vhost: str) -> AmqpSettings:
 
 
 @pytest.fixture
-def amqp_user(vhost: str) -> Iterator[tuple[str, str]]:
-    """An AMQP user of another hospital system, allowed to publish commands only."""
-    name, password = f"hospital-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+async def amqp_user(
+    amqp_settings: AmqpSettings, mongo_settings: MongoSettings
+) -> AsyncIterator[tuple[str, str]]:
+    """An AMQP user of another hospital system, for tenant `radiology`, made as an
+    operator makes one (`medhive amqp-user add`), with exactly those permissions."""
+    name = f"hospital-{uuid.uuid4().hex[:8]}"
+    async with provisioning(amqp_settings, mongo_settings) as (api, users):
+        url = await integrators.add(api, users, name, "radiology")
+    yield name, str(URL(url).password)
+    with contextlib.suppress(urllib.error.URLError):
+        rabbit_api("DELETE", f"/users/{name}")
+
+
+@pytest.fixture
+def broad_user(vhost: str) -> Iterator[tuple[str, str]]:
+    """An AMQP user that may publish anything (a misconfigured account): what the
+    services refuse by themselves when the broker's permissions would let it through."""
+    name, password = f"broad-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     rabbit_api("PUT", f"/users/{name}", {"password": password, "tags": ""})
     rabbit_api(
-        "PUT",
-        f"/permissions/{vhost}/{name}",
-        {"configure": "^amq\\.gen.*", "write": "^medhive\\.commands$", "read": "^amq\\.gen.*"},
+        "PUT", f"/permissions/{vhost}/{name}", {"configure": ".*", "write": ".*", "read": ".*"}
     )
     yield name, password
-    rabbit_api("DELETE", f"/users/{name}")
+    with contextlib.suppress(urllib.error.URLError):
+        rabbit_api("DELETE", f"/users/{name}")
+
+
+@contextlib.asynccontextmanager
+async def provisioning(
+    amqp: AmqpSettings, mongo: MongoSettings
+) -> AsyncIterator[tuple[integrators.Management, AmqpUsers]]:
+    """What `medhive amqp-user` works with: the management API and the identity store."""
+    client = connect(mongo)
+    try:
+        async with integrators.Management(amqp) as api:
+            yield api, AmqpUsers(client[mongo.identity_db], [amqp.user], cache_s=0)
+    finally:
+        await client.close()
 
 
 @pytest.fixture(scope="session")

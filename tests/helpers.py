@@ -12,7 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared.auth import Role, TokenStore
-from shared.messages.catalog import COMMANDS, EVENTS
+from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
 
@@ -73,12 +73,16 @@ class EventTap:
 async def event_tap(
     amqp: AmqpSettings, keys: list[str], exchange: str = EVENTS
 ) -> AsyncIterator[EventTap]:
+    """Events of types matching `keys`, from the services' exchange and, for events,
+    from every tenant's channel too (where job events go)."""
     connection = await aio_pika.connect(amqp.url.get_secret_value())
     try:
         channel = await connection.channel()
         queue = await channel.declare_queue(exclusive=True)
         for key in keys:
             await queue.bind(exchange, key)
+            if exchange == EVENTS:
+                await queue.bind(TENANTS, key if key == "#" else f"*.{key}")
         tap = EventTap()
         await queue.consume(tap._on)
         yield tap

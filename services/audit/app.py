@@ -10,6 +10,8 @@ from services.audit.api import routes
 from services.audit.recorder import NOTIFIER, Notifier, Recorder
 from services.audit.settings import AuditSettings
 from services.audit.store import STORE, AuditStore
+from shared.http import TOKENS
+from shared.identity import AmqpUsers
 from shared.service import BUS, MONGO, create_service_app
 
 
@@ -22,10 +24,12 @@ def create_app(settings: AuditSettings) -> web.Application:
         store = AuditStore(app[MONGO][settings.database])
         await store.ensure_indexes()
         app[STORE] = store
+        services = settings.trusted_users or [settings.amqp.user]
         recorder = Recorder(
             app[BUS],
             store,
             app[NOTIFIER],
+            AmqpUsers(app[TOKENS].tokens.database, services),
             batch_size=settings.batch_size,
             batch_wait_s=settings.batch_wait_ms / 1000,
         )

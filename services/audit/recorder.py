@@ -29,13 +29,14 @@ from services.audit.chain import Head, link
 from services.audit.records import Received, receive
 from services.audit.store import AuditStore
 from shared.bus import Bus
-from shared.messages.catalog import COMMANDS, EVENTS
+from shared.identity import AmqpUsers, Sender
+from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.topology import declare_exchanges, declare_queue
 
 log = structlog.get_logger("medhive.audit")
 
 QUEUE = "audit.all"
-BINDINGS = [(COMMANDS, "#"), (EVENTS, "#")]
+BINDINGS = [(COMMANDS, "#"), (EVENTS, "#"), (TENANTS, "#")]
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
@@ -85,6 +86,7 @@ class Recorder:
         bus: Bus,
         store: AuditStore,
         notifier: Notifier,
+        senders: AmqpUsers,
         *,
         batch_size: int,
         batch_wait_s: float,
@@ -92,6 +94,7 @@ class Recorder:
         self.bus = bus
         self.store = store
         self.notifier = notifier
+        self.senders = senders
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
@@ -145,7 +148,7 @@ class Recorder:
         while batch := await self._next_batch():
             started = time.perf_counter()
             try:
-                stored = await self._store([receive(message) for message in batch])
+                stored = await self._store(await self._received(batch))
             except Exception:
                 # A bug, not an outage (those are retried in _store): hand the batch back
                 # so that the delivery limit dead-letters a message that fails every time.
@@ -184,6 +187,22 @@ class Recorder:
                 break
             batch.append(message)
         return batch
+
+    async def _received(self, batch: list[AbstractIncomingMessage]) -> list[Received]:
+        """The batch decoded, each delivery with the sender RabbitMQ vouches for."""
+        senders: dict[str | None, Sender] = {}
+        delay = 0.1
+        for user in {message.user_id for message in batch}:
+            while True:
+                try:
+                    senders[user] = await self.senders.sender(user)
+                    break
+                except PyMongoError as exc:  # whose record it is must not be guessed
+                    log.warning("audit_sender_retry", error=_describe(exc), retry_in_s=delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        limit = self.bus.settings.max_message_bytes
+        return [receive(message, senders[message.user_id], limit) for message in batch]
 
     async def _store(self, batch: list[Received]) -> int:
         """Append the batch's new records; retries through database outages."""

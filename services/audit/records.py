@@ -1,10 +1,14 @@
 """What one audit record says about one delivery, and how readers get to see it.
 
 The recorder keeps everything it is given, so decoding here never raises. A body that
-is no medhive envelope (or one too big or odd for a document) is kept as a text
-excerpt with the reason; an envelope of an unknown type or with a bad payload is kept
-whole with the reason. Both are `valid: false` and have no `tenant`: their claims are
-unchecked, so only operators see them (as with `message.rejected`).
+is no medhive envelope (or one too big or odd for a document, or over the consumers'
+size limit) is kept as a text excerpt with the reason; an envelope of an unknown type
+or with a bad payload is kept whole with the reason. Both are `valid: false`.
+
+Whose record it is comes from the sender RabbitMQ vouches for, never from the body:
+a service account's valid message is filed under the tenant and job it names; an
+integrator's, valid or not, under the tenant its AMQP user acts for and no job (what
+it claims is unchecked); anything else under no tenant, for operators only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import ValidationError
 from services.audit.chain import iso, to_millis
 from shared.consume import summarize
 from shared.envelope import Envelope, utcnow
+from shared.identity import Sender
 from shared.messages.catalog import CATALOG
 
 #: How much of an undecodable body a record keeps.
@@ -46,30 +51,42 @@ class Received:
         return {"_id": record_id, **self.fields}
 
 
-def receive(message: AbstractIncomingMessage) -> Received:
+def receive(message: AbstractIncomingMessage, sender: Sender, max_bytes: int) -> Received:
     """Decode a delivery as far as it goes, into the fields of its record."""
     digest = hashlib.sha256(message.body).hexdigest()
+    if len(message.body) > max_bytes:
+        error = f"message of {len(message.body)} bytes is over the limit of {max_bytes}"
+        return _excerpt(message, digest, None, sender, error)
     try:
         envelope = Envelope.model_validate_json(message.body)
     except ValidationError as exc:
-        return _excerpt(message, digest, None, f"not a medhive envelope: {summarize(exc)}")
+        return _excerpt(message, digest, None, sender, f"not a medhive envelope: {summarize(exc)}")
     dumped = envelope.model_dump(mode="json")
     try:
         size = len(bson.encode(dumped))
     except (bson.errors.BSONError, OverflowError, ValueError) as exc:
-        return _excerpt(message, digest, envelope, f"cannot be stored as a document: {exc}")
+        error = f"cannot be stored as a document: {exc}"
+        return _excerpt(message, digest, envelope, sender, error)
     if size > MAX_ENVELOPE_BYTES:
-        return _excerpt(message, digest, envelope, f"envelope of {size} bytes is too large")
-    error = _refusal(envelope)
-    fields = {**_claims(envelope, valid=error is None), "envelope": dumped}
-    return _received(message, str(envelope.id), digest, fields, error)
+        error = f"envelope of {size} bytes is too large"
+        return _excerpt(message, digest, envelope, sender, error)
+    refusal = _refusal(envelope)
+    fields = {**_claims(envelope, sender, valid=refusal is None), "envelope": dumped}
+    return _received(message, str(envelope.id), digest, fields, refusal)
 
 
 def _excerpt(
-    message: AbstractIncomingMessage, digest: str, envelope: Envelope | None, error: str
+    message: AbstractIncomingMessage,
+    digest: str,
+    envelope: Envelope | None,
+    sender: Sender,
+    error: str,
 ) -> Received:
     """A record of a body kept only as its first bytes, as text."""
-    fields = _claims(envelope, valid=False) if envelope is not None else _properties(message)
+    if envelope is not None:
+        fields = _claims(envelope, sender, valid=False)
+    else:
+        fields = _properties(message, sender)
     fields["envelope"] = None
     fields["raw"] = message.body[:RAW_EXCERPT_BYTES].decode("utf-8", "replace")
     record_id = (
@@ -112,28 +129,30 @@ def _refusal(envelope: Envelope) -> str | None:
     return None
 
 
-def _claims(envelope: Envelope, *, valid: bool) -> dict[str, Any]:
-    """The envelope's own fields that records are searched by."""
+def _claims(envelope: Envelope, sender: Sender, *, valid: bool) -> dict[str, Any]:
+    """The envelope's own fields that records are searched by, believed as far as the
+    sender may be believed."""
+    believed = sender.service and valid
     return {
         "type": envelope.type,
-        "tenant": envelope.tenant if valid else None,
-        "job_id": envelope.correlation_id,
+        "tenant": envelope.tenant if believed else sender.tenant,
+        "job_id": envelope.correlation_id if believed else None,
         "occurred_at": to_millis(envelope.occurred_at),
         "source": envelope.source,
-        "actor": envelope.actor,
+        "actor": envelope.actor if believed else sender.user,
     }
 
 
-def _properties(message: AbstractIncomingMessage) -> dict[str, Any]:
+def _properties(message: AbstractIncomingMessage, sender: Sender) -> dict[str, Any]:
     """For a body that is no envelope: what its AMQP properties claim."""
     sent = message.timestamp if isinstance(message.timestamp, datetime) else utcnow()
     return {
         "type": message.type,
-        "tenant": None,
-        "job_id": message.correlation_id,
+        "tenant": sender.tenant,
+        "job_id": message.correlation_id if sender.service else None,
         "occurred_at": to_millis(sent),
         "source": message.app_id,
-        "actor": None,
+        "actor": sender.user,
     }
 
 

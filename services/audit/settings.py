@@ -28,3 +28,9 @@ class AuditSettings(BaseSettings):
     batch_wait_ms: int = Field(
         20, ge=0, le=10_000, description="How long a batch waits for more deliveries."
     )
+    trusted_users: list[str] | None = Field(
+        None,
+        description="medhive's service accounts, whose messages are filed under the tenant "
+        "they name; default: the user of the AMQP URL. Other senders' messages are filed "
+        "under the tenant their AMQP user acts for, or under none (operators only).",
+    )

@@ -3,6 +3,7 @@ tenant's job is indistinguishable from a job that does not exist (404)."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -60,8 +61,10 @@ def _job_id(request: web.Request) -> str:
 async def submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     spec = await read_model(request, JobSpec)
+    # Each request is a command of its own; the idempotency key is how a client repeats.
+    command = {"id": str(uuid.uuid4()), "sender": principal.name}
     try:
-        job, created = await request.app[JOBS].submit(principal.tenant, principal.name, spec)
+        submission = await request.app[JOBS].submit(principal.tenant, principal.name, spec, command)
     except IdempotencyConflict as exc:
         raise ApiError(
             409,
@@ -69,7 +72,7 @@ async def submit(request: web.Request) -> web.Response:
             "with a different description",
             job_id=exc.args[0],
         ) from exc
-    return web.json_response(public_job(job), status=201 if created else 200)
+    return web.json_response(public_job(submission.job), status=201 if submission.created else 200)
 
 
 @routes.get("/v1/jobs")

@@ -6,11 +6,10 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, routes
 from services.scheduler.data import DATA_REPORTS, DataHandlers
-from services.scheduler.handlers import CommandHandlers, NodeHandlers, tenant_of_sender
+from services.scheduler.handlers import CommandHandlers, NodeHandlers, integrators
 from services.scheduler.jobs import JobService
 from services.scheduler.outbox import OutboxRelay
 from services.scheduler.placement import Placer
@@ -18,6 +17,8 @@ from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import JobStore
 from services.scheduler.watchdog import Watchdog
 from shared.consume import trusted_senders
+from shared.http import TOKENS
+from shared.identity import AmqpUsers
 from shared.messages.catalog import COMMANDS, EVENTS
 from shared.service import BUS, MONGO, create_service_app
 
@@ -59,15 +60,18 @@ def create_app(settings: SchedulerSettings) -> web.Application:
 
     async def consumers(app: web.Application) -> AsyncIterator[None]:
         bus, jobs, store = app[BUS], app[JOBS], app[STORE]
-        commands = CommandHandlers(jobs)
+        commands = CommandHandlers(jobs, bus)
         reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
         data = DataHandlers(jobs, store, app[PLACER].wake)
-        service_user = URL(settings.amqp.url.get_secret_value()).user or "guest"
+        service_users = set(settings.trusted_users or [settings.amqp.user])
+        # Integrators' users live beside the API tokens, in the identity database.
+        amqp_users = AmqpUsers(app[TOKENS].tokens.database, service_users)
+        await amqp_users.seed(settings.amqp_tenants)
         command_consumer = await bus.consume(
             COMMAND_QUEUE,
             [(COMMANDS, "job.submit"), (COMMANDS, "job.cancel")],
             {"job.submit": commands.submit, "job.cancel": commands.cancel},
-            authorize=tenant_of_sender(settings.amqp_tenants),
+            authorize=integrators(amqp_users),
         )
         report_consumer = await bus.consume(
             REPORT_QUEUE,
@@ -82,7 +86,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
                 "node.offline": reports.status,
                 **data.handlers(),
             },
-            authorize=trusted_senders(set(settings.trusted_users or [service_user])),
+            authorize=trusted_senders(service_users),
         )
         yield
         await command_consumer.stop()

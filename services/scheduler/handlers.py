@@ -7,51 +7,77 @@ from collections.abc import Callable
 import structlog
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
-from services.scheduler.store import IdempotencyConflict, JobStore
-from shared.bus import Incoming, Rejected
-from shared.envelope import Envelope
-from shared.messages.jobs import JobCancel, JobSubmit
+from services.scheduler.store import IdempotencyConflict, JobStore, Submission
+from shared.bus import Bus, Incoming, Rejected
+from shared.consume import Authorizer
+from shared.envelope import derived_id
+from shared.identity import AmqpUsers, Sender
+from shared.messages.jobs import JobCancel, JobDuplicate, JobState, JobSubmit
 from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
 
 log = structlog.get_logger("medhive.scheduler.handlers")
 
 
-def tenant_of_sender(amqp_tenants: dict[str, str]) -> Callable[[Envelope, str | None], Envelope]:
-    """Commands count for the tenant their AMQP user maps to, whatever they claim.
+def integrators(users: AmqpUsers) -> Authorizer:
+    """Commands count for the tenant their AMQP user acts for, whatever they claim.
 
     RabbitMQ refuses a `user_id` property that differs from the connection's user, so
     the property is proof of who sent the message.
     """
 
-    def authorize(envelope: Envelope, user_id: str | None) -> Envelope:
+    async def identify(user_id: str | None) -> Sender:
         if not user_id:
             raise Rejected("message has no user_id property; set it to your AMQP user name")
-        tenant = amqp_tenants.get(user_id)
+        tenant = await users.tenant_of(user_id)
         if tenant is None:
             raise Rejected(f"AMQP user {user_id!r} is not mapped to a tenant")
-        return envelope.model_copy(update={"tenant": tenant, "actor": envelope.actor or user_id})
+        return Sender(user_id, tenant)
 
-    return authorize
+    return identify
 
 
 class CommandHandlers:
-    def __init__(self, jobs: JobService) -> None:
+    def __init__(self, jobs: JobService, bus: Bus) -> None:
         self.jobs = jobs
+        self.bus = bus
 
     async def submit(self, msg: Incoming) -> None:
         assert isinstance(msg.payload, JobSubmit) and msg.envelope.tenant is not None
+        command = {"id": str(msg.envelope.id), "sender": msg.sender.user}
         try:
-            await self.jobs.submit(
-                msg.envelope.tenant,
-                msg.envelope.actor,
-                msg.payload.spec,
-                causation_id=str(msg.envelope.id),
+            submission = await self.jobs.submit(
+                msg.envelope.tenant, msg.envelope.actor, msg.payload.spec, command
             )
         except IdempotencyConflict as exc:
+            job_id, matched_by = exc.args
+            what = (
+                f"message id {msg.envelope.id}"
+                if matched_by == "message_id"
+                else f"idempotency key {msg.payload.spec.idempotency_key!r}"
+            )
             raise Rejected(
-                f"idempotency key {msg.payload.spec.idempotency_key!r} already names job "
-                f"{exc.args[0]} with a different description"
+                f"{what} already names job {job_id} with a different description"
             ) from exc
+        if not submission.created:
+            await self._answer_repeat(msg, submission)
+
+    async def _answer_repeat(self, msg: Incoming, submission: Submission) -> None:
+        """Tell the sender which job its repeated command made (on its tenant's channel)."""
+        job = submission.job
+        assert submission.matched_by in ("message_id", "idempotency_key")
+        repeat = JobDuplicate(
+            job_id=job["_id"], state=JobState(job["state"]), matched_by=submission.matched_by
+        )
+        log.info("submit_repeated", existing_job=job["_id"], matched_by=submission.matched_by)
+        await self.bus.emit(
+            "job.duplicate",
+            repeat,
+            id=derived_id("job.duplicate", msg.sender.user, msg.envelope.id),
+            correlation_id=job["_id"],
+            causation_id=str(msg.envelope.id),
+            tenant=job["tenant"],
+            actor=msg.envelope.actor,
+        )
 
     async def cancel(self, msg: Incoming) -> None:
         assert isinstance(msg.payload, JobCancel) and msg.envelope.tenant is not None

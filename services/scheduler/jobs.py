@@ -16,7 +16,7 @@ import structlog
 
 from services.scheduler.ids import new_job_id
 from services.scheduler.outbox import OutboxRelay
-from services.scheduler.store import ALLOWED, JobStore, outbox_entry
+from services.scheduler.store import ALLOWED, JobStore, Submission, outbox_entry
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.base import Payload
@@ -29,6 +29,7 @@ from shared.messages.jobs import (
     JobState,
     NodeCancel,
     NodeRun,
+    run_command_id,
 )
 from shared.messages.nodes import RunFinished, RunInteractive, RunStarted
 from shared.mongo import Document
@@ -92,16 +93,23 @@ class JobService:
             job_event_type(state),
             event,
             correlation_id=job["_id"],
-            causation_id=causation_id,
+            # What no message caused directly (placement, the watchdog) is still a
+            # consequence of the command that made the job.
+            causation_id=causation_id or (job.get("command") or {}).get("id"),
             tenant=job["tenant"],
             actor=job.get("actor"),
         )
         return outbox_entry(envelope)
 
-    def _command(self, job: Document, type_: str, payload: Payload) -> Document:
+    def _command(self, job: Document, type_: str, payload: Payload, **fields: Any) -> Document:
         """An outbox entry for a command about `job` (to its node, for node commands)."""
         envelope = self.bus.envelope(
-            type_, payload, correlation_id=job["_id"], tenant=job["tenant"], actor=job.get("actor")
+            type_,
+            payload,
+            correlation_id=job["_id"],
+            tenant=job["tenant"],
+            actor=job.get("actor"),
+            **fields,
         )
         node_id = job["node_id"] if type_.startswith("node.") else None
         return outbox_entry(envelope, node_id=node_id)
@@ -164,38 +172,39 @@ class JobService:
     # -- commands -----------------------------------------------------------------
 
     async def submit(
-        self, tenant: str, actor: str | None, spec: JobSpec, causation_id: str | None = None
-    ) -> tuple[Document, bool]:
-        """Store a new job as queued, or return the one with the same idempotency key."""
+        self, tenant: str, actor: str | None, spec: JobSpec, command: Document
+    ) -> Submission:
+        """Store a new job as queued, or find the one this command repeats.
+
+        `command` is `{"id", "sender"}`: the message (or request) id and who sent it;
+        it is the cause of every event of the job that no later message caused.
+        """
         job_id = new_job_id()
         now = utcnow()
-        stub = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0, "node_id": None}
+        stub = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0, "node_id": None,
+                "command": command}  # fmt: skip
         history = [
             {"state": JobState.submitted.value, "at": now, "reason": None},
             {"state": JobState.queued.value, "at": now, "reason": "waiting for a node"},
         ]
         outbox = [
-            self._job_event(stub, JobState.submitted, None, None, causation_id),
-            self._job_event(
-                stub, JobState.queued, JobState.submitted, "waiting for a node", causation_id
-            ),
+            self._job_event(stub, JobState.submitted, None, None, None),
+            self._job_event(stub, JobState.queued, JobState.submitted, "waiting for a node", None),
         ]
         if spec.inputs:
             reason = f"staging {len(spec.inputs)} inputs"
             history.append({"state": JobState.staging.value, "at": now, "reason": reason})
-            outbox.append(
-                self._job_event(stub, JobState.staging, JobState.queued, reason, causation_id)
-            )
+            outbox.append(self._job_event(stub, JobState.staging, JobState.queued, reason, None))
             outbox.append(
                 self._command(stub, "data.stage", DataStage(job_id=job_id, inputs=spec.inputs))
             )
-        job, created = await self.store.insert_job(
-            job_id, tenant, actor, spec, spec.idempotency_key, history, outbox
+        submission = await self.store.insert_job(
+            job_id, tenant, actor, spec, command, history, outbox
         )
-        if created:
+        if submission.created:
             await self.relay.flush(job_id, outbox)
             self.wake_placer()
-        return job, created
+        return submission
 
     async def cancel(
         self, job_id: str, tenant: str, reason: str, causation_id: str | None = None
@@ -266,7 +275,8 @@ class JobService:
             spec=JobSpec.model_validate(job["spec"]),
             deadline=job["deadline"],
         )
-        return self._command(job, "node.run", run)
+        # One node.run per attempt, with the id the node's reports name as their cause.
+        return self._command(job, "node.run", run, id=run_command_id(job["_id"], job["attempt"]))
 
     async def granted(self, job_id: str, attempt: int, node_id: str) -> None:
         """The datacache granted the node access: now send it the job."""

@@ -18,7 +18,8 @@ class SchedulerSettings(BaseSettings):
     port: int = Field(8080, description="Port of the job API.")
     amqp_tenants: dict[str, str] = Field(
         default_factory=dict,
-        description='AMQP user -> tenant for systems publishing job.submit: {"ris": "radiology"}',
+        description="AMQP users of other systems and their tenant, added at start to those "
+        'that `medhive amqp-user add` keeps: {"ris": "radiology"}.',
     )
     trusted_users: list[str] | None = Field(
         None,

@@ -8,6 +8,7 @@ the relay publishes whatever an outbox still holds (see outbox.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,7 +37,18 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 
 
 class IdempotencyConflict(Exception):
-    """The same idempotency key was used for a different job description."""
+    """The same idempotency key, or the same message id from the same sender, was used
+    for a different job description."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a submit command found: the job it made, or the one it repeats."""
+
+    job: Document
+    created: bool
+    #: For a repeat, what matched: "message_id" or "idempotency_key".
+    matched_by: str | None = None
 
 
 def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
@@ -56,6 +68,13 @@ class JobStore:
             unique=True,
             partialFilterExpression={"idempotency_key": {"$type": "string"}},
         )
+        # One job per command: a command is acted on once per sender and message id,
+        # whichever scheduler instance or redelivery sees it first.
+        await self.jobs.create_index(
+            [("command.sender", ASCENDING), ("command.id", ASCENDING)],
+            unique=True,
+            partialFilterExpression={"command.sender": {"$type": "string"}},
+        )
         await self.jobs.create_index([("state", ASCENDING), ("priority", DESCENDING)])
         await self.jobs.create_index([("tenant", ASCENDING), ("_id", DESCENDING)])
         await self.jobs.create_index(
@@ -74,13 +93,16 @@ class JobStore:
         tenant: str,
         actor: str | None,
         spec: JobSpec,
-        idempotency_key: str | None,
+        command: Document,
         history: list[Document],
         outbox: list[Document],
-    ) -> tuple[Document, bool]:
-        """Store a new job; with a known idempotency key, return the existing one.
+    ) -> Submission:
+        """Store a new job, or find the one this submission repeats.
 
-        Returns (job, created).
+        `command` is `{"id", "sender"}`: the id of the message (or HTTP request) that
+        asked, and who sent it. A repeat is the same command id from the same sender,
+        or the same idempotency key in the tenant; with another description it is a
+        conflict, not a repeat.
         """
         now = utcnow()
         doc: Document = {
@@ -94,24 +116,30 @@ class JobStore:
             "history": history,
             "attempt": 0,
             "node_id": None,
+            "command": command,
             "created_at": now,
             "updated_at": now,
             "outbox": outbox,
         }
-        if idempotency_key is not None:
-            doc["idempotency_key"] = idempotency_key
+        if spec.idempotency_key is not None:
+            doc["idempotency_key"] = spec.idempotency_key
         try:
             await self.jobs.insert_one(doc)
-            return doc, True
+            return Submission(doc, True)
         except DuplicateKeyError:
-            existing = await self.jobs.find_one(
-                {"tenant": tenant, "idempotency_key": idempotency_key}
-            )
-            if existing is None:  # the key was the job id itself: a true duplicate insert
-                raise
-            if existing["spec"] != doc["spec"]:
-                raise IdempotencyConflict(existing["_id"]) from None
-            return existing, False
+            pass
+        for matched_by, query in (
+            ("message_id", {"command.sender": command["sender"], "command.id": command["id"]}),
+            ("idempotency_key", {"tenant": tenant, "idempotency_key": spec.idempotency_key}),
+        ):
+            if matched_by == "idempotency_key" and spec.idempotency_key is None:
+                continue
+            existing = await self.jobs.find_one(query, {"outbox": 0})
+            if existing is not None:
+                if existing["spec"] != doc["spec"] or existing["tenant"] != tenant:
+                    raise IdempotencyConflict(existing["_id"], matched_by)
+                return Submission(existing, False, matched_by)
+        raise RuntimeError(f"job {job_id} clashed with a job that cannot be found")
 
     async def get(self, job_id: str, tenant: str | None = None) -> Document | None:
         query: Document = {"_id": job_id}

@@ -24,6 +24,7 @@ import asyncio
 import contextvars
 import time
 from collections import OrderedDict
+from datetime import datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -43,9 +44,10 @@ from services.vmnode.runtimes.base import (
 from services.vmnode.settings import NodeSettings
 from services.vmnode.watch import Watch, run_finished
 from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
-from shared.envelope import Envelope, utcnow
+from shared.envelope import derived_id, utcnow
+from shared.identity import Sender
 from shared.messages.catalog import COMMANDS
-from shared.messages.jobs import NodeCancel, NodeRun
+from shared.messages.jobs import NodeCancel, NodeRun, run_command_id
 from shared.messages.nodes import RunFinished, RunInteractive, RunOutcome, RunOutput, RunStarted
 from shared.topology import node_queue
 
@@ -78,7 +80,13 @@ class Agent:
     # -- lifecycle ------------------------------------------------------------------
 
     async def adopt(self) -> None:
-        """Take over the workloads a previous agent on this node left behind."""
+        """Take over the workloads a previous agent on this node left behind.
+
+        Each attempt is announced as started before it is reported as finished, even
+        one that ended while no agent watched: the announcement has the id and the
+        start time of the first one, so where that one went out, this is a repeat
+        that every consumer recognises.
+        """
         for workload in await self.runtime.list_own():
             if workload.key in self._watches:
                 continue
@@ -88,10 +96,16 @@ class Agent:
                 try:
                     await self.runtime.start(workload)
                 except WorkloadRefused as exc:
-                    self._watch(workload, None).decide("failed", str(exc), None)
+                    self._watch(workload).decide("failed", str(exc))
                     continue
-                await self._announce(workload, None)
-            self._watch(workload, None)
+                await self._announce(self._watch(workload))
+            elif workload.state == "exited":
+                await self._announce(self._watch(workload))
+            else:
+                # Running: announced unless the agent died before it could; a run.started
+                # that never went out leaves its node.run unacked, and its redelivery
+                # announces it then (`on_run`).
+                self._watch(workload)
         await self.data.wipe_orphans(set(self._watches))
 
     async def start_consuming(self) -> None:
@@ -117,11 +131,11 @@ class Agent:
 
     # -- commands -------------------------------------------------------------------
 
-    def authorize(self, envelope: Envelope, user_id: str | None) -> Envelope:
+    async def authorize(self, user_id: str | None) -> Sender:
         """Only the scheduler's account may send node commands."""
         if user_id not in self.settings.trusted_users:
             raise Rejected(f"node commands are accepted from the scheduler only, not {user_id!r}")
-        return envelope
+        return Sender(user_id, service=True)
 
     async def on_run(self, incoming: Incoming) -> None:
         run = incoming.payload
@@ -131,24 +145,25 @@ class Agent:
             log.info("run_already_finished", attempt=run.attempt, outcome=self._finished[key])
             return
         if (watch := self._watches.get(key)) is not None:  # redelivered: no second workload
-            await self._announce(watch.workload, incoming.envelope)
+            if not watch.announced:
+                await self._announce(watch)
             return
         if run.deadline <= utcnow():
             why = f"the deadline {run.deadline.isoformat()} passed before the run could start"
-            await self._report_unstarted(run, incoming.envelope, "timed_out", why)
+            await self._report_unstarted(run, "timed_out", why)
             return
         try:
             mounts = await self.data.prepare(run)
         except (DataUnavailable, aiohttp.ClientError, OSError) as exc:
             await self.data.wipe(run.job_id, run.attempt)
             why = f"the job's data could not be placed on node {self.settings.node_id}: {exc}"
-            await self._report_unstarted(run, incoming.envelope, "failed", why)
+            await self._report_unstarted(run, "failed", why)
             return
         try:
             workload = await self.runtime.prepare(run, mounts)
         except (ImageMissing, WorkloadRefused) as exc:
             await self.data.wipe(run.job_id, run.attempt)
-            await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
+            await self._report_unstarted(run, "failed", str(exc))
             return
         except EngineUnavailable as exc:
             raise Retry(str(exc)) from exc
@@ -156,17 +171,15 @@ class Agent:
             try:
                 await self.runtime.start(workload)
             except WorkloadRefused as exc:
-                await self._report_unstarted(run, incoming.envelope, "failed", str(exc))
+                await self._report_unstarted(run, "failed", str(exc))
                 await self.runtime.remove(workload)
                 await self.data.wipe(run.job_id, run.attempt)
                 return
             except EngineUnavailable as exc:
                 raise Retry(str(exc)) from exc
         log.info("run_started", attempt=run.attempt, workload_id=workload.id, state=workload.state)
-        try:
-            await self._announce(workload, incoming.envelope)
-        finally:  # even when the announcement failed, the running workload is watched
-            self._watch(workload, incoming.envelope)
+        # Watched even when the announcement fails (the redelivery announces it then).
+        await self._announce(self._watch(workload))
 
     async def on_cancel(self, incoming: Incoming) -> None:
         cancel = incoming.payload
@@ -175,15 +188,15 @@ class Agent:
         if watch is None or watch.task is None:
             log.info("cancel_ignored", attempt=cancel.attempt, why="no such run on this node")
             return
-        watch.decide("cancelled", cancel.reason, incoming.envelope)
+        watch.decide("cancelled", cancel.reason, str(incoming.envelope.id))
         # Ack only once the run is stopped and reported.
         await asyncio.wait({watch.task}, timeout=self._grace(watch.workload) + CANCEL_REPORT_S)
 
     # -- watching -------------------------------------------------------------------
 
-    def _watch(self, workload: Workload, cause: Envelope | None) -> Watch:
+    def _watch(self, workload: Workload) -> Watch:
         if (watch := self._watches.get(workload.key)) is None:
-            watch = Watch(workload, cause)
+            watch = Watch(workload)
             # A fresh context: the watcher outlives the message that started it, so it
             # must not log under that message's id.
             watch.task = asyncio.create_task(
@@ -208,7 +221,9 @@ class Agent:
                 node_id=self.settings.node_id,
                 endpoints=endpoints,
             )
-            await self.bus.emit("run.interactive", ready, **self._fields(workload, watch.cause))
+            await self.bus.emit(
+                "run.interactive", ready, **self._fields(workload, "run.interactive")
+            )
             log.info("run_interactive", endpoints=endpoints)
 
     def _grace(self, workload: Workload) -> float:
@@ -256,7 +271,7 @@ class Agent:
         finished = run_finished(watch, info, self.settings.node_id)
         if not watch.reported:
             finished = await self._keep_outputs(workload, finished)
-            await self._report(watch, output, finished)
+            await self._report(watch, output, finished, info)
             watch.reported = True
             self._remember(workload.key, finished.outcome)  # from now on, redeliveries are moot
         await self.runtime.remove(workload)
@@ -288,15 +303,18 @@ class Agent:
         if info is None:  # deadline or cancel
             if watch.outcome is None:
                 ended = workload.deadline.isoformat()
-                watch.decide("timed_out", f"walltime ended at {ended}", None)
+                watch.decide("timed_out", f"walltime ended at {ended}")
             await self.runtime.stop(workload, self._grace(workload))
             info = await self.runtime.wait(workload)
         return info
 
-    async def _report(self, watch: Watch, output: Output, finished: RunFinished) -> None:
-        """`run.output` per non-empty stream, then `run.finished`."""
+    async def _report(
+        self, watch: Watch, output: Output, finished: RunFinished, info: ExitInfo | None
+    ) -> None:
+        """`run.output` per non-empty stream, then `run.finished`; each with the id and
+        the time of the end that a repeat (an agent that restarted) has too."""
         workload = watch.workload
-        fields = self._fields(workload, watch.cause)
+        ended = info.finished_at if info is not None and info.finished_at else None
         streams: list[tuple[Literal["stdout", "stderr"], str, bool]] = [
             ("stdout", output.stdout, output.stdout_truncated),
             ("stderr", output.stderr, output.stderr_truncated),
@@ -311,9 +329,12 @@ class Agent:
                     data=data,
                     truncated=cut,
                 )
+                fields = self._fields(workload, "run.output", stream, at=ended)
                 await self.bus.emit("run.output", payload, **fields)
-        cause = watch.finish_cause or watch.cause
-        await self.bus.emit("run.finished", finished, **self._fields(workload, cause))
+        fields = self._fields(workload, "run.finished", at=ended)
+        if watch.stopped_by is not None:  # a cancel ended it: that is its cause
+            fields["causation_id"] = watch.stopped_by
+        await self.bus.emit("run.finished", finished, **fields)
 
     async def _until_end(self, watch: Watch) -> ExitInfo | None:
         """The exit, or None when the deadline passed or a stop was asked for first."""
@@ -336,23 +357,41 @@ class Agent:
 
     # -- reports --------------------------------------------------------------------
 
-    def _fields(self, workload: Workload, cause: Envelope | None) -> dict[str, Any]:
-        """Envelope fields of a report about `workload`."""
-        own = {"correlation_id": workload.job_id, "tenant": workload.tenant}
-        return cause.caused(**own) if cause is not None else own
+    def _fields(
+        self, workload: Workload, event: str, *parts: str, at: datetime | None = None
+    ) -> dict[str, Any]:
+        """Envelope fields of a report about `workload`: an id derived from what it
+        reports, the attempt's `node.run` as its cause, and `at` as its time when the
+        engine knows it. Every announcement of one fact is then the same message."""
+        fields: dict[str, Any] = {
+            "id": derived_id(event, workload.job_id, workload.attempt, *parts),
+            "correlation_id": workload.job_id,
+            "causation_id": str(run_command_id(workload.job_id, workload.attempt)),
+            "tenant": workload.tenant,
+        }
+        if at is not None:
+            fields["occurred_at"] = at
+        return fields
 
-    async def _announce(self, workload: Workload, cause: Envelope | None) -> None:
+    async def _announce(self, watch: Watch) -> None:
+        """`run.started`, with the start time the engine recorded."""
+        workload = watch.workload
+        try:
+            started_at = await self.runtime.started_at(workload)
+        except WorkloadGone:
+            started_at = None
         started = RunStarted(
             job_id=workload.job_id,
             attempt=workload.attempt,
             node_id=self.settings.node_id,
             workload_id=workload.id,
+            started_at=started_at,
         )
-        await self.bus.emit("run.started", started, **self._fields(workload, cause))
+        fields = self._fields(workload, "run.started", at=started_at)
+        await self.bus.emit("run.started", started, **fields)
+        watch.announced = True
 
-    async def _report_unstarted(
-        self, run: NodeRun, cause: Envelope, outcome: RunOutcome, reason: str
-    ) -> None:
+    async def _report_unstarted(self, run: NodeRun, outcome: RunOutcome, reason: str) -> None:
         log.info("run_not_started", attempt=run.attempt, outcome=outcome, reason=reason)
         finished = RunFinished(
             job_id=run.job_id,
@@ -362,7 +401,12 @@ class Agent:
             reason=reason,
         )
         await self.bus.emit(
-            "run.finished", finished, **cause.caused(correlation_id=run.job_id, tenant=run.tenant)
+            "run.finished",
+            finished,
+            id=derived_id("run.finished", run.job_id, run.attempt),
+            correlation_id=run.job_id,
+            causation_id=str(run_command_id(run.job_id, run.attempt)),
+            tenant=run.tenant,
         )
         self._remember((run.job_id, run.attempt), outcome)
 

@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 from services.vmnode.runtimes.base import ExitInfo, Workload
-from shared.envelope import Envelope
 from shared.messages.nodes import RunFinished, RunOutcome
 
 
@@ -15,18 +14,19 @@ class Watch:
     """An attempt the agent is watching, and how it is going to end."""
 
     workload: Workload
-    cause: Envelope | None  # the `node.run` that started it; None when adopted
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: RunOutcome | None = None  # decided before the exit: timed_out, cancelled
     reason: str | None = None
-    finish_cause: Envelope | None = None  # the `node.cancel`, when cancelled
+    stopped_by: str | None = None  # id of the `node.cancel` that ended it, if one did
+    #: Whether `run.started` went out from this agent (an adopted run may not know).
+    announced: bool = False
     reported: bool = False
     task: asyncio.Task[None] | None = None
 
-    def decide(self, outcome: RunOutcome, reason: str, cause: Envelope | None) -> None:
+    def decide(self, outcome: RunOutcome, reason: str, stopped_by: str | None = None) -> None:
         """Fix the outcome (the first decision wins) and ask the watcher to stop."""
         if self.outcome is None:
-            self.outcome, self.reason, self.finish_cause = outcome, reason, cause
+            self.outcome, self.reason, self.stopped_by = outcome, reason, stopped_by
         self.stop_requested.set()
 
 

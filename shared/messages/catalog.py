@@ -2,6 +2,12 @@
 
 This is the one place a type name is spelled. Consumers validate payloads against it,
 `medhive schema export` turns it into JSON Schema and AsyncAPI for other systems.
+
+Three exchanges carry them. `medhive.commands` and `medhive.events` are the services'
+own (and operators'); no integrator may read either. `medhive.tenants` carries what a
+tenant's own systems may follow, with the tenant as the first word of the routing key
+(`radiology.job.queued`), so that RabbitMQ's topic permissions confine each integrator
+to its tenant's keys (README, "Following jobs over AMQP").
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from shared.messages.data import (
 )
 from shared.messages.jobs import (
     JobCancel,
+    JobDuplicate,
     JobEvent,
     JobInteractive,
     JobState,
@@ -45,11 +52,16 @@ from shared.messages.net import (
     NetReleased,
 )
 from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
-from shared.messages.system import MessageRejected
+from shared.messages.system import CommandRejected, MessageRejected
 
 COMMANDS: Final = "medhive.commands"
 EVENTS: Final = "medhive.events"
+TENANTS: Final = "medhive.tenants"
 DEAD: Final = "medhive.dead"
+
+#: The only commands other hospital systems may send (RabbitMQ's topic permissions
+#: of their users allow exactly these routing keys on `medhive.commands`).
+INTEGRATOR_COMMANDS: Final = ("job.submit", "job.cancel")
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,21 @@ class MessageType:
 
     name: str
     model: type[Payload]
-    exchange: Literal["medhive.commands", "medhive.events"]
+    exchange: Literal["medhive.commands", "medhive.events", "medhive.tenants"]
     summary: str
     routing_key: str = ""  # defaults to the name; `{node_id}` is filled in by the sender
 
     @property
     def key_pattern(self) -> str:
+        """The routing key; on `medhive.tenants` it starts with the envelope's tenant."""
+        if self.exchange == TENANTS:
+            return "{tenant}." + self.name
         return self.routing_key or self.name
+
+    @property
+    def for_tenants(self) -> bool:
+        """Whether a tenant's own systems receive it (on `medhive.tenants`)."""
+        return self.exchange == TENANTS
 
 
 _ENTRIES = [
@@ -73,11 +93,17 @@ _ENTRIES = [
     MessageType("node.run", NodeRun, COMMANDS, "Start one attempt of a job.", "node.{node_id}.run"),
     MessageType("node.cancel", NodeCancel, COMMANDS, "Stop one attempt.", "node.{node_id}.cancel"),
     *(
-        MessageType(f"job.{state.value}", JobEvent, EVENTS, f"The job is now {state.value}.")
+        MessageType(f"job.{state.value}", JobEvent, TENANTS, f"The job is now {state.value}.")
         for state in JobState
     ),
     MessageType(
-        "job.interactive_ready", JobInteractive, EVENTS, "The guest answers; where to connect."
+        "job.interactive_ready", JobInteractive, TENANTS, "The guest answers; where to connect."
+    ),
+    MessageType(
+        "job.duplicate", JobDuplicate, TENANTS, "A job.submit repeated an earlier one: its job."
+    ),
+    MessageType(
+        "command.rejected", CommandRejected, TENANTS, "A command of this tenant was refused."
     ),
     MessageType("data.stage", DataStage, COMMANDS, "Stage a job's inputs in the datacache."),
     MessageType("data.grant", DataGrant, COMMANDS, "Let a node read a job's data."),

@@ -46,7 +46,9 @@ class InputSpec(Payload):
         "dicomweb+https://host/path/studies/<uid>, dimse://AET@host:port/studies/<uid>, "
         "or https://...",
     )
-    path: str = Field(description="Directory in the workload where its files appear.")
+    path: str = Field(
+        max_length=1024, description="Directory in the workload where its files appear."
+    )
 
     @field_validator("path")
     @classmethod

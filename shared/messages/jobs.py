@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import itertools
+import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, Field, StringConstraints, model_validator
 
+from shared.envelope import derived_id
 from shared.messages.base import Payload
 from shared.messages.data import InputSpec, OutputSpec
 from shared.messages.net import Port, PortName
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+# Bounds of the free-form parts of a job. Each is far above what a real job needs; they
+# exist so that one message cannot carry megabytes into every copy of a job (the store,
+# its events, the node's command) and so that the error names the field. No text may
+# hold a NUL: neither an exec argument, an environment variable nor a stored key can.
+LabelKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^\x00]+$")]
+LabelValue = Annotated[str, StringConstraints(max_length=1024, pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^=\x00]+$")]
+EnvValue = Annotated[str, StringConstraints(max_length=8192, pattern=r"^[^\x00]*$")]
+Argument = Annotated[str, StringConstraints(max_length=8192, pattern=r"^[^\x00]*$")]
+MAX_LABELS = 64
+MAX_ENV = 128
+MAX_ARGUMENTS = 256
 
 
 class JobState(StrEnum):
@@ -50,6 +65,7 @@ class Resources(Payload):
 
 
 HostPath = Annotated[str, StringConstraints(min_length=2, max_length=1024, pattern=r"^/[^\x00]*$")]
+WorkPath = Annotated[str, StringConstraints(min_length=1, max_length=1024, pattern=r"^/[^\x00]*$")]
 
 
 class InteractivePort(Payload):
@@ -96,16 +112,24 @@ class JobSpec(Payload):
 
     kind: Literal["container", "vm"] = Field("container", description="Workload kind.")
     name: Name = Field(description="Human-readable job name.")
-    labels: dict[str, str] = Field(default_factory=dict, description="Free-form labels.")
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=MAX_LABELS, description="Free-form labels."
+    )
     image: Annotated[str, StringConstraints(min_length=1, max_length=1024)] = Field(
         description="Container image present on the node (medhive pulls nothing), or for "
         "a VM the path of a qcow2 base image on the node (never written: each job runs "
         "on an overlay).",
     )
     vm: VmSpec | None = Field(None, description="Guest settings of a `vm` job.")
-    command: list[str] | None = Field(None, description="Command and arguments (exec form).")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables.")
-    workdir: str | None = Field(None, description="Working directory inside the workload.")
+    command: list[Argument] | None = Field(
+        None, max_length=MAX_ARGUMENTS, description="Command and arguments (exec form)."
+    )
+    env: dict[EnvName, EnvValue] = Field(
+        default_factory=dict, max_length=MAX_ENV, description="Environment variables."
+    )
+    workdir: WorkPath | None = Field(
+        None, description="Working directory inside the workload (absolute)."
+    )
     resources: Resources = Field(default_factory=Resources)
     walltime_s: int = Field(3600, ge=1, le=30 * 86400, description="Maximum run time.")
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
@@ -176,6 +200,18 @@ class JobCancel(Payload):
     reason: str = Field("cancelled by user", max_length=500)
 
 
+class JobDuplicate(Payload):
+    """Event `job.duplicate`: a `job.submit` repeated an earlier one, so no new job was
+    made; this names the job the first one made."""
+
+    job_id: str = Field(description="The job the earlier submission made.")
+    state: JobState = Field(description="Where that job is now.")
+    matched_by: Literal["message_id", "idempotency_key"] = Field(
+        description="What made it a repeat: the same envelope `id` from the same sender, "
+        "or the same `idempotency_key` in the same tenant."
+    )
+
+
 class JobEvent(Payload):
     """Event `job.<state>`: the job entered `state` (stored before it is published)."""
 
@@ -208,6 +244,12 @@ class NodeRun(Payload):
     tenant: str
     spec: JobSpec
     deadline: AwareDatetime = Field(description="Walltime end; the node stops the job then.")
+
+
+def run_command_id(job_id: str, attempt: int) -> uuid.UUID:
+    """The id of the one `node.run` of an attempt; what the node's reports about the
+    attempt name as their cause, even from an agent that restarted and never saw it."""
+    return derived_id("node.run", job_id, attempt)
 
 
 class NodeCancel(Payload):

@@ -31,6 +31,9 @@ class RunStarted(Payload):
     attempt: int
     node_id: str
     workload_id: str = Field(description="Container or domain id on the node.")
+    started_at: AwareDatetime | None = Field(
+        None, description="When it started, as the engine recorded it."
+    )
 
 
 class RunInteractive(Payload):

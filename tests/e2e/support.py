@@ -36,6 +36,7 @@ async def wait_state(
 async def submit_over_amqp(amqp: AmqpSettings, user: tuple[str, str], job: dict[str, Any]) -> str:
     """Publish `job.submit` as another hospital system would; returns the message id."""
     envelope = Envelope(
+        id=uuid.uuid4(),
         type="job.submit",
         source="ris@hospital",
         payload=JobSubmit(spec=JobSpec.model_validate(job)).model_dump(mode="json"),

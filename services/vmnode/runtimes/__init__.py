@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from services.vmnode.guestnet import GuestNetwork
@@ -40,6 +41,9 @@ class ByKind:
 
     async def start(self, workload: Workload) -> None:
         await self._for(workload).start(workload)
+
+    async def started_at(self, workload: Workload) -> datetime | None:
+        return await self._for(workload).started_at(workload)
 
     async def wait(self, workload: Workload) -> ExitInfo:
         return await self._for(workload).wait(workload)

@@ -54,6 +54,8 @@ class ExitInfo:
     exit_code: int
     oom_killed: bool
     memory_limit_mb: int | None = None
+    #: When it ended, as the engine recorded it (the same on every read), if known.
+    finished_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,10 @@ class Runtime(Protocol):
 
     async def start(self, workload: Workload) -> None:
         """Start a created workload; raises `WorkloadRefused` when it cannot start."""
+
+    async def started_at(self, workload: Workload) -> datetime | None:
+        """When the workload started, as the engine recorded it: the same on every
+        read, so a repeated announcement says exactly what the first one said."""
 
     async def wait(self, workload: Workload) -> ExitInfo:
         """Wait until the workload has exited; `WorkloadGone` if it no longer exists."""

@@ -143,6 +143,15 @@ def workload_from(container_id: str, state: str, container_labels: dict[str, str
     )
 
 
+def engine_time(value: str | None) -> datetime | None:
+    """A time as Docker reports it (RFC 3339, nanoseconds), or None for its zero time."""
+    if not value or value.startswith("0001-"):
+        return None
+    whole, _, fraction = value.rstrip("Z").partition(".")
+    micros = (fraction + "000000")[:6]
+    return datetime.fromisoformat(f"{whole}.{micros}+00:00")
+
+
 class DockerRuntime:
     """The `Runtime` over the local Docker engine. Never pulls an image."""
 
@@ -193,6 +202,15 @@ class DockerRuntime:
                 raise EngineUnavailable(exc.message) from exc
             raise WorkloadRefused(f"docker could not start the container: {exc.message}") from exc
 
+    async def started_at(self, workload: Workload) -> datetime | None:
+        try:
+            info = await self._container(workload).show()
+        except aiodocker.DockerError as exc:
+            if exc.status == 404:
+                raise WorkloadGone(exc.message) from exc
+            raise
+        return engine_time(info["State"].get("StartedAt"))
+
     async def wait(self, workload: Workload) -> ExitInfo:
         container = self._container(workload)
         try:
@@ -209,6 +227,7 @@ class DockerRuntime:
             exit_code=int(info["State"]["ExitCode"]),
             oom_killed=bool(info["State"]["OOMKilled"]),
             memory_limit_mb=memory // MIB or None,
+            finished_at=engine_time(info["State"].get("FinishedAt")),
         )
 
     async def stop(self, workload: Workload, grace_s: float) -> None:

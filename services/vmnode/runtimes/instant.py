@@ -7,6 +7,7 @@ is used only when `MEDHIVE_VMNODE_RUNTIME=instant` is set explicitly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 from services.vmnode.runtimes.base import ExitInfo, Mount, Output, Workload
@@ -34,6 +35,9 @@ class InstantRuntime:
 
     async def start(self, workload: Workload) -> None:
         return None
+
+    async def started_at(self, workload: Workload) -> datetime | None:
+        return None  # nothing runs, and nothing is adopted: the agent's clock will do
 
     async def wait(self, workload: Workload) -> ExitInfo:
         return ExitInfo(exit_code=0, oom_killed=False)

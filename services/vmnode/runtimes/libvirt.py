@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +52,7 @@ from services.vmnode.runtimes.base import (
 from services.vmnode.settings import NodeSettings
 from services.vmnode.vmdisks import make_disk, make_iso, make_overlay, read_outputs
 from shared.bus import NoReply
+from shared.envelope import utcnow
 from shared.messages.jobs import NodeRun
 
 log = structlog.get_logger("medhive.vmnode.libvirt")
@@ -58,6 +61,9 @@ T = TypeVar("T")
 
 #: How often `wait` looks at a domain when no event wakes it first.
 POLL_S = 2.0
+#: Files in an attempt's directory holding when its guest started and stopped.
+STARTED_MARK = "started_at"
+FINISHED_MARK = "finished_at"
 #: libvirt's shutoff reasons that mean the guest itself ended.
 _GUEST_ENDED = {libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTOFF_DAEMON}
 _FAILED = {libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED}
@@ -185,6 +191,27 @@ class LibvirtRuntime:
             await self._call(domain.create)
         except libvirt.libvirtError as exc:
             raise WorkloadRefused(f"the VM did not start: {exc.get_error_message()}") from exc
+        await self._mark(workload, STARTED_MARK)
+
+    async def started_at(self, workload: Workload) -> datetime | None:
+        return await self._mark(workload, STARTED_MARK, write=False)
+
+    async def _mark(self, workload: Workload, name: str, write: bool = True) -> datetime | None:
+        """A moment of the attempt kept beside its disks: libvirt records neither when a
+        domain started nor when it stopped, and a restarted agent must say the same
+        times again. Written once; later calls read what the first one wrote."""
+        path = self.settings.vm_dir / workload.id / name
+
+        def mark() -> datetime | None:
+            if path.exists():
+                return datetime.fromisoformat(path.read_text().strip())
+            if not write or not path.parent.is_dir():
+                return None
+            now = utcnow()
+            path.write_text(now.isoformat())
+            return now
+
+        return await asyncio.to_thread(mark)
 
     async def wait(self, workload: Workload) -> ExitInfo:
         stopped = self._stop_event(workload.id)
@@ -195,7 +222,8 @@ class LibvirtRuntime:
             domain = await self._domain(workload.id)
             state, reason = await self._call(domain.state)
             if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
-                return _exit_info(state, reason)
+                ended = await self._mark(workload, FINISHED_MARK)
+                return replace(_exit_info(state, reason), finished_at=ended)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), POLL_S)
 

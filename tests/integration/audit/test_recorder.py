@@ -70,7 +70,7 @@ async def test_every_command_event_and_undecodable_body_is_stored_once_in_gaples
     queued = by_id[ids[0]]
     assert queued["valid"] is True
     assert (queued["type"], queued["tenant"], queued["job_id"]) == ("job.queued", "t1", "job-0")
-    assert (queued["exchange"], queued["routing_key"]) == ("medhive.events", "job.queued")
+    assert (queued["exchange"], queued["routing_key"]) == ("medhive.tenants", "t1.job.queued")
     assert queued["user_id"] == "medhive"
     assert queued["envelope"]["payload"]["state"] == "queued"
     assert "raw" not in queued

@@ -15,8 +15,17 @@ SPEC = {"name": "from-ris", "image": "medhive/busybox:1", "command": ["true"]}
 
 
 def submit_body(**envelope: object) -> bytes:
-    fields = {"type": "job.submit", "source": "ris@hospital", "payload": {"spec": SPEC}}
+    fields = {
+        "id": str(uuid.uuid4()),
+        "type": "job.submit",
+        "source": "ris@hospital",
+        "payload": {"spec": SPEC},
+    }
     return Envelope.model_validate({**fields, **envelope}).model_dump_json().encode()
+
+
+def message_id(body: bytes) -> str:
+    return str(json.loads(body)["id"])
 
 
 def user_url(amqp: AmqpSettings, user: tuple[str, str]) -> str:
@@ -34,7 +43,7 @@ async def test_a_submit_from_a_mapped_amqp_user_becomes_a_job_of_its_tenant(
     async with event_tap(amqp_settings, ["job.queued"]) as tap:
         body = submit_body(tenant="someone-else")  # a claimed tenant counts for nothing
         await publish_raw(user_url(amqp_settings, amqp_user), body, "job.submit",
-                          user_id=amqp_user[0], message_id=str(uuid.uuid4()))  # fmt: skip
+                          user_id=amqp_user[0], message_id=message_id(body))  # fmt: skip
         queued = await tap.wait_for(lambda m: m["type"] == "job.queued")
     assert queued["tenant"] == "radiology"
     assert queued["actor"] == amqp_user[0]
@@ -48,19 +57,17 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_consuming_goes_o
 ) -> None:
     url = user_url(amqp_settings, amqp_user)
     user = amqp_user[0]
+    schema = submit_body(payload={"spec": {**SPEC, "walltime_s": "forever"}})
+    unknown = submit_body(type="job.teleport")
+    no_user = submit_body()
+    no_id = json.dumps({"type": "job.submit", "payload": {"spec": SPEC}}).encode()
     cases = {
         "malformed": (b"{this is not json", {"user_id": user}, "not a medhive envelope"),
-        "schema": (
-            submit_body(payload={"spec": {**SPEC, "walltime_s": "forever"}}),
-            {"user_id": user},
-            "spec.walltime_s",
-        ),
-        "unknown type": (
-            submit_body(type="job.teleport"),
-            {"user_id": user},
-            "unknown message type",
-        ),
-        "no user": (submit_body(), {}, "no user_id"),
+        message_id(schema): (schema, {"user_id": user}, "spec.walltime_s"),
+        message_id(unknown): (unknown, {"user_id": user}, "unknown message type"),
+        message_id(no_user): (no_user, {}, "no user_id"),
+        "no-id": (no_id, {"user_id": user}, "id: Field required"),
+        "other-id": (submit_body(), {"user_id": user}, "message_id property differs"),
     }
     async with event_tap(amqp_settings, ["message.rejected", "job.queued"]) as tap:
         for name, (body, props, _) in cases.items():
@@ -74,7 +81,8 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_consuming_goes_o
             assert reason in event["payload"]["reason"], name
             assert event["payload"]["queue"] == "scheduler.commands"
         # The consumer is still there: a good message after the bad ones becomes a job.
-        await publish_raw(url, submit_body(), "job.submit", user_id=user, message_id="good")
+        good = submit_body()
+        await publish_raw(url, good, "job.submit", user_id=user, message_id=message_id(good))
         await tap.wait_for(lambda m: m["type"] == "job.queued")
 
     dead = await _dead_letters(amqp_settings)
@@ -87,8 +95,9 @@ async def test_an_unmapped_amqp_user_is_refused(
 ) -> None:
     async with event_tap(amqp_settings, ["message.rejected"]) as tap:
         # The service account is a real, validated user, but not mapped to a tenant.
-        await publish_raw(amqp_settings.url.get_secret_value(), submit_body(), "job.submit",
-                          user_id="medhive", message_id="svc")  # fmt: skip
+        body = submit_body()
+        await publish_raw(amqp_settings.url.get_secret_value(), body, "job.submit",
+                          user_id="medhive", message_id=message_id(body))  # fmt: skip
         event = await tap.wait_for(lambda m: m["type"] == "message.rejected")
     assert "not mapped to a tenant" in event["payload"]["reason"]
 

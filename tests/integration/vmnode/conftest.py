@@ -26,7 +26,7 @@ from services.vmnode.settings import NodeSettings
 from shared.bus import Bus
 from shared.envelope import Envelope, utcnow
 from shared.messages.catalog import EVENTS
-from shared.messages.jobs import JobSpec, NodeCancel, NodeRun, Resources
+from shared.messages.jobs import JobSpec, NodeCancel, NodeRun, Resources, run_command_id
 from shared.settings import AmqpSettings
 from shared.topology import declare_exchanges
 from tests.conftest import TEST_IMAGE
@@ -181,8 +181,14 @@ def new_job() -> str:
 
 
 async def send_run(bus: Bus, node_id: str, run: NodeRun) -> Envelope:
+    """`node.run` as the scheduler sends it: one id per attempt."""
     return await bus.emit(
-        "node.run", run, node_id=node_id, correlation_id=run.job_id, tenant=run.tenant
+        "node.run",
+        run,
+        node_id=node_id,
+        id=run_command_id(run.job_id, run.attempt),
+        correlation_id=run.job_id,
+        tenant=run.tenant,
     )
 
 

@@ -27,12 +27,12 @@ from tests.integration.vmnode.conftest import (
 async def test_run_from_an_untrusted_user_is_dead_lettered_and_starts_nothing(
     settings: NodeSettings,
     amqp_settings: AmqpSettings,
-    amqp_user: tuple[str, str],
+    broad_user: tuple[str, str],
     events: Events,
     docker: aiodocker.Docker,
 ) -> None:
     job = new_job()
-    name, password = amqp_user
+    name, password = broad_user  # an integrator's own user could not even publish it
     url = URL(amqp_settings.url.get_secret_value()).with_user(name).with_password(password)
     sender = Bus(amqp_settings, "hospital@elsewhere")  # only to build the envelope
     envelope = sender.envelope("node.run", node_run(job, ["true"]), correlation_id=job)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from datetime import datetime
 
 import aiodocker
 
 from services.vmnode.settings import NodeSettings
 from shared.bus import Bus
+from shared.envelope import derived_id
+from shared.messages.jobs import run_command_id
 from tests.integration.vmnode.conftest import (
     GATED,
     Events,
@@ -56,29 +60,33 @@ async def test_cancel_stops_a_running_job_as_cancelled_and_removes_it(
     assert await containers_of(docker, settings.node_id, job) == []
 
 
-async def test_redelivered_run_reuses_the_container(
+async def test_a_run_delivered_twice_starts_one_container_announced_once(
     settings: NodeSettings, scheduler: Bus, events: Events, docker: aiodocker.Docker
 ) -> None:
+    """The relay and an outbox sweep racing it publish the same `node.run` twice."""
     job = new_job()
     run = node_run(job, sh(GATED))
+    envelope = scheduler.envelope(
+        "node.run", run, id=run_command_id(job, 1), correlation_id=job, tenant=run.tenant
+    )
     async with running_agent(settings):
-        await send_run(scheduler, settings.node_id, run)
-        await send_run(scheduler, settings.node_id, run)
-        await events.wait_for(
-            "run.started", job, where=lambda _: len(events.of("run.started")) == 2
-        )
-        ids = {e.payload["workload_id"] for e in events.of("run.started", job)}
-        assert len(ids) == 1, "both deliveries name the same container"
-        assert [c.id for c in await containers_of(docker, settings.node_id, job)] == list(ids)
+        await asyncio.gather(*(scheduler.publish(envelope, node_id=settings.node_id)
+                               for _ in range(2)))  # fmt: skip
+        started = await events.wait_for("run.started", job)
+        (container,) = await containers_of(docker, settings.node_id, job)
+        assert started.payload["workload_id"] == container.id
 
-        await release(docker, ids.pop())
+        await release(docker, container.id)
         await events.wait_for("run.finished", job)
         # A redelivery after the end starts nothing new.
-        await send_run(scheduler, settings.node_id, run)
+        await scheduler.publish(envelope, node_id=settings.node_id)
         await send_run(scheduler, settings.node_id, node_run("marker", ["true"]))
         await events.wait_for("run.finished", "marker")
+    assert [e.id for e in events.of("run.started", job)] == [derived_id("run.started", job, 1)]
+    assert started.causation_id == str(envelope.id)
+    assert started.payload["started_at"] is not None
+    assert started.occurred_at == datetime.fromisoformat(started.payload["started_at"])
     assert [f["outcome"] for f in events.finished(job)] == ["succeeded"]
-    assert len({e.payload["workload_id"] for e in events.of("run.started", job)}) == 1
     assert await containers_of(docker, settings.node_id, job) == []
 
 
@@ -105,6 +113,13 @@ async def test_restarted_agent_adopts_running_and_reports_exited_containers(
         assert finished.payload["exit_code"] == 4 and finished.payload["outcome"] == "failed"
         stdout = events.output(exited, "stdout")
         assert stdout is not None and stdout["data"] == "released\n"
+
+        # The one that ended unwatched is announced as started again, before its end,
+        # as the same message: one id, one body, its container's own start time.
+        repeats = events.of("run.started", exited)
+        assert len(repeats) == 2 and repeats[0] == repeats[1]
+        position = {id(e): i for i, e in enumerate(events.seen)}
+        assert position[id(repeats[1])] < position[id(finished)]
 
         await release(docker, adopted_id)
         finished = await events.wait_for("run.finished", adopted)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from services.audit.records import RAW_EXCERPT_BYTES, public, receive
+from services.audit import records
+from services.audit.records import RAW_EXCERPT_BYTES, Received, public
 from shared.envelope import Envelope
+from shared.identity import Sender
 
 
 def _delivery(body: bytes, **properties: Any) -> Any:
@@ -21,12 +24,18 @@ def _delivery(body: bytes, **properties: Any) -> Any:
     )
 
 
+SERVICE = Sender("scheduler", service=True)
+LIMIT = 1024 * 1024
+
+
+def receive(delivery: Any, sender: Sender = SERVICE, limit: int = LIMIT) -> Received:
+    return records.receive(delivery, sender, limit)
+
+
 def _envelope(**fields: Any) -> Envelope:
     payload = {"job_id": "j1", "state": "queued"}
-    return Envelope(
-        **{"type": "job.queued", "tenant": "t1", "correlation_id": "j1", "payload": payload}
-        | fields
-    )
+    base = {"id": uuid.uuid4(), "type": "job.queued", "tenant": "t1", "correlation_id": "j1"}
+    return Envelope(**base | {"payload": payload} | fields)
 
 
 def test_a_valid_envelope_is_kept_whole_under_its_id() -> None:
@@ -79,6 +88,36 @@ def test_an_envelope_no_document_can_hold_is_kept_as_an_excerpt() -> None:
     assert received.fields["envelope"] is None
     assert "cannot be stored" in received.fields["error"]
     assert received.fields["raw"] == body
+
+
+def test_an_integrators_message_is_filed_under_its_own_tenant_whatever_it_claims() -> None:
+    claim = _envelope(type="job.submit", tenant="cardiology", correlation_id="j-other",
+                      actor="someone", payload={"spec": {"name": "x", "image": "i"}})  # fmt: skip
+    ris = Sender("ris", tenant="radiology")
+    record = receive(_delivery(claim.model_dump_json().encode(), user_id="ris"), ris).fields
+    assert (record["valid"], record["tenant"]) == (True, "radiology")
+    assert (record["job_id"], record["actor"]) == (None, "ris")
+
+    refused = _envelope(type="node.run", tenant="cardiology", payload={})
+    record = receive(_delivery(refused.model_dump_json().encode(), user_id="ris"), ris).fields
+    assert (record["valid"], record["tenant"], record["job_id"]) == (False, "radiology", None)
+
+
+def test_a_message_of_an_unknown_sender_is_filed_under_no_tenant() -> None:
+    claim = _envelope(tenant="cardiology")
+    stranger = Sender("stranger")
+    record = receive(_delivery(claim.model_dump_json().encode()), stranger).fields
+    assert (record["tenant"], record["job_id"], record["actor"]) == (None, None, "stranger")
+
+
+def test_a_message_over_the_size_limit_is_kept_as_an_excerpt_with_the_reason() -> None:
+    big = _envelope(payload={"job_id": "j1", "state": "queued", "reason": "x" * 5000})
+    body = big.model_dump_json().encode()
+    record = receive(_delivery(body, message_id=str(big.id)), limit=4096)
+    assert record.id == str(big.id)
+    assert record.fields["valid"] is False
+    assert record.fields["envelope"] is None
+    assert f"message of {len(body)} bytes is over the limit of 4096" == record.fields["error"]
 
 
 def test_public_shows_id_and_iso_times() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from shared.envelope import Envelope
-from shared.messages.catalog import CATALOG, COMMANDS, EVENTS
+from shared.messages.catalog import CATALOG, COMMANDS, EVENTS, TENANTS
 from shared.messages.jobs import JobSpec, JobSubmit
 from shared.schema import ASYNCAPI_FILE, ENVELOPE_FILE, export_schemas
 
@@ -65,7 +66,7 @@ def _job_submit_body(**spec: Any) -> dict[str, Any]:
     payload = JobSubmit(spec=JobSpec(name="x", image="i")).model_dump(mode="json")
     payload["spec"].update(spec)
     body: dict[str, Any] = json.loads(
-        Envelope(type="job.submit", payload=payload).model_dump_json()
+        Envelope(id=uuid.uuid4(), type="job.submit", payload=payload).model_dump_json()
     )
     return body
 
@@ -128,8 +129,10 @@ def test_job_submit_schema_refuses_another_type_unknown_fields_and_no_payload(
 def test_envelope_schema_leaves_payload_open(exported: Path) -> None:
     validator = jsonschema.Draft202012Validator(_load(exported, "envelope"))
 
-    validator.validate({"type": "anything.new", "payload": {"whatever": 1}})
+    validator.validate({"id": str(uuid.uuid4()), "type": "anything.new", "payload": {"w": 1}})
     assert not validator.is_valid({"payload": {}})
+    # A sender chooses the id: a command without one could not be repeated safely.
+    assert not validator.is_valid({"type": "job.submit", "payload": {}})
 
 
 def test_asyncapi_names_every_catalog_type(asyncapi: dict[str, Any]) -> None:
@@ -139,6 +142,7 @@ def test_asyncapi_names_every_catalog_type(asyncapi: dict[str, Any]) -> None:
         ref.removeprefix("#/components/messages/")
         for channel in asyncapi["channels"].values()
         for ref in _refs(channel)
+        if ref.startswith("#/components/messages/")
     }
     assert used == set(CATALOG)
 
@@ -148,7 +152,7 @@ def test_asyncapi_channels_are_routing_keys_bound_to_their_exchange(
 ) -> None:
     channels = asyncapi["channels"]
 
-    assert set(channels) == {entry.key_pattern for entry in CATALOG.values()}
+    assert set(channels) == {entry.key_pattern for entry in CATALOG.values()} | {"medhive.dead"}
     assert "node.{node_id}.run" in channels
     assert set(channels["node.{node_id}.run"]["parameters"]) == {"node_id"}
     for entry in CATALOG.values():
@@ -162,8 +166,29 @@ def test_asyncapi_channels_are_routing_keys_bound_to_their_exchange(
             "autoDelete": False,
         }
         operation = "publish" if entry.exchange == COMMANDS else "subscribe"
-        assert entry.exchange in {COMMANDS, EVENTS}
+        assert entry.exchange in {COMMANDS, EVENTS, TENANTS}
         assert set(channel) & {"publish", "subscribe"} == {operation}
+    assert channels["medhive.dead"]["bindings"]["amqp"]["is"] == "queue"
+
+
+def test_asyncapi_marks_exactly_the_channels_an_integrator_may_use(
+    asyncapi: dict[str, Any],
+) -> None:
+    """An integrator publishes two commands and reads its tenant's channel, nothing else."""
+    channels = asyncapi["channels"]
+    for_integrators = {
+        name for name, channel in channels.items()
+        if channel["x-medhive-audience"] == "integrators"
+    }  # fmt: skip
+    assert for_integrators == {"job.submit", "job.cancel"} | {
+        entry.key_pattern for entry in CATALOG.values() if entry.exchange == TENANTS
+    }
+    assert "{tenant}.job.succeeded" in for_integrators
+    assert "{tenant}.command.rejected" in for_integrators
+    assert set(channels["{tenant}.job.queued"]["parameters"]) == {"tenant"}
+    assert "^T\\." in channels["{tenant}.job.queued"]["description"]
+    assert channels["run.output"]["x-medhive-audience"] == "services"
+    assert channels["message.rejected"]["x-medhive-audience"] == "services"
 
 
 def test_asyncapi_says_user_id_is_required_and_maps_to_a_tenant(

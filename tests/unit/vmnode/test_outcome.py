@@ -11,7 +11,7 @@ WORKLOAD = Workload("c1", "job-1", 1, "t1", datetime(2030, 1, 1, tzinfo=UTC), "r
 
 
 def _finished(info: ExitInfo, watch: Watch | None = None) -> tuple[str, str | None]:
-    result = run_finished(watch or Watch(WORKLOAD, None), info, "n1")
+    result = run_finished(watch or Watch(WORKLOAD), info, "n1")
     assert (result.job_id, result.attempt, result.node_id) == ("job-1", 1, "n1")
     assert result.exit_code == info.exit_code and result.oom_killed == info.oom_killed
     return result.outcome, result.reason
@@ -27,8 +27,8 @@ def test_oom_kill_fails_with_the_limit() -> None:
 
 
 def test_first_decision_wins_over_the_exit() -> None:
-    watch = Watch(WORKLOAD, None)
-    watch.decide("cancelled", "user asked", None)
-    watch.decide("timed_out", "walltime", None)
+    watch = Watch(WORKLOAD)
+    watch.decide("cancelled", "user asked")
+    watch.decide("timed_out", "walltime")
     assert watch.stop_requested.is_set()
     assert _finished(ExitInfo(143, False), watch) == ("cancelled", "user asked")
