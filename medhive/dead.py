@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from shared.bus import copy_of
 from shared.settings import AmqpSettings
 from shared.topology import DEAD_LETTER_QUEUE, declare_exchanges
 
@@ -93,20 +94,7 @@ class DeadLetters:
         exchange_name, key = _origin(letter)
         headers = {k: v for k, v in (letter.headers or {}).items() if k not in _OWN_HEADERS}
         headers.pop("x-death", None)
-        message = aio_pika.Message(
-            body=letter.body,
-            headers=headers,
-            content_type=letter.content_type,
-            content_encoding=letter.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=letter.correlation_id,
-            reply_to=letter.reply_to,
-            message_id=letter.message_id,
-            timestamp=letter.timestamp,
-            type=letter.type,
-            user_id=letter.user_id,
-            app_id=letter.app_id,
-        )
+        message = copy_of(letter, headers)
         exchange = await self.channel.get_exchange(exchange_name, ensure=False)
         await exchange.publish(message, key)
         await letter.ack()

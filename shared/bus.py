@@ -52,6 +52,26 @@ class NoReply(Exception):
     """A request got no answer in time (the service may be down or busy): ask again."""
 
 
+def copy_of(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """A delivery as a message to publish again: the same body and properties (the
+    sender's `user_id` included), persistent, with `headers`."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        user_id=message.user_id,
+        app_id=message.app_id,
+    )
+
+
 class Bus:
     """One robust connection per service, one confirmed channel for publishing."""
 
@@ -245,21 +265,7 @@ class Bus:
                 "x-medhive-user-id": message.user_id or "",
             }
         )
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            content_encoding=message.content_encoding,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=message.priority,
-            correlation_id=message.correlation_id,
-            reply_to=message.reply_to,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            type=message.type,
-            user_id=message.user_id,
-            app_id=message.app_id,
-        )
+        copy = copy_of(message, headers)
         try:
             await self._publish_raw(DEAD, message.routing_key or "", copy, 60.0)
         except aiormq.exceptions.ChannelPreconditionFailed:

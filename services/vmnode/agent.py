@@ -40,6 +40,7 @@ from services.vmnode.runtimes.base import (
     Workload,
     WorkloadGone,
     WorkloadRefused,
+    keep_tail,
 )
 from services.vmnode.settings import NodeSettings
 from services.vmnode.watch import Watch, run_finished
@@ -329,6 +330,12 @@ class Agent:
                     data=data,
                     truncated=cut,
                 )
+                # Control characters grow sixfold in JSON: keep the message under the
+                # consumers' limit by keeping less of the tail.
+                room = self.bus.settings.max_message_bytes // 2
+                while len(payload.model_dump_json()) > room:
+                    data = keep_tail(payload.data, len(payload.data.encode()) // 2)[0]
+                    payload = payload.model_copy(update={"data": data, "truncated": True})
                 fields = self._fields(workload, "run.output", stream, at=ended)
                 await self.bus.emit("run.output", payload, **fields)
         fields = self._fields(workload, "run.finished", at=ended)

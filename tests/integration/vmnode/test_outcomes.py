@@ -115,3 +115,19 @@ async def test_output_is_bounded_and_keeps_the_tail(
     assert stdout["truncated"] is True
     assert len(stdout["data"].encode()) == 1024
     assert stdout["data"].endswith("2999\n3000\nEND\n")
+
+
+async def test_output_that_would_grow_past_the_message_limit_keeps_a_shorter_tail(
+    settings: NodeSettings, scheduler: Bus, events: Events
+) -> None:
+    """Control characters take six bytes each in JSON: 200 KiB of them would make a
+    message the scheduler refuses, so less of the tail is sent."""
+    job = new_job()
+    script = "head -c 204800 /dev/zero; echo END"
+    async with running_agent(settings):
+        await send_run(scheduler, settings.node_id, node_run(job, sh(script)))
+        await events.wait_for("run.finished", job)
+    (report,) = [e for e in events.of("run.output", job)]
+    assert len(report.model_dump_json()) < settings.amqp.max_message_bytes
+    assert report.payload["truncated"] is True
+    assert report.payload["data"].endswith("\0\0END\n")
