@@ -46,11 +46,20 @@ class Envelope(BaseModel):
     occurred_at: AwareDatetime = Field(
         default_factory=utcnow, description="When it happened or was asked (UTC)."
     )
-    source: str = Field("unknown", description="`service@host` that produced it.")
-    correlation_id: str | None = Field(None, description="The job id, where there is one.")
-    causation_id: str | None = Field(None, description="Id of the message that caused this.")
-    tenant: str | None = Field(None, description="Tenant the message concerns.")
-    actor: str | None = Field(None, description="User or system that acted.")
+    source: str = Field("unknown", max_length=256, description="`service@host` that produced it.")
+    correlation_id: str | None = Field(
+        None, max_length=256, description="The job id, where there is one."
+    )
+    causation_id: str | None = Field(
+        None, max_length=256, description="Id of the message that caused this."
+    )
+    tenant: str | None = Field(
+        None,
+        max_length=64,
+        description="Tenant the message concerns. From another system, ignored: the "
+        "tenant its AMQP user acts for counts.",
+    )
+    actor: str | None = Field(None, max_length=256, description="User or system that acted.")
     payload: dict[str, Any] = Field(
         default_factory=dict, description="Type-specific body; see the catalog."
     )

@@ -196,7 +196,7 @@ class JobSubmit(Payload):
 class JobCancel(Payload):
     """Command `job.cancel`."""
 
-    job_id: str
+    job_id: str = Field(max_length=64, description="The job to cancel, of the sender's tenant.")
     reason: str = Field("cancelled by user", max_length=500)
 
 
