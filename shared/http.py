@@ -7,7 +7,7 @@ method) into the same shape, and an unexpected exception into a 500 that leaks n
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -56,7 +56,10 @@ async def error_middleware(request: web.Request, handler: HandlerFn) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason)
+        response = error_response(exc.status, exc.reason)
+        if "Allow" in exc.headers:  # a 405 says which methods the route has
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except Exception:
         log.exception("http_handler_failed", path=request.path, method=request.method)
         return error_response(500, "internal error; the operator's logs have the details")
@@ -68,9 +71,13 @@ async def auth_middleware(request: web.Request, handler: HandlerFn) -> web.Strea
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
+    # The scheme is case-insensitive (RFC 9110); a token is printable ASCII.
     if scheme.lower() != "bearer" or not token:
         raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)")
-    principal = await request.app[TOKENS].verify(token.strip())
+    token = token.strip()
+    if not token.isascii() or not token.isprintable():
+        raise ApiError(401, "unknown or revoked token")
+    principal = await request.app[TOKENS].verify(token)
     if principal is None:
         raise ApiError(401, "unknown or revoked token")
     request[PRINCIPAL] = principal
@@ -78,27 +85,53 @@ async def auth_middleware(request: web.Request, handler: HandlerFn) -> web.Strea
         return await handler(request)
 
 
-def require_role(request: web.Request, role: Role) -> Principal:
-    """The caller, if it has `role`; 403 otherwise."""
+def require_role(request: web.Request, *roles: Role) -> Principal:
+    """The caller, if it has one of `roles`; 403 otherwise."""
     principal = request[PRINCIPAL]
-    if principal.role != role:
-        raise ApiError(403, f"this needs the {role.value} role")
+    if principal.role not in roles:
+        names = " or ".join(role.value for role in roles)
+        raise ApiError(403, f"this needs the {names} role")
     return principal
 
 
+def roles(*allowed: Role) -> Callable[[HandlerFn], HandlerFn]:
+    """Mark a route as reached by these roles only: a token of another role gets 403
+    before the handler runs (a node's token reads no tenant's jobs, a user's no node's
+    data). Every authenticated route says which roles it serves."""
+
+    def mark(handler: HandlerFn) -> HandlerFn:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> web.StreamResponse:
+            require_role(request, *allowed)
+            return await handler(request)
+
+        checked.roles = allowed  # type: ignore[attr-defined]  # read by tests and docs
+        return checked
+
+    return mark
+
+
 async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse a JSON body into `model`: 400 for broken JSON, 422 naming each bad field."""
+    """Parse a JSON body into `model`: 415 for another content type, 400 for broken
+    JSON (a lone surrogate or nesting past the parser's depth included), 422 naming
+    each bad field.
+
+    Strict: a number must be a number and a flag a boolean; `"3600"` or `true` where
+    an integer belongs is refused rather than guessed at.
+    """
+    if request.content_type != "application/json":
+        raise ApiError(415, "send the body as application/json")
     raw = await request.read()
     try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}") from exc
-    try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
+        errors = exc.errors()
+        broken = [e for e in errors if e["type"] == "json_invalid"]
+        if broken:
+            raise ApiError(400, f"body is not valid JSON: {broken[0]['msg']}") from exc
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
-            for e in exc.errors()
+            for e in errors
         ]
         raise ApiError(422, "the request body is not valid", problems=problems) from exc
 

@@ -19,7 +19,7 @@ from services.audit.recorder import NOTIFIER
 from services.audit.records import public
 from services.audit.store import STORE, RecordQuery
 from shared.auth import Role
-from shared.http import PRINCIPAL, ApiError, query_int, require_role
+from shared.http import PRINCIPAL, ApiError, query_int, roles
 
 log = structlog.get_logger("medhive.audit.api")
 
@@ -33,7 +33,38 @@ KEEPALIVE_S = 15.0
 _MAX_SEQ = 2**62
 
 
+class StreamSlots:
+    """How many live streams are open, per token and in all: each holds a request
+    and a database cursor for as long as the client likes, so past a bound a new one
+    is refused (429) rather than letting a few clients starve everyone."""
+
+    def __init__(self, per_token: int, total: int) -> None:
+        self.per_token = per_token
+        self.total = total
+        self._open: dict[str, int] = {}
+
+    def take(self, token: str) -> None:
+        if sum(self._open.values()) >= self.total:
+            raise ApiError(429, f"{self.total} live streams are open already; try again later")
+        if self._open.get(token, 0) >= self.per_token:
+            raise ApiError(
+                429, f"this token has {self.per_token} live streams open; close one first"
+            )
+        self._open[token] = self._open.get(token, 0) + 1
+
+    def give_back(self, token: str) -> None:
+        left = self._open.get(token, 0) - 1
+        if left > 0:
+            self._open[token] = left
+        else:
+            self._open.pop(token, None)
+
+
+STREAM_SLOTS = web.AppKey("audit_stream_slots", StreamSlots)
+
+
 @routes.get("/v1/events")
+@roles(Role.user, Role.operator)
 async def list_events(request: web.Request) -> web.Response:
     """A page of records in `seq` order; `next_after` is the cursor of the next page."""
     query = _query(request)
@@ -54,6 +85,7 @@ async def list_events(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/events/stream")
+@roles(Role.user, Role.operator)
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: every matching record after the cursor, then live ones.
 
@@ -63,6 +95,15 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     """
     query = _query(request)
     after = _last_event_id(request)
+    slots, holder = request.app[STREAM_SLOTS], request[PRINCIPAL].name
+    slots.take(holder)
+    try:
+        return await _stream(request, query, after)
+    finally:
+        slots.give_back(holder)
+
+
+async def _stream(request: web.Request, query: RecordQuery, after: int) -> web.StreamResponse:
     store, notifier = request.app[STORE], request.app[NOTIFIER]
     response = web.StreamResponse(
         headers={
@@ -94,9 +135,9 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/audit/verify")
+@roles(Role.operator)
 async def verify_chain(request: web.Request) -> web.Response:
     """Check the whole chain (operators only); reads every record."""
-    require_role(request, Role.operator)
     verdict = await verify(request.app[STORE])
     if not verdict.ok:
         log.warning("audit_chain_broken", first_bad_seq=verdict.first_bad_seq)
@@ -128,11 +169,13 @@ def _time(request: web.Request, name: str) -> datetime | None:
     try:
         # An unencoded "+01:00" arrives as " 01:00": take the space for the plus it was.
         moment = datetime.fromisoformat(raw.strip().replace(" ", "+"))
-    except ValueError as exc:
+        # In UTC, as the records are; a time whose UTC is outside the calendar
+        # (year 1 at +14:00) is refused here, not deep in the store.
+        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
         raise ApiError(
             400, f"query parameter {name} must be an ISO 8601 time, e.g. 2025-01-31T12:00:00Z"
         ) from exc
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _last_event_id(request: web.Request) -> int:

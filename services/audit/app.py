@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.audit.api import routes
+from services.audit.api import STREAM_SLOTS, StreamSlots, routes
 from services.audit.recorder import NOTIFIER, Notifier, Recorder
 from services.audit.settings import AuditSettings
 from services.audit.store import STORE, AuditStore
@@ -19,6 +19,7 @@ def create_app(settings: AuditSettings) -> web.Application:
     """The audit app; does no I/O (the recorder starts with the app)."""
     app = create_service_app("audit", settings.amqp, settings.mongo)
     app[NOTIFIER] = Notifier()
+    app[STREAM_SLOTS] = StreamSlots(settings.streams_per_token, settings.streams_total)
 
     async def recording(app: web.Application) -> AsyncIterator[None]:
         store = AuditStore(app[MONGO][settings.database])

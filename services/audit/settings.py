@@ -34,3 +34,9 @@ class AuditSettings(BaseSettings):
         "they name; default: the user of the AMQP URL. Other senders' messages are filed "
         "under the tenant their AMQP user acts for, or under none (operators only).",
     )
+    streams_per_token: int = Field(
+        4, ge=1, description="Live streams (`/v1/events/stream`) one token may hold open."
+    )
+    streams_total: int = Field(
+        64, ge=1, description="Live streams open at once, all tokens together."
+    )

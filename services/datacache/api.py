@@ -6,7 +6,8 @@ Node routes (role `node`, checked against a live grant):
   supported.
 - `PUT /v1/jobs/{job_id}/outputs/{path}`: store one result file.
 
-Tenant routes (any role; a tenant sees its own jobs' results only):
+Tenant routes (roles `user` and `operator`, a node's token is refused; a tenant sees its
+own jobs' results only):
 - `GET /v1/jobs/{job_id}/outputs` and `GET /v1/jobs/{job_id}/outputs/{path}`.
 
 Every byte served or stored is a `data.accessed` event; every refusal `data.denied`.
@@ -25,6 +26,7 @@ from services.datacache.blobs import BlobStore
 from services.datacache.crypto import IntegrityError
 from services.datacache.grants import Denied, GrantService
 from services.datacache.store import CacheStore
+from shared.auth import Principal, Role
 from shared.bus import Bus
 from shared.http import PRINCIPAL, ApiError
 from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
@@ -38,7 +40,9 @@ DATA_BUS = web.AppKey("data_bus", Bus)
 
 routes = web.RouteTableDef()
 SHA = r"{sha256:[0-9a-f]{64}}"
-RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+#: One byte range; positions of more than 18 digits are past any object (and past what
+#: `int` parses cheaply), so they do not match.
+RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
 
 
 async def _denied(
@@ -207,9 +211,20 @@ async def store_output(request: web.Request) -> web.Response:
     return web.json_response({"path": path, "sha256": blob.sha256, "size": blob.size}, status=201)
 
 
+async def _tenant_reader(request: web.Request, job_id: str) -> Principal:
+    """A user or operator of the job's tenant reads its results; a node's token, which
+    stores them, reads none (refused and recorded like every other refusal)."""
+    principal = request[PRINCIPAL]
+    if principal.role not in (Role.user, Role.operator):
+        denied = Denied(403, "this needs the user or operator role")
+        raise await _denied(request, denied, job_id)
+    return principal
+
+
 @routes.get("/v1/jobs/{job_id}/outputs")
 async def list_outputs(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
+    await _tenant_reader(request, job_id)
     results = await request.app[STORE].job_results(job_id, request[PRINCIPAL].tenant)
     files = [{"path": r["path"], "sha256": r["sha256"], "size": r["size"]} for r in results]
     return web.json_response({"job_id": job_id, "files": files})
@@ -218,7 +233,7 @@ async def list_outputs(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
 async def download_output(request: web.Request) -> web.StreamResponse:
     job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
-    principal = request[PRINCIPAL]
+    principal = await _tenant_reader(request, job_id)
     results = await request.app[STORE].job_results(job_id, principal.tenant)
     match = next((r for r in results if r["path"] == path), None)
     if match is None:

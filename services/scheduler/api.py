@@ -3,18 +3,22 @@ tenant's job is indistinguishable from a job that does not exist (404)."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
 from pydantic import Field
+from yarl import URL
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.placement import Placer
 from services.scheduler.store import IdempotencyConflict, JobStore
-from shared.http import PRINCIPAL, ApiError, query_int, read_model
+from shared.auth import Role
+from shared.http import PRINCIPAL, ApiError, query_int, read_model, roles
 from shared.messages.base import Payload
 from shared.messages.jobs import JobSpec, JobState
 from shared.mongo import Document
@@ -58,6 +62,7 @@ def _job_id(request: web.Request) -> str:
 
 
 @routes.post("/v1/jobs")
+@roles(Role.user, Role.operator)
 async def submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     spec = await read_model(request, JobSpec)
@@ -76,6 +81,7 @@ async def submit(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs")
+@roles(Role.user, Role.operator)
 async def list_jobs(request: web.Request) -> web.Response:
     state = request.query.get("state")
     if state is not None and state not in JobState.__members__:
@@ -88,11 +94,13 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{job_id}")
+@roles(Role.user, Role.operator)
 async def get_job(request: web.Request) -> web.Response:
     return web.json_response(public_job(await _tenant_job(request)))
 
 
 @routes.delete("/v1/jobs/{job_id}")
+@roles(Role.user, Role.operator)
 async def cancel(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     reason = f"cancelled by {principal.name}"
@@ -109,6 +117,7 @@ async def cancel(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{job_id}/logs")
+@roles(Role.user, Role.operator)
 async def logs(request: web.Request) -> web.Response:
     store = request.app[STORE]
     job = await _tenant_job(request)
@@ -130,6 +139,7 @@ async def _tenant_job(request: web.Request) -> Document:
 
 
 @routes.get("/v1/jobs/{job_id}/outputs")
+@roles(Role.user, Role.operator)
 async def outputs(request: web.Request) -> web.Response:
     """The job's results, as the datacache reported them when the job ended."""
     job = await _tenant_job(request)
@@ -141,23 +151,30 @@ async def outputs(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
+@roles(Role.user, Role.operator)
 async def download_output(request: web.Request) -> web.StreamResponse:
     """One result file, streamed from the datacache with the caller's own token, so the
     datacache checks the tenant again rather than trusting the gateway."""
     job = await _tenant_job(request)
     path = request.match_info["path"]
-    url = f"{request.app[DATACACHE_URL]}/v1/jobs/{job['_id']}/outputs/{path}"
+    # Only a file the job's listing names goes on to the datacache, and as one
+    # encoded path: no `..` or encoded slash can make the request another route.
+    if path not in {item["path"] for item in (job.get("outputs") or {}).get("files", [])}:
+        raise ApiError(404, f"job {job['_id']} has no output {path!r}")
+    base = URL(request.app[DATACACHE_URL])
+    url = base.with_path(
+        f"/v1/jobs/{quote(job['_id'], safe='')}/outputs/{quote(path)}", encoded=True
+    )
     headers = {"Authorization": request.headers["Authorization"]}
     if "Range" in request.headers:
         headers["Range"] = request.headers["Range"]
     try:
         async with request.app[HTTP].get(url, headers=headers) as upstream:
             if upstream.status >= 400:
-                body = await upstream.json(content_type=None)
-                detail = body.get("error", {}).get(
-                    "detail", f"datacache answered {upstream.status}"
+                raise ApiError(
+                    upstream.status if upstream.status < 500 else 502,
+                    await _upstream_detail(upstream),
                 )
-                raise ApiError(upstream.status if upstream.status < 500 else 502, detail)
             response = web.StreamResponse(status=upstream.status)
             for name in ("Content-Length", "Content-Range", "Accept-Ranges", "X-Medhive-Sha256"):
                 if name in upstream.headers:
@@ -172,7 +189,20 @@ async def download_output(request: web.Request) -> web.StreamResponse:
         raise ApiError(502, f"the datacache is unreachable: {exc}") from exc
 
 
+async def _upstream_detail(upstream: aiohttp.ClientResponse) -> str:
+    """What the datacache said of an error, whatever the shape of its answer."""
+    fallback = f"the datacache answered {upstream.status}"
+    try:
+        body = json.loads(await upstream.read())
+    except ValueError:
+        return fallback
+    error = body.get("error") if isinstance(body, dict) else None
+    detail = error.get("detail") if isinstance(error, dict) else None
+    return detail if isinstance(detail, str) else fallback
+
+
 @routes.get("/v1/nodes")
+@roles(Role.user, Role.operator)
 async def nodes(request: web.Request) -> web.Response:
     free, _ = await request.app[PLACER].free_capacity()
     out = []

@@ -59,7 +59,12 @@ PLACED_STATES = frozenset({JobState.dispatched, JobState.running})
 class Resources(Payload):
     """What a job needs of a node; placement reserves exactly this."""
 
-    cpus: float = Field(1.0, gt=0, le=256, description="CPU cores (fractions allowed).")
+    cpus: float = Field(
+        1.0,
+        ge=0.01,
+        le=256,
+        description="CPU cores (fractions down to 0.01, the least a container's limit can be).",
+    )
     memory_mb: int = Field(256, ge=16, le=4 * 1024 * 1024, description="Memory limit in MiB.")
     pids: int = Field(256, ge=8, le=65536, description="Process and thread limit.")
 

@@ -131,14 +131,18 @@ async def test_an_operator_sees_every_tenant_and_may_filter_by_one(
         ({"after": "-1"}, "after"),
         ({"since": "yesterday"}, "since"),
         ({"until": "2025-13-01"}, "until"),
+        ({"since": "0001-01-01T00:00:00+14:00"}, "since"),  # F7: before year 1 in UTC
     ],
 )
 async def test_bad_query_values_are_400_naming_the_parameter(
     client: Client, token: Any, params: dict[str, str], named: str
 ) -> None:
-    response = await client.get("/v1/events", params=params, headers=auth(await token("t1")))
-    assert response.status == 400
-    assert named in (await response.json())["error"]["detail"]
+    # The stream takes the filters and the cursor too, and refuses them before its headers.
+    paths = ["/v1/events"] + (["/v1/events/stream"] if named != "limit" else [])
+    for path in paths:
+        response = await client.get(path, params=params, headers=auth(await token("t1")))
+        assert response.status == 400
+        assert named in (await response.json())["error"]["detail"]
 
 
 async def test_without_a_token_the_answer_is_401_json(client: Client) -> None:
@@ -147,3 +151,19 @@ async def test_without_a_token_the_answer_is_401_json(client: Client) -> None:
         assert response.status == 401
         assert response.content_type == "application/json"
         assert "bearer token" in (await response.json())["error"]["detail"]
+
+
+async def test_roles_reach_only_their_routes_and_methods_are_named(
+    client: Client, token: Any
+) -> None:
+    """F12: a node's token reads no records; a user's verifies no chain. F13: 405 + Allow."""
+    node = auth(await token("_nodes", Role.node))
+    for path in ("/v1/events", "/v1/events/stream", "/v1/audit/verify"):
+        response = await client.get(path, headers=node)
+        assert response.status == 403, path
+    response = await client.get("/v1/audit/verify", headers=auth(await token("t1")))
+    assert response.status == 403
+    response = await client.post("/v1/events", headers=auth(await token("t1")))
+    assert response.status == 405
+    assert "GET" in response.headers["Allow"]
+    assert (await response.json())["error"]["status"] == 405

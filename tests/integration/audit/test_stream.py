@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from services.audit.app import create_app
+from services.audit.settings import AuditSettings
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.jobs import JobEvent, JobState
+from tests.helpers import eventually
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth, next_event
 
@@ -80,3 +83,32 @@ async def test_an_open_stream_ends_cleanly_when_the_app_shuts_down(
     stream.close()
     assert [log for log in logs if log["log_level"] in ("error", "critical")] == []
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_live_streams_are_bounded_per_token_and_in_all(
+    audit_settings: AuditSettings, aiohttp_client: Any, token: Any
+) -> None:
+    """F10: past the bound a new stream is 429, and one that ends gives its place back."""
+    settings = audit_settings.model_copy(update={"streams_per_token": 2, "streams_total": 3})
+    client = await aiohttp_client(create_app(settings))
+    first, second = auth(await token("t1")), auth(await token("t2"))
+    held = [await client.get("/v1/events/stream", headers=first) for _ in range(2)]
+    assert [r.status for r in held] == [200, 200]
+    refused = await client.get("/v1/events/stream", headers=first)
+    assert refused.status == 429
+    assert "this token has 2 live streams" in (await refused.json())["error"]["detail"]
+    third = await client.get("/v1/events/stream", headers=second)
+    assert third.status == 200
+    refused = await client.get("/v1/events/stream", headers=second)
+    assert refused.status == 429 and "3 live streams" in (await refused.json())["error"]["detail"]
+    # Queries go on while the streams are open.
+    assert (await client.get("/v1/events", headers=first)).status == 200
+
+    held[0].close()
+
+    async def freed() -> bool:
+        response = await client.get("/v1/events/stream", headers=first)
+        response.close()
+        return response.status == 200
+
+    await eventually(freed)

@@ -283,3 +283,23 @@ async def test_objects_unused_past_their_ttl_are_evicted_unless_pinned(
     # Gone from the cache: the next job on that source fetches it again.
     await _staged_ok(harness, "job-again", f"{origin.url}/old")
     assert origin.requests["GET"] == 3
+
+
+async def test_a_range_past_any_size_is_416_and_roles_reach_only_their_routes(
+    harness: Harness, origin: Origin
+) -> None:
+    """F8 and F12 of the HTTP fuzzing: a 5,000-digit range; a user on a node's route and
+    a node on a tenant's."""
+    data = os.urandom(1000)
+    origin.files["r.bin"] = data
+    await _staged_ok(harness, "job-r", f"{origin.url}/r.bin")
+    await harness.grant("job-r")
+    huge = await harness.read("job-r", _sha(data), Range="bytes=0-" + "9" * 5000)
+    assert huge.status == 416
+    assert "Range" in (await huge.json())["error"]["detail"]
+
+    as_user = await harness.read("job-r", _sha(data), auth=harness.user_auth)
+    assert as_user.status == 403
+    as_node = await harness.client.get("/v1/jobs/job-r/outputs", headers=harness.node_auth)
+    assert as_node.status == 403
+    assert (await as_node.json())["error"]["detail"] == "this needs the user or operator role"

@@ -24,7 +24,8 @@ async def test_bad_bodies_get_400_and_422_naming_the_problem(
     scheduler: TestClient, mongo_settings: MongoSettings
 ) -> None:
     auth = bearer(await make_token(mongo_settings, "cardiology"))
-    response = await scheduler.post("/v1/jobs", data=b"{nope", headers=auth)
+    json_body = {**auth, "Content-Type": "application/json"}
+    response = await scheduler.post("/v1/jobs", data=b"{nope", headers=json_body)
     assert response.status == 400
     assert "not valid JSON" in (await response.json())["error"]["detail"]
 

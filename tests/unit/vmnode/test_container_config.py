@@ -121,3 +121,11 @@ def test_output_keeps_the_last_bytes() -> None:
     assert keep_tail("0123456789abc", 4) == ("9abc", True)
     text, cut = keep_tail("ééé", 3)  # 6 bytes; the cut splits a character
     assert cut and text == "é"
+
+
+def test_the_least_cpu_share_still_limits_the_container() -> None:
+    """F4 of the HTTP fuzzing: a share too small for Docker once meant no limit at all."""
+    smallest = container_config(_run(resources={"cpus": 0.01}), _settings())
+    assert smallest["HostConfig"]["NanoCpus"] == 10_000_000
+    with pytest.raises(ValidationError, match=r"greater than or equal to 0\.01"):
+        Resources(cpus=1e-10)
