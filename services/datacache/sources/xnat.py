@@ -16,6 +16,7 @@ import hashlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 
@@ -100,16 +101,23 @@ class XnatSource(Source):
             raise http_error(response.status, name)
         return response
 
+    async def _listing(self, ref: SourceRef, headers: dict[str, str]) -> list[dict[str, Any]]:
+        """The resource's file listing: a row per file with its `Name`, `Size`, `URI`."""
+        name, url = self.canonical(ref), self._base(ref) + "/data" + self._resource(ref)
+        response = await self._get(f"{url}/files?format=json", headers, name)
+        async with response:
+            try:
+                rows = (await response.json(content_type=None))["ResultSet"]["Result"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SourceRefused(f"{name}: XNAT's file listing is malformed") from exc
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise SourceRefused(f"{name}: XNAT's file listing is malformed")
+        return rows
+
     async def version(self, ref: SourceRef) -> str | None:
         """A digest of the resource's file listing (names, sizes, digests): no download."""
-        name, url = self.canonical(ref), self._base(ref) + "/data" + self._resource(ref)
         async with self._session(ref) as headers:
-            response = await self._get(f"{url}/files?format=json", headers, name)
-            async with response:
-                try:
-                    rows = (await response.json(content_type=None))["ResultSet"]["Result"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise SourceRefused(f"{name}: XNAT's file listing is malformed") from exc
+            rows = await self._listing(ref, headers)
         listing = sorted(
             f"{row.get('Name')}|{row.get('Size')}|{row.get('digest', '')}" for row in rows
         )
@@ -118,13 +126,20 @@ class XnatSource(Source):
     async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
         name, url = self.canonical(ref), self._base(ref) + "/data" + self._resource(ref)
         async with self._session(ref) as headers:
+            # What the listing declares bounds what the zip may inflate to.
+            declared = _declared_sizes(await self._listing(ref, headers))
             response = await self._get(f"{url}/files?format=zip", headers, name)
             async with response:
                 count = 0
+                chunks = response.content.iter_any()
+                total = sum(declared.values()) if declared else None
+
+                def listed(entry: str) -> int | None:
+                    return declared.get(_file_path(entry))
+
                 try:
-                    async for entry, content in entries(response.content.iter_any()):
-                        _, found, path = entry.partition("/files/")
-                        await sink.put(path if found else entry, content)
+                    async for entry, content in entries(chunks, listed, total):
+                        await sink.put(_file_path(entry), content)
                         count += 1
                 except ZipError as exc:
                     raise SourceRefused(f"{name}: {exc}") from exc
@@ -154,3 +169,21 @@ class XnatSource(Source):
             except aiohttp.ClientError as exc:
                 raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
         return f"uploaded {len(files)} files ({sum(f.size for f in files)} bytes) to {name}"
+
+
+def _declared_sizes(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """File path under the resource -> size, for the listing's rows that give both."""
+    sizes = {}
+    for row in rows:
+        path = _file_path(str(row.get("URI") or row.get("Name") or ""))
+        try:
+            sizes[path] = int(str(row.get("Size")))
+        except ValueError:
+            continue
+    return sizes
+
+
+def _file_path(entry: str) -> str:
+    """A file's path under its resource, from a zip entry name or a listing URI."""
+    _, found, path = entry.partition("/files/")
+    return path if found else entry

@@ -5,13 +5,18 @@ on disk in the clear; instead the local file headers are followed in stream orde
 each entry is inflated straight into the (encrypting) sink. Entries are checked against
 their CRC-32; zip64 sizes and data descriptors (what Java's ZipOutputStream, and so
 XNAT, writes) are understood. Encrypted and multi-disk archives are refused.
+
+Inflating is bounded, because a few bytes of deflate can stand for gigabytes: each step
+yields at most `CHUNK` bytes, an entry may not grow past the size its header or the
+caller's listing declares for it, and the whole archive not past `max_total`. Past a
+bound the archive is refused as a whole (a `ZipError`, not worth retrying).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 LOCAL = 0x04034B50
 CENTRAL = 0x02014B50
@@ -56,10 +61,34 @@ class _Stream:
         self.buffer = data + self.buffer
 
 
-async def entries(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, AsyncIterator[bytes]]]:
+class _Budget:
+    """What an entry, and the archive, may still inflate to."""
+
+    def __init__(self, max_total: int | None) -> None:
+        self.max_total = max_total
+        self.total = 0
+
+    def spend(self, name: str, entry_bytes: int, entry_limit: int | None, more: int) -> None:
+        if entry_limit is not None and entry_bytes + more > entry_limit:
+            raise ZipError(f"{name}: inflates past the {entry_limit} bytes declared for it")
+        self.total += more
+        if self.max_total is not None and self.total > self.max_total:
+            raise ZipError(f"the archive inflates past the {self.max_total} bytes declared for it")
+
+
+async def entries(
+    chunks: AsyncIterator[bytes],
+    declared: Callable[[str], int | None] | None = None,
+    max_total: int | None = None,
+) -> AsyncIterator[tuple[str, AsyncIterator[bytes]]]:
     """(name, content) for each file entry, in archive order. Each content must be read to
-    its end before the next entry is asked for."""
+    its end before the next entry is asked for.
+
+    `declared` gives the size a listing declares for an entry's name, if it does;
+    `max_total` bounds the whole archive (see the module's docstring).
+    """
     stream = _Stream(chunks)
+    budget = _Budget(max_total)
     while True:
         (signature,) = struct.unpack("<I", await stream.exact(4))
         if signature in (CENTRAL, END):
@@ -90,8 +119,12 @@ async def entries(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, Asyn
             raise ZipError(f"{name}: compression method {method} is not supported")
         if method == STORED and flags & 0x08 and packed == 0:
             raise ZipError(f"{name}: a stored entry without its size cannot be streamed")
+        known = not (flags & 0x08) or size not in (0, 0xFFFFFFFF)
+        listed = declared(name) if declared is not None else None
+        limits = [n for n in (size if known else None, listed) if n is not None]
         state = {"crc": 0}
-        content = _content(stream, method, packed, state)
+        content = _bounded(name, _content(stream, method, packed, state), min(limits, default=None),
+                           budget)  # fmt: skip
         if name.endswith("/"):  # a directory entry
             async for _ in content:
                 pass
@@ -109,6 +142,16 @@ async def entries(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, Asyn
             raise ZipError(f"{name}: CRC-32 mismatch, the archive is damaged")
 
 
+async def _bounded(
+    name: str, content: AsyncIterator[bytes], limit: int | None, budget: _Budget
+) -> AsyncIterator[bytes]:
+    done = 0
+    async for data in content:
+        budget.spend(name, done, limit, len(data))
+        done += len(data)
+        yield data
+
+
 async def _content(
     stream: _Stream, method: int, packed: int, state: dict[str, int]
 ) -> AsyncIterator[bytes]:
@@ -121,8 +164,12 @@ async def _content(
             yield data
         return
     inflate = zlib.decompressobj(-15)
+    pending = b""
     while not inflate.eof:
-        data = inflate.decompress(await stream.some(CHUNK))
+        # At most CHUNK bytes a step: what is left of the input waits in
+        # `unconsumed_tail` for the next step instead of inflating all at once.
+        data = inflate.decompress(pending or await stream.some(CHUNK), CHUNK)
+        pending = inflate.unconsumed_tail
         if inflate.unused_data:
             stream.unread(inflate.unused_data)
         if data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import zipfile
 from collections.abc import AsyncIterator
@@ -23,6 +24,7 @@ from services.datacache.sources.base import (
     SourceUnavailable,
 )
 from services.datacache.sources.xnat import XnatSource
+from services.datacache.sources.zipstream import ZipError, entries
 from tests.conftest import free_port
 from tests.fixtures.xnat import Xnat
 from tests.integration.datacache.support import Collect
@@ -182,3 +184,43 @@ def _basic(user: str, password: str) -> str:
     import base64
 
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+async def test_a_zip_that_inflates_past_its_listing_is_refused_in_bounded_steps(
+    xnat_server: Xnat,
+) -> None:
+    """A zip bomb: 64 MiB of zeros packed into about 64 KiB, listed as 1 KiB."""
+    xnat_server.add_file("P1", "S1", "E1", "2", "DICOM", "bomb.dcm", bytes(64 << 20))
+    xnat_server.listed_sizes["bomb.dcm"] = 1024
+    sizes: list[int] = []
+
+    class Measure(Collect):
+        async def put(self, path: str, chunks: AsyncIterator[bytes]) -> None:
+            async for chunk in chunks:
+                sizes.append(len(chunk))
+
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(SourceRefused, match="inflates past the 1024 bytes declared"):
+            await _source(session, xnat_server).fetch(_ref(), Measure())
+    assert sum(sizes) <= 1024  # refused at the first step past the bound, not after it
+
+
+async def test_the_whole_archive_is_bounded_and_inflated_a_chunk_at_a_time() -> None:
+    """Entries no listing names still count against the archive's total; each step of
+    inflating yields at most 1 MiB, however well the data packs."""
+    packed = io.BytesIO()
+    with zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a/files/1.dcm", b"x" * 1000)
+        archive.writestr("a/files/2.dcm", bytes(8 << 20))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield packed.getvalue()
+
+    steps = []
+    async for _, content in entries(chunks()):
+        steps += [len(chunk) async for chunk in content]
+    assert sum(steps) == 1000 + (8 << 20) and max(steps) <= 1 << 20
+    with pytest.raises(ZipError, match="the archive inflates past the 5000 bytes"):
+        async for _, content in entries(chunks(), None, 5000):
+            async for _ in content:
+                pass
