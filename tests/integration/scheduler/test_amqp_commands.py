@@ -58,12 +58,14 @@ async def test_bad_messages_are_dead_lettered_with_a_reason_and_consuming_goes_o
     url = user_url(amqp_settings, amqp_user)
     user = amqp_user[0]
     schema = submit_body(payload={"spec": {**SPEC, "walltime_s": "forever"}})
+    lax = submit_body(payload={"spec": {**SPEC, "walltime_s": "3600"}})  # strict, as HTTP
     unknown = submit_body(type="job.teleport")
     no_user = submit_body()
     no_id = json.dumps({"type": "job.submit", "payload": {"spec": SPEC}}).encode()
     cases = {
         "malformed": (b"{this is not json", {"user_id": user}, "not a medhive envelope"),
         message_id(schema): (schema, {"user_id": user}, "spec.walltime_s"),
+        message_id(lax): (lax, {"user_id": user}, "spec.walltime_s"),
         message_id(unknown): (unknown, {"user_id": user}, "unknown message type"),
         message_id(no_user): (no_user, {}, "no user_id"),
         "no-id": (no_id, {"user_id": user}, "id: Field required"),
