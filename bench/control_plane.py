@@ -239,7 +239,10 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
         started = time.perf_counter()
         for batch in range(CEILING_JOBS // CEILING_BATCH):
             ids = [f"ceiling-{batch}-{i}" for i in range(CEILING_BATCH)]
-            await jobs.jobs.insert_many([{**first, "_id": job_id} for job_id in ids])
+            await jobs.jobs.insert_many(
+                [{**first, "_id": job_id, "command": {**first["command"], "id": job_id}}
+                 for job_id in ids]  # each job the answer to a command of its own
+            )  # fmt: skip
             for entry in later:
                 await jobs.jobs.bulk_write(
                     [
