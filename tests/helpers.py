@@ -106,3 +106,45 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
     async with asyncio.timeout(within):
         while not await check():  # noqa: ASYNC110 - the state lives in another process
             await asyncio.sleep(0.05)
+
+
+#: Who calls, in the role matrices of the HTTP APIs.
+CALLERS = ("none", "invalid", "user", "other_user", "operator", "node", "other_node")
+
+
+def routes_of(app: Any) -> set[tuple[str, str]]:
+    """(method, path template) of every route an app serves, health checks aside."""
+    return {
+        (route.method, resource.canonical)
+        for resource in app.router.resources()
+        for route in resource
+        if route.method not in ("HEAD", "*") and resource.canonical != "/healthz"
+    }
+
+
+async def check_role_matrix(
+    client: Any,
+    table: dict[tuple[str, str], dict[str, int]],
+    headers: dict[str, dict[str, str]],
+    fill: Callable[[str], str],
+    body: Callable[[str, str], dict[str, Any]] | None = None,
+) -> None:
+    """Every route of the app answers each caller with the status the table gives.
+
+    The table must name every route the app serves, so a new route without an entry
+    fails; `fill` puts real ids into a path template, `body` gives request arguments.
+    """
+    assert set(table) == routes_of(client.app), "every route needs an entry in the table"
+    wrong = []
+    for (method, template), expected in table.items():
+        assert set(expected) == set(CALLERS), template
+        for who in CALLERS:
+            extra = body(method, template) if body is not None else {}
+            response = await client.request(method, fill(template), headers=headers[who], **extra)
+            if response.status != expected[who]:
+                wrong.append((method, template, who, response.status, expected[who]))
+            if response.status >= 400:
+                error = await response.json()
+                assert error["error"]["status"] == response.status
+            response.close()
+    assert wrong == [], wrong
