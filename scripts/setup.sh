@@ -58,7 +58,8 @@ rabbitmqctl -q eval "application:set_env(rabbit, max_message_size, $MAX_MESSAGE_
 # make vhosts through the API) and an impersonator (a dead-letter copy keeps the
 # original sender's user_id).
 if ! rabbitmqctl -q list_users | grep -q '^medhive\b'; then
-  rabbitmqctl -q add_user medhive medhive
+  # (a busy broker may have answered the look-up late: an existing user is fine)
+  rabbitmqctl -q add_user medhive medhive || rabbitmqctl -q list_users | grep -q '^medhive\b'
   rabbitmqctl -q set_permissions -p / medhive '.*' '.*' '.*'
 fi
 if ! rabbitmqctl -q list_users | grep '^medhive\b' | grep -q impersonator; then

@@ -4,17 +4,20 @@ what RabbitMQ lets one see and do, and what medhive makes of its commands."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import urllib.error
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
 import aiormq
+import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
@@ -30,6 +33,7 @@ from tests.helpers import EventTap, bearer, event_tap, eventually, make_token, p
 from tests.integration.scheduler.support import pretend
 
 SPEC = {"name": "from-ris", "image": "medhive/busybox:1", "command": ["true"]}
+Provision = Callable[..., Awaitable[tuple[str, str]]]
 #: Content of another sender's messages that must never reach this integrator.
 SECRET = "Patient DOE^JANE 1970-01-01"
 
@@ -59,11 +63,24 @@ async def send(amqp: AmqpSettings, user: tuple[str, str], body: bytes, **props: 
                       message_id=message_id, **props)  # fmt: skip
 
 
-async def provision(amqp: AmqpSettings, mongo: MongoSettings, tenant: str) -> tuple[str, str]:
-    name = f"{tenant}-{uuid.uuid4().hex[:6]}"
-    async with provisioning(amqp, mongo) as (api, users):
-        url = await integrators.add(api, users, name, tenant)
-    return name, str(URL(url).password)
+@pytest.fixture
+async def provision(
+    amqp_settings: AmqpSettings, mongo_settings: MongoSettings
+) -> AsyncIterator[Callable[[str], Awaitable[tuple[str, str]]]]:
+    """Makes integrators as `medhive amqp-user add` does; deletes their users after."""
+    made: list[str] = []
+
+    async def make(tenant: str, prefix: str | None = None) -> tuple[str, str]:
+        name = f"{prefix or tenant}-{uuid.uuid4().hex[:6]}"
+        async with provisioning(amqp_settings, mongo_settings) as (api, users):
+            url = await integrators.add(api, users, name, tenant)
+        made.append(name)
+        return name, str(URL(url).password)
+
+    yield make
+    for name in made:
+        with contextlib.suppress(urllib.error.URLError):
+            rabbit_api("DELETE", f"/users/{name}")
 
 
 @asynccontextmanager
@@ -125,11 +142,12 @@ async def test_each_integrator_follows_its_own_jobs_and_rejections_and_nothing_e
     amqp_settings: AmqpSettings,
     mongo_settings: MongoSettings,
     amqp_user: tuple[str, str],
+    provision: Provision,
 ) -> None:
     """Two systems of two tenants at once; one sees the other's nothing, not even the
     names in its refused messages."""
     ris = amqp_user  # radiology
-    cardio = await provision(amqp_settings, mongo_settings, "cardiology")  # after start
+    cardio = await provision("cardiology")  # after the scheduler started
     async with (
         pretend(amqp_settings) as (node_bus, node_commands),
         own_queue(amqp_settings, ris) as seen_by_ris,
@@ -268,14 +286,14 @@ async def test_dead_letters_are_bounded_keep_their_sender_and_can_be_replayed(
     scheduler: TestClient,
     amqp_settings: AmqpSettings,
     mongo_settings: MongoSettings,
+    provision: Provision,
 ) -> None:
     """A system whose user was not mapped yet: its command waits in the dead letters
     until an operator maps the user and replays it."""
-    name = f"late-{uuid.uuid4().hex[:6]}"
-    async with provisioning(amqp_settings, mongo_settings) as (api, users):
-        url = await integrators.add(api, users, name, "radiology")
+    late = await provision("radiology", "late")
+    name = late[0]
+    async with provisioning(amqp_settings, mongo_settings) as (_, users):
         await users.remove(name)  # RabbitMQ user and permissions stay; no tenant
-    late = (name, str(URL(url).password))
     command_id, body = submit()
     async with event_tap(amqp_settings, ["message.rejected"]) as rejected:
         await send(amqp_settings, late, body)
