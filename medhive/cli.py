@@ -199,9 +199,10 @@ async def audit_verify(args: argparse.Namespace) -> int:
 
 
 async def schema_export(args: argparse.Namespace) -> int:
+    from medhive.openapi import export_openapi
     from shared.schema import export_schemas
 
-    for path in export_schemas(Path(args.directory)):
+    for path in [*export_schemas(Path(args.directory)), *export_openapi(Path(args.directory))]:
         print(path)
     return 0
 

@@ -24,8 +24,8 @@ M = TypeVar("M", bound=BaseModel)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 TOKENS = web.AppKey("tokens", TokenStore)
-#: Paths that need no token (health checks from orchestrators).
-PUBLIC_PATHS = frozenset({"/healthz"})
+#: Paths that need no token: health checks from orchestrators, the API's description.
+PUBLIC_PATHS = frozenset({"/healthz", "/v1/openapi.json"})
 
 HandlerFn = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -134,6 +134,25 @@ async def read_model(request: web.Request, model: type[M]) -> M:
             for e in errors
         ]
         raise ApiError(422, "the request body is not valid", problems=problems) from exc
+
+
+def read_query(request: web.Request, model: type[M]) -> M:
+    """The query string as `model` (empty values count as absent): 400 naming each
+    parameter that is wrong. Parameters the model does not name are ignored."""
+    data = {
+        name: request.query[name]
+        for name in model.model_fields
+        if request.query.get(name, "") != ""
+    }
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in e["loc"]) or "query", "problem": e["msg"]}
+            for e in exc.errors()
+        ]
+        names = ", ".join(dict.fromkeys(p["field"] for p in problems))
+        raise ApiError(400, f"query parameter {names} is not valid", problems=problems) from exc
 
 
 def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:

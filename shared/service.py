@@ -8,6 +8,7 @@ in dependency order (database, then bus); a service appends its own contexts
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from pymongo import AsyncMongoClient
@@ -16,9 +17,18 @@ from shared.auth import TokenStore
 from shared.bus import Bus
 from shared.http import TOKENS, auth_middleware, error_middleware
 from shared.mongo import Document, connect
+from shared.openapi import OPENAPI_PATH, openapi_document
 from shared.settings import AmqpSettings, MongoSettings, default_host
 
 BUS = web.AppKey("bus", Bus)
+OPENAPI = web.AppKey("openapi", dict[str, Any])
+#: What each API is for, at the top of its OpenAPI document.
+API_DESCRIPTIONS = {
+    "scheduler": "Jobs: submit, follow, cancel; their logs and results; the nodes.",
+    "audit": "The audit trail: query records, follow them live, verify the hash chain.",
+    "datacache": "Job data: nodes read inputs and store results under a live grant; "
+    "tenants read their jobs' results.",
+}
 MONGO = web.AppKey("mongo", AsyncMongoClient[Document])
 
 
@@ -54,6 +64,26 @@ def create_service_app(
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"service": service, "status": "ok"})
 
+    async def openapi(request: web.Request) -> web.Response:
+        return web.json_response(api_document(request.app, service))
+
     app.cleanup_ctx.extend([database, bus])
     app.router.add_get("/healthz", healthz)
+    if service in API_DESCRIPTIONS:  # a service with an HTTP API describes it
+        app[OPENAPI] = {}
+        app.router.add_get(OPENAPI_PATH, openapi)
     return app
+
+
+def api_document(app: web.Application, service: str) -> dict[str, Any]:
+    """The OpenAPI document of a service's HTTP API (built at the first request, then
+    kept in a slot made with the app: a running app takes no new keys)."""
+    kept = app.get(OPENAPI)
+    if not kept:
+        description = API_DESCRIPTIONS.get(service, "")
+        document = openapi_document(app, f"medhive {service} API", description)
+        if kept is None:
+            return document
+        kept.update(document)
+        return kept
+    return kept

@@ -19,19 +19,19 @@ from services.audit.chain import verify
 from services.audit.recorder import NOTIFIER
 from services.audit.records import public
 from services.audit.store import STORE, RecordQuery
+from services.audit.views import MAX_SEQ, ChainVerdict, EventFilters, EventsPage, EventsQuery
 from shared.auth import Role
-from shared.http import PRINCIPAL, ApiError, query_int, roles
+from shared.http import PRINCIPAL, ApiError, read_query, roles
+from shared.openapi import endpoint
 
 log = structlog.get_logger("medhive.audit.api")
 
 routes = web.RouteTableDef()
 
-MAX_LIMIT = 1000
 #: A stream sends what matches in pages of this size.
 STREAM_PAGE = 500
 #: Seconds between comment lines on an idle stream, so proxies keep it open.
 KEEPALIVE_S = 15.0
-_MAX_SEQ = 2**62
 
 
 class StreamSlots:
@@ -66,11 +66,11 @@ STREAM_SLOTS = web.AppKey("audit_stream_slots", StreamSlots)
 
 @routes.get("/v1/events")
 @roles(Role.user, Role.operator)
+@endpoint(summary="A page of audit records, oldest first.", query=EventsQuery, response=EventsPage)
 async def list_events(request: web.Request) -> web.Response:
     """A page of records in `seq` order; `next_after` is the cursor of the next page."""
-    query = _query(request)
-    after = query_int(request, "after", 0, 0, _MAX_SEQ)
-    limit = query_int(request, "limit", 100, 1, MAX_LIMIT)
+    asked = read_query(request, EventsQuery)
+    query, after, limit = _query(request, asked), asked.after, asked.limit
     # One more than asked tells whether there is a next page. Reading only up to the
     # recorder's head shows whole batches, never a batch that is half inserted.
     head = request.app[NOTIFIER].head
@@ -87,6 +87,13 @@ async def list_events(request: web.Request) -> web.Response:
 
 @routes.get("/v1/events/stream")
 @roles(Role.user, Role.operator)
+@endpoint(
+    summary="Audit records as server-sent events, live, resumable.",
+    query=EventFilters,
+    media="text/event-stream",
+    errors=(429,),
+    headers={"Last-Event-ID": "The last `id` seen: the stream goes on after it."},
+)
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: every matching record after the cursor, then live ones.
 
@@ -94,8 +101,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     records up to the recorder's head are read, all of which are stored, so a record
     is never sent before one with a lower `seq` that matches too.
     """
-    query = _query(request)
-    after = _last_event_id(request)
+    asked = read_query(request, EventFilters)
+    query, after = _query(request, asked), _last_event_id(request, asked.after)
     slots, holder = request.app[STREAM_SLOTS], request[PRINCIPAL].name
     slots.take(holder)
     try:
@@ -141,6 +148,7 @@ async def _stream(request: web.Request, query: RecordQuery, after: int) -> web.S
 
 @routes.get("/v1/audit/verify")
 @roles(Role.operator)
+@endpoint(summary="Check the whole hash chain.", response=ChainVerdict)
 async def verify_chain(request: web.Request) -> web.Response:
     """Check the whole chain (operators only); reads every record."""
     verdict = await verify(request.app[STORE])
@@ -149,26 +157,25 @@ async def verify_chain(request: web.Request) -> web.Response:
     return web.json_response(verdict.as_json())
 
 
-def _query(request: web.Request) -> RecordQuery:
-    """The filters of the query string; a user's are confined to its own tenant."""
+def _query(request: web.Request, asked: EventFilters) -> RecordQuery:
+    """The filters asked for; a user's are confined to its own tenant."""
     principal = request[PRINCIPAL]
-    tenant = request.query.get("tenant") or None
+    tenant = asked.tenant
     if principal.role != Role.operator:
         if tenant is not None and tenant != principal.tenant:
             raise ApiError(403, f"a user token sees only its own tenant, {principal.tenant!r}")
         tenant = principal.tenant
     return RecordQuery(
-        job=request.query.get("job") or None,
+        job=asked.job,
         tenant=tenant,
-        type_prefix=request.query.get("type") or None,
-        since=_time(request, "since"),
-        until=_time(request, "until"),
+        type_prefix=asked.type,
+        since=_time(asked.since, "since"),
+        until=_time(asked.until, "until"),
     )
 
 
-def _time(request: web.Request, name: str) -> datetime | None:
+def _time(raw: str | None, name: str) -> datetime | None:
     """An ISO 8601 time query parameter; without a zone it is UTC."""
-    raw = request.query.get(name)
     if not raw:
         return None
     try:
@@ -183,16 +190,16 @@ def _time(request: web.Request, name: str) -> datetime | None:
         ) from exc
 
 
-def _last_event_id(request: web.Request) -> int:
+def _last_event_id(request: web.Request, after: int) -> int:
     """Where a stream starts: after `Last-Event-ID` if the client sent one, else `after`."""
     header = request.headers.get("Last-Event-ID", "").strip()
     if not header:
-        return query_int(request, "after", 0, 0, _MAX_SEQ)
+        return after
     try:
         seq = int(header)
     except ValueError as exc:
         raise ApiError(400, "header Last-Event-ID must be a record's seq (an integer)") from exc
-    if not 0 <= seq <= _MAX_SEQ:
+    if not 0 <= seq <= MAX_SEQ:
         raise ApiError(400, "header Last-Event-ID is out of range")
     return seq
 

@@ -18,9 +18,11 @@ from __future__ import annotations
 import posixpath
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import structlog
 from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, Field
 
 from services.datacache.blobs import BlobStore
 from services.datacache.crypto import IntegrityError
@@ -30,6 +32,7 @@ from shared.auth import Principal, Role
 from shared.bus import Bus
 from shared.http import PRINCIPAL, ApiError
 from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
+from shared.openapi import endpoint
 
 log = structlog.get_logger("medhive.datacache.api")
 
@@ -37,6 +40,25 @@ GRANTS = web.AppKey("grants", GrantService)
 STORE = web.AppKey("store", CacheStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 DATA_BUS = web.AppKey("data_bus", Bus)
+
+
+class InputsView(BaseModel):
+    job_id: str
+    attempt: int
+    inputs: list[dict[str, Any]] = Field(description="Each input with its files.")
+    expires_at: AwareDatetime = Field(description="When the grant ends.")
+
+
+class StoredFile(BaseModel):
+    path: str
+    sha256: str
+    size: int
+
+
+class OutputsView(BaseModel):
+    job_id: str
+    files: list[StoredFile]
+
 
 routes = web.RouteTableDef()
 SHA = r"{sha256:[0-9a-f]{64}}"
@@ -128,6 +150,9 @@ async def _quarantine(
 
 
 @routes.get("/v1/jobs/{job_id}/inputs")
+@endpoint(
+    summary="The job's inputs, for the node its grant names.", response=InputsView, roles=("node",)
+)
 async def job_inputs(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     try:
@@ -146,6 +171,14 @@ async def job_inputs(request: web.Request) -> web.Response:
 
 
 @routes.get(f"/v1/jobs/{{job_id}}/objects/{SHA}")
+@endpoint(
+    summary="One input object, decrypted, for the granted node.",
+    media="application/octet-stream",
+    also=(206,),
+    errors=(404, 416),
+    roles=("node",),
+    headers={"Range": "One `bytes=a-b` range."},
+)
 async def read_object(request: web.Request) -> web.StreamResponse:
     job_id, sha256 = request.match_info["job_id"], request.match_info["sha256"]
     try:
@@ -181,6 +214,14 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 
 
 @routes.put("/v1/jobs/{job_id}/outputs/{path:.+}")
+@endpoint(
+    summary="Store one result file (the granted node, until its upload deadline).",
+    raw_body=True,
+    response=StoredFile,
+    status=201,
+    errors=(400,),
+    roles=("node",),
+)
 async def store_output(request: web.Request) -> web.Response:
     job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
     try:
@@ -222,6 +263,11 @@ async def _tenant_reader(request: web.Request, job_id: str) -> Principal:
 
 
 @routes.get("/v1/jobs/{job_id}/outputs")
+@endpoint(
+    summary="The job's results (its tenant's users and operators).",
+    response=OutputsView,
+    roles=("user", "operator"),
+)
 async def list_outputs(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     await _tenant_reader(request, job_id)
@@ -231,6 +277,14 @@ async def list_outputs(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
+@endpoint(
+    summary="One result file, decrypted.",
+    media="application/octet-stream",
+    also=(206,),
+    errors=(404, 416),
+    roles=("user", "operator"),
+    headers={"Range": "One `bytes=a-b` range."},
+)
 async def download_output(request: web.Request) -> web.StreamResponse:
     job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
     principal = await _tenant_reader(request, job_id)

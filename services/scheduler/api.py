@@ -17,11 +17,21 @@ from yarl import URL
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.placement import Placer
 from services.scheduler.store import IdempotencyConflict, JobStore
+from services.scheduler.views import (
+    JobPage,
+    JobsQuery,
+    JobView,
+    Logs,
+    LogsQuery,
+    Nodes,
+    Outputs,
+)
 from shared.auth import Role
-from shared.http import PRINCIPAL, ApiError, query_int, read_model, roles
+from shared.http import PRINCIPAL, ApiError, read_model, read_query, roles
 from shared.messages.base import Payload
-from shared.messages.jobs import JobSpec, JobState
+from shared.messages.jobs import JobSpec
 from shared.mongo import Document
+from shared.openapi import endpoint
 
 JOBS = web.AppKey("jobs", JobService)
 STORE = web.AppKey("store", JobStore)
@@ -63,6 +73,14 @@ def _job_id(request: web.Request) -> str:
 
 @routes.post("/v1/jobs")
 @roles(Role.user, Role.operator)
+@endpoint(
+    summary="Submit a job for the caller's tenant (an idempotency key repeats).",
+    body=JobSpec,
+    response=JobView,
+    status=201,
+    also=(200,),
+    errors=(409,),
+)
 async def submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     spec = await read_model(request, JobSpec)
@@ -82,25 +100,34 @@ async def submit(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs")
 @roles(Role.user, Role.operator)
+@endpoint(summary="The tenant's jobs, newest first.", query=JobsQuery, response=JobPage)
 async def list_jobs(request: web.Request) -> web.Response:
-    state = request.query.get("state")
-    if state is not None and state not in JobState.__members__:
-        raise ApiError(400, f"unknown state {state!r}; one of {', '.join(JobState)}")
-    limit = query_int(request, "limit", 50, 1, 500)
-    before = request.query.get("before")
-    docs = await request.app[STORE].page(request[PRINCIPAL].tenant, state, before, limit)
-    next_before = docs[-1]["_id"] if len(docs) == limit else None
+    query = read_query(request, JobsQuery)
+    state = query.state.value if query.state is not None else None
+    docs = await request.app[STORE].page(
+        request[PRINCIPAL].tenant, state, query.before, query.limit
+    )
+    next_before = docs[-1]["_id"] if len(docs) == query.limit else None
     return web.json_response({"jobs": [public_job(d) for d in docs], "next_before": next_before})
 
 
 @routes.get("/v1/jobs/{job_id}")
 @roles(Role.user, Role.operator)
+@endpoint(summary="One job with its history.", response=JobView, errors=(404,))
 async def get_job(request: web.Request) -> web.Response:
     return web.json_response(public_job(await _tenant_job(request)))
 
 
 @routes.delete("/v1/jobs/{job_id}")
 @roles(Role.user, Role.operator)
+@endpoint(
+    summary="Cancel a job (its node stops it, then it is cancelled).",
+    body=CancelBody,
+    body_optional=True,
+    response=JobView,
+    status=202,
+    errors=(404, 409),
+)
 async def cancel(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]
     reason = f"cancelled by {principal.name}"
@@ -118,10 +145,14 @@ async def cancel(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}/logs")
 @roles(Role.user, Role.operator)
+@endpoint(
+    summary="What the job printed (the last bytes).", query=LogsQuery, response=Logs, errors=(404,)
+)
 async def logs(request: web.Request) -> web.Response:
     store = request.app[STORE]
     job = await _tenant_job(request)
-    attempt = query_int(request, "attempt", job["attempt"], 0, 100)
+    chosen = read_query(request, LogsQuery).attempt
+    attempt = job["attempt"] if chosen is None else chosen
     streams = await store.get_output(job["_id"], attempt)
     body = {"job_id": job["_id"], "attempt": attempt, "state": job["state"]}
     for name in ("stdout", "stderr"):
@@ -140,6 +171,7 @@ async def _tenant_job(request: web.Request) -> Document:
 
 @routes.get("/v1/jobs/{job_id}/outputs")
 @roles(Role.user, Role.operator)
+@endpoint(summary="The job's results.", response=Outputs, errors=(404,))
 async def outputs(request: web.Request) -> web.Response:
     """The job's results, as the datacache reported them when the job ended."""
     job = await _tenant_job(request)
@@ -152,6 +184,13 @@ async def outputs(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}/outputs/{path:.+}")
 @roles(Role.user, Role.operator)
+@endpoint(
+    summary="One result file, from the datacache.",
+    media="application/octet-stream",
+    also=(206,),
+    errors=(404, 416, 502),
+    headers={"Range": "One `bytes=a-b` range."},
+)
 async def download_output(request: web.Request) -> web.StreamResponse:
     """One result file, streamed from the datacache with the caller's own token, so the
     datacache checks the tenant again rather than trusting the gateway."""
@@ -203,6 +242,7 @@ async def _upstream_detail(upstream: aiohttp.ClientResponse) -> str:
 
 @routes.get("/v1/nodes")
 @roles(Role.user, Role.operator)
+@endpoint(summary="The nodes and their free capacity.", response=Nodes)
 async def nodes(request: web.Request) -> web.Response:
     free, _ = await request.app[PLACER].free_capacity()
     out = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.auth import Role
-from tests.helpers import check_role_matrix
+from tests.helpers import CALLERS, check_role_matrix
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth
 
@@ -15,6 +15,7 @@ TABLE = {
                             "node": 403, "other_node": 403},
     ("GET", "/v1/events/stream"): {**ANYONE, "user": 200, "other_user": 200, "operator": 200,
                                    "node": 403, "other_node": 403},
+    ("GET", "/v1/openapi.json"): dict.fromkeys(CALLERS, 200),  # public
     ("GET", "/v1/audit/verify"): {**ANYONE, "user": 403, "other_user": 403, "operator": 200,
                                   "node": 403, "other_node": 403},
 }  # fmt: skip

@@ -11,7 +11,7 @@ from typing import Any
 
 from shared.auth import Role
 from shared.settings import MongoSettings
-from tests.helpers import bearer, check_role_matrix, make_token
+from tests.helpers import CALLERS, bearer, check_role_matrix, make_token
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
@@ -19,6 +19,7 @@ AUTH = {"none": 401, "invalid": 401}
 NODE_ROUTE = {**AUTH, "user": 403, "other_user": 403, "operator": 403, "node": 200,
               "other_node": 403}  # fmt: skip
 TABLE = {
+    ("GET", "/v1/openapi.json"): dict.fromkeys(CALLERS, 200),  # public
     ("GET", "/v1/jobs/{job_id}/inputs"): NODE_ROUTE,
     ("GET", "/v1/jobs/{job_id}/objects/{sha256}"): NODE_ROUTE,
     ("PUT", "/v1/jobs/{job_id}/outputs/{path}"): {**NODE_ROUTE, "node": 201},

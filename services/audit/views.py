@@ -1,0 +1,44 @@
+"""What the audit API reads from a query string and answers with, as pydantic models:
+the handlers parse with them and the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+MAX_SEQ = 2**62
+MAX_LIMIT = 1000
+
+
+class EventFilters(BaseModel):
+    """Which records: all of them match every filter given."""
+
+    job: str | None = Field(None, max_length=256, description="Records of this job.")
+    tenant: str | None = Field(
+        None, max_length=64, description="Records of this tenant (operators; a user's own)."
+    )
+    type: str | None = Field(None, max_length=128, description="Type prefix, e.g. `job.`.")
+    since: str | None = Field(
+        None, max_length=64, description="ISO 8601 time, inclusive; UTC when it has no zone."
+    )
+    until: str | None = Field(None, max_length=64, description="ISO 8601 time, exclusive.")
+    after: int = Field(0, ge=0, le=MAX_SEQ, description="Records after this `seq`.")
+
+
+class EventsQuery(EventFilters):
+    limit: int = Field(100, ge=1, le=MAX_LIMIT, description="Records per page.")
+
+
+class EventsPage(BaseModel):
+    events: list[dict[str, Any]] = Field(description="Records in `seq` order.")
+    next_after: int | None = Field(description="Pass as `after` for the next page.")
+
+
+class ChainVerdict(BaseModel):
+    ok: bool
+    records: int
+    first_bad_seq: int | None
+    problem: str | None
+    last_seq: int
+    last_hash: str

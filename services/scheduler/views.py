@@ -1,0 +1,85 @@
+"""What the job API reads from a query string and answers with, as pydantic models:
+the handlers parse with them and the OpenAPI document is built from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from shared.messages.jobs import JobSpec, JobState
+
+
+class JobsQuery(BaseModel):
+    """`GET /v1/jobs`: the caller's tenant's jobs, newest first."""
+
+    state: JobState | None = Field(None, description="Only jobs in this state.")
+    limit: int = Field(50, ge=1, le=500, description="Jobs per page.")
+    before: str | None = Field(
+        None, max_length=64, description="Jobs older than this id (`next_before` of a page)."
+    )
+
+
+class LogsQuery(BaseModel):
+    attempt: int | None = Field(None, ge=0, le=100, description="Attempt; default the last.")
+
+
+class JobView(BaseModel):
+    """A job as its tenant sees it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    tenant: str
+    name: str
+    spec: JobSpec
+    state: JobState
+    attempt: int
+    node_id: str | None
+    history: list[dict[str, Any]] = Field(description="Every state it was in, with when and why.")
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class JobPage(BaseModel):
+    jobs: list[JobView]
+    next_before: str | None = Field(description="Pass as `before` for the next page.")
+
+
+class Logs(BaseModel):
+    job_id: str
+    attempt: int
+    state: JobState
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+
+
+class ResultFile(BaseModel):
+    path: str
+    sha256: str
+    size: int
+
+
+class Outputs(BaseModel):
+    job_id: str
+    state: JobState
+    files: list[ResultFile]
+    bytes: int
+    upload: dict[str, Any] | None = Field(description="How sending them on went, if asked.")
+
+
+class NodeView(BaseModel):
+    id: str
+    online: bool
+    cpus: float
+    memory_mb: int
+    free_cpus: float
+    free_memory_mb: int
+    runtimes: list[str]
+    last_seen: AwareDatetime
+
+
+class Nodes(BaseModel):
+    nodes: list[NodeView]
