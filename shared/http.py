@@ -8,6 +8,7 @@ method) into the same shape, and an unexpected exception into a 500 that leaks n
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any, TypeVar
@@ -112,28 +113,41 @@ def roles(*allowed: Role) -> Callable[[HandlerFn], HandlerFn]:
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:
-    """Parse a JSON body into `model`: 415 for another content type, 400 for broken
-    JSON (a lone surrogate or nesting past the parser's depth included), 422 naming
+    """Parse a JSON body into `model`: 415 for another content type, 400 for what is no
+    JSON (nesting past the parser's depth, text that is no Unicode, NaN), 422 naming
     each bad field.
 
-    Strict: a number must be a number and a flag a boolean; `"3600"` or `true` where
-    an integer belongs is refused rather than guessed at.
+    Types are strict, as the OpenAPI document states them: `"3600"` or `true` where a
+    number belongs is refused rather than guessed at; `76.0` is the integer 76, as JSON
+    Schema has it.
     """
     if request.content_type != "application/json":
         raise ApiError(415, "send the body as application/json")
     raw = await request.read()
     try:
-        return model.model_validate_json(raw, strict=True)
+        data = json.loads(raw, parse_float=_number, parse_constant=_no_constant)
+        json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate fails here
+    except (ValueError, RecursionError, UnicodeError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+        raise ApiError(400, f"body is not valid JSON: {reason}") from exc
+    try:
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
-        errors = exc.errors()
-        broken = [e for e in errors if e["type"] == "json_invalid"]
-        if broken:
-            raise ApiError(400, f"body is not valid JSON: {broken[0]['msg']}") from exc
         problems = [
             {"field": ".".join(str(p) for p in e["loc"]) or "body", "problem": e["msg"]}
-            for e in errors
+            for e in exc.errors()
         ]
         raise ApiError(422, "the request body is not valid", problems=problems) from exc
+
+
+def _number(text: str) -> int | float:
+    """A JSON number with a fraction or exponent: an integer when it is one."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_query(request: web.Request, model: type[M]) -> M:
