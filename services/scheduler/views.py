@@ -16,7 +16,9 @@ class JobsQuery(BaseModel):
     state: JobState | None = Field(None, description="Only jobs in this state.")
     limit: int = Field(50, ge=1, le=500, description="Jobs per page.")
     before: str | None = Field(
-        None, max_length=64, description="Jobs older than this id (`next_before` of a page)."
+        None,
+        pattern=r"^j-[0-9a-f]{20}$",
+        description="Jobs older than this job id (`next_before` of a page).",
     )
 
 

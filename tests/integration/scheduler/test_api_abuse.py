@@ -110,3 +110,11 @@ async def test_a_method_a_route_lacks_is_405_saying_which_it_has(
         response = await scheduler.request(method, "/v1/nodes", headers=auth)
         await _error(response, 405)
         assert "GET" in response.headers["Allow"]
+
+
+async def test_a_page_cursor_that_is_no_job_id_is_400(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    auth = bearer(await make_token(mongo_settings, "radiology"))
+    response = await scheduler.get("/v1/jobs", params={"before": "garbage"}, headers=auth)
+    assert "before" in await _error(response, 400)
