@@ -66,6 +66,9 @@ class Endpoint:
     #: The roles that reach it, where the handler checks them itself (and records a
     #: refusal) rather than through `shared.http.roles`.
     roles: tuple[str, ...] = ()
+    #: Operations (by id) that take the `id` of this answer as their `job_id`: the links
+    #: a client, or a stateful fuzzer, follows from a job it made.
+    links: tuple[str, ...] = ()
 
 
 def endpoint(**fields: Any) -> Callable[[F], F]:
@@ -153,6 +156,11 @@ def _operation(
         str(status): {"description": HTTPStatus(status).phrase, "content": success}
         for status in (described.status, *described.also)
     }
+    if described.links:
+        responses[str(described.status)]["links"] = {
+            target: {"operationId": target, "parameters": {"job_id": "$response.body#/id"}}
+            for target in described.links
+        }
     errors = {*described.errors, 401, 403}
     if described.query is not None or _PARAMETER.search(path):
         errors.add(400)

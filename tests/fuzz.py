@@ -57,6 +57,40 @@ def _run(operation: Any, base_url: str, headers: dict[str, str], examples: int) 
     run()
 
 
+def _stateful(
+    document: dict[str, Any], base_url: str, headers: dict[str, str], examples: int
+) -> None:
+    """Sequences along the document's links: submit a job, then read, follow, cancel it."""
+    machine = schemathesis.openapi.from_dict(document).as_state_machine()
+
+    class Sequences(machine):  # type: ignore[valid-type,misc]
+        def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
+            return {"base_url": base_url, "headers": headers}
+
+        def validate_response(  # type: ignore[override]
+            self, response: Any, case: schemathesis.Case, **kwargs: Any
+        ) -> None:
+            case.validate_response(response, excluded_checks=[checks.positive_data_acceptance])
+
+    Sequences.run(
+        settings=hypothesis.settings(
+            max_examples=examples,
+            stateful_step_count=6,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+    )
+
+
+async def fuzz_sequences(
+    base_url: str, document: dict[str, Any], headers: dict[str, str], examples: int = EXAMPLES
+) -> None:
+    """Schemathesis's stateful phase along the links; raises what it finds."""
+    await asyncio.to_thread(_stateful, document, base_url, headers, examples)
+
+
 async def fuzz(
     base_url: str,
     document: dict[str, Any],

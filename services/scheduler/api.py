@@ -80,6 +80,7 @@ def _job_id(request: web.Request) -> str:
     status=201,
     also=(200,),
     errors=(409,),
+    links=("get_job", "logs", "outputs", "cancel"),
 )
 async def submit(request: web.Request) -> web.Response:
     principal = request[PRINCIPAL]

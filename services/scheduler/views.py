@@ -26,8 +26,8 @@ class LogsQuery(BaseModel):
     attempt: int | None = Field(None, ge=0, le=100, description="Attempt; default the last.")
 
 
-class JobView(BaseModel):
-    """A job as its tenant sees it."""
+class JobSummary(BaseModel):
+    """A job as its tenant sees it in a listing: everything but its history."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -38,13 +38,18 @@ class JobView(BaseModel):
     state: JobState
     attempt: int
     node_id: str | None
-    history: list[dict[str, Any]] = Field(description="Every state it was in, with when and why.")
     created_at: AwareDatetime
     updated_at: AwareDatetime
 
 
+class JobView(JobSummary):
+    """A job as its tenant sees it."""
+
+    history: list[dict[str, Any]] = Field(description="Every state it was in, with when and why.")
+
+
 class JobPage(BaseModel):
-    jobs: list[JobView]
+    jobs: list[JobSummary]
     next_before: str | None = Field(description="Pass as `before` for the next page.")
 
 

@@ -112,3 +112,27 @@ async def test_live_streams_are_bounded_per_token_and_in_all(
         return response.status == 200
 
     await eventually(freed)
+
+
+async def test_two_hundred_streams_at_once_leave_the_api_answering(
+    start_app: StartApp, token: Any
+) -> None:
+    """F10: 200 streams asked for at once from 50 token holders: the bound lets 64 run
+    and refuses the rest with 429, and queries and health checks go on answering."""
+    client = await start_app()
+    holders = [auth(await token(f"t{n}")) for n in range(50)]
+    opened = await asyncio.gather(
+        *(client.get("/v1/events/stream", headers=h) for h in holders for _ in range(4))
+    )
+    statuses = sorted(r.status for r in opened)
+    assert statuses.count(200) == 64 and statuses.count(429) == 136
+    slow = 0
+    async with asyncio.timeout(30):  # answered at all, while the streams are held open
+        for n in range(20):
+            started = asyncio.get_running_loop().time()
+            assert (await client.get("/v1/events", headers=holders[n])).status == 200
+            assert (await client.get("/healthz")).status == 200
+            slow += asyncio.get_running_loop().time() - started > 1.0
+    logging.getLogger(__name__).info("requests over 1 s with 64 streams open: %d", slow)
+    for response in opened:
+        response.close()

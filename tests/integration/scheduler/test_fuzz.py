@@ -7,7 +7,7 @@ from aiohttp.test_utils import TestClient
 from shared.auth import Role
 from shared.service import api_document
 from shared.settings import MongoSettings
-from tests.fuzz import fuzz
+from tests.fuzz import fuzz, fuzz_sequences
 from tests.helpers import bearer, make_token
 
 
@@ -23,3 +23,5 @@ async def test_the_job_api_keeps_to_its_document_under_fuzzing(
     document = api_document(scheduler.app, "scheduler")
     base = str(scheduler.make_url("")).rstrip("/")
     assert await fuzz(base, document, callers) == []
+    # And along the links: a job made, then read, its logs and results, cancelled.
+    await fuzz_sequences(base, document, callers["user"])
