@@ -5,6 +5,12 @@ service root is everything before `/studies`, or `base_url` from the configurati
 WADO-RS answers with `multipart/related; type="application/dicom"`: each part is one
 instance, streamed to the cache as it arrives and stored byte for byte as the PACS sent
 it, under `<SeriesUID>/<SOPInstanceUID>.dcm` (the UIDs read from the part's own header).
+
+Instances come as the archive holds them (`transfer-syntax=*`): without it a PACS
+transcodes to Explicit VR Little Endian, which silently changes compressed pixel data
+and fails outright for syntaxes it cannot decode. A study is staged only whole: the
+instances received must be as many as QIDO-RS lists, and an answer cut off or malformed
+is a source error worth retrying, never a partial study.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from services.datacache.sources.base import (
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
 PATH = re.compile(rf"^(?P<root>.*?)/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
-DICOM_PARTS = 'multipart/related; type="application/dicom"'
+#: The archive's own transfer syntax, whatever it is (PS3.18 8.7.3.5.2).
+DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 #: Bytes of a part read before its header is parsed for its UIDs.
 HEADER_PREFIX = 256 * 1024
 CHUNK = 1 << 20
@@ -59,8 +66,8 @@ class DicomWebSource(Source):
         root, _, _ = self._parts(ref)
         return f"{ref.scheme.removeprefix('dicomweb+')}://{ref.netloc}{root}"
 
-    async def version(self, ref: SourceRef) -> str | None:
-        """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels."""
+    async def _instances(self, ref: SourceRef) -> list[str]:
+        """The SOP instance UIDs of the study (or series), from QIDO-RS: no pixels."""
         _, study, series = self._parts(ref)
         path = f"/studies/{study}" + (f"/series/{series}" if series else "") + "/instances"
         url = self._root(ref) + path
@@ -80,19 +87,25 @@ class DicomWebSource(Source):
         uids = sorted(item.get("00080018", {}).get("Value", [""])[0] for item in found or [])
         if not uids:
             raise SourceRefused(f"{self.canonical(ref)}: no such study in the PACS")
+        return uids
+
+    async def version(self, ref: SourceRef) -> str | None:
+        """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels."""
+        uids = await self._instances(ref)
         return f"{len(uids)}:{hashlib.sha256(chr(0).join(uids).encode()).hexdigest()[:16]}"
 
     async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
         _, study, series = self._parts(ref)
         url = self._root(ref) + f"/studies/{study}" + (f"/series/{series}" if series else "")
         name = self.canonical(ref)
+        listed = len(await self._instances(ref))
+        count = 0
         try:
             async with self.request("GET", url, {"Accept": DICOM_PARTS}) as response:
                 if response.status >= 400:
                     raise http_error(response.status, name)
                 reader = aiohttp.MultipartReader(response.headers, response.content)
-                count = 0
-                while (part := await reader.next()) is not None:
+                while (part := await _next_part(reader)) is not None:
                     if not isinstance(part, aiohttp.BodyPartReader):
                         raise SourceRefused(f"{name}: nested multipart in a WADO-RS answer")
                     prefix = await _read_prefix(part)
@@ -102,8 +115,16 @@ class DicomWebSource(Source):
             raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
             raise SourceUnavailable(f"{name}: timed out") from exc
+        except _CutShort as exc:
+            raise SourceUnavailable(
+                f"{name}: the WADO-RS answer broke off after {count} of {listed} instances ({exc})"
+            ) from exc
         if count == 0:
             raise SourceRefused(f"{name}: the PACS returned no instances")
+        if count != listed:
+            raise SourceUnavailable(
+                f"{name}: the PACS returned {count} of the {listed} instances it lists"
+            )
 
     async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
         """STOW-RS of the result files that are DICOM; anything else is refused."""
@@ -137,10 +158,30 @@ class DicomWebSource(Source):
         return f"stored {len(bodies)} instances at {url} (STOW-RS)"
 
 
+class _CutShort(Exception):
+    """The multipart answer ended, or broke, before its closing boundary."""
+
+
+async def _next_part(
+    reader: aiohttp.MultipartReader,
+) -> aiohttp.MultipartReader | aiohttp.BodyPartReader | None:
+    try:
+        return await reader.next()
+    except ValueError as exc:  # aiohttp's word for a boundary that never came
+        raise _CutShort(str(exc)) from exc
+
+
+async def _chunk(part: aiohttp.BodyPartReader) -> bytes:
+    try:
+        return bytes(await part.read_chunk(CHUNK))
+    except ValueError as exc:  # "did not read all the data or it is malformed"
+        raise _CutShort(str(exc)) from exc
+
+
 async def _read_prefix(part: aiohttp.BodyPartReader) -> bytes:
     prefix = b""
     while len(prefix) < HEADER_PREFIX:
-        chunk = await part.read_chunk(CHUNK)
+        chunk = await _chunk(part)
         if not chunk:
             break
         prefix += chunk
@@ -149,7 +190,7 @@ async def _read_prefix(part: aiohttp.BodyPartReader) -> bytes:
 
 async def _rest(prefix: bytes, part: aiohttp.BodyPartReader) -> AsyncIterator[bytes]:
     yield prefix
-    while chunk := await part.read_chunk(CHUNK):
+    while chunk := await _chunk(part):
         yield chunk
 
 

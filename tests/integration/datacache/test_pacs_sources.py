@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pydicom
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
 from services.datacache.sources.base import (
     ResultFile,
@@ -159,3 +164,65 @@ async def test_results_are_stored_in_the_pacs_by_stow_rs_and_c_store(orthanc: Or
             await _web(session, orthanc).upload(
                 _web_ref(orthanc, study.study_uid), [ResultFile("a.txt", 10, not_dicom)]
             )
+
+
+async def test_dicomweb_keeps_compressed_instances_as_the_archive_holds_them(
+    orthanc: Orthanc,
+) -> None:
+    """RLE and deflated series come byte for byte as Orthanc stores them, not
+    transcoded to Explicit VR Little Endian (which a PACS does unless asked not to)."""
+    study = upload_study(
+        orthanc, instances=6, series=3,
+        syntaxes=(RLELossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
+    )  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        sink = Collect()
+        await _web(session, orthanc).fetch(_web_ref(orthanc, study.study_uid), sink)
+    assert _by_sop(sink.files) == study.sha256
+    syntaxes = {
+        str(pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID)
+        for data in sink.files.values()
+    }
+    assert syntaxes == {RLELossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+
+async def test_a_wado_answer_cut_short_is_a_source_error_never_a_partial_study(
+    orthanc: Orthanc, dicom_study: DicomStudy
+) -> None:
+    """A proxy in front of the PACS that passes one instance, then ends the answer."""
+    pacs = _web_ref(orthanc, dicom_study.study_uid)
+    upstream_root = f"http://{orthanc.host}:{orthanc.http_port}"
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as client:
+            headers = {k: v for k, v in request.headers.items() if k in ("Accept", "Authorization")}
+            async with client.get(upstream_root + request.path_qs, headers=headers) as answer:
+                body = await answer.read()
+                if "multipart" not in answer.headers.get("Content-Type", ""):
+                    return web.Response(body=body, status=answer.status,
+                                        content_type=answer.content_type)  # fmt: skip
+                second = body.find(b"\r\n--", body.find(b"\r\n\r\n"))  # after the first part
+                content_type = answer.headers["Content-Type"]
+                response = web.StreamResponse(headers={"Content-Type": content_type})
+                await response.prepare(request)
+                await response.write(body[:second])
+                return response  # ends without the other parts or a closing boundary
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", forward)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        config = SourceConfig(
+            tenant="t",
+            match=f"dicomweb+http://127.0.0.1:{server.port}",
+            username=orthanc.username,
+            password=SecretStr(orthanc.password),
+        )
+        ref = SourceRef(pacs.uri.replace(f"{orthanc.host}:{orthanc.http_port}",
+                                              f"127.0.0.1:{server.port}"))  # fmt: skip
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(SourceUnavailable, match=r"broke off after \d of 5 instances"):
+                await DicomWebSource(config, session).fetch(ref, Collect())
+    finally:
+        await server.close()
