@@ -167,17 +167,3 @@ def read_query(request: web.Request, model: type[M]) -> M:
         ]
         names = ", ".join(dict.fromkeys(p["field"] for p in problems))
         raise ApiError(400, f"query parameter {names} is not valid", problems=problems) from exc
-
-
-def query_int(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-    """An integer query parameter within [lo, hi]; 400 otherwise."""
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ApiError(400, f"query parameter {name} must be an integer") from exc
-    if not lo <= value <= hi:
-        raise ApiError(400, f"query parameter {name} must be between {lo} and {hi}")
-    return value
