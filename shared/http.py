@@ -25,6 +25,16 @@ M = TypeVar("M", bound=BaseModel)
 
 PRINCIPAL = web.RequestKey("principal", Principal)
 TOKENS = web.AppKey("tokens", TokenStore)
+#: The largest JSON body a route reads (413 past it); streamed uploads have their own.
+MAX_JSON_BODY_BYTES = 1024 * 1024
+#: The longest request line or header line (400 past it): aiohttp's parser default.
+MAX_LINE_BYTES = 8190
+#: What every API's description says about these bounds.
+LIMITS = (
+    f"A JSON body holds at most {MAX_JSON_BODY_BYTES // 1024} KiB (413 past it); a "
+    f"request line or a header at most {MAX_LINE_BYTES} bytes (400 past it). Every "
+    "error, the parser's included, is `application/json` in the `ErrorResponse` shape."
+)
 #: Paths that need no token: health checks from orchestrators, the API's description.
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/openapi.json"})
 

@@ -15,7 +15,7 @@ from pymongo import AsyncMongoClient
 
 from shared.auth import TokenStore
 from shared.bus import Bus
-from shared.http import TOKENS, auth_middleware, error_middleware
+from shared.http import LIMITS, MAX_JSON_BODY_BYTES, TOKENS, auth_middleware, error_middleware
 from shared.mongo import Document, connect
 from shared.openapi import OPENAPI_PATH, openapi_document
 from shared.settings import AmqpSettings, MongoSettings, default_host
@@ -46,7 +46,7 @@ def create_service_app(
 ) -> web.Application:
     """An app with JSON errors, bearer auth, `/healthz`, a database client and a bus."""
     middlewares = [error_middleware, auth_middleware] if with_auth else [error_middleware]
-    app = web.Application(middlewares=middlewares)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_JSON_BODY_BYTES)
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         client = connect(mongo)
@@ -81,7 +81,7 @@ def api_document(app: web.Application, service: str) -> dict[str, Any]:
     kept = app.get(OPENAPI)
     if not kept:
         description = API_DESCRIPTIONS.get(service, "")
-        document = openapi_document(app, f"medhive {service} API", description)
+        document = openapi_document(app, f"medhive {service} API", f"{description}\n\n{LIMITS}")
         if kept is None:
             return document
         kept.update(document)

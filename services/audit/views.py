@@ -19,10 +19,20 @@ class EventFilters(BaseModel):
         None, max_length=64, description="Records of this tenant (operators; a user's own)."
     )
     type: str | None = Field(None, max_length=128, description="Type prefix, e.g. `job.`.")
+    # Strings, parsed by the handler: a time without a zone is UTC, and an unencoded
+    # `+` arrives as a space; the document still says which strings are times.
     since: str | None = Field(
-        None, max_length=64, description="ISO 8601 time, inclusive; UTC when it has no zone."
+        None,
+        max_length=64,
+        description="ISO 8601 time, inclusive; UTC when it has no zone.",
+        json_schema_extra={"format": "date-time"},
     )
-    until: str | None = Field(None, max_length=64, description="ISO 8601 time, exclusive.")
+    until: str | None = Field(
+        None,
+        max_length=64,
+        description="ISO 8601 time, exclusive.",
+        json_schema_extra={"format": "date-time"},
+    )
     after: int = Field(0, ge=0, le=MAX_SEQ, description="Records after this `seq`.")
 
 

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from services.netgw.app import create_app
 from services.netgw.settings import NetgwSettings
 from shared.logging import configure_logging
+from shared.server import run_service
 
 
 def main() -> None:
     configure_logging()
     settings = NetgwSettings()
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    run_service(create_app(settings), host=settings.host, port=settings.port)
 
 
 if __name__ == "__main__":

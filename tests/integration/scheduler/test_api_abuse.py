@@ -9,7 +9,10 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from services.scheduler.app import create_app
+from services.scheduler.settings import SchedulerSettings
 from shared.auth import Role
+from shared.server import listen
 from shared.settings import MongoSettings
 from tests.helpers import bearer, make_token
 
@@ -118,3 +121,51 @@ async def test_a_page_cursor_that_is_no_job_id_is_400(
     auth = bearer(await make_token(mongo_settings, "radiology"))
     response = await scheduler.get("/v1/jobs", params={"before": "garbage"}, headers=auth)
     assert "before" in await _error(response, 400)
+
+
+async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library would send these) and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
+    body = await reader.readexactly(int(headers["content-length"]))
+    writer.close()
+    return int(status_line.split()[1]), headers, body
+
+
+async def test_requests_the_http_parser_refuses_get_the_json_shape(
+    scheduler_settings: SchedulerSettings, mongo_settings: MongoSettings
+) -> None:
+    """F9: a URL or a header over 8 KB, raw non-ASCII bytes in the URL, and bytes that are
+    not HTTP are refused by aiohttp's parser before any middleware; served as
+    `python -m services.scheduler` serves, the answer is still medhive's JSON error."""
+    listener = await listen(create_app(scheduler_settings), "127.0.0.1", 0)
+    try:
+        token = await make_token(mongo_settings, "radiology")
+        auth = f"Authorization: Bearer {token}\r\n".encode()
+        for request in (
+            b"GET /v1/jobs?name=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+            b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nX-Long: "
+            + b"a" * 9000
+            + b"\r\n"
+            + auth
+            + b"\r\n",
+            "GET /v1/jobs/é HTTP/1.1\r\nHost: x\r\n".encode() + auth + b"\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # a TLS hello
+        ):
+            status, headers, body = await _raw(listener.port, request)
+            assert status == 400, body
+            assert headers["content-type"].startswith("application/json")
+            error = json.loads(body)["error"]
+            assert error["status"] == 400 and "not well-formed HTTP" in error["detail"]
+        # The same listener answers well-formed requests through the app as before.
+        status, _, body = await _raw(
+            listener.port,
+            b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + auth + b"\r\n",
+        )
+        assert status == 200, body
+    finally:
+        await listener.close()
