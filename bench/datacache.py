@@ -19,8 +19,17 @@ before: `source_bytes_second_job` is what the origin sent for it (must be 0). La
 `serve_mb_s`: a node (with a node token and a live grant) reads the cached object over
 HTTP, decrypted and verified on the fly, median of `--runs` reads (target >= 300).
 
+The PACS case: a real Orthanc (in its own network namespace, as in the tests) holds a
+study of `--pacs-instances` instances in JPEG baseline, JPEG-LS, JPEG 2000 and RLE
+(synthetic, made with the test suite's generator). Alternating `--runs` times: `curl`
+of the whole study over WADO-RS (`transfer-syntax=*`, the multipart answer written to
+a file) against staging the same study over DICOMweb (QIDO-RS count, WADO-RS, each
+instance's header read, SHA-256, encryption, catalog; a new tenant each time, so each
+is a real fetch). `pacs_stage_ratio` = median curl seconds / median stage seconds.
+
 The last line of stdout is one JSON object with those keys, the medians' inputs, and
-`rss_mb` (the datacache's idle RSS).
+`rss_mb` (the datacache's idle RSS). Needs root (the namespace) and the test extras
+(the study generator).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 from pydantic import SecretStr
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from bench.stack import (
     _spawn,
@@ -53,6 +63,7 @@ from bench.stack import (
     progress,
 )
 from medhive import localdb
+from services.datacache.sources.dicomweb import DICOM_PARTS
 from shared.auth import Role, TokenStore
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -60,8 +71,13 @@ from shared.messages.catalog import EVENTS
 from shared.messages.data import DataGrant, DataStage, InputSpec
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
+from tests.fixtures.orthanc import running_orthanc, upload_study
 
 MIB = 1024 * 1024
+#: The PACS study's syntaxes, one series each: what clinical archives hold.
+PACS_SYNTAXES = (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless)
+#: Tenants configured for the PACS: a staging per tenant is a fetch, not a cache hit.
+PACS_TENANTS = 32
 
 
 class Events:
@@ -113,7 +129,9 @@ async def _stats(session: aiohttp.ClientSession, origin: str) -> dict[str, int]:
 
 
 @asynccontextmanager
-async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]]:
+async def _services(
+    workdir: Path, size_mb: int, pacs_instances: int
+) -> AsyncIterator[dict[str, Any]]:
     async with AsyncExitStack() as cleanup:
         run = os.urandom(4).hex()
         amqp_url = await cleanup.enter_async_context(_vhost(f"bench-dc-{run}"))
@@ -149,8 +167,20 @@ async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]
         await _until_port(origin, origin_port)
         origin_url = f"http://127.0.0.1:{origin_port}"
 
+        pacs = cleanup.enter_context(running_orthanc(workdir / "orthanc"))
+        progress(f"uploading a study of {pacs_instances} compressed instances to Orthanc")
+        study = await asyncio.to_thread(
+            upload_study, pacs, pacs_instances, len(PACS_SYNTAXES), PACS_SYNTAXES
+        )
+        dicomweb = f"dicomweb+http://{pacs.host}:{pacs.http_port}"
+        pacs_source = {"match": dicomweb, "username": pacs.username, "password": pacs.password}
         sources = workdir / "sources.json"
-        sources.write_text(json.dumps([{"tenant": "bench", "match": origin_url}]))
+        sources.write_text(
+            json.dumps(
+                [{"tenant": "bench", "match": origin_url}]
+                + [{**pacs_source, "tenant": f"pacs{i}"} for i in range(PACS_TENANTS)]
+            )
+        )
         key = base64.b64encode(os.urandom(32)).decode()
         env = {
             **os.environ,
@@ -191,16 +221,19 @@ async def _services(workdir: Path, size_mb: int) -> AsyncIterator[dict[str, Any]
             "node_token": node_token,
             "datacache": f"http://127.0.0.1:{port}",
             "process": datacache,
+            "pacs": pacs,
+            "study": f"{dicomweb}/dicom-web/studies/{study.study_uid}",
+            "wado": f"{pacs.url}/dicom-web/studies/{study.study_uid}",
         }
 
 
-async def _stage(s: dict[str, Any], job_id: str, source: str) -> float:
+async def _stage(s: dict[str, Any], job_id: str, source: str, tenant: str = "bench") -> float:
     started = time.perf_counter()
     await s["bus"].emit(
         "data.stage",
         DataStage(job_id=job_id, inputs=[InputSpec(name="scan", source=source, path="/data/scan")]),
         correlation_id=job_id,
-        tenant="bench",
+        tenant=tenant,
     )
     event = await s["events"].wait(("data.staged", "data.failed"), job_id)
     if event["type"] != "data.staged":
@@ -208,8 +241,42 @@ async def _stage(s: dict[str, Any], job_id: str, source: str) -> float:
     return time.perf_counter() - started
 
 
-async def bench(size_mb: int, runs: int, workdir: Path) -> dict[str, Any]:
-    async with _services(workdir, size_mb) as s, aiohttp.ClientSession() as session:
+async def _plain_wado(s: dict[str, Any], target: Path) -> float:
+    """The PACS reference: curl fetching the whole study over WADO-RS, as it is held."""
+    pacs = s["pacs"]
+    started = time.perf_counter()
+    curl = await asyncio.create_subprocess_exec(
+        "curl", "-fsS", "-o", str(target), "-u", f"{pacs.username}:{pacs.password}",
+        "-H", f"Accept: {DICOM_PARTS.format(syntax='*')}", s["wado"],
+    )  # fmt: skip
+    if await curl.wait() != 0:
+        raise RuntimeError(f"curl {s['wado']} failed")
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
+
+
+async def _pacs_case(s: dict[str, Any], runs: int, workdir: Path) -> dict[str, Any]:
+    await _plain_wado(s, workdir / "study.multipart")  # uncounted, as for the file
+    await _stage(s, "pacs-warm", s["study"], tenant="pacs0")
+    plain, staged = [], []
+    for i in range(runs):
+        plain.append(await _plain_wado(s, workdir / "study.multipart"))
+        staged.append(await _stage(s, f"pacs-{i}", s["study"], tenant=f"pacs{i + 1}"))
+        progress(f"PACS run {i + 1}: curl {plain[-1]:.2f} s, stage {staged[-1]:.2f} s")
+    plain_s, stage_s = statistics.median(plain), statistics.median(staged)
+    return {
+        "pacs_plain_median_s": round(plain_s, 3),
+        "pacs_stage_median_s": round(stage_s, 3),
+        "pacs_stage_ratio": round(plain_s / stage_s, 3),
+    }
+
+
+async def bench(size_mb: int, runs: int, pacs_instances: int, workdir: Path) -> dict[str, Any]:
+    async with (
+        _services(workdir, size_mb, pacs_instances) as s,
+        aiohttp.ClientSession() as session,
+    ):
         rss = process_rss_mb(s["process"].pid)
         url = f"{s['origin']}/scan.bin"
         # One of each first, not counted: the first writes of a fresh machine pay for
@@ -256,6 +323,7 @@ async def bench(size_mb: int, runs: int, workdir: Path) -> dict[str, Any]:
             assert received == size_mb * MIB
             serve.append(received / MIB / (time.perf_counter() - started))
             progress(f"served {received / MIB:.0f} MiB at {serve[-1]:.0f} MiB/s")
+        pacs = await _pacs_case(s, runs, workdir)
     plain_s, stage_s = statistics.median(plain), statistics.median(staged)
     return {
         "size_mb": size_mb,
@@ -267,6 +335,8 @@ async def bench(size_mb: int, runs: int, workdir: Path) -> dict[str, Any]:
         "stage_mb_s": round(size_mb / stage_s, 1),
         "serve_mb_s": round(statistics.median(serve), 1),
         "source_bytes_second_job": second_bytes,
+        "pacs_instances": pacs_instances,
+        **pacs,
         "rss_mb": {"datacache": rss},
     }
 
@@ -275,11 +345,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--pacs-instances", type=int, default=200)
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="medhive-bench-dc-", dir="/var/tmp") as workdir:
-        result = asyncio.run(bench(args.size_mb, args.runs, Path(workdir)))
+        result = asyncio.run(bench(args.size_mb, args.runs, args.pacs_instances, Path(workdir)))
     print(json.dumps(result))
 
 

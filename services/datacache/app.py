@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,6 +17,7 @@ from services.datacache.grants import GrantService
 from services.datacache.outputs import ResultUploader
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sources.registry import SourceDirectory
+from services.datacache.sources.storescp import StorageReceiver
 from services.datacache.staging import Stager
 from services.datacache.store import CacheStore
 from shared.bus import Incoming
@@ -40,14 +43,26 @@ def load_keys(settings: DatacacheSettings) -> KeyProvider:
     )
 
 
+def storage_receiver(settings: DatacacheSettings) -> StorageReceiver | None:
+    """The storage SCP that C-MOVE retrievals arrive at, listening, if one is configured."""
+    if settings.dimse_listen is None:
+        return None
+    host, _, port = settings.dimse_listen.rpartition(":")
+    receiver = StorageReceiver(host or "0.0.0.0", int(port))
+    receiver.start()
+    return receiver
+
+
 def create_app(settings: DatacacheSettings) -> web.Application:
     """The datacache app; does no I/O (everything opens with the app)."""
     app = create_service_app("datacache", settings.amqp, settings.mongo)
     app.add_routes(routes)
     keys = load_keys(settings)
-    sources = SourceDirectory.from_file(settings.sources_file)
+    configured = SourceDirectory.from_file(settings.sources_file)
 
     async def core(app: web.Application) -> AsyncIterator[None]:
+        receiver = storage_receiver(settings)
+        sources = dataclasses.replace(configured, receiver=receiver)
         store = CacheStore(app[MONGO][settings.database])
         await store.create_indexes()
         blobs = BlobStore(settings.cache_dir, keys)
@@ -90,6 +105,8 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             await evictor.stop()
             await uploader.stop()
             await stager.stop()
+            if receiver is not None:
+                await asyncio.to_thread(receiver.stop)
 
     app.cleanup_ctx.append(core)
     return app

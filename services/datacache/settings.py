@@ -41,6 +41,13 @@ class DatacacheSettings(BaseSettings):
         description="YAML or JSON list of sources each tenant may use, with credentials "
         "(see services/datacache/sources/base.py: SourceConfig).",
     )
+    dimse_listen: str | None = Field(
+        None,
+        pattern=r"^[^:]*:[0-9]{1,5}$",
+        description="`host:port` of the storage SCP that DIMSE C-MOVE retrievals arrive at "
+        "(e.g. `0.0.0.0:11112`; the PACS must know the source's `calling_aet` at this "
+        "address). Unset: no SCP, and sources retrieve with C-GET only.",
+    )
     fetch_attempts: int = Field(5, ge=1, le=100, description="Tries per source before failing.")
     fetch_backoff_s: float = Field(0.5, gt=0, description="First wait between tries (doubles).")
     fetch_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between tries.")

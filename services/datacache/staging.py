@@ -180,7 +180,7 @@ class Stager:
         self, tenant: str, job_id: str, item: InputSpec, progress: Progress
     ) -> tuple[Document, bool]:
         """What the source holds for this input, from the cache or fetched; (doc, hit)."""
-        source, ref = self.sources.open(tenant, item.source, self.http)
+        source, ref = self.sources.open(tenant, item.source, self.http, item.transfer_syntax)
         canonical = source.canonical(ref)
         version = await with_retries(self.settings, canonical, lambda: source.version(ref))
         key = source_key(tenant, canonical, version)

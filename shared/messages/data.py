@@ -10,13 +10,16 @@ from __future__ import annotations
 import posixpath
 from typing import Annotated
 
-from pydantic import AwareDatetime, Field, StringConstraints, field_validator
+from pydantic import AwareDatetime, Field, StringConstraints, field_validator, model_validator
 
 from shared.messages.base import Payload
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[\w.-]+$")]
 SourceUri = Annotated[str, StringConstraints(min_length=3, max_length=2048)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Uid = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")]
+#: Source URI schemes that name DICOM instances in an archive.
+DICOM_SCHEMES = ("dicomweb+http:", "dicomweb+https:", "dimse:")
 
 #: Where a container's results are collected; inputs may not be placed there.
 OUTPUTS_PATH = "/outputs"
@@ -50,10 +53,23 @@ class InputSpec(Payload):
         max_length=1024, description="Directory in the workload where its files appear."
     )
 
+    transfer_syntax: Uid | None = Field(
+        None,
+        description="DICOM sources only: the transfer syntax to receive, converted by the "
+        "archive (e.g. 1.2.840.10008.1.2.1, Explicit VR Little Endian); absent: every "
+        "instance as the archive holds it, byte for byte.",
+    )
+
     @field_validator("path")
     @classmethod
     def _in_workload(cls, value: str) -> str:
         return workload_path(value)
+
+    @model_validator(mode="after")
+    def _conversion_of_dicom(self) -> InputSpec:
+        if self.transfer_syntax is not None and not self.source.lower().startswith(DICOM_SCHEMES):
+            raise ValueError("a transfer_syntax applies to DICOM sources (dicomweb, dimse)")
+        return self
 
 
 class OutputSpec(Payload):

@@ -1,5 +1,5 @@
 """Jobs that stage a study from a real PACS (Orthanc) over DICOMweb and over DIMSE; the
-container sees every instance byte for byte."""
+container sees every instance as the archive holds it, compressed or not, byte for byte."""
 
 from __future__ import annotations
 
@@ -7,17 +7,36 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from pydicom.uid import (
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from tests.e2e.support import client, spec, wait_state
-from tests.fixtures.orthanc import DicomStudy, Orthanc, dataset_bytes
+from tests.fixtures.orthanc import (
+    Orthanc,
+    add_instance,
+    dataset_bytes,
+    multi_frame_sop_class,
+    upload_study,
+)
 from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
 
 
 async def test_jobs_stage_a_study_over_dicomweb_and_dimse(
-    stack: Stack, user_token: str, orthanc: Orthanc, dicom_study: DicomStudy, tmp_path: Path
+    stack: Stack, user_token: str, orthanc: Orthanc, tmp_path: Path
 ) -> None:
+    dicom_study = upload_study(
+        orthanc, instances=8, series=4,
+        syntaxes=(JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless),
+    )  # fmt: skip
+    add_instance(orthanc, dicom_study, generate_uid(), 1, JPEG2000Lossless,
+                 multi_frame_sop_class(JPEG2000Lossless), frames=3)  # fmt: skip
     web = f"dicomweb+http://{orthanc.host}:{orthanc.http_port}"
     dimse = f"dimse://{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}"
     await stack.configure_sources(

@@ -14,11 +14,14 @@ import base64
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+if TYPE_CHECKING:
+    from services.datacache.sources.storescp import StorageReceiver
 
 
 class SourceError(Exception):
@@ -61,6 +64,12 @@ class SourceConfig(BaseModel):
     token: SecretStr | None = Field(None, description="Bearer token.")
     headers: dict[str, SecretStr] = Field(default_factory=dict, description="Extra headers.")
     calling_aet: str = Field("MEDHIVE", description="Our AE title towards a DIMSE peer.")
+    retrieve: Literal["get", "move"] = Field(
+        "get",
+        description="DIMSE: C-GET (the instances come back on our association), or C-MOVE "
+        "to `calling_aet` (the PACS connects to the datacache's storage SCP, "
+        "`MEDHIVE_DATACACHE_DIMSE_LISTEN`; the PACS must know that AE's address).",
+    )
     verify_tls: bool = True
 
     def http_headers(self) -> dict[str, str]:
@@ -77,9 +86,11 @@ class SourceConfig(BaseModel):
 
 @dataclass(frozen=True)
 class SourceRef:
-    """A source URI as a job names it, split once."""
+    """A source URI as a job names it, split once, with the form the job asked for."""
 
     uri: str
+    #: DICOM only: the transfer syntax the archive is asked to convert to (None: as held).
+    transfer_syntax: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -123,10 +134,19 @@ class Source(ABC):
     """One kind of source; an instance serves one fetch or upload with one config."""
 
     schemes: ClassVar[tuple[str, ...]]
+    #: Whether the source can ask its archive for another DICOM transfer syntax.
+    converts_dicom: ClassVar[bool] = False
 
-    def __init__(self, config: SourceConfig | None, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: SourceConfig | None,
+        session: aiohttp.ClientSession,
+        receiver: StorageReceiver | None = None,
+    ) -> None:
         self.config = config
         self.session = session
+        #: Where a PACS sends what a C-MOVE retrieves (DIMSE sources only).
+        self.receiver = receiver
 
     def request(
         self, method: str, url: str, headers: dict[str, str] | None = None, data: object = None

@@ -8,9 +8,11 @@ it, under `<SeriesUID>/<SOPInstanceUID>.dcm` (the UIDs read from the part's own 
 
 Instances come as the archive holds them (`transfer-syntax=*`): without it a PACS
 transcodes to Explicit VR Little Endian, which silently changes compressed pixel data
-and fails outright for syntaxes it cannot decode. A study is staged only whole: the
-instances received must be as many as QIDO-RS lists, and an answer cut off or malformed
-is a source error worth retrying, never a partial study.
+and fails outright for syntaxes it cannot decode. An input that names a
+`transfer_syntax` asks for that one instead; the archive converts, or says why not. A
+study is staged only whole: the instances received must be as many as QIDO-RS lists,
+and an answer cut off or malformed is a source error worth retrying, never a partial
+study.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from services.datacache.sources.base import (
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
 PATH = re.compile(rf"^(?P<root>.*?)/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
-#: The archive's own transfer syntax, whatever it is (PS3.18 8.7.3.5.2).
-DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+#: Instances in the archive's own transfer syntax (`*`), or in the one asked for
+#: (PS3.18 8.7.3.5.2).
+DICOM_PARTS = 'multipart/related; type="application/dicom"; transfer-syntax={syntax}'
+#: Characters of an error answer's body kept in the reason.
+REASON_CHARS = 300
 #: Bytes of a part read before its header is parsed for its UIDs.
 HEADER_PREFIX = 256 * 1024
 CHUNK = 1 << 20
@@ -45,6 +50,7 @@ CHUNK = 1 << 20
 
 class DicomWebSource(Source):
     schemes = ("dicomweb+http", "dicomweb+https")
+    converts_dicom = True
 
     def _parts(self, ref: SourceRef) -> tuple[str, str, str | None]:
         match = PATH.match(ref.path)
@@ -58,7 +64,8 @@ class DicomWebSource(Source):
     def canonical(self, ref: SourceRef) -> str:
         root, study, series = self._parts(ref)
         tail = f"/studies/{study}" + (f"/series/{series}" if series else "")
-        return f"{ref.scheme}://{ref.netloc.lower()}{root}{tail}"
+        converted = f"?transfer-syntax={ref.transfer_syntax}" if ref.transfer_syntax else ""
+        return f"{ref.scheme}://{ref.netloc.lower()}{root}{tail}{converted}"
 
     def _root(self, ref: SourceRef) -> str:
         if self.config is not None and self.config.base_url:
@@ -101,9 +108,14 @@ class DicomWebSource(Source):
         listed = len(await self._instances(ref))
         count = 0
         try:
-            async with self.request("GET", url, {"Accept": DICOM_PARTS}) as response:
+            accept = DICOM_PARTS.format(syntax=ref.transfer_syntax or "*")
+            async with self.request("GET", url, {"Accept": accept}) as response:
                 if response.status >= 400:
-                    raise http_error(response.status, name)
+                    # The archive's own words: why it cannot send (or convert) the study.
+                    answer = await response.text(errors="replace")
+                    reason = " ".join(answer[: REASON_CHARS * 2].split())[:REASON_CHARS]
+                    error = http_error(response.status, name)
+                    raise type(error)(f"{error}: {reason}" if reason else str(error))
                 reader = aiohttp.MultipartReader(response.headers, response.content)
                 while (part := await _next_part(reader)) is not None:
                     if not isinstance(part, aiohttp.BodyPartReader):

@@ -1,11 +1,22 @@
-"""DIMSE sources: C-FIND to know a study, C-GET to fetch it, C-STORE for results.
+"""DIMSE sources: C-FIND to know a study, C-GET or C-MOVE to fetch it, C-STORE for results.
 
 `dimse://ORTHANC@pacs.example:4242/studies/<StudyUID>[/series/<SeriesUID>]`, our own AE
-title from the configuration (`calling_aet`). C-GET rather than C-MOVE: the instances
-come back on the association we opened, so the PACS never has to reach a storage SCP of
-ours through the hospital's firewalls. Each instance is stored as the PACS sent it: the
-encoded dataset byte for byte, behind a file meta header (DIMSE carries datasets, not
-files, so the meta group is ours), under `<SeriesUID>/<SOPInstanceUID>.dcm`.
+title from the configuration (`calling_aet`). C-GET by default: the instances come back
+on the association we opened, so the PACS never has to reach us through the hospital's
+firewalls. C-MOVE (`retrieve: move`) for archives that allow only it: the PACS sends to
+the datacache's storage SCP (`storescp.py`). Each instance is stored as the PACS sent
+it: the encoded dataset byte for byte, behind a file meta header (DIMSE carries
+datasets, not files, so the meta group is ours), under `<SeriesUID>/<SOPInstanceUID>.dcm`.
+
+An instance keeps the transfer syntax the archive holds it in. Over C-GET we propose
+the contexts the PACS sends on, so we offer, for each SOP class the IMAGE-level C-FIND
+reports, the syntaxes it reports (Available Transfer Syntax UID), or every syntax when
+it reports none (as Orthanc), each in a context of its own: the PACS then finds the
+syntax it holds and sends it unconverted. A request carries at most 128 contexts, so
+a study with more (SOP class, syntax) pairs is retrieved over several associations, by
+lists of instance UIDs. A study is staged only whole: every instance the C-FIND listed,
+or a source error that says how many came and why. An input that names a
+`transfer_syntax` is offered only that syntax: the archive converts, or refuses.
 
 pynetdicom blocks, so each association runs in a worker thread; every instance it
 receives is handed to the event loop with `run_coroutine_threadsafe(...).result()`,
@@ -17,15 +28,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.filebase import DicomBytesIO
-from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # made at import time
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from services.datacache.sources.base import (
@@ -40,12 +53,74 @@ from services.datacache.sources.base import (
 UID = r"[0-9]+(?:\.[0-9]+)*"
 PATH = re.compile(rf"^/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
 #: A C-GET association offers at most 128 contexts: the query model and 127 storage ones.
-STORAGE_CONTEXTS = StoragePresentationContexts[:127]
+MAX_STORAGE_CONTEXTS = 127
 TIMEOUT_S = 60
+#: Statuses of a C-FIND, C-GET or C-MOVE that say "more to come" or "done".
+PENDING, SUCCESS = (0xFF00, 0xFF01), 0x0000
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One instance as the C-FIND lists it."""
+
+    uid: str
+    series: str
+    sop_class: str
+    #: What the PACS says it can send it in (empty when it does not say).
+    syntaxes: tuple[str, ...] = ()
+
+
+@dataclass
+class Batch:
+    """Instances retrieved over one association, and the contexts it proposes."""
+
+    contexts: list[tuple[str, str]]  # (SOP class, transfer syntax)
+    instances: list[Instance]
+
+
+def plan_batches(instances: list[Instance], transfer_syntax: str | None) -> list[Batch]:
+    """Group the instances by SOP class into associations of at most 127 storage
+    contexts, one context per (SOP class, transfer syntax) the PACS may send."""
+    wanted: dict[str, dict[str, None]] = {}
+    for item in instances:
+        if transfer_syntax is not None:
+            syntaxes: tuple[str, ...] = (transfer_syntax,)
+        else:
+            syntaxes = item.syntaxes or tuple(ALL_TRANSFER_SYNTAXES)
+        wanted.setdefault(item.sop_class, {}).update(dict.fromkeys(syntaxes))
+    batches: list[Batch] = []
+    classes: dict[str, Batch] = {}
+    for sop_class, offered in sorted(wanted.items()):
+        pairs = [(sop_class, syntax) for syntax in offered][:MAX_STORAGE_CONTEXTS]
+        if not batches or len(batches[-1].contexts) + len(pairs) > MAX_STORAGE_CONTEXTS:
+            batches.append(Batch([], []))
+        batches[-1].contexts.extend(pairs)
+        classes[sop_class] = batches[-1]
+    for item in instances:
+        classes[item.sop_class].instances.append(item)
+    return batches
+
+
+@dataclass
+class Request:
+    """One batch and the C-GET or C-MOVE identifiers that retrieve its instances."""
+
+    batch: Batch
+    identifiers: list[Dataset]
+
+
+@dataclass
+class Outcome:
+    """What one retrieval brought: instances stored, and what the PACS reported failed."""
+
+    received: set[str]
+    failed: int = 0
+    failed_uids: tuple[str, ...] = ()
 
 
 class DimseSource(Source):
     schemes = ("dimse",)
+    converts_dicom = True
 
     def _target(self, ref: SourceRef) -> tuple[str, str, int, str, str | None]:
         aet, _, hostport = ref.netloc.rpartition("@")
@@ -60,21 +135,29 @@ class DimseSource(Source):
     def canonical(self, ref: SourceRef) -> str:
         aet, host, port, study, series = self._target(ref)
         tail = f"/studies/{study}" + (f"/series/{series}" if series else "")
-        return f"dimse://{aet}@{host.lower()}:{port}{tail}"
+        converted = f"?transfer-syntax={ref.transfer_syntax}" if ref.transfer_syntax else ""
+        return f"dimse://{aet}@{host.lower()}:{port}{tail}{converted}"
 
     @property
     def calling_aet(self) -> str:
         return self.config.calling_aet if self.config else "MEDHIVE"
 
-    def _identifier(self, ref: SourceRef, listing: bool) -> Dataset:
-        """A C-FIND of every instance (`listing`), or the C-GET of the study or series."""
+    def _identifier(self, ref: SourceRef, level: str, uids: list[str] | None = None) -> Dataset:
+        """The C-FIND of every instance (`IMAGE` with no `uids`), the C-GET or C-MOVE of
+        the study or series (`RETRIEVE`), or of a list of instances of one series."""
         _, _, _, study, series = self._target(ref)
         query = Dataset()
         query.StudyInstanceUID = study
-        if listing:
+        if level == "IMAGE":
             query.QueryRetrieveLevel = "IMAGE"
-            query.SeriesInstanceUID = series or ""
-            query.SOPInstanceUID = ""
+            if uids is None:  # a listing: these come back for each instance
+                query.SeriesInstanceUID = series or ""
+                query.SOPInstanceUID = ""
+                query.SOPClassUID = ""
+                query.AvailableTransferSyntaxUID = ""
+            else:
+                query.SeriesInstanceUID = series
+                query.SOPInstanceUID = uids
         elif series:
             query.QueryRetrieveLevel = "SERIES"
             query.SeriesInstanceUID = series
@@ -110,28 +193,47 @@ class DimseSource(Source):
         writer.close()
         await writer.wait_closed()
 
-    async def version(self, ref: SourceRef) -> str | None:
+    async def _instances(self, ref: SourceRef) -> list[Instance]:
         await self._reachable(ref)
-        uids = await asyncio.to_thread(self._find, ref)
-        if not uids:
+        instances = await asyncio.to_thread(self._find, ref)
+        if not instances:
             raise SourceRefused(f"{self.canonical(ref)}: no such study in the PACS")
-        return f"{len(uids)}:{hashlib.sha256(chr(0).join(sorted(uids)).encode()).hexdigest()[:16]}"
+        return instances
 
-    def _find(self, ref: SourceRef) -> list[str]:
+    async def version(self, ref: SourceRef) -> str | None:
+        uids = sorted(item.uid for item in await self._instances(ref))
+        return f"{len(uids)}:{hashlib.sha256(chr(0).join(uids).encode()).hexdigest()[:16]}"
+
+    def _find(self, ref: SourceRef) -> list[Instance]:
         ae = self._new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         assoc = self._associate(ae, ref)
-        uids: list[str] = []
+        found: dict[str, Instance] = {}
         try:
-            for status, found in assoc.send_c_find(
-                self._identifier(ref, listing=True), StudyRootQueryRetrieveInformationModelFind
+            for status, answer in assoc.send_c_find(
+                self._identifier(ref, "IMAGE"), StudyRootQueryRetrieveInformationModelFind
             ):
                 self._check(status, ref, "C-FIND", assoc)
-                if found is not None and status.Status in (0xFF00, 0xFF01):
-                    uids.append(str(found.SOPInstanceUID))
+                if answer is not None and status.Status in PENDING:
+                    uid = str(answer.SOPInstanceUID)
+                    syntaxes = answer.get("AvailableTransferSyntaxUID") or []
+                    if isinstance(syntaxes, str):
+                        syntaxes = [syntaxes]
+                    found[uid] = Instance(
+                        uid,
+                        str(answer.get("SeriesInstanceUID", "")),
+                        str(answer.get("SOPClassUID", "")),
+                        tuple(str(s) for s in syntaxes if s),
+                    )
         finally:
             assoc.release()
-        return uids
+        unknown = [item.uid for item in found.values() if not item.sop_class]
+        if unknown:
+            raise SourceRefused(
+                f"{self.canonical(ref)}: the PACS's C-FIND gives no SOP Class UID for "
+                f"{len(unknown)} instances; without it no storage context can be offered"
+            )
+        return list(found.values())
 
     def _check(self, status: Dataset, ref: SourceRef, operation: str, assoc: Any) -> None:
         if not status:  # no answer: the association ended on the way
@@ -145,56 +247,154 @@ class DimseSource(Source):
                 )
             raise SourceUnavailable(f"{self.canonical(ref)}: {operation} got no answer")
         code = int(status.Status)
-        if code not in (0x0000, 0xFF00, 0xFF01, 0xFE00) and not 0xB000 <= code <= 0xBFFF:
-            raise SourceRefused(f"{self.canonical(ref)}: {operation} failed with 0x{code:04X}")
+        if code not in (SUCCESS, *PENDING, 0xFE00) and not 0xB000 <= code <= 0xBFFF:
+            comment = status.get("ErrorComment")  # the PACS's own words, when it gives them
+            said = f": {comment}" if comment else ""
+            raise SourceRefused(
+                f"{self.canonical(ref)}: {operation} failed with 0x{code:04X}{said}"
+            )
 
     async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
-        await self._reachable(ref)
+        instances = await self._instances(ref)
         loop = asyncio.get_running_loop()
 
         def store(path: str, data: bytes) -> None:
             asyncio.run_coroutine_threadsafe(sink.put(path, _once(data)), loop).result()
 
-        count = await asyncio.to_thread(self._get, ref, store)
-        if count == 0:
-            raise SourceRefused(f"{self.canonical(ref)}: the PACS returned no instances")
+        move = self.config is not None and self.config.retrieve == "move"
+        if move and ref.transfer_syntax is None:
+            outcome = await asyncio.to_thread(self._move, ref, instances, store)
+        else:  # a conversion is asked for by the contexts we propose: C-GET
+            outcome = await asyncio.to_thread(self._get, ref, instances, store)
+        self._whole(ref, instances, outcome)
 
-    def _get(self, ref: SourceRef, store: Callable[[str, bytes], None]) -> int:
+    def _whole(self, ref: SourceRef, instances: list[Instance], outcome: Outcome) -> None:
+        """Every instance listed was stored, or the error that says what was not."""
+        missing = {item.uid for item in instances} - outcome.received
+        if not missing:
+            return
+        name, count = self.canonical(ref), len(instances)
+        got = f"{count - len(missing)} of {count} instances"
+        if outcome.failed:
+            # The PACS tried and could not: most often an instance in a syntax it may not
+            # send as proposed (no context for it, or a conversion it cannot make).
+            asked = f" in {ref.transfer_syntax}" if ref.transfer_syntax else ""
+            example = f", e.g. {outcome.failed_uids[0]}" if outcome.failed_uids else ""
+            raise SourceRefused(
+                f"{name}: the PACS sent {got}; it reports {outcome.failed} failed "
+                f"sub-operations{example} (it could not send them{asked})"
+            )
+        raise SourceUnavailable(f"{name}: the PACS sent {got} and reported no failure")
+
+    def _requests(self, ref: SourceRef, instances: list[Instance]) -> list[Request]:
+        """The retrievals to make, each within 127 (SOP class, syntax) contexts: the study
+        (or series) in one, or per batch of SOP classes, lists of instances by series."""
+        batches = plan_batches(instances, ref.transfer_syntax)
+        if len(batches) == 1:
+            return [Request(batches[0], [self._identifier(ref, "RETRIEVE")])]
+        return [
+            Request(batch, [
+                self._identifier(ref_of_series(ref, series), "IMAGE", uids)
+                for series, uids in _by_series(batch.instances).items()
+            ])
+            for batch in batches
+        ]  # fmt: skip
+
+    def _get(self, ref: SourceRef, instances: list[Instance], store: StoreFn) -> Outcome:
+        outcome = Outcome(received=set())
+        for request in self._requests(ref, instances):
+            self._get_batch(ref, request.batch, request.identifiers, store, outcome)
+        return outcome
+
+    def _get_batch(
+        self,
+        ref: SourceRef,
+        batch: Batch,
+        identifiers: list[Dataset],
+        store: StoreFn,
+        outcome: Outcome,
+    ) -> None:
         ae = self._new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-        roles = []
-        for context in STORAGE_CONTEXTS:
-            syntax = str(context.abstract_syntax)
-            ae.add_requested_context(syntax)
-            roles.append(build_role(syntax, scp_role=True))
-        received = 0
+        for sop_class, syntax in batch.contexts:
+            ae.add_requested_context(sop_class, [syntax])
+        roles = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in batch.contexts)]
+        expected = {item.uid for item in batch.instances}
         failure: list[BaseException] = []
 
         def on_store(event: Any) -> int:
-            nonlocal received
+            uid = str(event.request.AffectedSOPInstanceUID)
+            if uid not in expected:
+                return 0x0124  # refused: not what we asked for
+            if uid in outcome.received:
+                return SUCCESS
             try:
                 data = event.encoded_dataset(include_meta=True)
-                ds = event.dataset
-                store(f"{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm", data)
-                received += 1
-                return 0x0000
+                store(f"{event.dataset.SeriesInstanceUID}/{uid}.dcm", data)
+                outcome.received.add(uid)
+                return SUCCESS
             except BaseException as exc:  # reported after the association, not lost
                 failure.append(exc)
                 return 0xA700  # out of resources: the PACS stops sending
 
         assoc = self._associate(ae, ref, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
         try:
-            for status, _ in assoc.send_c_get(
-                self._identifier(ref, listing=False), StudyRootQueryRetrieveInformationModelGet
-            ):
-                if failure:
-                    break
-                self._check(status, ref, "C-GET", assoc)
+            for identifier in identifiers:
+                responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+                self._retrieve(assoc, ref, "C-GET", outcome, failure, responses)
         finally:
             assoc.release()
+
+    def _move(self, ref: SourceRef, instances: list[Instance], store: StoreFn) -> Outcome:
+        if self.receiver is None:
+            raise SourceRefused(
+                f"{self.canonical(ref)}: retrieve is `move`, but this datacache runs no "
+                "storage SCP (set MEDHIVE_DATACACHE_DIMSE_LISTEN)"
+            )
+        ae = self._new_ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        outcome = Outcome(received=set())
+        failure: list[BaseException] = []
+        with self.receiver.expect({item.uid for item in instances}, store) as expected:
+            assoc = self._associate(ae, ref)
+            try:
+                # One request: the PACS proposes the contexts of what it sends, over as
+                # many associations as its study needs.
+                responses = assoc.send_c_move(
+                    self._identifier(ref, "RETRIEVE"),
+                    self.calling_aet,
+                    StudyRootQueryRetrieveInformationModelMove,
+                )
+                self._retrieve(assoc, ref, "C-MOVE", outcome, failure, responses)
+            finally:
+                assoc.release()
+            if expected.failure is not None:
+                raise expected.failure
+            outcome.received = set(expected.received)
+        return outcome
+
+    def _retrieve(
+        self,
+        assoc: Any,
+        ref: SourceRef,
+        operation: str,
+        outcome: Outcome,
+        failure: list[BaseException],
+        responses: Iterator[tuple[Dataset, Dataset | None]],
+    ) -> None:
+        """One C-GET or C-MOVE request to its final answer; counts what failed."""
+        for status, identifier in responses:
+            if failure:
+                raise failure[0]
+            self._check(status, ref, operation, assoc)
+            if int(status.Status) not in PENDING:  # the final answer
+                outcome.failed += int(status.get("NumberOfFailedSuboperations", 0) or 0)
+                uids = identifier.get("FailedSOPInstanceUIDList") if identifier else None
+                if uids:
+                    listed = [uids] if isinstance(uids, str) else list(uids)
+                    outcome.failed_uids += tuple(str(u) for u in listed)
         if failure:
             raise failure[0]
-        return received
 
     async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
         datasets: list[Dataset] = []
@@ -223,3 +423,22 @@ class DimseSource(Source):
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+#: Store one instance: (path under the input, the DICOM file's bytes).
+StoreFn = Callable[[str, bytes], None]
+
+
+def ref_of_series(ref: SourceRef, series: str) -> SourceRef:
+    """The same study, narrowed to one series (an IMAGE-level request needs it)."""
+    base = ref.uri.split("/studies/", 1)[0]
+    study = PATH.match(SourceRef(ref.uri).path)
+    assert study is not None
+    return SourceRef(f"{base}/studies/{study['study']}/series/{series}", ref.transfer_syntax)
+
+
+def _by_series(instances: list[Instance]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for item in instances:
+        grouped.setdefault(item.series, []).append(item.uid)
+    return grouped

@@ -19,6 +19,7 @@ from services.datacache.sources.base import Source, SourceConfig, SourceRef, Sou
 from services.datacache.sources.dicomweb import DicomWebSource
 from services.datacache.sources.dimse import DimseSource
 from services.datacache.sources.http import HttpSource
+from services.datacache.sources.storescp import StorageReceiver
 from services.datacache.sources.xnat import XnatSource
 
 SOURCE_CLASSES: dict[str, type[Source]] = {
@@ -49,6 +50,8 @@ class SourceDirectory:
     """The configured sources; `open` picks the longest matching entry for the tenant."""
 
     configs: tuple[SourceConfig, ...] = ()
+    #: The storage SCP that C-MOVE retrievals arrive at, when the datacache runs one.
+    receiver: StorageReceiver | None = None
 
     @classmethod
     def from_file(cls, path: Path | None) -> SourceDirectory:
@@ -67,12 +70,20 @@ class SourceDirectory:
         return max(candidates, key=lambda c: len(c.match))
 
     def open(
-        self, tenant: str, uri: str, session: aiohttp.ClientSession
+        self,
+        tenant: str,
+        uri: str,
+        session: aiohttp.ClientSession,
+        transfer_syntax: str | None = None,
     ) -> tuple[Source, SourceRef]:
         """The source object for one URI of one tenant, or `SourceRefused` saying why not."""
-        ref = SourceRef(uri)
+        ref = SourceRef(uri, transfer_syntax)
         cls = SOURCE_CLASSES.get(ref.scheme)
         if cls is None:
             known = ", ".join(sorted(SOURCE_CLASSES))
             raise SourceRefused(f"unknown source scheme {ref.scheme!r} (known: {known})")
-        return cls(self.config_for(tenant, uri), session), ref
+        if transfer_syntax is not None and not cls.converts_dicom:
+            raise SourceRefused(
+                f"a transfer syntax can be asked of DICOM sources, not {ref.scheme}"
+            )
+        return cls(self.config_for(tenant, uri), session, self.receiver), ref

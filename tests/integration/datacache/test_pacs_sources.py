@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
+import json
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -12,18 +14,30 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE
 
+from services.datacache.retries import with_retries
+from services.datacache.settings import DatacacheSettings
 from services.datacache.sources.base import (
     ResultFile,
     SourceConfig,
+    SourceError,
     SourceRef,
     SourceRefused,
     SourceUnavailable,
 )
 from services.datacache.sources.dicomweb import DicomWebSource
 from services.datacache.sources.dimse import DimseSource
+from services.datacache.sources.storescp import StorageReceiver
 from tests.fixtures.orthanc import (
+    MOVE_PORT,
     DicomStudy,
     Orthanc,
     dataset_bytes,
@@ -123,7 +137,7 @@ async def test_wrong_credentials_unknown_studies_and_unknown_aes_are_refused(
         await _dimse(orthanc, calling="STRANGER").version(
             _dimse_ref(orthanc, dicom_study.study_uid)
         )
-    with pytest.raises(SourceRefused, match=r"aborted C-GET; may calling AE 'STRANGER'"):
+    with pytest.raises(SourceRefused, match=r"aborted C-FIND; may calling AE 'STRANGER'"):
         await _dimse(orthanc, calling="STRANGER").fetch(
             _dimse_ref(orthanc, dicom_study.study_uid), Collect()
         )
@@ -189,7 +203,9 @@ async def test_dicomweb_keeps_compressed_instances_as_the_archive_holds_them(
 async def test_a_wado_answer_cut_short_is_a_source_error_never_a_partial_study(
     orthanc: Orthanc, dicom_study: DicomStudy
 ) -> None:
-    """A proxy in front of the PACS that passes one instance, then ends the answer."""
+    """A proxy in front of the PACS that passes one instance, then ends the answer; the
+    next try, through the datacache's retry loop, gets the whole study."""
+    cuts = 1  # answers still to cut short
     pacs = _web_ref(orthanc, dicom_study.study_uid)
     upstream_root = f"http://{orthanc.host}:{orthanc.http_port}"
 
@@ -198,9 +214,11 @@ async def test_a_wado_answer_cut_short_is_a_source_error_never_a_partial_study(
             headers = {k: v for k, v in request.headers.items() if k in ("Accept", "Authorization")}
             async with client.get(upstream_root + request.path_qs, headers=headers) as answer:
                 body = await answer.read()
-                if "multipart" not in answer.headers.get("Content-Type", ""):
-                    return web.Response(body=body, status=answer.status,
-                                        content_type=answer.content_type)  # fmt: skip
+                nonlocal cuts
+                if "multipart" not in answer.headers.get("Content-Type", "") or cuts == 0:
+                    kept = {"Content-Type": answer.headers.get("Content-Type", "text/plain")}
+                    return web.Response(body=body, status=answer.status, headers=kept)
+                cuts -= 1
                 second = body.find(b"\r\n--", body.find(b"\r\n\r\n"))  # after the first part
                 content_type = answer.headers["Content-Type"]
                 response = web.StreamResponse(headers={"Content-Type": content_type})
@@ -224,5 +242,139 @@ async def test_a_wado_answer_cut_short_is_a_source_error_never_a_partial_study(
         async with aiohttp.ClientSession() as session:
             with pytest.raises(SourceUnavailable, match=r"broke off after \d of 5 instances"):
                 await DicomWebSource(config, session).fetch(ref, Collect())
+            cuts = 1
+            sinks: list[Collect] = []
+
+            async def one_try() -> None:
+                sinks.append(Collect())
+                await DicomWebSource(config, session).fetch(ref, sinks[-1])
+
+            await with_retries(DatacacheSettings(fetch_backoff_s=0.01), ref.uri, one_try)
+            assert len(sinks) == 2  # cut short once, then whole
+            assert _by_sop(sinks[-1].files) == dicom_study.sha256
     finally:
         await server.close()
+
+
+def _syntaxes(files: dict[str, bytes]) -> dict[str, str]:
+    """SOP instance UID -> the transfer syntax its file says it is in."""
+    return {
+        path.rsplit("/", 1)[1].removesuffix(".dcm"): str(
+            pydicom.dcmread(io.BytesIO(data)).file_meta.TransferSyntaxUID
+        )
+        for path, data in files.items()
+    }
+
+
+async def test_dimse_c_get_keeps_each_instance_in_the_syntax_the_archive_holds(
+    orthanc: Orthanc,
+) -> None:
+    """Storage contexts are offered for every syntax, one context each: Orthanc sends
+    each instance as it holds it, so no dataset is converted on the way."""
+    study = upload_study(
+        orthanc, instances=6, series=3,
+        syntaxes=(RLELossless, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian),
+    )  # fmt: skip
+    sink = Collect()
+    await _dimse(orthanc).fetch(_dimse_ref(orthanc, study.study_uid), sink)
+    datasets = {path: dataset_bytes(data) for path, data in sink.files.items()}
+    assert _by_sop(datasets) == study.dataset_sha256
+    assert set(_syntaxes(sink.files).values()) == {
+        RLELossless,
+        DeflatedExplicitVRLittleEndian,
+        ExplicitVRLittleEndian,
+    }
+
+
+async def test_a_transfer_syntax_asked_for_is_the_archives_conversion(orthanc: Orthanc) -> None:
+    """`transfer_syntax` on an input: the archive converts (over DICOMweb and DIMSE),
+    and the pixels are those of the original; what it cannot make is refused, with why."""
+    study = upload_study(orthanc, instances=2, series=1, syntaxes=(RLELossless,))
+    originals = {
+        sop: pydicom.dcmread(io.BytesIO(make_bytes)).pixel_array.tobytes()
+        for sop, make_bytes in _orthanc_files(orthanc, study).items()
+    }
+    async with aiohttp.ClientSession() as session:
+        web_ref = _web_ref(orthanc, study.study_uid)
+        web_sink, dimse_sink = Collect(), Collect()
+        converted = SourceRef(web_ref.uri, ExplicitVRLittleEndian)
+        await _web(session, orthanc).fetch(converted, web_sink)
+        dimse_ref = SourceRef(_dimse_ref(orthanc, study.study_uid).uri, ExplicitVRLittleEndian)
+        await _dimse(orthanc).fetch(dimse_ref, dimse_sink)
+        for sink in (web_sink, dimse_sink):
+            assert set(_syntaxes(sink.files).values()) == {ExplicitVRLittleEndian}
+            pixels = {
+                path.rsplit("/", 1)[1].removesuffix(".dcm"):
+                    pydicom.dcmread(io.BytesIO(data)).pixel_array.tobytes()
+                for path, data in sink.files.items()
+            }  # fmt: skip
+            assert pixels == originals
+        assert (
+            _web(session, orthanc)
+            .canonical(converted)
+            .endswith(f"?transfer-syntax={ExplicitVRLittleEndian}")
+        )  # a converted study is cached apart from the original
+        jpeg2000 = "1.2.840.10008.1.2.4.90"  # Orthanc cannot encode it
+        # Orthanc says so with a 500 (retried, then the input fails with these words).
+        with pytest.raises(SourceError, match=r"answered HTTP 500: \{ \"HttpError\""):
+            await _web(session, orthanc).fetch(SourceRef(web_ref.uri, jpeg2000), Collect())
+    with pytest.raises(SourceRefused, match=rf"\?transfer-syntax={jpeg2000}: C-GET failed"):
+        await _dimse(orthanc).fetch(SourceRef(dimse_ref.uri, jpeg2000), Collect())
+
+
+def _orthanc_files(orthanc: Orthanc, study: DicomStudy) -> dict[str, bytes]:
+    """SOP instance UID -> the file Orthanc serves for it."""
+    files = {}
+    for sop in study.sha256:
+        ids = orthanc.request("POST", "/tools/lookup", sop.encode(), "text/plain")
+        orthanc_id = json.loads(ids)[0]["ID"]
+        files[sop] = orthanc.request("GET", f"/instances/{orthanc_id}/file")
+    return files
+
+
+async def test_dimse_c_move_sends_the_study_to_our_storage_scp_unconverted(
+    orthanc: Orthanc,
+) -> None:
+    """For archives that allow only C-MOVE: Orthanc opens its own association to the
+    datacache's storage SCP (the AE `MEDHIVE` it knows at port 11112), which accepts
+    every syntax (of retired SOP classes too); it stores only the instances a retrieval
+    under way expects."""
+    retired_us = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
+    study = upload_study(
+        orthanc, instances=4, series=2,
+        syntaxes=(RLELossless, DeflatedExplicitVRLittleEndian),
+        sop_classes=(CTImageStorage, retired_us),
+    )  # fmt: skip
+    assert set(study.sop_class_of.values()) == {CTImageStorage, retired_us}
+    receiver = StorageReceiver("0.0.0.0", MOVE_PORT)
+    receiver.start()
+    try:
+        config = SourceConfig(
+            tenant="t",
+            match=f"dimse://{orthanc.aet}@{orthanc.host}:{orthanc.dicom_port}",
+            retrieve="move",
+        )
+        sink = Collect()
+        await DimseSource(config, None, receiver).fetch(  # type: ignore[arg-type]
+            _dimse_ref(orthanc, study.study_uid), sink
+        )
+        datasets = {path: dataset_bytes(data) for path, data in sink.files.items()}
+        assert _by_sop(datasets) == study.dataset_sha256
+        assert set(_syntaxes(sink.files).values()) == {RLELossless, DeflatedExplicitVRLittleEndian}
+        # An instance no retrieval asked for is refused, whoever sends it.
+        intruder = pydicom.dcmread(
+            io.BytesIO(make_instance("X", generate_uid(), generate_uid(), 1))
+        )
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = await asyncio.to_thread(ae.associate, "127.0.0.1", receiver.port)
+        assert assoc.is_established
+        status = await asyncio.to_thread(assoc.send_c_store, intruder)
+        assoc.release()
+        assert status.Status == 0x0124  # refused: not authorised
+    finally:
+        receiver.stop()
+    with pytest.raises(SourceRefused, match="runs no storage SCP"):
+        await DimseSource(config, None).fetch(  # type: ignore[arg-type]
+            _dimse_ref(orthanc, study.study_uid), Collect()
+        )

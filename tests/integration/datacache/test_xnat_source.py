@@ -81,7 +81,8 @@ async def test_xnatpy_logs_in_lists_downloads_and_uploads(
             scans = session.get_json(f"/data/experiments/{exp_id}/scans")["ResultSet"]["Result"]
             assert [s["ID"] for s in scans] == ["2"]
             listing = session.get_json(f"/data/experiments/{exp_id}/scans/2/resources/DICOM/files")
-            assert sorted(r["Name"] for r in listing["ResultSet"]["Result"]) == sorted(files)
+            rows = listing["ResultSet"]["Result"]  # `Name` is a base name, the path in `URI`
+            assert sorted(r["URI"].partition("/files/")[2] for r in rows) == sorted(files)
             session.download_zip(f"/data/archive/{SCAN}/files", tmp_path / "r.zip", verbose=False)
             session.download(f"/data/{SCAN}/files/1.dcm", tmp_path / "1.dcm", verbose=False)
             session.upload_string(f"/data/{SCAN}/files/new.txt?inbody=true", "hello")
