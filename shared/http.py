@@ -162,7 +162,15 @@ def _no_constant(name: str) -> float:
 
 def read_query(request: web.Request, model: type[M]) -> M:
     """The query string as `model` (empty values count as absent): 400 naming each
-    parameter that is wrong. Parameters the model does not name are ignored."""
+    parameter that is wrong, and each the route does not take (a misspelt filter must
+    not silently widen a listing)."""
+    unknown = sorted(set(request.query) - set(model.model_fields))
+    if unknown:
+        known = ", ".join(model.model_fields) or "none"
+        raise ApiError(
+            400,
+            f"unknown query parameter {', '.join(map(repr, unknown))} (this route takes: {known})",
+        )
     data = {
         name: request.query[name]
         for name in model.model_fields

@@ -169,3 +169,13 @@ async def test_requests_the_http_parser_refuses_get_the_json_shape(
         assert status == 200, body
     finally:
         await listener.close()
+
+
+async def test_a_query_parameter_the_route_does_not_take_is_400(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    """A misspelt filter (`stat` for `state`) must not silently list every job."""
+    auth = bearer(await make_token(mongo_settings, "radiology"))
+    response = await scheduler.get("/v1/jobs", params={"stat": "queued"}, headers=auth)
+    detail = await _error(response, 400)
+    assert "'stat'" in detail and "state" in detail

@@ -19,6 +19,7 @@ from shared.messages.data import (
     DataProgress,
     DataStaged,
     DataUploaded,
+    InputSpec,
     StagedFile,
     StagedInput,
 )
@@ -94,7 +95,8 @@ async def test_inputs_are_staged_then_granted_before_the_node_gets_the_job(
         )
         await bus.emit("data.granted", granted, correlation_id=job_id)
         run = await commands.wait_for(_of(job_id, "node.run"))
-        assert run["payload"]["spec"]["inputs"] == JOB["inputs"]
+        sent = [InputSpec.model_validate(item) for item in run["payload"]["spec"]["inputs"]]
+        assert sent == [InputSpec.model_validate(item) for item in JOB["inputs"]]
 
         await bus.emit(
             "run.started",
