@@ -76,6 +76,7 @@ class BlobStore:
             pending: list[bytes] = []
             held = 0
             batch = self.segment_size * BATCH
+            streamed = False
             async for chunk in chunks:
                 pending.append(chunk)
                 held += len(chunk)
@@ -86,9 +87,14 @@ class BlobStore:
                     whole = (held - 1) // self.segment_size * self.segment_size
                     pending, held = [data[whole:]], held - whole
                     await sealed.add(memoryview(data)[:whole], final=False)
-            await sealed.add(memoryview(b"".join(pending)), final=True)
-            await sealed.finish()
-            await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
+                    streamed = True
+            rest = memoryview(b"".join(pending))
+            if streamed:
+                await sealed.add(rest, final=True)
+                await sealed.finish()
+                await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
+            else:  # a small file, whole in memory: one trip to a worker thread, not four
+                await asyncio.to_thread(sealed.store_whole, rest, tmp, self.path(blob_id))
         except BaseException:
             await sealed.close()
             tmp.unlink(missing_ok=True)
@@ -246,6 +252,12 @@ class _SealedFile:
                 pending = pending[1:]
             if written:
                 pending = [pending[0][written:], *pending[1:]]
+
+    def store_whole(self, data: memoryview, tmp: Path, target: Path) -> None:
+        """Seal, write, close and move into place a blob that arrived whole (blocking)."""
+        self._write(self._seal(data, final=True))
+        self.out.close()
+        os.rename(tmp, target)
 
     async def finish(self) -> None:
         """Wait for the last write (raising what any step raised) and close."""

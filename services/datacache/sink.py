@@ -7,12 +7,15 @@ import posixpath
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
-from services.datacache.blobs import BlobStore
+from services.datacache.blobs import BlobStore, StoredBlob
 from services.datacache.sources.base import FileSink, SourceRefused
 from services.datacache.store import CacheStore
 from shared.bus import Bus
 from shared.messages.data import DataProgress
 from shared.mongo import Document
+
+#: Objects recorded in the catalog per round trip.
+RECORD_BATCH = 128
 
 
 class Progress:
@@ -42,7 +45,13 @@ class Progress:
 
 
 class CacheSink(FileSink):
-    """Stores each file a source delivers as an encrypted, deduplicated object."""
+    """Stores each file a source delivers as an encrypted, deduplicated object.
+
+    The catalog learns of the objects in batches (`RECORD_BATCH`), not one round trip
+    per file: a study is thousands of small instances, and a database round trip costs
+    more than encrypting one. `flush` records the rest; the stager calls it after every
+    try, failed or not, so no stored blob is left unrecorded.
+    """
 
     def __init__(
         self, blobs: BlobStore, store: CacheStore, tenant: str, source: str, progress: Progress
@@ -51,19 +60,34 @@ class CacheSink(FileSink):
         self.progress = progress
         self.files: list[Document] = []
         self.bytes = 0
+        self._paths: set[str] = set()
+        self._unrecorded: list[StoredBlob] = []
 
     async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None:
         clean = posixpath.normpath(path)
         if path.startswith("/") or clean.startswith("..") or clean in (".", ""):
             raise SourceRefused(f"{self.source} delivered a file named {path!r}")
-        if any(f["path"] == clean for f in self.files):
+        if clean in self._paths:
             raise SourceRefused(f"{self.source} delivered {clean!r} twice")
+        self._paths.add(clean)
         blob = await self.blobs.write(self._counted(chunks))
-        holder = await self.store.add_object(blob.sha256, blob.blob_id, blob.size, self.tenant)
-        if holder != blob.blob_id:
-            await self.blobs.delete(blob.blob_id)  # the same content is stored already
+        self._unrecorded.append(blob)
         self.files.append({"path": clean, "sha256": blob.sha256, "size": blob.size})
+        if len(self._unrecorded) >= RECORD_BATCH:
+            await self.flush()
         await self.progress.advance(1, 0)
+
+    async def flush(self) -> None:
+        """Record the stored blobs in the catalog; delete those whose content it had."""
+        batch, self._unrecorded = self._unrecorded, []
+        if not batch:
+            return
+        holders = await self.store.add_objects(
+            [(blob.sha256, blob.blob_id, blob.size) for blob in batch], self.tenant
+        )
+        for blob in batch:
+            if holders[blob.sha256] != blob.blob_id:
+                await self.blobs.delete(blob.blob_id)  # the same content is stored already
 
     async def _counted(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         try:

@@ -238,6 +238,8 @@ class Stager:
             except SourceUnavailable:
                 await progress.advance(-len(sink.files), -sink.bytes)
                 raise
+            finally:
+                await sink.flush()  # what was stored is recorded, whole fetch or not
             return sink
 
         sink = await with_retries(self.settings, canonical, one_try)

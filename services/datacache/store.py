@@ -17,12 +17,14 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, ReturnDocument
+from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.envelope import utcnow
 from shared.mongo import Document
+
+DUPLICATE_KEY = 11000
 
 
 def source_key(tenant: str, canonical: str, version: str | None) -> str:
@@ -48,48 +50,55 @@ class CacheStore:
 
     # -- objects ----------------------------------------------------------------------
 
-    async def add_object(self, sha256: str, blob_id: str, size: int, tenant: str) -> str | None:
-        """Record a stored blob under its content hash, for `tenant`.
+    async def add_object(self, sha256: str, blob_id: str, size: int, tenant: str) -> str:
+        """Record one stored blob under its content hash, for `tenant`; the blob that now
+        holds this content comes back (see `add_objects`)."""
+        holders = await self.add_objects([(sha256, blob_id, size)], tenant)
+        return holders[sha256]
 
-        Returns the blob that now holds this content: `blob_id`, or the one already
-        recorded (then the caller deletes its duplicate blob).
-        """
+    async def add_objects(self, blobs: list[tuple[str, str, int]], tenant: str) -> dict[str, str]:
+        """Record stored blobs, (SHA-256, blob id, size) each, under their content hashes
+        for `tenant`, in a few round trips whatever their number (a study is thousands of
+        small files). Returns, per hash, the blob that holds it: the one given, or one
+        recorded before (then the caller deletes its duplicate). A quarantined copy is
+        replaced by the fresh one."""
         now = utcnow()
+        holders = {sha256: blob_id for sha256, blob_id, _ in reversed(blobs)}  # first wins
+        docs = [
+            {"_id": sha256, "blob": blob_id, "size": size, "tenants": [tenant],
+             "created_at": now, "last_access": now, "quarantined": False}
+            for sha256, blob_id, size in blobs
+        ]  # fmt: skip
+        known: set[str] = set()
         try:
-            await self.objects.insert_one(
-                {
-                    "_id": sha256,
-                    "blob": blob_id,
-                    "size": size,
-                    "tenants": [tenant],
-                    "created_at": now,
-                    "last_access": now,
-                    "quarantined": False,
-                }
-            )
-            return blob_id
-        except DuplicateKeyError:
-            pass
-        existing = await self.objects.find_one_and_update(
-            {"_id": sha256, "quarantined": False},
+            await self.objects.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
+            known = {docs[error["index"]]["_id"] for error in errors}
+        if not known:
+            return holders
+        await self.objects.update_many(
+            {"_id": {"$in": list(known)}, "quarantined": False},
             {"$addToSet": {"tenants": tenant}, "$set": {"last_access": now}},
-            return_document=ReturnDocument.AFTER,
         )
-        if existing is None:  # the stored copy was quarantined: this fresh one replaces it
+        async for existing in self.objects.find({"_id": {"$in": list(known)}}):
+            sha256 = existing["_id"]
+            if not existing.get("quarantined"):
+                holders[sha256] = str(existing["blob"])
+                continue
+            # The stored copy was quarantined: this fresh one replaces it.
+            fresh = next(item for item in blobs if item[0] == sha256)
             await self.objects.update_one(
                 {"_id": sha256},
                 {
-                    "$set": {
-                        "blob": blob_id,
-                        "size": size,
-                        "quarantined": False,
-                        "last_access": now,
-                    },
+                    "$set": {"blob": fresh[1], "size": fresh[2], "quarantined": False,
+                             "last_access": now},
                     "$addToSet": {"tenants": tenant},
                 },
-            )
-            return blob_id
-        return str(existing["blob"])
+            )  # fmt: skip
+        return holders
 
     async def get_object(self, sha256: str) -> Document | None:
         return await self.objects.find_one({"_id": sha256})

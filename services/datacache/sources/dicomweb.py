@@ -51,6 +51,8 @@ CHUNK = 1 << 20
 class DicomWebSource(Source):
     schemes = ("dicomweb+http", "dicomweb+https")
     converts_dicom = True
+    #: The instances `version` listed, for the fetch that follows it.
+    _listed: list[str] | None = None
 
     def _parts(self, ref: SourceRef) -> tuple[str, str, str | None]:
         match = PATH.match(ref.path)
@@ -97,15 +99,19 @@ class DicomWebSource(Source):
         return uids
 
     async def version(self, ref: SourceRef) -> str | None:
-        """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels."""
+        """The study's (or series') SOP instance UIDs, digested: QIDO-RS, no pixels. The
+        fetch that follows counts against this listing (a QIDO-RS of a large study is a
+        dear query for the PACS); a retried fetch lists again."""
         uids = await self._instances(ref)
+        self._listed = uids
         return f"{len(uids)}:{hashlib.sha256(chr(0).join(uids).encode()).hexdigest()[:16]}"
 
     async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
         _, study, series = self._parts(ref)
         url = self._root(ref) + f"/studies/{study}" + (f"/series/{series}" if series else "")
         name = self.canonical(ref)
-        listed = len(await self._instances(ref))
+        listing, self._listed = self._listed, None
+        listed = len(listing if listing is not None else await self._instances(ref))
         count = 0
         try:
             accept = DICOM_PARTS.format(syntax=ref.transfer_syntax or "*")

@@ -11,7 +11,19 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES
 
 from services.datacache.app import storage_receiver
 from services.datacache.settings import DatacacheSettings
-from services.datacache.sources.dimse import MAX_STORAGE_CONTEXTS, Instance, plan_batches
+from services.datacache.sources.base import (
+    SourceConfig,
+    SourceRef,
+    SourceRefused,
+    SourceUnavailable,
+)
+from services.datacache.sources.dimse import (
+    MAX_STORAGE_CONTEXTS,
+    DimseSource,
+    Instance,
+    Outcome,
+    plan_batches,
+)
 from shared.messages.data import InputSpec
 
 CT, MR, SC = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.7"
@@ -67,3 +79,20 @@ def test_a_transfer_syntax_is_asked_of_dicom_sources_only() -> None:
     ):
         with pytest.raises(ValidationError):
             InputSpec.model_validate(wrong)
+
+
+def test_a_study_is_staged_only_whole() -> None:
+    """Fewer instances than the C-FIND listed: the PACS's failed sub-operations make it a
+    refusal naming them (it would fail the same way again); with no failure reported, the
+    association ended early, which may pass."""
+    source = DimseSource(SourceConfig(tenant="t", match="dimse://PACS@pacs:104"), None)  # type: ignore[arg-type]
+    ref = SourceRef("dimse://PACS@pacs:104/studies/1.2.3")
+    listed = _instances(CT, CT, CT)
+    source._whole(ref, listed, Outcome(received={item.uid for item in listed}))
+    with pytest.raises(
+        SourceRefused,
+        match=r"sent 1 of 3 instances; it reports 2 failed sub-operations, e.g. 1\.2\.1",
+    ):
+        source._whole(ref, listed, Outcome(received={"1.2.0"}, failed=2, failed_uids=("1.2.1",)))
+    with pytest.raises(SourceUnavailable, match="sent 2 of 3 instances and reported no failure"):
+        source._whole(ref, listed, Outcome(received={"1.2.0", "1.2.1"}))
