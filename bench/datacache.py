@@ -20,12 +20,14 @@ before: `source_bytes_second_job` is what the origin sent for it (must be 0). La
 HTTP, decrypted and verified on the fly, median of `--runs` reads (target >= 300).
 
 The PACS case: a real Orthanc (in its own network namespace, as in the tests) holds a
-study of `--pacs-instances` instances in JPEG baseline, JPEG-LS, JPEG 2000 and RLE
-(synthetic, made with the test suite's generator). Alternating `--runs` times: `curl`
-of the whole study over WADO-RS (`transfer-syntax=*`, the multipart answer written to
-a file) against staging the same study over DICOMweb (QIDO-RS count, WADO-RS, each
-instance's header read, SHA-256, encryption, catalog; a new tenant each time, so each
-is a real fetch). `pacs_stage_ratio` = median curl seconds / median stage seconds.
+study of `--pacs-instances` images of `--pacs-size` pixels square in JPEG baseline,
+JPEG-LS, JPEG 2000 and RLE (synthetic, made with the test suite's generator; lossless
+ones of 16-bit noise, which no codec shrinks: 256 x 256 is about 128 KiB an image).
+Alternating `--runs` times: `curl` of the whole study over WADO-RS
+(`transfer-syntax=*`, the multipart answer written to a file) against staging the
+same study over DICOMweb (QIDO-RS listing, WADO-RS, each instance's header read,
+SHA-256, encryption, catalog; a new tenant each time, so each is a real fetch).
+`pacs_stage_ratio` = median curl seconds / median stage seconds.
 
 The last line of stdout is one JSON object with those keys, the medians' inputs, and
 `rss_mb` (the datacache's idle RSS). Needs root (the namespace) and the test extras
@@ -130,7 +132,7 @@ async def _stats(session: aiohttp.ClientSession, origin: str) -> dict[str, int]:
 
 @asynccontextmanager
 async def _services(
-    workdir: Path, size_mb: int, pacs_instances: int
+    workdir: Path, size_mb: int, pacs_instances: int, pacs_size: int
 ) -> AsyncIterator[dict[str, Any]]:
     async with AsyncExitStack() as cleanup:
         run = os.urandom(4).hex()
@@ -170,7 +172,7 @@ async def _services(
         pacs = cleanup.enter_context(running_orthanc(workdir / "orthanc"))
         progress(f"uploading a study of {pacs_instances} compressed instances to Orthanc")
         study = await asyncio.to_thread(
-            upload_study, pacs, pacs_instances, len(PACS_SYNTAXES), PACS_SYNTAXES
+            upload_study, pacs, pacs_instances, len(PACS_SYNTAXES), PACS_SYNTAXES, size=pacs_size
         )
         dicomweb = f"dicomweb+http://{pacs.host}:{pacs.http_port}"
         pacs_source = {"match": dicomweb, "username": pacs.username, "password": pacs.password}
@@ -241,7 +243,7 @@ async def _stage(s: dict[str, Any], job_id: str, source: str, tenant: str = "ben
     return time.perf_counter() - started
 
 
-async def _plain_wado(s: dict[str, Any], target: Path) -> float:
+async def _plain_wado(s: dict[str, Any], target: Path) -> tuple[float, int]:
     """The PACS reference: curl fetching the whole study over WADO-RS, as it is held."""
     pacs = s["pacs"]
     started = time.perf_counter()
@@ -252,29 +254,33 @@ async def _plain_wado(s: dict[str, Any], target: Path) -> float:
     if await curl.wait() != 0:
         raise RuntimeError(f"curl {s['wado']} failed")
     elapsed = time.perf_counter() - started
+    size = target.stat().st_size
     target.unlink()
-    return elapsed
+    return elapsed, size
 
 
 async def _pacs_case(s: dict[str, Any], runs: int, workdir: Path) -> dict[str, Any]:
-    await _plain_wado(s, workdir / "study.multipart")  # uncounted, as for the file
+    _, study_bytes = await _plain_wado(s, workdir / "study.multipart")  # uncounted
     await _stage(s, "pacs-warm", s["study"], tenant="pacs0")
     plain, staged = [], []
     for i in range(runs):
-        plain.append(await _plain_wado(s, workdir / "study.multipart"))
+        plain.append((await _plain_wado(s, workdir / "study.multipart"))[0])
         staged.append(await _stage(s, f"pacs-{i}", s["study"], tenant=f"pacs{i + 1}"))
         progress(f"PACS run {i + 1}: curl {plain[-1]:.2f} s, stage {staged[-1]:.2f} s")
     plain_s, stage_s = statistics.median(plain), statistics.median(staged)
     return {
+        "pacs_study_mb": round(study_bytes / MIB, 1),
         "pacs_plain_median_s": round(plain_s, 3),
         "pacs_stage_median_s": round(stage_s, 3),
         "pacs_stage_ratio": round(plain_s / stage_s, 3),
     }
 
 
-async def bench(size_mb: int, runs: int, pacs_instances: int, workdir: Path) -> dict[str, Any]:
+async def bench(
+    size_mb: int, runs: int, pacs_instances: int, pacs_size: int, workdir: Path
+) -> dict[str, Any]:
     async with (
-        _services(workdir, size_mb, pacs_instances) as s,
+        _services(workdir, size_mb, pacs_instances, pacs_size) as s,
         aiohttp.ClientSession() as session,
     ):
         rss = process_rss_mb(s["process"].pid)
@@ -336,6 +342,7 @@ async def bench(size_mb: int, runs: int, pacs_instances: int, workdir: Path) -> 
         "serve_mb_s": round(statistics.median(serve), 1),
         "source_bytes_second_job": second_bytes,
         "pacs_instances": pacs_instances,
+        "pacs_size": pacs_size,
         **pacs,
         "rss_mb": {"datacache": rss},
     }
@@ -346,11 +353,14 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--pacs-instances", type=int, default=200)
+    parser.add_argument("--pacs-size", type=int, default=256)
     args = parser.parse_args()
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="medhive-bench-dc-", dir="/var/tmp") as workdir:
-        result = asyncio.run(bench(args.size_mb, args.runs, args.pacs_instances, Path(workdir)))
+        result = asyncio.run(
+            bench(args.size_mb, args.runs, args.pacs_instances, args.pacs_size, Path(workdir))
+        )
     print(json.dumps(result))
 
 
