@@ -8,8 +8,9 @@ scheduler's store, placement and outbox, RabbitMQ, the agents' handling of `node
 and their reports, and the audit recorder. M jobs are submitted at once over HTTP
 (at most 64 requests in flight on one session). The run ends when both
 `GET /v1/jobs?state=succeeded` lists all M jobs and the audit store has the
-`job.succeeded` record of each (followed with `GET /v1/events` every 25 ms with an
-operator token; see `run_jobs` for how, and why the type filter is applied here).
+`job.succeeded` record of each (followed on the audit's SSE stream with an operator
+token, so that the bench's own reads cost the database next to nothing; see
+`run_jobs`).
 
 Target: `jobs_per_s` >= 300 on a 2-core machine (everything here, this bench included,
 shares the two cores).
@@ -19,8 +20,18 @@ The reference, measured in the same run against the same database server:
 is all there is (see `db_ceiling`): no implementation of this design can go faster
 on it, and `of_ceiling` is the share of it that medhive reaches.
 
+The peer, measured in the same run on the same broker and database server:
+`reference_celery_per_s`, Celery with its MongoDB result backend and
+`task_track_started=True` (see `bench/celery_reference.py`), and `of_celery`, jobs_per_s
+over it.
+
 The last line of stdout is one JSON object:
 - `jobs_per_s`: M / (end - first submit);
+- `reference_celery_per_s`, `of_celery`: above;
+- `db_ops_per_job` (inserts, queries, updates, deletes, getmores; `serverStatus`
+  opcounters from the first submit to the end, per job) and `db_ops_per_job_by_kind`;
+  `broker_messages_per_job` (published into and delivered from the run's vhost, from
+  the management API, around the measured run); `cpu_ms_per_job` per process;
 - `p50_dispatch_ms`, `p99_dispatch_ms`: per job, from its `submitted` history entry to
   its `dispatched` one (the scheduler's own clock);
 - `events_per_s`: audit records stored during the run (counted with `GET /v1/events`:
@@ -44,26 +55,32 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pymongo import AsyncMongoClient, UpdateOne
 
-from bench.stack import Stack, bench_stack, cpu_used, progress
+from bench.celery_reference import celery_per_s
+from bench.stack import Stack, _vhost, bench_stack, cpu_used, progress, rabbit_get
 from medhive.client import Client
 from services.audit.store import AuditStore
 from services.scheduler.store import JobStore
 
 IMAGE = "medhive/busybox:1"
 IN_FLIGHT = 64
-POLL_S = 0.025
 WARMUP_JOBS = 20
 EVENTS_PAGE = 1000
 CEILING_JOBS = 300
 CEILING_BATCH = 100
 LATER_STATES = 3  # dispatched, running, succeeded: the transitions after the insert
+CELERY_TASKS = 2000
+#: The operations counted in `db_ops_per_job` (commands such as index builds and
+#: `serverStatus` itself are not a job's cost).
+DB_OPS = ("insert", "query", "update", "delete", "getmore")
+#: How long the management API may take to count a message (its statistics interval).
+BROKER_STATS_LAG_S = 6.0
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -129,56 +146,61 @@ async def submit_all(api: Client, m: int, prefix: str) -> list[str]:
     return list(await asyncio.gather(*(one(i) for i in range(m))))
 
 
-async def run_jobs(stack: Stack, api: Client, operator: Client, m: int, prefix: str) -> Run:
+async def run_jobs(
+    stack: Stack,
+    api: Client,
+    operator: Client,
+    m: int,
+    prefix: str,
+    at_start: Callable[[], Awaitable[None]] | None = None,
+    at_end: Callable[[], Awaitable[None]] | None = None,
+) -> Run:
     """Submit m jobs at once; return once all succeeded and their audit is stored.
 
-    The audit is followed with `GET /v1/events?after=<last seq seen>`, every record
-    once, and the `job.succeeded` ones are picked out here. The audit API filters by
-    type with a prefix regex, which SecantusDB answers with a collection scan, so
-    polling with the filter every few milliseconds would load the database more
-    than the system under test does. The moment the last `job.succeeded` is seen is
-    the end: the scheduler stores a state before it publishes the event (outbox), so
-    the job list agrees by then. Both are then checked as stated, with
+    The audit is followed on its SSE stream from the last record stored before the
+    first submit, each record once, and the `job.succeeded` ones are picked out here: a
+    stream costs the database a query when records arrive, where polling would cost
+    one every few milliseconds and count as the system's own load. The moment the last
+    `job.succeeded` is seen is the end: the scheduler stores a state before it
+    publishes the event (outbox), so the job list agrees by then. `at_start` and
+    `at_end` run just before the first submit and just at the end (counters are read
+    there); then both results are checked as stated, with
     `GET /v1/jobs?state=succeeded` and `GET /v1/events?type=job.succeeded`.
     """
     seq_before = await audit_head(operator)
+    recorded: set[str] = set()
+    records = 0
+    stream = operator.stream({}, after=seq_before)
+    if at_start is not None:
+        await at_start()
     started = time.perf_counter()
     answered: list[float] = []
 
     async def submit() -> list[str]:
         ids = await submit_all(api, m, prefix)
         answered.append(time.perf_counter())
+        progress(f"{m} jobs submitted in {answered[0] - started:.2f} s")
         return ids
 
     submitting = asyncio.create_task(submit())
-    told = False
-    recorded: set[str] = set()
-    records = 0
-    cursor = seq_before
     last_report = started
     try:
-        while True:
-            if answered and not told:
-                told = True
-                progress(f"{m} jobs submitted in {answered[0] - started:.2f} s")
-            events, _ = await operator.events({}, after=cursor)
-            records += len(events)
-            recorded.update(e["job_id"] for e in events if e["type"] == "job.succeeded")
-            if events:
-                cursor = events[-1]["seq"]
+        async for record in stream:
+            records += 1
+            if record["type"] == "job.succeeded":
+                recorded.add(record["job_id"])
             if submitting.done() and recorded.issuperset(ids := submitting.result()):
                 ended = time.perf_counter()
                 break
-            if len(events) == EVENTS_PAGE:
-                continue  # more are stored already
-            now = time.perf_counter()
-            if now - last_report >= 2:
+            if (now := time.perf_counter()) - last_report >= 2:
                 last_report = now
                 progress(f"{len(recorded)}/{m} job.succeeded recorded after {now - started:.1f} s")
                 stack.check_alive()
-            await asyncio.sleep(POLL_S)
     finally:
         submitting.cancel()  # only still running when the wait was given up
+        await stream.aclose()
+    if at_end is not None:
+        await at_end()
     listed = await succeeded_ids(api)
     if not listed.issuperset(ids):
         raise RuntimeError(f"{len(set(ids) - listed)} jobs recorded but not listed as succeeded")
@@ -268,6 +290,29 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
         await client.close()
 
 
+async def db_ops(mongo_url: str) -> dict[str, int]:
+    """The database server's operation counters (`serverStatus.opcounters`)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+    try:
+        status = await client.admin.command("serverStatus")
+        return {name: int(count) for name, count in status["opcounters"].items()}
+    finally:
+        await client.close()
+
+
+async def broker_messages(vhost: str) -> dict[str, int]:
+    """Messages published into and delivered from the vhost, by the management API,
+    once its statistics have caught up (it aggregates them every few seconds)."""
+    await asyncio.sleep(BROKER_STATS_LAG_S)
+    stats = (await rabbit_get(f"/vhosts/{vhost}")).get("message_stats", {})
+    return {"published": int(stats.get("publish", 0)),
+            "delivered": int(stats.get("deliver_get", 0))}  # fmt: skip
+
+
+def per_job(before: dict[str, int], after: dict[str, int], m: int) -> dict[str, float]:
+    return {name: round((after[name] - before.get(name, 0)) / m, 2) for name in after}
+
+
 def ms(a: datetime, b: datetime) -> float:
     return (b - a).total_seconds() * 1000
 
@@ -281,26 +326,46 @@ async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
         async with asyncio.timeout(timeout_s):
             await run_jobs(stack, api, operator, warm, "warmup")
         progress(f"measuring: {m} jobs on {len(stack.node_ids)} node(s)")
-        cpu_before = stack.cpu_s()
+        messages_before = await broker_messages(stack.vhost)
+        counted: dict[str, dict[str, Any]] = {}
+
+        async def at_start() -> None:
+            counted["cpu"], counted["db"] = stack.cpu_s(), await db_ops(stack.mongo_url)
+
+        async def at_end() -> None:
+            counted["cpu_after"] = stack.cpu_s()
+            counted["db_after"] = await db_ops(stack.mongo_url)
+
         try:
             async with asyncio.timeout(timeout_s):
-                run = await run_jobs(stack, api, operator, m, "cp")
+                run = await run_jobs(stack, api, operator, m, "cp", at_start, at_end)
         except TimeoutError:
             listed = await succeeded_ids(api)
             raise SystemExit(
                 f"not done within {timeout_s} s: {len(listed)} jobs succeeded in all"
             ) from None
-        cpu = cpu_used(cpu_before, stack.cpu_s())
+        cpu = cpu_used(counted["cpu"], counted["cpu_after"])
+        messages = per_job(messages_before, await broker_messages(stack.vhost), m)
+        ops = per_job(counted["db"], counted["db_after"], m)
         duration = run.ended - run.started
         progress(f"all {m} done in {duration:.2f} s; CPU seconds used: {cpu}")
         records = run.records
         times = await histories(api, run.ids)
     progress(f"reference: {CEILING_JOBS} jobs' writes straight to the database")
     ceiling = await db_ceiling(stack, run.ids[0])
+    async with _vhost(f"{stack.vhost}-celery") as celery_amqp:
+        celery = await celery_per_s(celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir)
+    progress(f"Celery: {celery:.1f} tasks/s")
     dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
     return {
         "jobs_per_s": round(m / duration, 1),
+        "reference_celery_per_s": round(celery, 1),
+        "of_celery": round(m / duration / celery, 3),
+        "db_ops_per_job": round(sum(ops[k] for k in DB_OPS), 2),
+        "db_ops_per_job_by_kind": ops,
+        "broker_messages_per_job": messages,
+        "cpu_ms_per_job": {name: round(seconds / m * 1000, 2) for name, seconds in cpu.items()},
         "db_ceiling_jobs_per_s": round(ceiling.jobs_per_s, 1),
         "of_ceiling": round(m / duration / ceiling.jobs_per_s, 2),
         "db_ceiling_audit_records_per_s": round(ceiling.records_per_s),

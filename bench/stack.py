@@ -190,6 +190,17 @@ async def _rabbit(session: aiohttp.ClientSession, method: str, path: str, body: 
             )
 
 
+async def rabbit_get(path: str) -> dict[str, Any]:
+    """A GET of RabbitMQ's management API, as the bench's admin user."""
+    user, password = RABBIT_ADMIN.split(":", 1)
+    async with (
+        aiohttp.ClientSession(auth=aiohttp.BasicAuth(user, password)) as session,
+        session.get(MANAGEMENT + path) as response,
+    ):
+        response.raise_for_status()
+        return dict(await response.json())
+
+
 @contextlib.asynccontextmanager
 async def _vhost(name: str) -> AsyncIterator[str]:
     """A fresh vhost the admin user may use fully; deleted (with its queues) at the end."""

@@ -108,7 +108,7 @@ stamp="$VENV/.medhive-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   say "installing medhive into $VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e ".[test]"
+  "$VENV/bin/pip" install -q -e ".[test,bench]"
   touch "$stamp"
 fi
 mkdir -p "$STATE"
