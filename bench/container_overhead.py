@@ -12,6 +12,15 @@ runs of each come first and are not counted.
 
 Target: `ratio` (median medhive / median docker run) <= 1.3.
 
+`python -m bench.container_overhead --parallel 4 --jobs 100 [--rounds 3]` measures
+throughput instead: the node offers P cpus and each job asks for 1, so it runs P at a
+time; N jobs are submitted at once and followed on the audit's SSE stream until every
+one has ended. Against it, N bare `docker run --rm` with at most P at a time. The two
+alternate `--rounds` times (after one uncounted round of each). Keys: `medhive_per_s`
+and `docker_per_s` (medians of the rounds), `parallel_ratio` = medhive / docker
+(target >= 0.95: a slot that frees is refilled at once, and a job costs the node little
+beyond Docker's own create, start, wait and remove).
+
 The last line of stdout is one JSON object: `medhive_median_s`, `docker_run_median_s`,
 `ratio`, `n`, `rss_mb` (idle RSS of each service process, read before any run), and
 for diagnosis the spread of both and the median time a job spent in each state,
@@ -29,14 +38,18 @@ import time
 from datetime import datetime
 from typing import Any
 
+from bench.control_plane import audit_head, submit_all
 from bench.stack import Stack, bench_stack, progress
 from medhive.client import TERMINAL, Client
+from shared.messages.jobs import JobState
 
 IMAGE = "medhive/busybox:1"
 POLL_S = 0.02
 JOB_TIMEOUT_S = 120.0
 WARMUP = 2
 DOCKER_RUN = ["docker", "run", "--rm", "--network", "none", IMAGE, "true"]
+#: The events that end a job.
+ENDS = {f"job.{state.value}" for state in JobState if state.terminal}
 
 
 async def medhive_run(api: Client, name: str) -> tuple[float, dict[str, Any]]:
@@ -115,19 +128,94 @@ async def bench(stack: Stack, n: int) -> dict[str, Any]:
     }
 
 
+async def medhive_batch(stack: Stack, api: Client, n: int, prefix: str) -> float:
+    """Seconds from the first submit until all n jobs (1 cpu each) have ended."""
+    async with stack.client(stack.operator_token) as operator:
+        stream = operator.stream({}, after=await audit_head(operator))
+        started = time.perf_counter()
+        spec = {"image": IMAGE, "command": ["true"], "resources": {"cpus": 1}}
+        submitting = asyncio.create_task(submit_all(api, n, prefix, spec))
+        ended: dict[str, str] = {}
+        try:
+            async for record in stream:
+                if record["type"] in ENDS:
+                    ended[record["job_id"]] = record["type"]
+                if submitting.done() and set(ids := submitting.result()) <= ended.keys():
+                    break
+        finally:
+            submitting.cancel()
+            await stream.aclose()
+    elapsed = time.perf_counter() - started
+    if failed := [job_id for job_id in ids if ended[job_id] != "job.succeeded"]:
+        raise RuntimeError(f"{len(failed)} jobs did not succeed, e.g. {failed[0]}")
+    return elapsed
+
+
+async def docker_batch(n: int, parallel: int) -> float:
+    """Seconds for n `docker run --rm`, at most `parallel` at a time."""
+    gate = asyncio.Semaphore(parallel)
+
+    async def one() -> None:
+        async with gate:
+            await docker_run()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(n)))
+    return time.perf_counter() - started
+
+
+async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) -> dict[str, Any]:
+    medhive_rates: list[float] = []
+    docker_rates: list[float] = []
+    async with stack.client() as api:
+        await medhive_batch(stack, api, parallel, "warmup")
+        await docker_batch(parallel, parallel)
+        for i in range(rounds):
+            stack.check_alive()
+            medhive_rates.append(jobs / await medhive_batch(stack, api, jobs, f"round{i}"))
+            docker_rates.append(jobs / await docker_batch(jobs, parallel))
+            progress(
+                f"round {i + 1}/{rounds}: medhive {medhive_rates[-1]:.2f}/s, "
+                f"docker run {docker_rates[-1]:.2f}/s"
+            )
+    medhive, docker = statistics.median(medhive_rates), statistics.median(docker_rates)
+    return {
+        "medhive_per_s": round(medhive, 2),
+        "docker_per_s": round(docker, 2),
+        "parallel_ratio": round(medhive / docker, 3),
+        "jobs": jobs,
+        "parallel": parallel,
+        "rounds": rounds,
+        "medhive_rounds_per_s": [round(rate, 2) for rate in medhive_rates],
+        "docker_rounds_per_s": [round(rate, 2) for rate in docker_rates],
+    }
+
+
 async def main(n: int) -> dict[str, Any]:
     # Settings as a small real installation would have them (the node's own capacity).
     async with bench_stack(nodes=1, node_env={"MEDHIVE_VMNODE_RUNTIME": "docker"}) as stack:
         return await bench(stack, n)
 
 
+async def main_parallel(jobs: int, parallel: int, rounds: int) -> dict[str, Any]:
+    node_env = {"MEDHIVE_VMNODE_RUNTIME": "docker", "MEDHIVE_VMNODE_CPUS": str(parallel)}
+    async with bench_stack(nodes=1, node_env=node_env) as stack:
+        return await parallel_bench(stack, jobs, parallel, rounds)
+
+
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n", type=int, default=15, help="measured runs of each (default 15)")
+    parser.add_argument("--parallel", type=int, default=0, help="throughput mode: P at a time")
+    parser.add_argument("--jobs", type=int, default=100, help="jobs per round (throughput mode)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (throughput mode)")
     args = parser.parse_args()
-    if args.n < 1:
-        parser.error("--n must be at least 1")
-    result = asyncio.run(main(args.n))
+    if args.n < 1 or args.parallel < 0 or args.jobs < 1 or args.rounds < 1:
+        parser.error("--n, --jobs and --rounds must be at least 1")
+    if args.parallel:
+        result = asyncio.run(main_parallel(args.jobs, args.parallel, args.rounds))
+    else:
+        result = asyncio.run(main(args.n))
     print(json.dumps(result), flush=True)
 
 

@@ -27,6 +27,8 @@ over it.
 
 The last line of stdout is one JSON object:
 - `jobs_per_s`: M / (end - first submit);
+- `steady_p99_dispatch_ms` (and p50): submit → dispatched under a steady offered load
+  of 50 jobs/s for `--steady-s` seconds (each job submitted in its own time slot);
 - `reference_celery_per_s`, `of_celery`: above;
 - `db_ops_per_job` (inserts, queries, updates, deletes, getmores; `serverStatus`
   opcounters from the first submit to the end, per job) and `db_ops_per_job_by_kind`;
@@ -76,6 +78,8 @@ CEILING_JOBS = 300
 CEILING_BATCH = 100
 LATER_STATES = 3  # dispatched, running, succeeded: the transitions after the insert
 CELERY_TASKS = 2000
+#: The offered load of the steady phase, jobs per second.
+STEADY_RATE = 50.0
 #: The operations counted in `db_ops_per_job` (commands such as index builds and
 #: `serverStatus` itself are not a job's cost).
 DB_OPS = ("insert", "query", "update", "delete", "getmore")
@@ -134,13 +138,17 @@ async def recorded_succeeded(operator: Client, after: int) -> set[str]:
         after = next_after
 
 
-async def submit_all(api: Client, m: int, prefix: str) -> list[str]:
-    """Submit m jobs concurrently, at most IN_FLIGHT requests at a time."""
+async def submit_all(
+    api: Client, m: int, prefix: str, spec: dict[str, Any] | None = None
+) -> list[str]:
+    """Submit m jobs concurrently (`spec`, named `<prefix>-<i>`), at most IN_FLIGHT
+    requests at a time."""
     gate = asyncio.Semaphore(IN_FLIGHT)
+    spec = spec or {"image": IMAGE, "command": ["true"]}
 
     async def one(i: int) -> str:
         async with gate:
-            job = await api.submit({"name": f"{prefix}-{i}", "image": IMAGE, "command": ["true"]})
+            job = await api.submit({**spec, "name": f"{prefix}-{i}"})
         return str(job["id"])
 
     return list(await asyncio.gather(*(one(i) for i in range(m))))
@@ -313,11 +321,44 @@ def per_job(before: dict[str, int], after: dict[str, int], m: int) -> dict[str, 
     return {name: round((after[name] - before.get(name, 0)) / m, 2) for name in after}
 
 
+async def steady_dispatch_ms(
+    stack: Stack, api: Client, operator: Client, rate: float, seconds: float, timeout_s: float
+) -> list[float]:
+    """Submit → dispatched of each job under a steady offered load: `rate` jobs per
+    second for `seconds`, each submitted on its own schedule (not when the previous
+    one was answered), followed to the end on the audit's stream."""
+    count = round(rate * seconds)
+    stream = operator.stream({}, after=await audit_head(operator))
+    gate = asyncio.Semaphore(IN_FLIGHT)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def one(i: int) -> str:
+        await asyncio.sleep(max(0.0, start + i / rate - loop.time()))  # its time slot
+        async with gate:
+            job = await api.submit({"name": f"steady-{i}", "image": IMAGE, "command": ["true"]})
+        return str(job["id"])
+
+    submitting = asyncio.gather(*(one(i) for i in range(count)))
+    done: set[str] = set()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for record in stream:
+                if record["type"] == "job.succeeded":
+                    done.add(record["job_id"])
+                if submitting.done() and done.issuperset(ids := submitting.result()):
+                    break
+    finally:
+        submitting.cancel()
+        await stream.aclose()
+    return [ms(at["submitted"], at["dispatched"]) for at in await histories(api, ids)]
+
+
 def ms(a: datetime, b: datetime) -> float:
     return (b - a).total_seconds() * 1000
 
 
-async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
+async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict[str, Any]:
     rss = stack.rss_mb()
     progress(f"idle RSS (MiB): {rss}")
     async with stack.client() as api, stack.client(stack.operator_token) as operator:
@@ -351,15 +392,26 @@ async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
         progress(f"all {m} done in {duration:.2f} s; CPU seconds used: {cpu}")
         records = run.records
         times = await histories(api, run.ids)
+
     progress(f"reference: {CEILING_JOBS} jobs' writes straight to the database")
     ceiling = await db_ceiling(stack, run.ids[0])
     async with _vhost(f"{stack.vhost}-celery") as celery_amqp:
         celery = await celery_per_s(celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir)
     progress(f"Celery: {celery:.1f} tasks/s")
+    # Last: its jobs would load the database the references measure.
+    steady: list[float] = []
+    if steady_s > 0:
+        progress(f"steady load: {STEADY_RATE:.0f} jobs/s for {steady_s:.0f} s")
+        async with stack.client() as api, stack.client(stack.operator_token) as operator:
+            steady = await steady_dispatch_ms(
+                stack, api, operator, STEADY_RATE, steady_s, timeout_s
+            )
     dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
     return {
         "jobs_per_s": round(m / duration, 1),
+        "steady_p99_dispatch_ms": round(percentile(steady, 99), 1) if steady else None,
+        "steady_p50_dispatch_ms": round(percentile(steady, 50), 1) if steady else None,
         "reference_celery_per_s": round(celery, 1),
         "of_celery": round(m / duration / celery, 3),
         "db_ops_per_job": round(sum(ops[k] for k in DB_OPS), 2),
@@ -385,7 +437,7 @@ async def bench(stack: Stack, m: int, timeout_s: float) -> dict[str, Any]:
     }
 
 
-async def main(m: int, nodes: int, timeout_s: float) -> dict[str, Any]:
+async def main(m: int, nodes: int, timeout_s: float, steady_s: float) -> dict[str, Any]:
     node_env = {
         "MEDHIVE_VMNODE_RUNTIME": "instant",
         "MEDHIVE_VMNODE_CPUS": "10000",
@@ -394,7 +446,7 @@ async def main(m: int, nodes: int, timeout_s: float) -> dict[str, Any]:
     # A loaded scheduler may handle heartbeats late: never declare a node lost here.
     scheduler_env = {"MEDHIVE_SCHEDULER_NODE_TIMEOUT_S": "600"}
     async with bench_stack(nodes=nodes, node_env=node_env, scheduler_env=scheduler_env) as stack:
-        return await bench(stack, m, timeout_s)
+        return await bench(stack, m, timeout_s, steady_s)
 
 
 def cli() -> None:
@@ -402,10 +454,13 @@ def cli() -> None:
     parser.add_argument("--jobs", type=int, default=600, help="jobs submitted at once (600)")
     parser.add_argument("--nodes", type=int, default=2, help="node agents (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
+    parser.add_argument(
+        "--steady-s", type=float, default=30.0, help="seconds of steady load (30; 0: none)"
+    )
     args = parser.parse_args()
     if args.jobs < 1 or args.nodes < 1:
         parser.error("--jobs and --nodes must be at least 1")
-    result = asyncio.run(main(args.jobs, args.nodes, args.timeout))
+    result = asyncio.run(main(args.jobs, args.nodes, args.timeout, args.steady_s))
     print(json.dumps(result), flush=True)
 
 
