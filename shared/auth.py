@@ -7,6 +7,7 @@ is stored: a leaked database does not leak usable tokens.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -46,12 +47,15 @@ def _digest(token: str) -> str:
 
 
 class TokenStore:
-    """Tokens in the identity database; lookups are cached for a few seconds."""
+    """Tokens in the identity database; lookups are cached for a few seconds, and the
+    requests that miss the cache together share one lookup (a client with 64 requests
+    in flight would otherwise send 64 the moment its entry expires)."""
 
     def __init__(self, db: AsyncDatabase[Document], cache_s: float = 5.0) -> None:
         self.tokens = db["tokens"]
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
     async def create(self, name: str, tenant: str, role: Role) -> str:
         """Store a new token and return it; this is the only time it is visible."""
@@ -75,6 +79,19 @@ class TokenStore:
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        if (under_way := self._lookups.get(digest)) is not None:
+            return await asyncio.shield(under_way)
+        lookup = asyncio.ensure_future(self._lookup(digest))
+        self._lookups[digest] = lookup
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if lookup.done():
+                self._lookups.pop(digest, None)
+            else:  # this caller was cancelled: the others still wait for it
+                lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
+
+    async def _lookup(self, digest: str) -> Principal | None:
         doc = await self.tokens.find_one({"_id": digest})
         principal = (
             Principal(name=doc["name"], tenant=doc["tenant"], role=Role(doc["role"]))
@@ -83,5 +100,5 @@ class TokenStore:
         )
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now + self.cache_s, principal)
+        self._cache[digest] = (time.monotonic() + self.cache_s, principal)
         return principal
