@@ -36,11 +36,13 @@ class SourceRefused(SourceError):
     """The source answered, and the answer will not change (401/403/404, bad data)."""
 
 
-def http_error(status: int, what: str) -> SourceError:
-    """The error for an HTTP status: 5xx, 408 and 429 may pass, the rest will not."""
+def http_error(status: int, what: str, said: str = "") -> SourceError:
+    """The error for an HTTP status: 5xx, 408 and 429 may pass, the rest will not.
+    `said` is the source's own explanation, when it gave one."""
+    message = f"{what} answered HTTP {status}" + (f": {said}" if said else "")
     if status >= 500 or status in (408, 429):
-        return SourceUnavailable(f"{what} answered HTTP {status}")
-    return SourceRefused(f"{what} answered HTTP {status}")
+        return SourceUnavailable(message)
+    return SourceRefused(message)
 
 
 class SourceConfig(BaseModel):

@@ -120,8 +120,7 @@ class DicomWebSource(Source):
                     # The archive's own words: why it cannot send (or convert) the study.
                     answer = await response.text(errors="replace")
                     reason = " ".join(answer[: REASON_CHARS * 2].split())[:REASON_CHARS]
-                    error = http_error(response.status, name)
-                    raise type(error)(f"{error}: {reason}" if reason else str(error))
+                    raise http_error(response.status, name, reason)
                 reader = aiohttp.MultipartReader(response.headers, response.content)
                 while (part := await _next_part(reader)) is not None:
                     if not isinstance(part, aiohttp.BodyPartReader):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ from services.datacache.sources.base import (
     SourceRefused,
     SourceUnavailable,
 )
+from services.datacache.sources.storescp import Expected, StoreFn
 
 UID = r"[0-9]+(?:\.[0-9]+)*"
 PATH = re.compile(rf"^/studies/(?P<study>{UID})(?:/series/(?P<series>{UID}))?/?$")
@@ -319,31 +320,16 @@ class DimseSource(Source):
         for sop_class, syntax in batch.contexts:
             ae.add_requested_context(sop_class, [syntax])
         roles = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in batch.contexts)]
-        expected = {item.uid for item in batch.instances}
-        failure: list[BaseException] = []
-
-        def on_store(event: Any) -> int:
-            uid = str(event.request.AffectedSOPInstanceUID)
-            if uid not in expected:
-                return 0x0124  # refused: not what we asked for
-            if uid in outcome.received:
-                return SUCCESS
-            try:
-                data = event.encoded_dataset(include_meta=True)
-                store(f"{event.dataset.SeriesInstanceUID}/{uid}.dcm", data)
-                outcome.received.add(uid)
-                return SUCCESS
-            except BaseException as exc:  # reported after the association, not lost
-                failure.append(exc)
-                return 0xA700  # out of resources: the PACS stops sending
-
-        assoc = self._associate(ae, ref, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        expected = Expected({item.uid for item in batch.instances}, store)
+        handlers = [(evt.EVT_C_STORE, expected.take)]
+        assoc = self._associate(ae, ref, ext_neg=roles, evt_handlers=handlers)
         try:
             for identifier in identifiers:
                 responses = assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
-                self._retrieve(assoc, ref, "C-GET", outcome, failure, responses)
+                self._retrieve(assoc, ref, "C-GET", outcome, expected, responses)
         finally:
             assoc.release()
+        outcome.received |= expected.received
 
     def _move(self, ref: SourceRef, instances: list[Instance], store: StoreFn) -> Outcome:
         if self.receiver is None:
@@ -354,7 +340,6 @@ class DimseSource(Source):
         ae = self._new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         outcome = Outcome(received=set())
-        failure: list[BaseException] = []
         with self.receiver.expect({item.uid for item in instances}, store) as expected:
             assoc = self._associate(ae, ref)
             try:
@@ -365,11 +350,9 @@ class DimseSource(Source):
                     self.calling_aet,
                     StudyRootQueryRetrieveInformationModelMove,
                 )
-                self._retrieve(assoc, ref, "C-MOVE", outcome, failure, responses)
+                self._retrieve(assoc, ref, "C-MOVE", outcome, expected, responses)
             finally:
                 assoc.release()
-            if expected.failure is not None:
-                raise expected.failure
             outcome.received = set(expected.received)
         return outcome
 
@@ -379,13 +362,14 @@ class DimseSource(Source):
         ref: SourceRef,
         operation: str,
         outcome: Outcome,
-        failure: list[BaseException],
+        expected: Expected,
         responses: Iterator[tuple[Dataset, Dataset | None]],
     ) -> None:
-        """One C-GET or C-MOVE request to its final answer; counts what failed."""
+        """One C-GET or C-MOVE request to its final answer; counts what failed, and
+        raises what storing an instance raised (after the PACS was told to stop)."""
         for status, identifier in responses:
-            if failure:
-                raise failure[0]
+            if expected.failure is not None:
+                raise expected.failure
             self._check(status, ref, operation, assoc)
             if int(status.Status) not in PENDING:  # the final answer
                 outcome.failed += int(status.get("NumberOfFailedSuboperations", 0) or 0)
@@ -393,8 +377,8 @@ class DimseSource(Source):
                 if uids:
                     listed = [uids] if isinstance(uids, str) else list(uids)
                     outcome.failed_uids += tuple(str(u) for u in listed)
-        if failure:
-            raise failure[0]
+        if expected.failure is not None:
+            raise expected.failure
 
     async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
         datasets: list[Dataset] = []
@@ -425,16 +409,11 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-#: Store one instance: (path under the input, the DICOM file's bytes).
-StoreFn = Callable[[str, bytes], None]
-
-
 def ref_of_series(ref: SourceRef, series: str) -> SourceRef:
     """The same study, narrowed to one series (an IMAGE-level request needs it)."""
-    base = ref.uri.split("/studies/", 1)[0]
-    study = PATH.match(SourceRef(ref.uri).path)
-    assert study is not None
-    return SourceRef(f"{base}/studies/{study['study']}/series/{series}", ref.transfer_syntax)
+    base, _, rest = ref.uri.partition("/studies/")
+    study = rest.split("/", 1)[0]
+    return SourceRef(f"{base}/studies/{study}/series/{series}", ref.transfer_syntax)
 
 
 def _by_series(instances: list[Instance]) -> dict[str, list[str]]:

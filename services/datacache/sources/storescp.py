@@ -46,16 +46,39 @@ STORAGE_CLASSES = tuple(
 StoreFn = Callable[[str, bytes], None]
 #: C-STORE statuses (PS3.4 B.2.3, PS3.7 C.5.x).
 SUCCESS, REFUSED_NOT_AUTHORIZED, OUT_OF_RESOURCES = 0x0000, 0x0124, 0xA700
+CANNOT_UNDERSTAND = 0xC000
 
 
 class Expected:
-    """The instances one retrieval waits for, and what has come of them."""
+    """The instances one retrieval waits for, and what has come of them; `take` is the
+    C-STORE handler, on a C-GET's own association as on this SCP's."""
 
     def __init__(self, uids: set[str], store: StoreFn) -> None:
         self.uids = uids
         self.store = store
         self.received: set[str] = set()
         self.failure: BaseException | None = None
+
+    def take(self, event: Any) -> int:
+        """Store one C-STORE's instance if it is expected; the status to answer."""
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid not in self.uids:
+            return REFUSED_NOT_AUTHORIZED
+        if uid in self.received:
+            return SUCCESS  # sent twice: kept once
+        try:
+            data = event.encoded_dataset(include_meta=True)
+            series = str(event.dataset.SeriesInstanceUID)
+        except Exception as exc:  # the sender's fault: this instance is missing, and said so
+            log.warning("storescp_undecodable", sop_instance_uid=uid, error=repr(exc)[:200])
+            return CANNOT_UNDERSTAND
+        try:
+            self.store(f"{series}/{uid}.dcm", data)
+            self.received.add(uid)
+            return SUCCESS
+        except BaseException as exc:  # ours: reported by the retrieval, not lost in a thread
+            self.failure = exc
+            return OUT_OF_RESOURCES  # the PACS stops sending
 
 
 class StorageReceiver:
@@ -109,17 +132,7 @@ class StorageReceiver:
             log.warning("storescp_refused_unexpected", sop_instance_uid=uid,
                         calling_aet=event.assoc.requestor.ae_title)  # fmt: skip
             return REFUSED_NOT_AUTHORIZED
-        if uid in expected.received:
-            return SUCCESS  # sent twice: kept once
-        try:
-            data = event.encoded_dataset(include_meta=True)
-            series = str(event.dataset.SeriesInstanceUID)
-            expected.store(f"{series}/{uid}.dcm", data)
-            expected.received.add(uid)
-            return SUCCESS
-        except BaseException as exc:  # reported by the retrieval, not lost in a thread
-            expected.failure = exc
-            return OUT_OF_RESOURCES
+        return expected.take(event)
 
 
 def _serve_retired_classes_as_storage() -> None:

@@ -370,8 +370,15 @@ async def test_dimse_c_move_sends_the_study_to_our_storage_scp_unconverted(
         assoc = await asyncio.to_thread(ae.associate, "127.0.0.1", receiver.port)
         assert assoc.is_established
         status = await asyncio.to_thread(assoc.send_c_store, intruder)
-        assoc.release()
         assert status.Status == 0x0124  # refused: not authorised
+        # An expected instance that cannot be read is refused too, and fails nothing else.
+        kept: list[str] = []
+        with receiver.expect({intruder.SOPInstanceUID}, lambda path, _: kept.append(path)) as it:
+            del intruder.SeriesInstanceUID
+            status = await asyncio.to_thread(assoc.send_c_store, intruder)
+        assoc.release()
+        assert status.Status == 0xC000  # cannot understand
+        assert kept == [] and it.failure is None and not it.received
     finally:
         receiver.stop()
     with pytest.raises(SourceRefused, match="runs no storage SCP"):
