@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, Field
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 
 OPENAPI_VERSION = "3.1.0"
 #: Where every service serves its document.
@@ -82,6 +83,28 @@ def endpoint(**fields: Any) -> Callable[[F], F]:
     return mark
 
 
+class KeysByName(GenerateJsonSchema):
+    """pydantic's JSON Schema, except for mappings whose keys have a pattern.
+
+    pydantic writes `dict[Key, Value]` as `patternProperties`, under which a key that
+    misses the pattern is an additional property with any value: the document would
+    promise to accept what the API refuses (a label key with a NUL). Here the key's
+    pattern goes to `propertyNames` and the values to `additionalProperties`, which is
+    what the model checks.
+    """
+
+    def dict_schema(self, schema: core_schema.DictSchema) -> JsonSchemaValue:
+        json_schema = super().dict_schema(schema)
+        patterns = json_schema.get("patternProperties") or {}
+        if len(patterns) == 1 and "additionalProperties" not in json_schema:
+            ((pattern, values),) = patterns.items()
+            del json_schema["patternProperties"]
+            names = json_schema.get("propertyNames", {})
+            json_schema["propertyNames"] = {**names, "pattern": pattern}
+            json_schema["additionalProperties"] = values
+        return json_schema
+
+
 def openapi_document(app: web.Application, title: str, description: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every described route of `app`."""
     routes: list[tuple[str, str, Any]] = [
@@ -98,6 +121,7 @@ def openapi_document(app: web.Application, title: str, description: str) -> dict
     refs, top = models_json_schema(
         [(model, "validation") for model in dict.fromkeys(models)],
         ref_template="#/components/schemas/{model}",
+        schema_generator=KeysByName,
     )
     schemas = {model: refs[(model, "validation")] for model in dict.fromkeys(models)}
     components = top.get("$defs", {})

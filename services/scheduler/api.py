@@ -16,7 +16,7 @@ from yarl import URL
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.placement import Placer
-from services.scheduler.store import IdempotencyConflict, JobStore
+from services.scheduler.store import INTERNAL_FIELDS, IdempotencyConflict, JobStore
 from services.scheduler.views import (
     JobPage,
     JobsQuery,
@@ -60,7 +60,7 @@ def _json(value: Any) -> Any:
 
 def public_job(doc: Document) -> Document:
     """A job as clients see it: no internal fields, `id` instead of `_id`."""
-    hidden = {"_id", "outbox", "priority", "idempotency_key"}
+    hidden = INTERNAL_FIELDS | {"priority", "idempotency_key"}
     out = {"id": doc["_id"], **{k: v for k, v in doc.items() if k not in hidden}}
     if doc.get("state") != "running":
         out.pop("interactive", None)  # forwards end with the run

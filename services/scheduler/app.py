@@ -62,7 +62,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         bus, jobs, store = app[BUS], app[JOBS], app[STORE]
         commands = CommandHandlers(jobs, bus)
         reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
-        data = DataHandlers(jobs, store, app[PLACER].wake)
+        data = DataHandlers(jobs, app[PLACER].wake)
         service_users = set(settings.trusted_users or [settings.amqp.user])
         # Integrators' users live beside the API tokens, in the identity database.
         amqp_users = AmqpUsers(app[TOKENS].tokens.database, service_users)

@@ -12,9 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from services.scheduler.jobs import JobService
-from services.scheduler.store import JobStore
 from shared.bus import Handler, Incoming
-from shared.envelope import utcnow
 from shared.messages.data import (
     DataFailed,
     DataGranted,
@@ -39,9 +37,8 @@ DATA_REPORTS = [
 
 
 class DataHandlers:
-    def __init__(self, jobs: JobService, store: JobStore, wake: Callable[[], None]) -> None:
+    def __init__(self, jobs: JobService, wake: Callable[[], None]) -> None:
         self.jobs = jobs
-        self.store = store
         self.wake = wake
 
     def handlers(self) -> dict[str, Handler]:
@@ -62,8 +59,7 @@ class DataHandlers:
             "staged_inputs": [item.model_dump(mode="json") for item in p.inputs],
             "staging_progress.done": True,
         }
-        expect = {"state": JobState.staging.value}
-        if await self.store.update_flags(p.job_id, fields, [], expect):
+        if await self.jobs.annotate(p.job_id, fields, expect={"state": JobState.staging.value}):
             self.wake()
 
     async def failed(self, msg: Incoming) -> None:
@@ -75,18 +71,9 @@ class DataHandlers:
         p = msg.payload
         # Reports of one job are handled in order (the consumer locks per job), so the
         # latest always wins.
-        await self.store.update_flags(
-            p.job_id,
-            {
-                "staging_progress": {
-                    "input": p.input,
-                    "files": p.files,
-                    "bytes": p.bytes,
-                    "done": False,
-                }
-            },
-            [],
-            {"state": JobState.staging.value},
+        progress = {"input": p.input, "files": p.files, "bytes": p.bytes, "done": False}
+        await self.jobs.annotate(
+            p.job_id, {"staging_progress": progress}, expect={"state": JobState.staging.value}
         )
 
     async def granted(self, msg: Incoming) -> None:
@@ -98,22 +85,13 @@ class DataHandlers:
         assert isinstance(msg.payload, DataOutputs)
         p = msg.payload
         files = [item.model_dump(mode="json") for item in p.files]
-        await self.store.update_flags(
-            p.job_id, {"outputs": {"attempt": p.attempt, "files": files, "bytes": p.bytes}}, []
-        )
+        outputs = {"attempt": p.attempt, "files": files, "bytes": p.bytes}
+        await self.jobs.annotate(p.job_id, {"outputs": outputs})
 
     async def uploaded(self, msg: Incoming) -> None:
         assert isinstance(msg.payload, DataUploaded)
         p = msg.payload
-        job = await self.store.get(p.job_id)
-        if job is None:
-            return
         outcome = "uploaded" if p.ok else "upload failed"
-        note = {
-            "state": job["state"],
-            "at": utcnow(),
-            "event": "data.uploaded",
-            "reason": f"results {outcome}: {p.detail}",
-        }
+        note = {"event": "data.uploaded", "reason": f"results {outcome}: {p.detail}"}
         upload = {"destination": p.destination, "ok": p.ok, "detail": p.detail}
-        await self.store.update_flags(p.job_id, {"outputs_upload": upload}, [], note=note)
+        await self.jobs.annotate(p.job_id, {"outputs_upload": upload}, note=note)

@@ -1,9 +1,10 @@
 """What happens to a job: submit, cancel, dispatch, and the node's reports about it.
 
-`JobService` is the only writer of job state. Each method reads the job, decides, and
-moves it with `JobStore.transition` (guarded by the state it read, so a concurrent
-change makes it re-read instead of overwrite), then has the outbox relay publish the
-announcing messages.
+`JobService` is the only writer of jobs. Every change follows one path, `_write`:
+take the job (the store's copy in memory, else a read), decide what to change, store it
+with `JobStore.apply` (guarded by the job's revision, so a concurrent change makes it
+read again and decide again instead of overwrite), then have the outbox relay publish
+the announcing messages.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import structlog
 
 from services.scheduler.ids import new_job_id
 from services.scheduler.outbox import OutboxRelay
-from services.scheduler.store import ALLOWED, JobStore, Submission, outbox_entry
+from services.scheduler.store import ALLOWED, Change, JobStore, Submission, outbox_entry
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.base import Payload
@@ -123,6 +124,73 @@ class JobService:
         release = DataRelease(job_id=job["_id"], reason=reason or to.value, upload_to=upload_to)
         return [self._command(job, "data.release", release)]
 
+    async def _write(
+        self,
+        job_id: str,
+        decide: Callable[[Document], Change | None],
+        *,
+        current: Document | None = None,
+    ) -> Document | None:
+        """Decide on the job and store the change; returns the job as written, or None
+        when `decide` declined (or the job is not there).
+
+        `current` is the job as the caller just read it. A copy from memory that makes
+        `decide` decline is read again first: the refusal must rest on the stored job.
+        """
+        fresh = False
+        for _ in range(5):
+            job = await self.store.current(job_id, fresh=fresh, seen=current)
+            current = None
+            if job is None:
+                return None
+            change = decide(job)
+            if change is None:
+                if fresh:
+                    return None
+                fresh = True
+                continue
+            published = self.relay.published(job_id)
+            written = await self.store.apply(job, change, published)
+            fresh = True
+            if written is None:
+                continue  # changed meanwhile
+            if "outbox" in job:
+                self.relay.forget(job_id, {e["id"] for e in job["outbox"]} & published)
+            state = JobState(written["state"])
+            await self.relay.flush(job_id, change.outbox, final=state.terminal)
+            if "state" in change.fields and (state.terminal or state == JobState.queued):
+                self.wake_placer()  # room freed, or a job to place
+            return written
+        log.warning("write_contended", job_id=job_id)
+        return None
+
+    def _transition(
+        self,
+        job: Document,
+        to: JobState,
+        reason: str | None,
+        causation_id: str | None,
+        set_fields: dict[str, Any] | None = None,
+        commands: Callable[[Document], list[Document]] | None = None,
+    ) -> Change | None:
+        """The change that moves `job` to `to` with its event (and `commands`, and the
+        release of its data if it ends), or None if its state may not move there."""
+        previous = JobState(job["state"])
+        if to not in ALLOWED[previous]:
+            return None
+        merged = {**job, **(set_fields or {})}
+        outbox = [self._job_event(merged, to, previous, reason, causation_id)]
+        if commands is not None:
+            outbox.extend(commands(merged))
+        if to.terminal:
+            outbox.extend(self._release_data(merged, to, reason))
+        fields = {"state": to.value, **(set_fields or {})}
+        entry: Document = {"state": to.value, "at": utcnow(), "reason": reason}
+        for key in ("attempt", "node_id", "exit_code"):
+            if key in fields:
+                entry[key] = fields[key]
+        return Change(fields, [entry], outbox)
+
     async def _move(
         self,
         job_id: str,
@@ -135,39 +203,36 @@ class JobService:
         commands: Callable[[Document], list[Document]] | None = None,
         current: Document | None = None,
     ) -> Document | None:
-        """Move a job from whatever state it is in now, if that is allowed.
+        """Move a job from whatever state it is in now to `to`, if that is allowed and
+        the job has the `expect`ed fields."""
 
-        `current` is the job as the caller just read it (saves a read). Retries when the
-        job changed between the read and the guarded update.
-        """
-        for _ in range(5):
-            job, current = current or await self.store.get(job_id), None
-            if job is None:
+        def decide(job: Document) -> Change | None:
+            if not _has(job, expect):
                 return None
-            previous = JobState(job["state"])
-            if previous.terminal or to not in ALLOWED[previous]:
+            return self._transition(job, to, reason, causation_id, set_fields, commands)
+
+        return await self._write(job_id, decide, current=current)
+
+    async def annotate(
+        self,
+        job_id: str,
+        fields: dict[str, Any],
+        *,
+        expect: dict[str, Any] | None = None,
+        note: Document | None = None,
+        commands: Callable[[Document], list[Document]] | None = None,
+    ) -> Document | None:
+        """Set fields of a job without changing its state (staging progress, a grant,
+        a cancel request), with the messages that go with it and optionally a note in
+        its history (`event` and `reason`; state and time are added here)."""
+
+        def decide(job: Document) -> Change | None:
+            if not _has(job, expect):
                 return None
-            merged = {**job, **(set_fields or {})}
-            outbox = [self._job_event(merged, to, previous, reason, causation_id)]
-            if commands is not None:
-                outbox.extend(commands(merged))
-            if to.terminal:
-                outbox.extend(self._release_data(merged, to, reason))
-            moved = await self.store.transition(
-                job_id,
-                to,
-                reason=reason,
-                outbox=outbox,
-                expect={"state": previous.value, **(expect or {})},
-                set_fields=set_fields,
-            )
-            if moved:
-                await self.relay.flush(job_id, outbox)
-                if to.terminal or to == JobState.queued:
-                    self.wake_placer()
-                return {**merged, "state": to.value}
-        log.warning("transition_contended", job_id=job_id, to=to.value)
-        return None
+            history = [{"state": job["state"], "at": utcnow(), **note}] if note else []
+            return Change(fields, history, commands(job) if commands else [])
+
+        return await self._write(job_id, decide)
 
     # -- commands -----------------------------------------------------------------
 
@@ -210,8 +275,8 @@ class JobService:
         self, job_id: str, tenant: str, reason: str, causation_id: str | None = None
     ) -> Document:
         """Cancel now if not yet placed; otherwise ask the node and let it report."""
-        job = await self.store.get(job_id, tenant)
-        if job is None:
+        job = await self.store.current(job_id, fresh=True)
+        if job is None or job["tenant"] != tenant:
             raise JobNotFound(job_id)
         state = JobState(job["state"])
         if state.terminal:
@@ -220,18 +285,31 @@ class JobService:
         if state in (JobState.submitted, JobState.queued, JobState.staging, JobState.lost) or (
             never_ran
         ):
-            moved = await self._move(job_id, JobState.cancelled, reason, causation_id=causation_id)
-            if moved is not None:
-                return moved
-            return await self.cancel(job_id, tenant, reason, causation_id)  # it moved meanwhile
-        if job.get("cancel_requested"):
+            moved = await self._move(
+                job_id,
+                JobState.cancelled,
+                reason,
+                causation_id=causation_id,
+                expect={"state": state.value},
+                current=job,
+            )
+        elif job.get("cancel_requested"):
             return job
-        command = self._command(
-            job, "node.cancel", NodeCancel(job_id=job_id, attempt=job["attempt"], reason=reason)
-        )
-        if await self.store.update_flags(job_id, {"cancel_requested": reason}, [command]):
-            await self.relay.flush(job_id, [command])
-        return {**job, "cancel_requested": reason}
+        else:
+
+            def node_cancel(current: Document) -> list[Document]:
+                cancel = NodeCancel(job_id=job_id, attempt=current["attempt"], reason=reason)
+                return [self._command(current, "node.cancel", cancel)]
+
+            moved = await self.annotate(
+                job_id,
+                {"cancel_requested": reason},
+                expect={"state": state.value, "attempt": job["attempt"]},
+                commands=node_cancel,
+            )
+        if moved is not None:
+            return moved
+        return await self.cancel(job_id, tenant, reason, causation_id)  # it moved meanwhile
 
     async def dispatch(self, job: Document, node_id: str) -> bool:
         """Place a queued job on a node and send it there."""
@@ -280,15 +358,15 @@ class JobService:
 
     async def granted(self, job_id: str, attempt: int, node_id: str) -> None:
         """The datacache granted the node access: now send it the job."""
-        job = await self.store.get(job_id)
-        if job is None or job["state"] != JobState.dispatched.value:
-            return
-        if (job["attempt"], job["node_id"], job.get("grant_pending")) != (attempt, node_id, True):
-            return  # a late or repeated grant
-        command = self._run_command(job)
-        expect = {"state": JobState.dispatched.value, "attempt": attempt, "grant_pending": True}
-        if await self.store.update_flags(job_id, {"grant_pending": False}, [command], expect):
-            await self.relay.flush(job_id, [command])
+        expect = {"state": JobState.dispatched.value, "attempt": attempt, "node_id": node_id,
+                  "grant_pending": True}  # fmt: skip
+        # Anything else is a late or repeated grant.
+        await self.annotate(
+            job_id, {"grant_pending": False}, expect=expect, commands=self._run_commands
+        )
+
+    def _run_commands(self, job: Document) -> list[Document]:
+        return [self._run_command(job)]
 
     # -- node reports -------------------------------------------------------------
 
@@ -303,69 +381,55 @@ class JobService:
 
     async def run_interactive(self, report: RunInteractive, causation_id: str) -> None:
         """The guest's ports are forwarded: store where to connect, announce it."""
-        job = await self.store.get(report.job_id)
-        if job is None or (job.get("attempt"), job.get("node_id")) != (
-            report.attempt,
-            report.node_id,
-        ):
-            return  # an older attempt's report
-        if job["state"] != JobState.running.value or job.get("interactive") == report.endpoints:
-            return  # ended meanwhile, or a repeated report (an agent restarted)
-        ready = JobInteractive(
-            job_id=report.job_id, attempt=report.attempt, endpoints=report.endpoints
-        )
-        envelope = self.bus.envelope(
-            "job.interactive_ready",
-            ready,
-            correlation_id=job["_id"],
-            causation_id=causation_id,
-            tenant=job["tenant"],
-        )
-        connect = ", ".join(f"{name} {where}" for name, where in report.endpoints.items())
-        note = {
-            "state": job["state"],
-            "at": utcnow(),
-            "event": "job.interactive_ready",
-            "reason": f"connect to {connect}",
-        }
-        entry = outbox_entry(envelope)
-        expect = {"state": JobState.running.value, "attempt": report.attempt}
-        fields = {"interactive": report.endpoints}
-        if await self.store.update_flags(job["_id"], fields, [entry], expect, note):
-            await self.relay.flush(job["_id"], [entry])
+
+        def decide(job: Document) -> Change | None:
+            if (job.get("attempt"), job.get("node_id")) != (report.attempt, report.node_id):
+                return None  # an older attempt's report
+            if job["state"] != JobState.running.value or job.get("interactive") == report.endpoints:
+                return None  # ended meanwhile, or a repeated report (an agent restarted)
+            ready = JobInteractive(
+                job_id=report.job_id, attempt=report.attempt, endpoints=report.endpoints
+            )
+            envelope = self.bus.envelope(
+                "job.interactive_ready",
+                ready,
+                correlation_id=job["_id"],
+                causation_id=causation_id,
+                tenant=job["tenant"],
+            )
+            connect = ", ".join(f"{name} {where}" for name, where in report.endpoints.items())
+            note = {"state": job["state"], "at": utcnow(), "event": "job.interactive_ready",
+                    "reason": f"connect to {connect}"}  # fmt: skip
+            return Change({"interactive": report.endpoints}, [note], [outbox_entry(envelope)])
+
+        await self._write(report.job_id, decide)
 
     async def run_finished(self, report: RunFinished, causation_id: str) -> None:
-        job = await self.store.get(report.job_id)
-        if job is None or job.get("attempt") != report.attempt:
-            log.info("stale_run_report", job_id=report.job_id, attempt=report.attempt)
-            return
-        state = OUTCOME_STATES[report.outcome]
-        reason = report.reason
-        if job.get("walltime_enforced_at") is not None and state != JobState.succeeded:
-            state, reason = JobState.timed_out, "walltime exceeded"
-        elif job.get("cancel_requested") and state != JobState.succeeded:
-            state, reason = JobState.cancelled, job["cancel_requested"]
-        elif state == JobState.failed and reason is None:
-            reason = f"exited with code {report.exit_code}"
-        fields: dict[str, Any] = {"exit_code": report.exit_code, "reason": reason}
-        if report.oom_killed:
-            fields["oom_killed"] = True
-        if report.outputs:  # listed with the end itself, so a finished job shows its results
-            files = [item.model_dump(mode="json") for item in report.outputs]
-            fields["outputs"] = {
-                "attempt": report.attempt,
-                "files": files,
-                "bytes": sum(item.size for item in report.outputs),
-            }
-        await self._move(
-            report.job_id,
-            state,
-            reason,
-            causation_id=causation_id,
-            expect={"attempt": report.attempt, "node_id": report.node_id},
-            set_fields=fields,
-            current=job,
-        )
+        def decide(job: Document) -> Change | None:
+            if (job.get("attempt"), job.get("node_id")) != (report.attempt, report.node_id):
+                log.info("stale_run_report", job_id=report.job_id, attempt=report.attempt)
+                return None
+            state = OUTCOME_STATES[report.outcome]
+            reason = report.reason
+            if job.get("walltime_enforced_at") is not None and state != JobState.succeeded:
+                state, reason = JobState.timed_out, "walltime exceeded"
+            elif job.get("cancel_requested") and state != JobState.succeeded:
+                state, reason = JobState.cancelled, job["cancel_requested"]
+            elif state == JobState.failed and reason is None:
+                reason = f"exited with code {report.exit_code}"
+            fields: dict[str, Any] = {"exit_code": report.exit_code, "reason": reason}
+            if report.oom_killed:
+                fields["oom_killed"] = True
+            if report.outputs:  # listed with the end itself: a finished job shows its results
+                files = [item.model_dump(mode="json") for item in report.outputs]
+                fields["outputs"] = {
+                    "attempt": report.attempt,
+                    "files": files,
+                    "bytes": sum(item.size for item in report.outputs),
+                }
+            return self._transition(job, state, reason, causation_id, fields)
+
+        await self._write(report.job_id, decide)
 
     async def fail(self, job_id: str, reason: str, causation_id: str) -> None:
         """End a job that cannot run (its data could not be staged or granted)."""
@@ -394,13 +458,15 @@ class JobService:
 
     async def enforce_walltime(self, job: Document) -> None:
         """Ask the node to stop a job past its deadline (the node normally does it)."""
-        command = self._command(
-            job,
-            "node.cancel",
-            NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded"),
+
+        def node_cancel(current: Document) -> list[Document]:
+            stop = NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded")
+            return [self._command(current, "node.cancel", stop)]
+
+        expect = {"state": job["state"], "attempt": job["attempt"]}
+        await self.annotate(
+            job["_id"], {"walltime_enforced_at": utcnow()}, expect=expect, commands=node_cancel
         )
-        if await self.store.update_flags(job["_id"], {"walltime_enforced_at": utcnow()}, [command]):
-            await self.relay.flush(job["_id"], [command])
 
     async def time_out(self, job: Document) -> None:
         """The node did not confirm the stop in time: end the job here."""
@@ -410,3 +476,8 @@ class JobService:
             f"walltime exceeded; node {job['node_id']} did not confirm the stop",
             expect={"attempt": job["attempt"]},
         )
+
+
+def _has(job: Document, expect: dict[str, Any] | None) -> bool:
+    """Whether the job has each of these (top-level) field values; missing is None."""
+    return all(job.get(key) == value for key, value in (expect or {}).items())

@@ -6,17 +6,20 @@ after each change and, as a sweep, at start and periodically, so a scheduler kil
 between storing and publishing still publishes everything (at least once; consumers
 de-duplicate by message id).
 
-Dropping is batched: published entries wait in memory, and one bulk write removes
-those of every job at once, while the next batch gathers behind it. A document update
-is the store's dearest operation, and one per change would double the writes of every
-job. The sweep passes over entries already published; a scheduler killed before the
-drop publishes them again at its next start, which is the at-least-once above.
+Dropping costs a write, so it is mostly free: a job's next write replaces its outbox
+with what is not published yet (store.py), which drops the rest on the way. Only what
+the last write of a job added, or what waits longer than `IDLE_DROP_S` for the next
+one, is dropped here: published entries wait in memory, and one group of writes
+removes those of many jobs at once. The sweep passes over entries already published;
+a scheduler killed before the drop publishes them again at its next start, which is
+the at-least-once above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable
 
 import structlog
@@ -30,6 +33,15 @@ from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.outbox")
 
+#: Published entries of a job that is not over are dropped after this long without a
+#: write of the job that would drop them anyway.
+IDLE_DROP_S = 2.0
+#: How often the drop looks for entries to drop, when no job's end asks sooner.
+DROP_EVERY_S = 0.5
+#: How old an outbox write must be before the periodic sweep publishes it again (what
+#: is newer is still being published by its writer).
+SWEEP_SETTLED_S = 2.0
+
 
 class OutboxRelay(BackgroundLoop):
     task_name = "outbox-sweep"
@@ -41,11 +53,28 @@ class OutboxRelay(BackgroundLoop):
         self.sweep_s = sweep_s
         #: Job id -> ids of its outbox entries that are published but not dropped yet.
         self._published: dict[str, set[str]] = {}
+        #: Job id -> when its oldest entry not dropped yet was published (monotonic).
+        self._since: dict[str, float] = {}
+        #: Jobs whose last write is stored and published: their entries go at once.
+        self._finished: set[str] = set()
         self._drop_wanted = asyncio.Event()
         self._dropper: asyncio.Task[None] | None = None
 
-    async def flush(self, job_id: str, entries: Iterable[Document]) -> None:
-        """Publish `entries` of one job in order, then drop them from its outbox."""
+    def published(self, job_id: str) -> set[str]:
+        """Ids of the job's entries that are published and not dropped yet."""
+        return set(self._published.get(job_id, ()))
+
+    def forget(self, job_id: str, ids: set[str]) -> None:
+        """These entries are gone from the outbox (a write replaced it)."""
+        if ids and (left := self._published.get(job_id, set()) - ids):
+            self._published[job_id] = left
+        elif ids:
+            self._published.pop(job_id, None)
+            self._since.pop(job_id, None)
+
+    async def flush(self, job_id: str, entries: Iterable[Document], final: bool = False) -> None:
+        """Publish `entries` of one job in order; they are dropped from its outbox by
+        its next write, or here (at once if `final`: the job will not be written)."""
         ids = []
         for entry in entries:
             envelope = Envelope.model_validate(entry["envelope"])
@@ -59,44 +88,57 @@ class OutboxRelay(BackgroundLoop):
             ids.append(entry["id"])
         if ids:
             self._published.setdefault(job_id, set()).update(ids)
+            self._since.setdefault(job_id, time.monotonic())
+        if final:
+            self._finished.add(job_id)
             self._drop_wanted.set()
 
-    async def sweep(self) -> int:
-        """Publish every outbox entry not published yet; returns how many jobs it did."""
+    async def sweep(self, settled_s: float = SWEEP_SETTLED_S) -> int:
+        """Publish every outbox entry not published yet (of writes at least `settled_s`
+        old); returns how many jobs it did."""
         done = 0
-        for job in await self.store.with_outbox():
+        for job in await self.store.with_outbox(settled_s):
+            if not job["outbox"]:  # emptied by a drop that could not unmark it
+                await self.store.clear_outbox_mark(job["_id"])
+                continue
             published = self._published.get(job["_id"], set())
             if entries := [e for e in job["outbox"] if e["id"] not in published]:
                 await self.flush(job["_id"], entries)
                 done += 1
+            self._finished.add(job["_id"])  # what an older run left: drop it when published
         return done
 
-    async def drop_published(self) -> None:
-        """Remove what is published from the outboxes, in one bulk write."""
-        batch = {job_id: set(ids) for job_id, ids in self._published.items()}
+    async def drop_published(self, everything: bool = False) -> None:
+        """Remove from the outboxes what is published and will not be dropped by a
+        later write (every published entry if `everything`), in one group of writes."""
+        idle_since = time.monotonic() - IDLE_DROP_S
+        batch = {
+            job_id: set(ids)
+            for job_id, ids in self._published.items()
+            if everything or job_id in self._finished or self._since[job_id] <= idle_since
+        }
         if not batch:
             return
         await self.store.drop_outboxes(batch)
         for job_id, ids in batch.items():  # entries published meanwhile stay for the next
-            if left := self._published.get(job_id, set()) - ids:
-                self._published[job_id] = left
-            else:
-                self._published.pop(job_id, None)
+            self.forget(job_id, ids)
+            if job_id not in self._published:
+                self._finished.discard(job_id)
 
     async def _drop_loop(self) -> None:
         while True:
-            await self._drop_wanted.wait()
+            with contextlib.suppress(TimeoutError):  # the idle ones are due now and then
+                await asyncio.wait_for(self._drop_wanted.wait(), DROP_EVERY_S)
             self._drop_wanted.clear()
             try:
                 await self.drop_published()
             except PyMongoError as exc:
                 log.warning("outbox_drop_failed", error=repr(exc)[:300], retry_in_s=1)
-                self._drop_wanted.set()
                 await asyncio.sleep(1)  # the database is away: try again shortly
 
     async def start(self) -> None:
-        await self.sweep()
-        await self.drop_published()
+        await self.sweep(settled_s=0)
+        await self.drop_published(everything=True)
         self._dropper = asyncio.create_task(self._drop_loop(), name="outbox-drop")
         await super().start()
 
@@ -107,7 +149,7 @@ class OutboxRelay(BackgroundLoop):
             await asyncio.gather(self._dropper, return_exceptions=True)
             self._dropper = None
         with contextlib.suppress(PyMongoError):  # what stays is published again at start
-            await self.drop_published()
+            await self.drop_published(everything=True)
 
     async def run(self) -> None:
         while True:

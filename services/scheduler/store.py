@@ -1,21 +1,31 @@
 """The scheduler's collections: jobs (with history and outbox), nodes, and job output.
 
-Every state change goes through `JobStore.transition`, which checks the move against
-`ALLOWED` and, in the same single-document update, appends the history entry and the
-messages that announce it to the job's outbox. A crash after the update loses nothing:
-the relay publishes whatever an outbox still holds (see outbox.py).
+Every write of a job goes through `JobStore.apply`: a single-document update that sets
+the job's fields, appends its history entries and puts the messages announcing the
+change in its outbox, all at once. A crash after the update loses nothing: the relay
+publishes whatever an outbox still holds (see outbox.py).
+
+Each write is guarded by the job's revision (`rev`, one more with every write): it
+stores only if the job is still what the writer decided on, so a concurrent change
+makes the writer read again and decide again, never overwrite. Because of that guard
+the store can keep the jobs it wrote lately in memory (`recent`) and decide on them
+without reading them back: a copy that is stale (another writer changed the job) fails
+its guard and is read again. The same write replaces the outbox with the entries not
+yet published plus the new ones, which drops what was published at no extra cost.
+Writes are sent in groups (commit.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
 
-from pymongo import ASCENDING, DESCENDING, UpdateOne
+from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
+from services.scheduler.commit import GroupCommit
 from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobSpec, JobState
 from shared.mongo import Document
@@ -36,6 +46,12 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 }
 
 
+#: Jobs kept in memory after the scheduler wrote or read them, least recent dropped first.
+RECENT_JOBS = 10_000
+#: Fields of a job document that only the store uses.
+INTERNAL_FIELDS = frozenset({"_id", "outbox", "outbox_at", "rev", "w"})
+
+
 class IdempotencyConflict(Exception):
     """The same idempotency key, or the same message id from the same sender, was used
     for a different job description."""
@@ -51,9 +67,28 @@ class Submission:
     matched_by: str | None = None
 
 
+@dataclass(frozen=True)
+class Change:
+    """What one write does to a job: fields it sets (dotted paths allowed), entries it
+    appends to the history, and messages it adds to the outbox."""
+
+    fields: Document
+    history: list[Document]
+    outbox: list[Document]
+
+
 def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
     """An outbox item: the message and, for node commands, the node it goes to."""
     return {"id": str(envelope.id), "envelope": envelope.model_dump(mode="json"), "node": node_id}
+
+
+def with_fields(doc: Document, fields: Document) -> Document:
+    """A copy of `doc` with `fields` set as `$set` sets them (dotted paths too)."""
+    out = dict(doc)
+    for key, value in fields.items():
+        head, _, rest = key.partition(".")
+        out[head] = with_fields(out.get(head) or {}, {rest: value}) if rest else value
+    return out
 
 
 class JobStore:
@@ -61,6 +96,9 @@ class JobStore:
         self.jobs = db["jobs"]
         self.nodes = db["nodes"]
         self.output = db["output"]
+        self.commit = GroupCommit(self.jobs)
+        #: Whole job documents as last written or read here, outbox included.
+        self.recent: OrderedDict[str, Document] = OrderedDict()
 
     async def create_indexes(self) -> None:
         await self.jobs.create_index(
@@ -80,7 +118,15 @@ class JobStore:
         await self.jobs.create_index(
             [("tenant", ASCENDING), ("state", ASCENDING), ("_id", DESCENDING)]
         )
-        await self.jobs.create_index([("outbox.0", ASCENDING)], sparse=True)
+        # Only jobs with messages to publish carry `outbox_at`: the relay's sweep finds
+        # them through this index. A scalar key: an index on the outbox itself would
+        # be rewritten with every message.
+        await self.jobs.create_index([("outbox_at", ASCENDING)], sparse=True)
+        if "outbox.0_1" in await self.jobs.index_information():  # stores of older versions
+            await self.jobs.update_many(
+                {"outbox.0": {"$exists": True}}, {"$set": {"outbox_at": utcnow()}}
+            )
+            await self.jobs.drop_index("outbox.0_1")
         await self.output.create_index(
             [("job_id", ASCENDING), ("attempt", ASCENDING), ("stream", ASCENDING)], unique=True
         )
@@ -120,14 +166,15 @@ class JobStore:
             "created_at": now,
             "updated_at": now,
             "outbox": outbox,
+            "rev": 0,
         }
+        if outbox:
+            doc["outbox_at"] = now
         if spec.idempotency_key is not None:
             doc["idempotency_key"] = spec.idempotency_key
-        try:
-            await self.jobs.insert_one(doc)
+        if await self.commit.insert(doc):
+            self._remember(doc)
             return Submission(doc, True)
-        except DuplicateKeyError:
-            pass
         for matched_by, query in (
             ("message_id", {"command.sender": command["sender"], "command.id": command["id"]}),
             ("idempotency_key", {"tenant": tenant, "idempotency_key": spec.idempotency_key}),
@@ -158,55 +205,99 @@ class JobStore:
         cursor = self.jobs.find(query, {"outbox": 0, "history": 0}).sort("_id", DESCENDING)
         return await cursor.limit(limit).to_list()
 
-    async def transition(
-        self,
-        job_id: str,
-        to: JobState,
-        *,
-        reason: str | None,
-        outbox: list[Document],
-        expect: dict[str, Any] | None = None,
-        set_fields: dict[str, Any] | None = None,
-    ) -> bool:
-        """Move a job to `to` if its current state allows it (and `expect` matches).
+    # -- writing jobs ---------------------------------------------------------------
 
-        Returns False when the job is not in a state that may move there: a duplicate
-        or late message, which callers ignore. A guarded `update_one` rather than a
-        find-and-modify: callers know what they wrote, and it is the cheaper operation
-        on every MongoDB-protocol server (on SecantusDB by a factor that grows with
-        the collection).
+    def _remember(self, job: Document) -> None:
+        self.recent[job["_id"]] = job
+        self.recent.move_to_end(job["_id"])
+        if len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+
+    async def current(
+        self, job_id: str, *, fresh: bool = False, seen: Document | None = None
+    ) -> Document | None:
+        """The job to decide on: the copy in memory unless `fresh`; else `seen` (a
+        document the caller just read, possibly without history and outbox); else a
+        read. Whichever it is, the write's guard finds out if it is stale."""
+        if not fresh:
+            known = self.recent.get(job_id)
+            if known is not None and (seen is None or known.get("rev") == seen.get("rev")):
+                self.recent.move_to_end(job_id)
+                return known
+            if seen is not None:
+                return seen
+        job = await self.jobs.find_one({"_id": job_id})
+        if job is not None:
+            self._remember(job)
+        else:
+            self.recent.pop(job_id, None)
+        return job
+
+    async def apply(self, job: Document, change: Change, published: set[str]) -> Document | None:
+        """Store `change` if the job is still at the revision `job` has; returns the
+        job as written, or None when it changed meanwhile (read it again).
+
+        When `job` has its outbox, the outbox is replaced by its entries not in
+        `published` plus the new ones; otherwise the new ones are appended.
         """
         now = utcnow()
-        sources = [state.value for state, targets in ALLOWED.items() if to in targets]
-        query: Document = {"_id": job_id, "state": {"$in": sources}, **(expect or {})}
-        entry: Document = {"state": to.value, "at": now, "reason": reason}
-        fields = {"state": to.value, "updated_at": now, **(set_fields or {})}
-        for key in ("attempt", "node_id", "exit_code"):
-            if key in fields:
-                entry[key] = fields[key]
-        result = await self.jobs.update_one(
-            query, {"$set": fields, "$push": {"history": entry, "outbox": {"$each": outbox}}}
-        )
-        return result.matched_count == 1
+        rev = job.get("rev")
+        fields: Document = {**change.fields, "updated_at": now, "rev": (rev or 0) + 1}
+        update: Document = {"$set": fields}
+        push: Document = {}
+        if change.history:
+            push["history"] = {"$each": change.history}
+        if "outbox" in job:
+            fields["outbox"] = [e for e in job["outbox"] if e["id"] not in published]
+            fields["outbox"] += change.outbox
+            if fields["outbox"]:
+                fields["outbox_at"] = now
+            else:
+                update["$unset"] = {"outbox_at": ""}
+        elif change.outbox:
+            push["outbox"] = {"$each": change.outbox}
+            fields["outbox_at"] = now
+        if push:
+            update["$push"] = push
+        if not await self.commit.update(job["_id"], {"rev": rev}, update):
+            self.recent.pop(job["_id"], None)
+            return None
+        written = with_fields(job, fields)
+        if "history" in job:
+            written["history"] = [*job["history"], *change.history]
+        if "history" in job and "outbox" in job:
+            self._remember(written)
+        else:
+            self.recent.pop(job["_id"], None)
+        return written
 
-    async def update_flags(
-        self,
-        job_id: str,
-        fields: dict[str, Any],
-        outbox: list[Document],
-        expect: dict[str, Any] | None = None,
-        note: Document | None = None,
-    ) -> bool:
-        """Set fields of a job without changing its state (cancel requested, walltime
-        enforced, inputs staged, grant received), with the messages that go with it and
-        optionally a note in its history."""
-        push: Document = {"outbox": {"$each": outbox}}
-        if note is not None:
-            push["history"] = note
-        result = await self.jobs.update_one(
-            {"_id": job_id, **(expect or {})}, {"$set": fields, "$push": push}
-        )
-        return result.matched_count == 1
+    async def drop_outboxes(self, published: dict[str, set[str]]) -> None:
+        """Remove published entries from the outboxes of many jobs (job id -> entry
+        ids), in one group of writes. A job whose whole outbox is published (as far as
+        the copy in memory knows) gets an empty one, guarded by its revision; if it
+        changed meanwhile, that change dropped them already. Others get a `$pull`."""
+
+        async def drop(job_id: str, ids: set[str]) -> None:
+            known = self.recent.get(job_id)
+            if known is not None and {e["id"] for e in known["outbox"]} <= ids:
+                guard: Document = {"rev": known.get("rev")}
+                update: Document = {"$set": {"outbox": []}, "$unset": {"outbox_at": ""}}
+            else:
+                guard, update = {}, {"$pull": {"outbox": {"id": {"$in": sorted(ids)}}}}
+            await self.commit.update(job_id, guard, update, tracked=False)
+            if "$pull" in update:
+                await self.clear_outbox_mark(job_id)
+            if (known := self.recent.get(job_id)) is not None:
+                outbox = [e for e in known["outbox"] if e["id"] not in ids]
+                self.recent[job_id] = {**known, "outbox": outbox}
+
+        await asyncio.gather(*(drop(job_id, ids) for job_id, ids in published.items()))
+
+    async def clear_outbox_mark(self, job_id: str) -> None:
+        """Unmark the job if its outbox is empty (after a `$pull`): the sweep looks no
+        further."""
+        guard = {"outbox": {"$size": 0}}
+        await self.commit.update(job_id, guard, {"$unset": {"outbox_at": ""}}, tracked=False)
 
     async def queued(self, limit: int) -> list[Document]:
         """Jobs waiting for a node (queued, or staging with their inputs staged), highest
@@ -227,22 +318,12 @@ class JobStore:
         )  # fmt: skip
         return await cursor.to_list()
 
-    async def with_outbox(self, limit: int = 500) -> list[Document]:
-        return (
-            await self.jobs.find({"outbox.0": {"$exists": True}}, {"outbox": 1})
-            .limit(limit)
-            .to_list()
-        )
-
-    async def drop_outboxes(self, published: dict[str, set[str]]) -> None:
-        """Remove entries from the outboxes of many jobs (job id -> entry ids) at once."""
-        await self.jobs.bulk_write(
-            [
-                UpdateOne({"_id": job_id}, {"$pull": {"outbox": {"id": {"$in": sorted(ids)}}}})
-                for job_id, ids in published.items()
-            ],
-            ordered=False,
-        )
+    async def with_outbox(self, settled_s: float = 0.0, limit: int = 500) -> list[Document]:
+        """Jobs whose outbox was last written at least `settled_s` ago and may still
+        hold messages (the writer itself publishes what is newer)."""
+        before = utcnow() - timedelta(seconds=settled_s)
+        cursor = self.jobs.find({"outbox_at": {"$lte": before}}, {"outbox": 1})
+        return await cursor.limit(limit).to_list()
 
     # -- nodes --------------------------------------------------------------------
 

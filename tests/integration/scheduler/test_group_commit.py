@@ -1,0 +1,145 @@
+"""Job writes sent in groups: each writer learns its own outcome, and nothing stored is
+left unpublished when the scheduler dies between a group's write and its publish."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from services.scheduler.api import JOBS, STORE
+from services.scheduler.outbox import OutboxRelay
+from services.scheduler.store import Change, JobStore, outbox_entry
+from shared.auth import Role
+from shared.envelope import utcnow
+from shared.messages.jobs import JobEvent, JobSpec, JobState
+from shared.mongo import Document, connect
+from shared.service import BUS
+from shared.settings import AmqpSettings, MongoSettings
+from tests.helpers import bearer, event_tap, eventually, make_token
+
+JOB = {"name": "group", "image": "medhive/busybox:1"}
+SPEC = JobSpec.model_validate(JOB)
+
+
+async def update_commands(store: JobStore) -> int:
+    status = await store.jobs.database.client.admin.command("serverStatus")
+    return int(status["opcounters"]["update"])
+
+
+async def test_one_group_tells_each_writer_whether_its_own_guard_held(
+    mongo_settings: MongoSettings, db_prefix: str
+) -> None:
+    client = connect(mongo_settings)
+    try:
+        store = JobStore(client[f"{db_prefix}group"])
+        await store.create_indexes()
+        ids = [f"j-group-{i}" for i in range(3)]
+        for i, job_id in enumerate(ids):
+            history = [{"state": "queued", "at": utcnow(), "reason": None}]
+            command = {"id": f"command-{i}", "sender": "test"}
+            await store.insert_job(job_id, "t", None, SPEC, command, history, [])
+        # Another writer changes the middle job behind this store's back.
+        await store.jobs.update_one(
+            {"_id": ids[1]}, {"$set": {"state": "cancelled"}, "$inc": {"rev": 1}}
+        )
+        placed = {"state": "dispatched", "at": utcnow(), "reason": "test"}
+        before = await update_commands(store)
+        written = await asyncio.gather(
+            *(
+                store.apply(
+                    store.recent[job_id], Change({"state": "dispatched"}, [placed], []), set()
+                )
+                for job_id in ids
+            )
+        )
+        assert await update_commands(store) - before == 1  # three writes, one command
+        assert [w is not None for w in written] == [True, False, True]
+        stored = {doc["_id"]: doc async for doc in store.jobs.find({})}
+        assert [stored[job_id]["state"] for job_id in ids] == [
+            "dispatched",
+            "cancelled",
+            "dispatched",
+        ]
+        assert [stored[job_id]["rev"] for job_id in ids] == [1, 1, 1]
+        assert len(stored[ids[1]]["history"]) == 1  # the refused write left nothing
+        # The stale copy is forgotten: the next decision about that job reads it.
+        assert ids[1] not in store.recent
+        current = await store.current(ids[1])
+        assert current is not None and current["state"] == "cancelled"
+    finally:
+        await client.close()
+
+
+async def test_a_copy_changed_behind_the_schedulers_back_is_read_again_not_overwritten(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    job = await (await scheduler.post("/v1/jobs", json=JOB, headers=auth)).json()
+    store = scheduler.app[STORE]
+    assert job["id"] in store.recent
+    await store.jobs.update_one(
+        {"_id": job["id"]}, {"$set": {"elsewhere": "kept"}, "$inc": {"rev": 1}}
+    )
+    written = await scheduler.app[JOBS].annotate(job["id"], {"here": "added"})
+    assert written is not None
+    stored = await store.jobs.find_one({"_id": job["id"]})
+    assert stored is not None
+    assert (stored["elsewhere"], stored["here"], stored["rev"]) == ("kept", "added", 2)
+
+
+async def test_duplicate_submissions_in_one_group_make_one_job(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    spec = {**JOB, "idempotency_key": "ris-group"}
+    answers = await asyncio.gather(
+        *(scheduler.post("/v1/jobs", json=spec, headers=auth) for _ in range(4))
+    )
+    assert sorted(a.status for a in answers) == [200, 200, 200, 201]
+    assert len({(await a.json())["id"] for a in answers}) == 1
+
+
+async def test_a_group_stored_but_not_published_is_published_by_the_next_start(
+    scheduler: TestClient, mongo_settings: MongoSettings, amqp_settings: AmqpSettings
+) -> None:
+    """As if the scheduler died right after a group's write: the messages it stored are
+    published when a scheduler starts next, then dropped from the outboxes."""
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    created = [
+        await (await scheduler.post("/v1/jobs", json=JOB, headers=auth)).json() for _ in range(3)
+    ]
+    store, bus = scheduler.app[STORE], scheduler.app[BUS]
+    stored: list[Document] = []
+    for job in created:
+        event = JobEvent(job_id=job["id"], state=JobState.cancelled,
+                         previous_state=JobState.queued, reason="test", attempt=0)  # fmt: skip
+        envelope = bus.envelope(
+            "job.cancelled", event, correlation_id=job["id"], tenant="cardiology"
+        )
+        stored.append(outbox_entry(envelope))
+    current = [store.recent[job["id"]] for job in created]
+    changes = [
+        Change({"state": "cancelled"}, [{"state": "cancelled", "at": utcnow()}], [entry])
+        for entry in stored
+    ]
+    async with event_tap(amqp_settings, ["job.cancelled"]) as tap:
+        written = await asyncio.gather(
+            *(store.apply(job, change, set()) for job, change in zip(current, changes, strict=True))
+        )
+        assert all(w is not None for w in written)  # stored, never published: the "crash"
+        restarted = OutboxRelay(JobStore(store.jobs.database), bus)
+        await restarted.start()
+        try:
+            for entry_id in [entry["id"] for entry in stored]:
+                await tap.wait_for(lambda m, wanted=entry_id: bool(m["id"] == wanted))
+        finally:
+            await restarted.stop()
+
+    async def outboxes_emptied() -> bool:
+        cursor = store.jobs.find({"_id": {"$in": [j["id"] for j in created]}})
+        docs: list[dict[str, Any]] = await cursor.to_list()
+        return all(not d["outbox"] and "outbox_at" not in d for d in docs)
+
+    await eventually(outboxes_emptied)
