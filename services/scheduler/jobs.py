@@ -311,39 +311,36 @@ class JobService:
             return moved
         return await self.cancel(job_id, tenant, reason, causation_id)  # it moved meanwhile
 
-    async def dispatch(self, job: Document, node_id: str) -> bool:
-        """Place a queued job on a node and send it there."""
-        spec = JobSpec.model_validate(job["spec"])
-        deadline = utcnow() + timedelta(seconds=spec.walltime_s)
-        attempt = job["attempt"] + 1
+    async def dispatch(self, job_id: str, node_id: str) -> bool:
+        """Place a waiting job on a node and send it there; False if it no longer waits."""
 
-        def first_command(merged: Document) -> list[Document]:
-            if spec.needs_data:  # the node is sent the job once the datacache lets it read
-                grant = DataGrant(
-                    job_id=job["_id"],
-                    attempt=attempt,
-                    node_id=node_id,
-                    expires_at=deadline,
-                    upload_until=deadline + self.upload_grace,
-                )
-                return [self._command(merged, "data.grant", grant)]
-            return [self._run_command(merged)]
+        def decide(job: Document) -> Change | None:
+            state = JobState(job["state"])
+            staged = state == JobState.staging and job.get("inputs_staged") is True
+            if state != JobState.queued and not staged:
+                return None
+            spec = JobSpec.model_validate(job["spec"])
+            deadline = utcnow() + timedelta(seconds=spec.walltime_s)
+            attempt = job["attempt"] + 1
 
-        moved = await self._move(
-            job["_id"],
-            JobState.dispatched,
-            f"placed on {node_id}",
-            expect={"attempt": job["attempt"]},
-            set_fields={
-                "node_id": node_id,
-                "attempt": attempt,
-                "deadline": deadline,
-                "grant_pending": spec.needs_data,
-            },
-            commands=first_command,
-            current=job,
-        )
-        return moved is not None
+            def first_command(merged: Document) -> list[Document]:
+                if spec.needs_data:  # the node gets the job once the datacache lets it read
+                    grant = DataGrant(
+                        job_id=job_id,
+                        attempt=attempt,
+                        node_id=node_id,
+                        expires_at=deadline,
+                        upload_until=deadline + self.upload_grace,
+                    )
+                    return [self._command(merged, "data.grant", grant)]
+                return [self._run_command(merged)]
+
+            placed = {"node_id": node_id, "attempt": attempt, "deadline": deadline,
+                      "grant_pending": spec.needs_data}  # fmt: skip
+            reason = f"placed on {node_id}"
+            return self._transition(job, JobState.dispatched, reason, None, placed, first_command)
+
+        return await self._write(job_id, decide) is not None
 
     def _run_command(self, job: Document) -> Document:
         run = NodeRun(

@@ -2,9 +2,10 @@
 
 A state change and the messages that announce it are stored in one update; this relay
 publishes them with confirms and only then drops them from the outbox. It runs right
-after each change and, as a sweep, at start and periodically, so a scheduler killed
-between storing and publishing still publishes everything (at least once; consumers
-de-duplicate by message id).
+after each change; what could not be published then (the broker away, a node's queue
+not there yet) is tried again every `sweep_s`; and a sweep of the whole store, at start
+and now and then, finds what a scheduler killed between storing and publishing left.
+So everything is published at least once (consumers de-duplicate by message id).
 
 Dropping costs a write, so it is mostly free: a job's next write replaces its outbox
 with what is not published yet (store.py), which drops the rest on the way. Only what
@@ -35,12 +36,16 @@ log = structlog.get_logger("medhive.scheduler.outbox")
 
 #: Published entries of a job that is not over are dropped after this long without a
 #: write of the job that would drop them anyway.
-IDLE_DROP_S = 2.0
+IDLE_DROP_S = 30.0
 #: How often the drop looks for entries to drop, when no job's end asks sooner.
 DROP_EVERY_S = 0.5
-#: How old an outbox write must be before the periodic sweep publishes it again (what
-#: is newer is still being published by its writer).
-SWEEP_SETTLED_S = 2.0
+#: How old an outbox write must be before the periodic sweep of the whole store looks
+#: at it: by then what was published is dropped, so the sweep finds only what no one
+#: published (a writer that failed without saying so).
+SWEEP_SETTLED_S = 2 * IDLE_DROP_S
+#: Sweeps of the whole store, one per this many periods (`sweep_s`); in between, only
+#: the jobs whose publishing failed here are tried again.
+FULL_SWEEP_EVERY = 12
 
 
 class OutboxRelay(BackgroundLoop):
@@ -57,6 +62,8 @@ class OutboxRelay(BackgroundLoop):
         self._since: dict[str, float] = {}
         #: Jobs whose last write is stored and published: their entries go at once.
         self._finished: set[str] = set()
+        #: Jobs with entries that could not be published: tried again every `sweep_s`.
+        self._stuck: set[str] = set()
         self._drop_wanted = asyncio.Event()
         self._dropper: asyncio.Task[None] | None = None
 
@@ -82,9 +89,13 @@ class OutboxRelay(BackgroundLoop):
                 await self.bus.publish(envelope, node_id=entry.get("node"))
             except Unroutable as exc:
                 # The node's queue is not there (yet): keep this and what follows, in
-                # order, for the sweep. The state change itself is already stored.
+                # order, to be tried again. The state change itself is already stored.
                 log.warning("outbox_unroutable", job_id=job_id, error=str(exc))
+                self._stuck.add(job_id)
                 break
+            except BaseException:
+                self._stuck.add(job_id)  # the broker is away: the caller learns it too
+                raise
             ids.append(entry["id"])
         if ids:
             self._published.setdefault(job_id, set()).update(ids)
@@ -96,16 +107,23 @@ class OutboxRelay(BackgroundLoop):
     async def sweep(self, settled_s: float = SWEEP_SETTLED_S) -> int:
         """Publish every outbox entry not published yet (of writes at least `settled_s`
         old); returns how many jobs it did."""
+        return await self._republish(await self.store.with_outbox(settled_s))
+
+    async def retry_stuck(self) -> int:
+        """Publish again what could not be published here; returns how many jobs."""
+        stuck, self._stuck = self._stuck, set()
+        return await self._republish(await self.store.outboxes(stuck)) if stuck else 0
+
+    async def _republish(self, jobs: list[Document]) -> int:
         done = 0
-        for job in await self.store.with_outbox(settled_s):
+        for job in jobs:
             if not job["outbox"]:  # emptied by a drop that could not unmark it
                 await self.store.clear_outbox_mark(job["_id"])
                 continue
             published = self._published.get(job["_id"], set())
             if entries := [e for e in job["outbox"] if e["id"] not in published]:
-                await self.flush(job["_id"], entries)
+                await self.flush(job["_id"], entries, final=True)  # old: drop them soon
                 done += 1
-            self._finished.add(job["_id"])  # what an older run left: drop it when published
         return done
 
     async def drop_published(self, everything: bool = False) -> None:
@@ -128,7 +146,8 @@ class OutboxRelay(BackgroundLoop):
     async def _drop_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):  # the idle ones are due now and then
-                await asyncio.wait_for(self._drop_wanted.wait(), DROP_EVERY_S)
+                async with asyncio.timeout(DROP_EVERY_S):
+                    await self._drop_wanted.wait()
             self._drop_wanted.clear()
             try:
                 await self.drop_published()
@@ -152,10 +171,15 @@ class OutboxRelay(BackgroundLoop):
             await self.drop_published(everything=True)
 
     async def run(self) -> None:
+        periods = 0
         while True:
             await asyncio.sleep(self.sweep_s)  # a periodic safety net, not a wait for an event
+            periods += 1
             try:
-                if done := await self.sweep():
+                done = await self.retry_stuck()
+                if periods % FULL_SWEEP_EVERY == 0:
+                    done += await self.sweep()
+                if done:
                     log.info("outbox_swept", jobs=done)
             except Exception:
                 log.exception("outbox_sweep_failed")

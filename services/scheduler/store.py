@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -99,6 +100,9 @@ class JobStore:
         self.commit = GroupCommit(self.jobs)
         #: Whole job documents as last written or read here, outbox included.
         self.recent: OrderedDict[str, Document] = OrderedDict()
+        #: Told of every job document this store writes or reads whole (placement
+        #: keeps its view of the queue and of the capacity in use this way).
+        self.observers: list[Callable[[Document], None]] = []
 
     async def create_indexes(self) -> None:
         await self.jobs.create_index(
@@ -208,6 +212,8 @@ class JobStore:
     # -- writing jobs ---------------------------------------------------------------
 
     def _remember(self, job: Document) -> None:
+        for observe in self.observers:
+            observe(job)
         self.recent[job["_id"]] = job
         self.recent.move_to_end(job["_id"])
         if len(self.recent) > RECENT_JOBS:
@@ -269,6 +275,8 @@ class JobStore:
             self._remember(written)
         else:
             self.recent.pop(job["_id"], None)
+            for observe in self.observers:
+                observe(written)
         return written
 
     async def drop_outboxes(self, published: dict[str, set[str]]) -> None:
@@ -299,15 +307,12 @@ class JobStore:
         guard = {"outbox": {"$size": 0}}
         await self.commit.update(job_id, guard, {"$unset": {"outbox_at": ""}}, tracked=False)
 
-    async def queued(self, limit: int) -> list[Document]:
-        """Jobs waiting for a node (queued, or staging with their inputs staged), highest
-        priority first, then oldest first."""
-        ready = {"$or": [{"state": JobState.queued.value},
-                         {"state": JobState.staging.value, "inputs_staged": True}]}  # fmt: skip
-        cursor = self.jobs.find(ready, {"outbox": 0, "history": 0})
-        return (
-            await cursor.sort([("priority", DESCENDING), ("_id", ASCENDING)]).limit(limit).to_list()
-        )
+    async def placeable(self) -> list[Document]:
+        """Jobs waiting for a node or holding room on one (queued; staging; dispatched;
+        running), without history and outbox: what placement starts from."""
+        states = [JobState.queued, JobState.staging, JobState.dispatched, JobState.running]
+        query = {"state": {"$in": [state.value for state in states]}}
+        return await self.jobs.find(query, {"outbox": 0, "history": 0}).to_list()
 
     async def placed(self) -> list[Document]:
         """Jobs that hold capacity on a node."""
@@ -316,6 +321,11 @@ class JobStore:
             {"node_id": 1, "spec.resources": 1, "deadline": 1, "attempt": 1, "state": 1,
              "tenant": 1, "walltime_enforced_at": 1, "cancel_requested": 1},
         )  # fmt: skip
+        return await cursor.to_list()
+
+    async def outboxes(self, job_ids: set[str]) -> list[Document]:
+        """The outboxes of these jobs."""
+        cursor = self.jobs.find({"_id": {"$in": sorted(job_ids)}}, {"outbox": 1})
         return await cursor.to_list()
 
     async def with_outbox(self, settled_s: float = 0.0, limit: int = 500) -> list[Document]:
