@@ -47,8 +47,8 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         placer.jobs = jobs
         app[STORE], app[PLACER], app[JOBS] = store, placer, jobs
         watchdog = Watchdog(
-            store, jobs, app[BUS], settings.watchdog_interval_s, settings.walltime_grace_s,
-            settings.node_timeout_s,
+            store, jobs, placer.view, app[BUS], settings.watchdog_interval_s,
+            settings.walltime_grace_s, settings.node_timeout_s,
         )  # fmt: skip
         await relay.start()
         await placer.start()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import structlog
@@ -74,13 +74,24 @@ class Waiting:
         return (-self.priority, self.job_id)
 
 
+@dataclass(frozen=True)
+class Placed:
+    """A job that holds room on a node, with the clocks the watchdog keeps."""
+
+    job_id: str
+    node_id: str
+    need: Room
+    deadline: datetime | None
+    walltime_enforced_at: datetime | None
+
+
 class PlacementView:
     """The queue (jobs that wait for a node) and the ledger (room each placed job
     holds), kept from the job documents the store writes and reads."""
 
     def __init__(self) -> None:
         self.waiting: dict[str, Waiting] = {}
-        self.holding: dict[str, tuple[str, Room]] = {}
+        self.holding: dict[str, Placed] = {}
         self._rev: dict[str, int] = {}
 
     def observe(self, job: Document) -> None:
@@ -99,7 +110,8 @@ class PlacementView:
             kind = job["spec"].get("kind", "container")
             self.waiting[job_id] = Waiting(job_id, job.get("priority", 0), requirement(job), kind)
         elif state in (JobState.dispatched, JobState.running) and job.get("node_id"):
-            self.holding[job_id] = (job["node_id"], requirement(job))
+            clocks = job.get("deadline"), job.get("walltime_enforced_at")
+            self.holding[job_id] = Placed(job_id, job["node_id"], requirement(job), *clocks)
         if not state.terminal:
             self._rev[job_id] = rev
 
@@ -109,9 +121,10 @@ class PlacementView:
     def in_use(self) -> dict[str, Room]:
         """Room held on each node by the jobs placed there."""
         used: dict[str, Room] = {}
-        for node, need in self.holding.values():
-            room = used.get(node, Room(0.0, 0))
-            used[node] = Room(room.cpus + need.cpus, room.memory_mb + need.memory_mb)
+        for placed in self.holding.values():
+            room = used.get(placed.node_id, Room(0.0, 0))
+            need = placed.need
+            used[placed.node_id] = Room(room.cpus + need.cpus, room.memory_mb + need.memory_mb)
         return used
 
 

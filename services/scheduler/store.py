@@ -314,15 +314,6 @@ class JobStore:
         query = {"state": {"$in": [state.value for state in states]}}
         return await self.jobs.find(query, {"outbox": 0, "history": 0}).to_list()
 
-    async def placed(self) -> list[Document]:
-        """Jobs that hold capacity on a node."""
-        cursor = self.jobs.find(
-            {"state": {"$in": [JobState.dispatched.value, JobState.running.value]}},
-            {"node_id": 1, "spec.resources": 1, "deadline": 1, "attempt": 1, "state": 1,
-             "tenant": 1, "walltime_enforced_at": 1, "cancel_requested": 1},
-        )  # fmt: skip
-        return await cursor.to_list()
-
     async def outboxes(self, job_ids: set[str]) -> list[Document]:
         """The outboxes of these jobs."""
         cursor = self.jobs.find({"_id": {"$in": sorted(job_ids)}}, {"outbox": 1})

@@ -4,7 +4,8 @@ The node agent stops a job at its walltime itself. This loop catches what a node
 could not do: past the deadline plus a grace period it asks the node again; past
 another grace period it ends the job as `timed_out` here. A node that sends no
 heartbeat for `node_timeout_s` is offline, and its placed jobs are `lost` (then
-queued again while they have retries left).
+queued again while they have retries left). The placed jobs and their clocks come from
+placement's view in memory; only a job that needs acting on is read.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import timedelta
 import structlog
 
 from services.scheduler.jobs import JobService
+from services.scheduler.placement import PlacementView
 from services.scheduler.store import JobStore
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -31,6 +33,7 @@ class Watchdog(BackgroundLoop):
         self,
         store: JobStore,
         jobs: JobService,
+        view: PlacementView,
         bus: Bus,
         interval_s: float,
         grace_s: float,
@@ -39,6 +42,7 @@ class Watchdog(BackgroundLoop):
         super().__init__()
         self.store = store
         self.jobs = jobs
+        self.view = view
         self.bus = bus
         self.interval_s = interval_s
         self.grace = timedelta(seconds=grace_s)
@@ -65,16 +69,22 @@ class Watchdog(BackgroundLoop):
                 )
                 await self.bus.emit("node.offline", status)
         silent = int(self.node_timeout.total_seconds())
-        for job in await self.store.placed():
-            host = nodes.get(job["node_id"])
-            if host is None or host["last_seen"] < stale:
-                reason = f"node {job['node_id']} sent no heartbeat for {silent} s"
-                await self.jobs.lose(job, reason)
+        for placed in list(self.view.holding.values()):
+            host = nodes.get(placed.node_id)
+            lost = host is None or host["last_seen"] < stale
+            deadline, enforced = placed.deadline, placed.walltime_enforced_at
+            overdue = enforced is None and deadline is not None and now > deadline + self.grace
+            unconfirmed = enforced is not None and now > enforced + self.grace
+            if not (lost or overdue or unconfirmed):
                 continue
-            deadline = job.get("deadline")
-            enforced = job.get("walltime_enforced_at")
-            if enforced is None and deadline is not None and now > deadline + self.grace:
-                log.warning("walltime_enforced", job_id=job["_id"], node_id=job["node_id"])
+            job = await self.store.current(placed.job_id)
+            if job is None or job.get("node_id") != placed.node_id:
+                continue  # moved on meanwhile
+            if lost:
+                reason = f"node {placed.node_id} sent no heartbeat for {silent} s"
+                await self.jobs.lose(job, reason)
+            elif overdue:
+                log.warning("walltime_enforced", job_id=placed.job_id, node_id=placed.node_id)
                 await self.jobs.enforce_walltime(job)
-            elif enforced is not None and now > enforced + self.grace:
+            else:
                 await self.jobs.time_out(job)
