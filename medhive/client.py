@@ -66,6 +66,11 @@ class Client:
     async def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(await self.call("POST", f"{self.api_url}/v1/jobs", json=spec))
 
+    async def submit_many(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Many jobs in one request: one answer each (`status`, `job`, `detail`)."""
+        body = await self.call("POST", f"{self.api_url}/v1/jobs/batch", json={"jobs": specs})
+        return list(body["results"])
+
     async def job(self, job_id: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}"))
 

@@ -3,6 +3,7 @@ tenant's job is indistinguishable from a job that does not exist (404)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import datetime
@@ -18,6 +19,8 @@ from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.placement import Placer
 from services.scheduler.store import INTERNAL_FIELDS, IdempotencyConflict, JobStore
 from services.scheduler.views import (
+    BatchAnswers,
+    JobBatch,
     JobPage,
     JobsQuery,
     JobView,
@@ -83,20 +86,43 @@ def _job_id(request: web.Request) -> str:
     links=("get_job", "logs", "outputs", "cancel"),
 )
 async def submit(request: web.Request) -> web.Response:
-    principal = request[PRINCIPAL]
     spec = await read_model(request, JobSpec)
-    # Each request is a command of its own; the idempotency key is how a client repeats.
+    status, body = await _submit(request, spec)
+    if status == 409:
+        raise ApiError(409, body["detail"], job_id=body["job_id"])
+    return web.json_response(body["job"], status=status)
+
+
+@routes.post("/v1/jobs/batch")
+@roles(Role.user, Role.operator)
+@endpoint(
+    summary="Submit many jobs at once; each is answered as `POST /v1/jobs` would answer it.",
+    body=JobBatch,
+    response=BatchAnswers,
+)
+async def submit_batch(request: web.Request) -> web.Response:
+    batch = await read_model(request, JobBatch)
+    # Submitted together, the jobs are stored together (one group of writes).
+    answers = await asyncio.gather(*(_submit(request, spec) for spec in batch.jobs))
+    results = [{"status": status, "job": body.get("job"), "detail": body.get("detail")}
+               for status, body in answers]  # fmt: skip
+    return web.json_response({"results": results})
+
+
+async def _submit(request: web.Request, spec: JobSpec) -> tuple[int, Document]:
+    """One job for the caller's tenant: (201 or 200, the job) or (409, why)."""
+    principal = request[PRINCIPAL]
+    # Each job is a command of its own; the idempotency key is how a client repeats.
     command = {"id": str(uuid.uuid4()), "sender": principal.name}
     try:
         submission = await request.app[JOBS].submit(principal.tenant, principal.name, spec, command)
     except IdempotencyConflict as exc:
-        raise ApiError(
-            409,
+        detail = (
             f"idempotency key {spec.idempotency_key!r} already names job {exc.args[0]} "
-            "with a different description",
-            job_id=exc.args[0],
-        ) from exc
-    return web.json_response(public_job(submission.job), status=201 if submission.created else 200)
+            "with a different description"
+        )
+        return 409, {"detail": detail, "job_id": exc.args[0]}
+    return (201 if submission.created else 200), {"job": public_job(submission.job)}
 
 
 @routes.get("/v1/jobs")

@@ -48,6 +48,32 @@ class JobView(JobSummary):
     history: list[dict[str, Any]] = Field(description="Every state it was in, with when and why.")
 
 
+#: Most jobs one `POST /v1/jobs/batch` may carry (the body's size limit holds too).
+MAX_BATCH_JOBS = 100
+
+
+class JobBatch(BaseModel):
+    """`POST /v1/jobs/batch`: many jobs at once, for systems that submit in bulk."""
+
+    jobs: list[JobSpec] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_JOBS,
+        description="The jobs; one that is not valid refuses the whole batch (422).",
+    )
+
+
+class BatchAnswer(BaseModel):
+    """What `POST /v1/jobs` would have answered for one job of the batch."""
+
+    status: int = Field(description="201 made, 200 repeated (idempotency key), 409 conflict.")
+    job: JobView | None = Field(description="The job made or repeated; none on a conflict.")
+    detail: str | None = Field(None, description="Why not, on a conflict.")
+
+
+class BatchAnswers(BaseModel):
+    results: list[BatchAnswer] = Field(description="One per job, in the order sent.")
+
+
 class JobPage(BaseModel):
     jobs: list[JobSummary]
     next_before: str | None = Field(description="Pass as `before` for the next page.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp.test_utils import TestClient
 
 from services.scheduler.api import JOBS, STORE
+from services.scheduler.views import MAX_BATCH_JOBS
 from shared.auth import Role
 from shared.settings import AmqpSettings, MongoSettings
 from tests.helpers import bearer, event_tap, eventually, make_token
@@ -125,3 +126,39 @@ async def test_job_events_are_published_after_they_are_stored(
 
     await eventually(outbox_emptied)
     assert await scheduler.app[JOBS].relay.sweep(settled_s=0) == 0
+
+
+async def test_a_batch_is_answered_job_by_job_as_single_submissions_would_be(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    auth = bearer(await make_token(mongo_settings, "cardiology"))
+    earlier = {**JOB, "idempotency_key": "ris-1"}
+    first = await (await scheduler.post("/v1/jobs", json=earlier, headers=auth)).json()
+    batch = [
+        {**JOB, "name": "new"},
+        earlier,  # repeats the job above
+        {**earlier, "name": "changed"},  # the same key for another description
+        {**JOB, "idempotency_key": "ris-2"},
+        {**JOB, "idempotency_key": "ris-2"},  # twice in one batch: one job
+    ]
+    response = await scheduler.post("/v1/jobs/batch", json={"jobs": batch}, headers=auth)
+    assert response.status == 200
+    results = (await response.json())["results"]
+    assert [r["status"] for r in results] == [201, 200, 409, 201, 200]
+    assert results[1]["job"]["id"] == first["id"]
+    assert results[2]["job"] is None and first["id"] in results[2]["detail"]
+    assert results[3]["job"]["id"] == results[4]["job"]["id"]
+    listing = await (await scheduler.get("/v1/jobs", headers=auth)).json()
+    assert len(listing["jobs"]) == 3
+
+    # A bad description anywhere refuses the whole batch, naming where.
+    bad = [JOB, {**JOB, "walltime_s": "3600"}]
+    response = await scheduler.post("/v1/jobs/batch", json={"jobs": bad}, headers=auth)
+    assert response.status == 422
+    problems = (await response.json())["error"]["problems"]
+    assert [p["field"] for p in problems] == ["jobs.1.walltime_s"]
+    too_many = {"jobs": [JOB] * (MAX_BATCH_JOBS + 1)}
+    response = await scheduler.post("/v1/jobs/batch", json=too_many, headers=auth)
+    assert response.status == 422
+    listing = await (await scheduler.get("/v1/jobs", headers=auth)).json()
+    assert len(listing["jobs"]) == 3

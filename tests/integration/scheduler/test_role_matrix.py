@@ -23,6 +23,7 @@ def row(user: int, other_user: int, operator: int) -> dict[str, int]:
 #: tenants (an operator reads every tenant's audit, but acts on jobs as its tenant).
 TABLE = {
     ("POST", "/v1/jobs"): row(201, 201, 201),
+    ("POST", "/v1/jobs/batch"): row(200, 200, 200),
     ("GET", "/v1/jobs"): row(200, 200, 200),
     ("GET", "/v1/jobs/{job_id}"): row(200, 404, 404),
     ("DELETE", "/v1/jobs/{job_id}"): row(202, 404, 404),
@@ -51,7 +52,9 @@ async def test_each_caller_gets_what_the_table_says_on_every_route(
     def fill(template: str) -> str:
         return template.replace("{job_id}", job["id"]).replace("{path}", "result.txt")
 
-    def body(method: str, _: str) -> dict[str, Any]:
+    def body(method: str, path: str) -> dict[str, Any]:
+        if path.endswith("/batch"):
+            return {"json": {"jobs": [JOB]}}
         return {"json": JOB} if method == "POST" else {}
 
     await check_role_matrix(scheduler, TABLE, headers, fill, body)
