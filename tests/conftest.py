@@ -22,11 +22,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from pydantic import SecretStr
+from pymongo.asynchronous.database import AsyncDatabase
 from yarl import URL
 
 from medhive import integrators, localdb
 from shared.identity import AmqpUsers
-from shared.mongo import connect
+from shared.mongo import Document, connect
 from shared.settings import AmqpSettings, MongoSettings
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
@@ -156,3 +157,13 @@ def db_prefix() -> str:
 @pytest.fixture
 def mongo_settings(mongo_url: str, db_prefix: str) -> MongoSettings:
     return MongoSettings(url=SecretStr(mongo_url), identity_db=f"{db_prefix}identity")
+
+
+@pytest.fixture
+async def database(
+    mongo_settings: MongoSettings, db_prefix: str
+) -> AsyncIterator[AsyncDatabase[Document]]:
+    """A database of this test's own, for stores tested without their service."""
+    client = connect(mongo_settings)
+    yield client[f"{db_prefix}store"]
+    await client.close()

@@ -359,11 +359,9 @@ class JobService:
                   "grant_pending": True}  # fmt: skip
         # Anything else is a late or repeated grant.
         await self.annotate(
-            job_id, {"grant_pending": False}, expect=expect, commands=self._run_commands
-        )
-
-    def _run_commands(self, job: Document) -> list[Document]:
-        return [self._run_command(job)]
+            job_id, {"grant_pending": False}, expect=expect,
+            commands=lambda job: [self._run_command(job)],
+        )  # fmt: skip
 
     # -- node reports -------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scheduler.api import JOBS, STORE
 from services.scheduler.outbox import OutboxRelay
@@ -14,7 +15,7 @@ from services.scheduler.store import Change, JobStore, outbox_entry
 from shared.auth import Role
 from shared.envelope import utcnow
 from shared.messages.jobs import JobEvent, JobSpec, JobState
-from shared.mongo import Document, connect
+from shared.mongo import Document
 from shared.service import BUS
 from shared.settings import AmqpSettings, MongoSettings
 from tests.helpers import bearer, event_tap, eventually, make_token
@@ -29,47 +30,41 @@ async def update_commands(store: JobStore) -> int:
 
 
 async def test_one_group_tells_each_writer_whether_its_own_guard_held(
-    mongo_settings: MongoSettings, db_prefix: str
+    database: AsyncDatabase[Document],
 ) -> None:
-    client = connect(mongo_settings)
-    try:
-        store = JobStore(client[f"{db_prefix}group"])
-        await store.create_indexes()
-        ids = [f"j-group-{i}" for i in range(3)]
-        for i, job_id in enumerate(ids):
-            history = [{"state": "queued", "at": utcnow(), "reason": None}]
-            command = {"id": f"command-{i}", "sender": "test"}
-            await store.insert_job(job_id, "t", None, SPEC, command, history, [])
-        # Another writer changes the middle job behind this store's back.
-        await store.jobs.update_one(
-            {"_id": ids[1]}, {"$set": {"state": "cancelled"}, "$inc": {"rev": 1}}
+    store = JobStore(database)
+    await store.create_indexes()
+    ids = [f"j-group-{i}" for i in range(3)]
+    for i, job_id in enumerate(ids):
+        history = [{"state": "queued", "at": utcnow(), "reason": None}]
+        command = {"id": f"command-{i}", "sender": "test"}
+        await store.insert_job(job_id, "t", None, SPEC, command, history, [])
+    # Another writer changes the middle job behind this store's back.
+    await store.jobs.update_one(
+        {"_id": ids[1]}, {"$set": {"state": "cancelled"}, "$inc": {"rev": 1}}
+    )
+    placed = {"state": "dispatched", "at": utcnow(), "reason": "test"}
+    before = await update_commands(store)
+    written = await asyncio.gather(
+        *(
+            store.apply(store.recent[job_id], Change({"state": "dispatched"}, [placed], []), set())
+            for job_id in ids
         )
-        placed = {"state": "dispatched", "at": utcnow(), "reason": "test"}
-        before = await update_commands(store)
-        written = await asyncio.gather(
-            *(
-                store.apply(
-                    store.recent[job_id], Change({"state": "dispatched"}, [placed], []), set()
-                )
-                for job_id in ids
-            )
-        )
-        assert await update_commands(store) - before == 1  # three writes, one command
-        assert [w is not None for w in written] == [True, False, True]
-        stored = {doc["_id"]: doc async for doc in store.jobs.find({})}
-        assert [stored[job_id]["state"] for job_id in ids] == [
-            "dispatched",
-            "cancelled",
-            "dispatched",
-        ]
-        assert [stored[job_id]["rev"] for job_id in ids] == [1, 1, 1]
-        assert len(stored[ids[1]]["history"]) == 1  # the refused write left nothing
-        # The stale copy is forgotten: the next decision about that job reads it.
-        assert ids[1] not in store.recent
-        current = await store.current(ids[1])
-        assert current is not None and current["state"] == "cancelled"
-    finally:
-        await client.close()
+    )
+    assert await update_commands(store) - before == 1  # three writes, one command
+    assert [w is not None for w in written] == [True, False, True]
+    stored = {doc["_id"]: doc async for doc in store.jobs.find({})}
+    assert [stored[job_id]["state"] for job_id in ids] == [
+        "dispatched",
+        "cancelled",
+        "dispatched",
+    ]
+    assert [stored[job_id]["rev"] for job_id in ids] == [1, 1, 1]
+    assert len(stored[ids[1]]["history"]) == 1  # the refused write left nothing
+    # The stale copy is forgotten: the next decision about that job reads it.
+    assert ids[1] not in store.recent
+    current = await store.current(ids[1])
+    assert current is not None and current["state"] == "cancelled"
 
 
 async def test_a_copy_changed_behind_the_schedulers_back_is_read_again_not_overwritten(
