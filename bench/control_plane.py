@@ -68,7 +68,7 @@ from bench.celery_reference import celery_per_s
 from bench.stack import Stack, _vhost, bench_stack, cpu_used, progress, rabbit_get
 from medhive.client import Client
 from services.audit.store import AuditStore
-from services.scheduler.store import JobStore
+from services.scheduler.store import JobStore, dedup_keys
 
 IMAGE = "medhive/busybox:1"
 IN_FLIGHT = 64
@@ -269,10 +269,12 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
         started = time.perf_counter()
         for batch in range(CEILING_JOBS // CEILING_BATCH):
             ids = [f"ceiling-{batch}-{i}" for i in range(CEILING_BATCH)]
-            await jobs.jobs.insert_many(
-                [{**first, "_id": job_id, "command": {**first["command"], "id": job_id}}
-                 for job_id in ids]  # each job the answer to a command of its own
-            )  # fmt: skip
+            job_copies = []
+            for job_id in ids:  # each job the answer to a command of its own
+                command = {**first["command"], "id": job_id}
+                dedup = dedup_keys(first["tenant"], command, first.get("idempotency_key"))
+                job_copies.append({**first, "_id": job_id, "command": command, "dedup": dedup})
+            await jobs.jobs.insert_many(job_copies)
             for entry in later:
                 await jobs.jobs.bulk_write(
                     [

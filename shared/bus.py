@@ -145,16 +145,18 @@ class Bus:
         deadline_s: float = 60.0,
         reply_to: str | None = None,
         exchange: str | None = None,
+        body: bytes | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm, retrying through reconnects.
 
         Gives up after `deadline_s` with the last error: the caller keeps whatever it
         was going to publish (an outbox, an unacked delivery) and tries again later.
+        `body` is the envelope serialized already (an outbox stores it so).
         """
         entry = CATALOG[envelope.type]
         key = routing_key or entry.key_pattern.format(node_id=node_id, tenant=envelope.tenant)
         message = aio_pika.Message(
-            body=envelope.model_dump_json().encode(),
+            body=envelope.model_dump_json().encode() if body is None else body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=str(envelope.id),

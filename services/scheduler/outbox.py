@@ -84,9 +84,13 @@ class OutboxRelay(BackgroundLoop):
         its next write, or here (at once if `final`: the job will not be written)."""
         ids = []
         for entry in entries:
-            envelope = Envelope.model_validate(entry["envelope"])
+            body: bytes | None = entry.get("body")
+            if body is not None:
+                envelope = Envelope.model_validate_json(body)
+            else:  # stored by an older version
+                envelope = Envelope.model_validate(entry["envelope"])
             try:
-                await self.bus.publish(envelope, node_id=entry.get("node"))
+                await self.bus.publish(envelope, node_id=entry.get("node"), body=body)
             except Unroutable as exc:
                 # The node's queue is not there (yet): keep this and what follows, in
                 # order, to be tried again. The state change itself is already stored.

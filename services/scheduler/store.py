@@ -17,16 +17,17 @@ Writes are sent in groups (commit.py).
 
 from __future__ import annotations
 
-import asyncio
+import json
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.scheduler.commit import GroupCommit
+from services.scheduler.commit import REMOVE, GroupCommit, appended, literal, revision_is
 from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobSpec, JobState
 from shared.mongo import Document
@@ -50,7 +51,14 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 #: Jobs kept in memory after the scheduler wrote or read them, least recent dropped first.
 RECENT_JOBS = 10_000
 #: Fields of a job document that only the store uses.
-INTERNAL_FIELDS = frozenset({"_id", "outbox", "outbox_at", "rev", "w"})
+INTERNAL_FIELDS = frozenset({"_id", "outbox", "outbox_at", "rev", "w", "dedup"})
+#: Most jobs whose outboxes one statement drops entries from.
+DROP_CHUNK = 100
+#: Indexes of older versions, dropped at start.
+RETIRED_INDEXES = frozenset({
+    "outbox.0_1", "command.sender_1_command.id_1", "tenant_1_idempotency_key_1",
+    "state_1_priority_-1", "tenant_1__id_-1", "tenant_1_state_1__id_-1",
+})  # fmt: skip
 
 
 class IdempotencyConflict(Exception):
@@ -78,9 +86,24 @@ class Change:
     outbox: list[Document]
 
 
+def dedup_keys(tenant: str, command: Document, idempotency_key: str | None) -> list[str]:
+    """The keys no two jobs share: the command's sender and id, and the idempotency
+    key within the tenant if there is one (JSON arrays, so that no two differ only in
+    where one part ends)."""
+    keys = [json.dumps(["message", command["sender"], command["id"]])]
+    if idempotency_key is not None:
+        keys.append(json.dumps(["idempotency", tenant, idempotency_key]))
+    return keys
+
+
 def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
-    """An outbox item: the message and, for node commands, the node it goes to."""
-    return {"id": str(envelope.id), "envelope": envelope.model_dump(mode="json"), "node": node_id}
+    """An outbox item: the message as it is published (JSON bytes) and, for node
+    commands, the node it goes to.
+
+    Bytes, not a document: the message is published as it was stored, and the database
+    copies it with the job rather than walking every field of it at every write."""
+    body = envelope.model_dump_json().encode()
+    return {"id": str(envelope.id), "body": body, "node": node_id}
 
 
 def with_fields(doc: Document, fields: Document) -> Document:
@@ -105,37 +128,42 @@ class JobStore:
         self.observers: list[Callable[[Document], None]] = []
 
     async def create_indexes(self) -> None:
+        """Three indexes besides `_id`, each serving several reads: every index costs
+        every write of a job, and a job is written four or five times."""
+        present = await self.jobs.index_information()
+        if "command.sender_1_command.id_1" in present:  # a store of an older version
+            await self._add_dedup_keys()
+        # One job per command (a command is acted on once per sender and message id,
+        # whichever scheduler instance or redelivery sees it first) and per
+        # idempotency key in a tenant: both kinds of key in one array.
+        await self.jobs.create_index([("dedup", ASCENDING)], unique=True)
+        # The queue and the capacity in use (by state), and each tenant's job list,
+        # newest first (by state and tenant).
         await self.jobs.create_index(
-            [("tenant", ASCENDING), ("idempotency_key", ASCENDING)],
-            unique=True,
-            partialFilterExpression={"idempotency_key": {"$type": "string"}},
-        )
-        # One job per command: a command is acted on once per sender and message id,
-        # whichever scheduler instance or redelivery sees it first.
-        await self.jobs.create_index(
-            [("command.sender", ASCENDING), ("command.id", ASCENDING)],
-            unique=True,
-            partialFilterExpression={"command.sender": {"$type": "string"}},
-        )
-        await self.jobs.create_index([("state", ASCENDING), ("priority", DESCENDING)])
-        await self.jobs.create_index([("tenant", ASCENDING), ("_id", DESCENDING)])
-        await self.jobs.create_index(
-            [("tenant", ASCENDING), ("state", ASCENDING), ("_id", DESCENDING)]
+            [("state", ASCENDING), ("tenant", ASCENDING), ("_id", DESCENDING)]
         )
         # Only jobs with messages to publish carry `outbox_at`: the relay's sweep finds
         # them through this index. A scalar key: an index on the outbox itself would
         # be rewritten with every message.
         await self.jobs.create_index([("outbox_at", ASCENDING)], sparse=True)
-        if "outbox.0_1" in await self.jobs.index_information():  # stores of older versions
+        if "outbox.0_1" in present:
             await self.jobs.update_many(
                 {"outbox.0": {"$exists": True}}, {"$set": {"outbox_at": utcnow()}}
             )
-            await self.jobs.drop_index("outbox.0_1")
+        for name in RETIRED_INDEXES & set(present):
+            await self.jobs.drop_index(name)
         await self.output.create_index(
             [("job_id", ASCENDING), ("attempt", ASCENDING), ("stream", ASCENDING)], unique=True
         )
 
     # -- jobs ---------------------------------------------------------------------
+
+    async def _add_dedup_keys(self) -> None:
+        """Give the jobs of an older store their `dedup` keys."""
+        fields = {"tenant": 1, "command": 1, "idempotency_key": 1}
+        async for doc in self.jobs.find({"dedup": {"$exists": False}}, fields):
+            keys = dedup_keys(doc["tenant"], doc["command"], doc.get("idempotency_key"))
+            await self.jobs.update_one({"_id": doc["_id"]}, {"$set": {"dedup": keys}})
 
     async def insert_job(
         self,
@@ -171,6 +199,7 @@ class JobStore:
             "updated_at": now,
             "outbox": outbox,
             "rev": 0,
+            "dedup": dedup_keys(tenant, command, spec.idempotency_key),
         }
         if outbox:
             doc["outbox_at"] = now
@@ -179,13 +208,8 @@ class JobStore:
         if await self.commit.insert(doc):
             self._remember(doc)
             return Submission(doc, True)
-        for matched_by, query in (
-            ("message_id", {"command.sender": command["sender"], "command.id": command["id"]}),
-            ("idempotency_key", {"tenant": tenant, "idempotency_key": spec.idempotency_key}),
-        ):
-            if matched_by == "idempotency_key" and spec.idempotency_key is None:
-                continue
-            existing = await self.jobs.find_one(query, {"outbox": 0})
+        for matched_by, key in zip(("message_id", "idempotency_key"), doc["dedup"], strict=False):
+            existing = await self.jobs.find_one({"dedup": key}, {"outbox": 0})
             if existing is not None:
                 if existing["spec"] != doc["spec"] or existing["tenant"] != tenant:
                     raise IdempotencyConflict(existing["_id"], matched_by)
@@ -201,9 +225,9 @@ class JobStore:
     async def page(
         self, tenant: str, state: str | None, before: str | None, limit: int
     ) -> list[Document]:
-        query: Document = {"tenant": tenant}
-        if state is not None:
-            query["state"] = state
+        # Every state when none is asked for: the index leads with the state.
+        query: Document = {"state": state or {"$in": [s.value for s in JobState]}}
+        query["tenant"] = tenant
         if before is not None:
             query["_id"] = {"$lt": before}
         cursor = self.jobs.find(query, {"outbox": 0, "history": 0}).sort("_id", DESCENDING)
@@ -249,28 +273,32 @@ class JobStore:
         now = utcnow()
         rev = job.get("rev")
         fields: Document = {**change.fields, "updated_at": now, "rev": (rev or 0) + 1}
-        update: Document = {"$set": fields}
-        push: Document = {}
+        written = with_fields(job, fields)
+        # A dotted path sets its whole top-level field, as `job` has it with the change:
+        # the guard makes sure the stored job is that one (only history and outbox are
+        # ever left out of a job read here).
+        update: dict[str, Any] = {
+            head: literal(written[head]) for head in {k.partition(".")[0] for k in fields}
+        }
         if change.history:
-            push["history"] = {"$each": change.history}
+            update["history"] = appended("history", change.history)
+            if "history" in job:
+                written["history"] = [*job["history"], *change.history]
         if "outbox" in job:
-            fields["outbox"] = [e for e in job["outbox"] if e["id"] not in published]
-            fields["outbox"] += change.outbox
-            if fields["outbox"]:
-                fields["outbox_at"] = now
+            outbox = [e for e in job["outbox"] if e["id"] not in published] + change.outbox
+            written["outbox"] = outbox
+            update["outbox"] = literal(outbox)
+            update["outbox_at"] = literal(now) if outbox else REMOVE
+            if outbox:
+                written["outbox_at"] = now
             else:
-                update["$unset"] = {"outbox_at": ""}
+                written.pop("outbox_at", None)
         elif change.outbox:
-            push["outbox"] = {"$each": change.outbox}
-            fields["outbox_at"] = now
-        if push:
-            update["$push"] = push
-        if not await self.commit.update(job["_id"], {"rev": rev}, update):
+            update["outbox"] = appended("outbox", change.outbox)
+            update["outbox_at"] = literal(now)
+        if not await self.commit.update(job["_id"], update, when=revision_is(rev)):
             self.recent.pop(job["_id"], None)
             return None
-        written = with_fields(job, fields)
-        if "history" in job:
-            written["history"] = [*job["history"], *change.history]
         if "history" in job and "outbox" in job:
             self._remember(written)
         else:
@@ -281,31 +309,37 @@ class JobStore:
 
     async def drop_outboxes(self, published: dict[str, set[str]]) -> None:
         """Remove published entries from the outboxes of many jobs (job id -> entry
-        ids), in one group of writes. A job whose whole outbox is published (as far as
-        the copy in memory knows) gets an empty one, guarded by its revision; if it
-        changed meanwhile, that change dropped them already. Others get a `$pull`."""
+        ids); a job whose outbox is left empty loses its marker in the same write.
 
-        async def drop(job_id: str, ids: set[str]) -> None:
-            known = self.recent.get(job_id)
-            if known is not None and {e["id"] for e in known["outbox"]} <= ids:
-                guard: Document = {"rev": known.get("rev")}
-                update: Document = {"$set": {"outbox": []}, "$unset": {"outbox_at": ""}}
-            else:
-                guard, update = {}, {"$pull": {"outbox": {"id": {"$in": sorted(ids)}}}}
-            await self.commit.update(job_id, guard, update, tracked=False)
-            if "$pull" in update:
-                await self.clear_outbox_mark(job_id)
+        One statement per `DROP_CHUNK` jobs: the database checks a statement and reads
+        the collection's indexes once for all the documents it changes, and entry ids
+        are unique, so one list of them serves every job."""
+        job_ids = sorted(published)
+        for start in range(0, len(job_ids), DROP_CHUNK):
+            chunk = job_ids[start : start + DROP_CHUNK]
+            ids = sorted(set().union(*(published[job_id] for job_id in chunk)))
+            kept = {
+                "$filter": {
+                    "input": {"$ifNull": ["$outbox", []]},
+                    "cond": {"$not": [{"$in": ["$$this.id", ids]}]},
+                }
+            }
+            marker = {"$cond": [{"$eq": [{"$size": kept}, 0]}, REMOVE, "$outbox_at"]}
+            await self.jobs.update_many(
+                {"_id": {"$in": chunk}}, [{"$set": {"outbox": kept, "outbox_at": marker}}]
+            )
+        for job_id, dropped in published.items():
             if (known := self.recent.get(job_id)) is not None:
-                outbox = [e for e in known["outbox"] if e["id"] not in ids]
+                outbox = [e for e in known["outbox"] if e["id"] not in dropped]
                 self.recent[job_id] = {**known, "outbox": outbox}
-
-        await asyncio.gather(*(drop(job_id, ids) for job_id, ids in published.items()))
+                if not outbox:
+                    self.recent[job_id].pop("outbox_at", None)
 
     async def clear_outbox_mark(self, job_id: str) -> None:
-        """Unmark the job if its outbox is empty (after a `$pull`): the sweep looks no
-        further."""
-        guard = {"outbox": {"$size": 0}}
-        await self.commit.update(job_id, guard, {"$unset": {"outbox_at": ""}}, tracked=False)
+        """Unmark the job if its outbox is empty (stores of older versions could leave
+        one so): the sweep looks no further."""
+        empty = {"$eq": [{"$size": {"$ifNull": ["$outbox", []]}}, 0]}
+        await self.commit.update(job_id, {"outbox_at": REMOVE}, when=empty, tracked=False)
 
     async def placeable(self) -> list[Document]:
         """Jobs waiting for a node or holding room on one (queued; staging; dispatched;

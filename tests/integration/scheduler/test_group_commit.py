@@ -138,3 +138,50 @@ async def test_a_group_stored_but_not_published_is_published_by_the_next_start(
         return all(not d["outbox"] and "outbox_at" not in d for d in docs)
 
     await eventually(outboxes_emptied)
+
+
+async def test_a_store_of_an_older_version_is_taken_over_at_start(
+    scheduler: TestClient, mongo_settings: MongoSettings, amqp_settings: AmqpSettings
+) -> None:
+    """Jobs written before the `dedup` keys and the stored message bodies: their keys
+    are added and the retired indexes dropped at start, a repeat of an old command finds
+    its job, and an outbox entry kept as a document is still published."""
+    store, bus = scheduler.app[STORE], scheduler.app[BUS]
+    jobs = store.jobs
+    await jobs.drop_index("dedup_1")
+    await jobs.create_index(
+        [("command.sender", 1), ("command.id", 1)],
+        unique=True,
+        partialFilterExpression={"command.sender": {"$type": "string"}},
+    )
+    await jobs.create_index([("tenant", 1), ("_id", -1)])
+    event = JobEvent(job_id="j-old", state=JobState.queued, previous_state=JobState.submitted,
+                     reason=None, attempt=0)  # fmt: skip
+    envelope = bus.envelope("job.queued", event, correlation_id="j-old", tenant="cardiology")
+    now = utcnow()
+    await jobs.insert_one({
+        "_id": "j-old", "tenant": "cardiology", "actor": "ris", "name": JOB["name"],
+        "spec": SPEC.model_dump(mode="json"), "priority": 0, "state": "queued",
+        "history": [{"state": "queued", "at": now, "reason": None}], "attempt": 0,
+        "node_id": None, "command": {"id": "ris-17", "sender": "ris"},
+        "created_at": now, "updated_at": now, "rev": 0, "outbox_at": now,
+        "outbox": [{"id": str(envelope.id), "envelope": envelope.model_dump(mode="json"),
+                    "node": None}],
+    })  # fmt: skip
+    async with event_tap(amqp_settings, ["job.queued"]) as tap:
+        restarted = JobStore(store.jobs.database)
+        await restarted.create_indexes()
+        relay = OutboxRelay(restarted, bus)
+        await relay.start()
+        try:
+            await tap.wait_for(lambda m: bool(m["id"] == str(envelope.id)))
+        finally:
+            await relay.stop()
+    names = set(await jobs.index_information())
+    assert "dedup_1" in names
+    assert not names & {"command.sender_1_command.id_1", "tenant_1__id_-1"}
+    history = [{"state": "queued", "at": utcnow(), "reason": None}]
+    repeat = await restarted.insert_job(
+        "j-new", "cardiology", "ris", SPEC, {"id": "ris-17", "sender": "ris"}, history, []
+    )
+    assert (repeat.created, repeat.job["_id"], repeat.matched_by) == (False, "j-old", "message_id")
