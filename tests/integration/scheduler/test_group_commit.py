@@ -4,6 +4,7 @@ left unpublished when the scheduler dies between a group's write and its publish
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -13,7 +14,7 @@ from services.scheduler.api import JOBS, STORE
 from services.scheduler.outbox import OutboxRelay
 from services.scheduler.store import Change, JobStore, outbox_entry
 from shared.auth import Role
-from shared.envelope import utcnow
+from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobEvent, JobSpec, JobState
 from shared.mongo import Document
 from shared.service import BUS
@@ -185,3 +186,29 @@ async def test_a_store_of_an_older_version_is_taken_over_at_start(
         "j-new", "cardiology", "ris", SPEC, {"id": "ris-17", "sender": "ris"}, history, []
     )
     assert (repeat.created, repeat.job["_id"], repeat.matched_by) == (False, "j-old", "message_id")
+
+
+async def test_a_write_that_empties_the_outbox_unmarks_the_job_only_where_its_guard_held(
+    database: AsyncDatabase[Document],
+) -> None:
+    store = JobStore(database)
+    await store.create_indexes()
+    event = JobEvent(job_id="j-mark", state=JobState.queued, previous_state=None,
+                     reason=None, attempt=0)  # fmt: skip
+    envelope = Envelope(id=uuid.uuid4(), type="job.queued", payload=event.model_dump(mode="json"))
+    entries = [outbox_entry(envelope)]
+    for i, job_id in enumerate(["j-mark", "j-stale"]):
+        history = [{"state": "queued", "at": utcnow(), "reason": None}]
+        command = {"id": f"mark-{i}", "sender": "test"}
+        await store.insert_job(job_id, "t", None, SPEC, command, history, entries)
+    stale = dict(store.recent["j-stale"])
+    await store.jobs.update_one({"_id": "j-stale"}, {"$inc": {"rev": 1}})
+    published = {entries[0]["id"]}
+    note = Change({"note": "seen"}, [], [])
+    assert await store.apply(store.recent["j-mark"], note, published) is not None
+    assert await store.apply(stale, note, published) is None
+    marked = await store.jobs.find_one({"_id": "j-mark"})
+    kept = await store.jobs.find_one({"_id": "j-stale"})
+    assert marked is not None and kept is not None
+    assert (marked["outbox"], "outbox_at" in marked, marked["note"]) == ([], False, "seen")
+    assert (len(kept["outbox"]), "outbox_at" in kept, "note" in kept) == (1, True, False)
