@@ -67,7 +67,7 @@ from pymongo import AsyncMongoClient, UpdateOne
 from bench.celery_reference import celery_per_s
 from bench.stack import Stack, _vhost, bench_stack, cpu_used, progress, rabbit_get
 from medhive.client import Client
-from services.audit.store import AuditStore
+from services.audit.store import AuditStore, RecordQuery
 from services.scheduler.store import JobStore, dedup_keys
 
 IMAGE = "medhive/busybox:1"
@@ -255,8 +255,8 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
     try:
         source_jobs = client[f"{stack.db_prefix}_scheduler"]["jobs"]
         job = await source_jobs.find_one({"_id": sample_job_id})
-        source_records = client[f"{stack.db_prefix}_audit"]["records"]
-        records = await source_records.find({"job_id": sample_job_id}).to_list()
+        source_audit = AuditStore(client[f"{stack.db_prefix}_audit"])
+        records = await source_audit.page(RecordQuery(job=sample_job_id), after=0, limit=1000)
         assert job is not None and records, "the sample job and its records are stored"
         later = job["history"][-LATER_STATES:]
         first = {**job, "history": job["history"][:-LATER_STATES], "state": "queued"}

@@ -112,4 +112,6 @@ async def verify(store: AuditStore) -> Verdict:
         if not intact:
             return bad(seq, "hash does not match the record's content")
         head = Head(seq, record["hash"])
+    if (misfiled := await store.misfiled()) is not None:
+        return bad(misfiled, "a block's ids, lookup keys or times do not match its records")
     return Verdict(True, count, last_seq=head.seq, last_hash=head.hash)

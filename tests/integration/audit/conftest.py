@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from pymongo.asynchronous.collection import AsyncCollection
+from pymongo import AsyncMongoClient
 
 from services.audit.app import create_app
 from services.audit.settings import AuditSettings
+from services.audit.store import AuditStore
 from shared.auth import Role, TokenStore
 from shared.bus import Bus
 from shared.mongo import Document, connect
@@ -44,10 +45,10 @@ def start_app(audit_settings: AuditSettings, aiohttp_client: Any) -> StartApp:
 @pytest.fixture
 async def records(
     mongo_settings: MongoSettings, audit_settings: AuditSettings
-) -> AsyncIterator[AsyncCollection[Document]]:
-    """The audit collection itself, for looking behind the API (and tampering)."""
-    client = connect(mongo_settings)
-    yield client[audit_settings.database]["records"]
+) -> AsyncIterator[AuditStore]:
+    """The audit store itself, for looking behind the API (and tampering)."""
+    client: AsyncMongoClient[Document] = connect(mongo_settings)
+    yield AuditStore(client[audit_settings.database])
     await client.close()
 
 

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import ClientResponse
-from pymongo.asynchronous.collection import AsyncCollection
 
+from services.audit.store import AuditStore
 from shared.mongo import Document
 
 T = TypeVar("T")
@@ -24,19 +24,41 @@ async def eventually(check: Callable[[], Awaitable[T | None]], within_s: float =
             await asyncio.sleep(0.02)
 
 
-async def stored(records: AsyncCollection[Document], count: int) -> list[Document]:
+async def stored(store: AuditStore, count: int) -> list[Document]:
     """Wait until the store holds `count` records; returns them in `seq` order."""
 
-    async def enough() -> bool | None:
-        return await records.count_documents({}) >= count or None
+    async def enough() -> list[Document] | None:
+        found = [record async for record in store.in_seq_order()]
+        return found if len(found) >= count else None
 
-    await eventually(enough)
-    return await records.find().sort("seq", 1).to_list()
+    return await eventually(enough)
 
 
-async def record_of(records: AsyncCollection[Document], record_id: str) -> Document:
+async def record_of(store: AuditStore, record_id: str) -> Document:
     """Wait until the record of one message is stored."""
-    return await eventually(lambda: records.find_one({"_id": record_id}))
+
+    async def find() -> Document | None:
+        block = await store.blocks.find_one({"ids": record_id})
+        if block is None:
+            return None
+        return next(record for record in block["records"] if record["_id"] == record_id)
+
+    return await eventually(find)
+
+
+async def rewrite(
+    store: AuditStore, seq: int, change: Callable[[Document], Document | None]
+) -> None:
+    """Tamper with the stored record `seq`, in its block: `change` gives what replaces it
+    (None: nothing). The block's other fields stay as they were."""
+    block = await store.blocks.find_one({"_id": {"$lte": seq}, "last": {"$gte": seq}})
+    assert block is not None, f"no block holds record {seq}"
+    records = []
+    for record in block["records"]:
+        replaced = change(dict(record)) if record["seq"] == seq else record
+        if replaced is not None:
+            records.append(replaced)
+    await store.blocks.replace_one({"_id": block["_id"]}, {**block, "records": records})
 
 
 def auth(token: str) -> dict[str, str]:

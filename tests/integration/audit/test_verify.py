@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from services.audit.chain import record_hash
+from services.audit.store import AuditStore
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.jobs import JobEvent, JobState
 from tests.integration.audit.conftest import StartApp
-from tests.integration.audit.support import auth, stored
+from tests.integration.audit.support import auth, rewrite, stored
 
 
 async def test_verify_reports_the_first_changed_or_missing_record(
@@ -32,8 +33,8 @@ async def test_verify_reports_the_first_changed_or_missing_record(
     assert (untouched["ok"], untouched["records"], untouched["first_bad_seq"]) == (True, 8, None)
     assert untouched["last_seq"] == 8
 
-    original = await records.find_one({"seq": 4})
-    await records.update_one({"seq": 4}, {"$set": {"tenant": "t2"}})
+    original = (await stored(records, 8))[3]
+    await rewrite(records, 4, lambda record: {**record, "tenant": "t2"})
     changed = await verdict()
     assert (changed["ok"], changed["first_bad_seq"]) == (False, 4)
     assert "hash" in changed["problem"]
@@ -41,13 +42,23 @@ async def test_verify_reports_the_first_changed_or_missing_record(
     # Rewriting the record's hash too moves the break to the next link.
     forged = {**original, "tenant": "t2"}
     forged["hash"] = record_hash(forged)
-    await records.replace_one({"seq": 4}, forged)
+    await rewrite(records, 4, lambda record: forged)
     assert (await verdict())["first_bad_seq"] == 5
 
-    await records.replace_one({"seq": 4}, original)
+    await rewrite(records, 4, lambda record: original)
     assert (await verdict())["ok"] is True
 
-    await records.delete_one({"seq": 6})
+    # Hiding records from a job's readers: its block no longer names the job.
+    block = await records.blocks.find_one({"ids": original["_id"]})
+    assert block is not None
+    hidden = [key for key in block["lookup"] if key != f"job:{original['job_id']}"]
+    await records.blocks.update_one({"_id": block["_id"]}, {"$set": {"lookup": hidden}})
+    misfiled = await verdict()
+    assert (misfiled["ok"], misfiled["first_bad_seq"]) == (False, block["_id"])
+    assert "lookup" in misfiled["problem"]
+    await records.blocks.update_one({"_id": block["_id"]}, {"$set": {"lookup": block["lookup"]}})
+
+    await rewrite(records, 6, lambda record: None)
     deleted = await verdict()
     assert (deleted["ok"], deleted["first_bad_seq"]) == (False, 6)
     assert "missing" in deleted["problem"]
@@ -58,3 +69,26 @@ async def test_verify_is_for_operators_only(start_app: StartApp, token: Any) -> 
     response = await client.get("/v1/audit/verify", headers=auth(await token("t1")))
     assert response.status == 403
     assert "operator" in (await response.json())["error"]["detail"]
+
+
+async def test_a_store_of_an_older_version_is_moved_into_blocks_at_start(
+    start_app: StartApp, bus: Bus, records: AuditStore, token: Any
+) -> None:
+    """Records kept one per document, as older versions did: at start they move into
+    blocks as they are, and are found and verified there."""
+    client = await start_app()
+    operator = auth(await token("ops", Role.operator))
+    for n in range(5):
+        event = JobEvent(job_id=f"j-old{n}", state=JobState.running)
+        await bus.emit("job.running", event, correlation_id=f"j-old{n}", tenant="t1")
+    kept = await stored(records, 5)
+    await client.close()
+    await records.legacy.insert_many(kept)
+    await records.blocks.drop()
+
+    client = await start_app()
+    assert await records.legacy.find_one({}) is None
+    response = await client.get("/v1/events", params={"job": "j-old3"}, headers=operator)
+    assert [r["id"] for r in (await response.json())["events"]] == [kept[3]["_id"]]
+    verdict = await (await client.get("/v1/audit/verify", headers=operator)).json()
+    assert (verdict["ok"], verdict["records"], verdict["last_hash"]) == (True, 5, kept[-1]["hash"])
