@@ -128,6 +128,24 @@ def container_config(
     return config
 
 
+#: Stream numbers in the frames of a container's log without a TTY.
+STDOUT, STDERR = 1, 2
+
+
+def split_streams(raw: bytes) -> tuple[bytes, bytes]:
+    """stdout and stderr from Docker's multiplexed log: frames of an 8-byte header
+    (stream number, three zero bytes, payload length as a big-endian uint32) and the
+    payload. A frame cut short at the end keeps what arrived."""
+    streams = {STDOUT: bytearray(), STDERR: bytearray()}
+    at = 0
+    while at + 8 <= len(raw):
+        stream, size = raw[at], int.from_bytes(raw[at + 4 : at + 8], "big")
+        if stream in streams:
+            streams[stream] += raw[at + 8 : at + 8 + size]
+        at += 8 + size
+    return bytes(streams[STDOUT]), bytes(streams[STDERR])
+
+
 _STATES: dict[str, State] = {"created": "created", "running": "running", "exited": "exited"}
 
 
@@ -238,15 +256,21 @@ class DockerRuntime:
                 raise
 
     async def output(self, workload: Workload, limit: int) -> Output:
-        container = self._container(workload)
+        """Both streams in one request. (aiodocker's `log` takes a request per stream,
+        and inspects the container before each to learn whether it has a TTY, which
+        ours never have: three calls to the engine per job that Docker's own `run`
+        does not make.)"""
+        params = {"stdout": "1", "stderr": "1"}
         try:
-            stdout, out_cut = keep_tail("".join(await container.log(stdout=True)), limit)
-            stderr, err_cut = keep_tail("".join(await container.log(stderr=True)), limit)
+            async with self.docker._query(f"containers/{workload.id}/logs", params=params) as got:
+                stdout, stderr = split_streams(await got.read())
         except aiodocker.DockerError as exc:
             if exc.status == 404:
                 raise WorkloadGone(exc.message) from exc
             raise
-        return Output(stdout, stderr, out_cut, err_cut)
+        stdout_text, out_cut = keep_tail(stdout.decode("utf-8", "replace"), limit)
+        stderr_text, err_cut = keep_tail(stderr.decode("utf-8", "replace"), limit)
+        return Output(stdout_text, stderr_text, out_cut, err_cut)
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports

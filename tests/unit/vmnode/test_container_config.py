@@ -10,7 +10,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from services.vmnode.runtimes.base import Mount, keep_tail
-from services.vmnode.runtimes.docker import container_config, container_name
+from services.vmnode.runtimes.docker import container_config, container_name, split_streams
 from services.vmnode.settings import NodeSettings
 from shared.messages.jobs import JobSpec, NodeRun, Resources
 from shared.settings import AmqpSettings
@@ -129,3 +129,19 @@ def test_the_least_cpu_share_still_limits_the_container() -> None:
     assert smallest["HostConfig"]["NanoCpus"] == 10_000_000
     with pytest.raises(ValidationError, match=r"greater than or equal to 0\.01"):
         Resources(cpus=1e-10)
+
+
+def _frame(stream: int, payload: bytes) -> bytes:
+    return bytes([stream, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+
+
+def test_a_log_is_split_into_its_streams_frame_by_frame() -> None:
+    raw = (
+        _frame(1, b"out 1\n")
+        + _frame(2, b"err \xc3\xa9\n")
+        + _frame(0, b"stdin is not a stream we keep")
+        + _frame(1, b"out 2\n")
+        + _frame(2, b"cut sho")[:-3]  # the engine stopped mid-frame
+    )
+    assert split_streams(raw) == (b"out 1\nout 2\n", b"err \xc3\xa9\ncut ")
+    assert split_streams(b"") == (b"", b"")
