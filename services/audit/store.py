@@ -17,7 +17,8 @@ What the store promises with blocks is what it promised with a document per reco
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -32,6 +33,10 @@ from shared.mongo import Document
 BLOCK_BYTES = 4 * 1024 * 1024
 #: Records moved into blocks per write when a store of an older version is taken over.
 UPGRADE_BATCH = 500
+#: Records' worth of `seq` one query reads blocks for (see `AuditStore._blocks`).
+WINDOW = 10_000
+#: Blocks per batch of a cursor over them (each may hold a few hundred records).
+BLOCKS_PER_BATCH = 10
 #: What a block is looked up by: kind of key -> the record's field.
 LOOKUP_FIELDS = {"job": "job_id", "tenant": "tenant", "type": "type"}
 
@@ -46,10 +51,10 @@ class RecordQuery:
     since: datetime | None = None  # inclusive
     until: datetime | None = None  # exclusive
 
-    def block_filter(self, after: int) -> Document:
-        """The blocks that may hold matching records after `after`: by the job if asked
-        for (the most selective key), else by the tenant, and by time."""
-        found: Document = {"last": {"$gt": after}}  # `upto` ends the reading (see `page`)
+    def block_filter(self) -> Document:
+        """What the blocks that may hold matching records have: the job if asked for
+        (the most selective key), else the tenant, and times that overlap."""
+        found: Document = {}
         if self.job is not None:
             found["lookup"] = lookup_key("job", self.job)
         elif self.tenant is not None:
@@ -182,9 +187,8 @@ class AuditStore:
     ) -> list[Document]:
         """Up to `limit` matching records with `after < seq <= upto`, oldest first."""
         found: list[Document] = []
-        cursor = self.blocks.find(query.block_filter(after)).sort("last", ASCENDING)
-        try:
-            async for block in cursor:
+        async with contextlib.aclosing(self._blocks(query.block_filter(), after, upto)) as blocks:
+            async for block in blocks:
                 for record in block["records"]:
                     seq = record["seq"]
                     if upto is not None and seq > upto:
@@ -193,25 +197,50 @@ class AuditStore:
                         found.append(record)
                         if len(found) == limit:
                             return found
-        finally:
-            await cursor.close()
         return found
 
     async def in_seq_order(self) -> AsyncIterator[Document]:
         """Every record, oldest first (for verification)."""
-        async for block in self.blocks.find().sort("last", ASCENDING).batch_size(10):
-            for record in block["records"]:
-                yield record
+        async with contextlib.aclosing(self._blocks({}, 0, None)) as blocks:
+            async for block in blocks:
+                for record in block["records"]:
+                    yield record
+
+    async def _blocks(
+        self, wanted: Document, after: int, upto: int | None
+    ) -> AsyncGenerator[Document, None]:
+        """The blocks matching `wanted` that hold records after `after` (up to `upto`,
+        else the newest), in order, read `WINDOW` records' worth of `seq` at a time.
+
+        The database reads every document an index range matches before it answers the
+        first batch, even under a limit (on SecantusDB, 360 ms for the first two of
+        3,000 blocks): an open range from an old `seq` would read the whole store."""
+        if upto is None:
+            newest = await self.blocks.find_one(sort=[("last", DESCENDING)], projection={"last": 1})
+            upto = 0 if newest is None else int(newest["last"])
+        start = after
+        while start < upto:
+            bound = start + WINDOW
+            # The last window is open above: a block that holds `upto` may end after it.
+            last: Document = {"$gt": start} if bound >= upto else {"$gt": start, "$lte": bound}
+            cursor = self.blocks.find({**wanted, "last": last}).sort("last", ASCENDING)
+            try:
+                async for block in cursor.batch_size(BLOCKS_PER_BATCH):
+                    yield block
+            finally:
+                await cursor.close()
+            start = bound
 
     async def misfiled(self) -> int | None:
         """The first `seq` of the first block whose finding fields (`ids`, `lookup`,
         times, span, `prev`) are not what its records make them, if any: a block
         changed so that its records would not be found where they should be."""
-        async for block in self.blocks.find().sort("last", ASCENDING).batch_size(10):
-            records = block["records"]
-            expected = block_of(records, int(records[0]["seq"]) - 1) if records else None
-            if expected is None or any(block.get(k) != v for k, v in expected.items()):
-                return int(block["_id"])
+        async with contextlib.aclosing(self._blocks({}, 0, None)) as blocks:
+            async for block in blocks:
+                records = block["records"]
+                expected = block_of(records, int(records[0]["seq"]) - 1) if records else None
+                if expected is None or any(block.get(k) != v for k, v in expected.items()):
+                    return int(block["_id"])
         return None
 
 

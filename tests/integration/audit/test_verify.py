@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
+from services.audit import store as audit_store
 from services.audit.chain import record_hash
-from services.audit.store import AuditStore
+from services.audit.store import AuditStore, RecordQuery
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.jobs import JobEvent, JobState
+from shared.mongo import Document
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth, rewrite, stored
 
@@ -92,3 +97,32 @@ async def test_a_store_of_an_older_version_is_moved_into_blocks_at_start(
     assert [r["id"] for r in (await response.json())["events"]] == [kept[3]["_id"]]
     verdict = await (await client.get("/v1/audit/verify", headers=operator)).json()
     assert (verdict["ok"], verdict["records"], verdict["last_hash"]) == (True, 5, kept[-1]["hash"])
+
+
+async def test_blocks_are_read_window_by_window_without_losing_a_record(
+    records: AuditStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows of 4 `seq` over blocks of 3, 7, 1, 9 and 5 records: blocks straddle the
+    windows' ends, and `upto` falls inside a block."""
+    monkeypatch.setattr(audit_store, "WINDOW", 4)
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    seq = 0
+    for size in (3, 7, 1, 9, 5):
+        block = []
+        for _ in range(size):
+            seq += 1
+            block.append({"_id": f"m{seq}", "seq": seq, "type": "job.running", "tenant": "t1",
+                          "job_id": f"j{seq % 2}", "occurred_at": moment})  # fmt: skip
+        await records.insert(block)
+
+    def seqs(found: list[Document]) -> list[int]:
+        return [record["seq"] for record in found]
+
+    everything = RecordQuery()
+    assert seqs(await records.page(everything, after=2, limit=100)) == list(range(3, 26))
+    assert seqs(await records.page(everything, after=2, limit=100, upto=15)) == list(range(3, 16))
+    assert seqs(await records.page(everything, after=9, limit=5)) == list(range(10, 15))
+    odd = await records.page(RecordQuery(job="j1"), after=0, limit=100, upto=25)
+    assert seqs(odd) == list(range(1, 26, 2))
+    assert [record["seq"] async for record in records.in_seq_order()] == list(range(1, 26))
+    assert await records.misfiled() is None
