@@ -165,15 +165,12 @@ def _pipeline(fields: Document, when: Document | None, token: str | None) -> lis
     rather than once per field: the database checks and evaluates every expression of
     a pipeline, and per field the guard was a third of its work. A field removed
     (`REMOVE`, which a merge cannot express) goes in a second stage, where the write
-    token tells whether the guard held; without a token each field keeps its own
-    guard."""
+    token tells whether the guard held (so such an update must be tracked)."""
     if when is None:
         return [{"$set": fields}]
     removed = [name for name, value in fields.items() if value == REMOVE]
     if removed and token is None:
-        return [
-            {"$set": {name: {"$cond": [when, value, f"${name}"]} for name, value in fields.items()}}
-        ]
+        raise ValueError("a guarded update that removes a field must be tracked")
     kept = {name: value for name, value in fields.items() if value != REMOVE}
     stages: list[Document] = [
         {"$replaceWith": {"$cond": [when, {"$mergeObjects": ["$$ROOT", kept]}, "$$ROOT"]}}

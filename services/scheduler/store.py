@@ -96,6 +96,12 @@ def dedup_keys(tenant: str, command: Document, idempotency_key: str | None) -> l
     return keys
 
 
+def marker_for(outbox: Document) -> Document:
+    """`outbox_at` as it stays once the outbox is `outbox` (an expression): removed
+    when it is empty, else as it was."""
+    return {"$cond": [{"$eq": [{"$size": outbox}, 0]}, REMOVE, "$outbox_at"]}
+
+
 def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
     """An outbox item: the message as it is published (JSON bytes) and, for node
     commands, the node it goes to.
@@ -324,7 +330,7 @@ class JobStore:
                     "cond": {"$not": [{"$in": ["$$this.id", ids]}]},
                 }
             }
-            marker = {"$cond": [{"$eq": [{"$size": kept}, 0]}, REMOVE, "$outbox_at"]}
+            marker = marker_for(kept)
             await self.jobs.update_many(
                 {"_id": {"$in": chunk}}, [{"$set": {"outbox": kept, "outbox_at": marker}}]
             )
@@ -338,8 +344,8 @@ class JobStore:
     async def clear_outbox_mark(self, job_id: str) -> None:
         """Unmark the job if its outbox is empty (stores of older versions could leave
         one so): the sweep looks no further."""
-        empty = {"$eq": [{"$size": {"$ifNull": ["$outbox", []]}}, 0]}
-        await self.commit.update(job_id, {"outbox_at": REMOVE}, when=empty, tracked=False)
+        marker = marker_for({"$ifNull": ["$outbox", []]})
+        await self.commit.update(job_id, {"outbox_at": marker}, tracked=False)
 
     async def placeable(self) -> list[Document]:
         """Jobs waiting for a node or holding room on one (queued; staging; dispatched;

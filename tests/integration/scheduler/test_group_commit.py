@@ -212,3 +212,18 @@ async def test_a_write_that_empties_the_outbox_unmarks_the_job_only_where_its_gu
     assert marked is not None and kept is not None
     assert (marked["outbox"], "outbox_at" in marked, marked["note"]) == ([], False, "seen")
     assert (len(kept["outbox"]), "outbox_at" in kept, "note" in kept) == (1, True, False)
+
+
+async def test_a_job_marked_with_an_empty_outbox_is_unmarked_by_the_sweep(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    """An older version could leave a job marked for the sweep with nothing to publish:
+    the sweep unmarks it."""
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    job = await (await scheduler.post("/v1/jobs", json=JOB, headers=auth)).json()
+    store, bus = scheduler.app[STORE], scheduler.app[BUS]
+    await store.jobs.update_one({"_id": job["id"]}, {"$set": {"outbox": [], "outbox_at": utcnow()}})
+    relay = OutboxRelay(JobStore(store.jobs.database), bus)
+    assert await relay.sweep(settled_s=0) == 0
+    stored = await store.jobs.find_one({"_id": job["id"]})
+    assert stored is not None and "outbox_at" not in stored
