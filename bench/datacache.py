@@ -17,7 +17,24 @@ sendfile) holding a file of `--size-mb` random bytes, and the datacache as
 keeps at least 70 % of a plain download's speed). Then a second job on an input staged
 before: `source_bytes_second_job` is what the origin sent for it (must be 0). Last,
 `serve_mb_s`: a node (with a node token and a live grant) reads the cached object over
-HTTP, decrypted and verified on the fly, median of `--runs` reads (target >= 300).
+HTTP, decrypted and verified on the fly by the datacache, median of `--runs` reads, with
+the object in the page cache; `serve_sealed_mb_s`: the same object as stored, sent by
+the kernel for the node to open itself (what node agents read). `serve_ratio` compares
+the sealed read (by curl to /dev/null) from a cold page cache with `cat` of the blob
+file to /dev/null, also cold (`disk_mb_s`, the disk's own rate; the page cache is
+dropped before each, alternating; target >= 0.8). The peer: the origin, a plain
+sendfile server, serving its copy of the same bytes cold to the same curl
+(`peer_sendfile_mb_s`, `serve_of_peer`): what HTTP over this machine's TCP allows.
+
+The node's side: the node agent's own code (`JobData`) fetches the input into a job
+directory (tmpfs) under the grant (`node_fetch_mb_s`), then a container job runs
+`sha256sum` over it through the agent's Docker runtime (its confinement, its mounts),
+alternating with the same container over a plain local copy on disk: `node_read_mb_s`
+and `local_read_mb_s` (container start to removal), `node_read_ratio` (target >= 0.8).
+
+`cpu_s_per_gib` says what each path costs the machine: the datacache process while
+staging, curl while downloading (the reference), the datacache and the reading client
+while serving, the node agent's code while fetching.
 
 The PACS case: a real Orthanc (in its own network namespace, as in the tests) holds a
 study of `--pacs-instances` images of `--pacs-size` pixels square in JPEG baseline,
@@ -41,6 +58,8 @@ import asyncio
 import base64
 import json
 import os
+import resource
+import shutil
 import statistics
 import sys
 import time
@@ -61,21 +80,30 @@ from bench.stack import (
     _until_port,
     _vhost,
     free_port,
+    process_cpu_s,
     process_rss_mb,
     progress,
 )
 from medhive import localdb
 from services.datacache.sources.dicomweb import DICOM_PARTS
+from services.vmnode.jobdata import JobData
+from services.vmnode.runtimes.base import Mount
+from services.vmnode.runtimes.docker import DockerRuntime
+from services.vmnode.settings import NodeSettings
 from shared.auth import Role, TokenStore
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.catalog import EVENTS
 from shared.messages.data import DataGrant, DataStage, InputSpec
+from shared.messages.jobs import JobSpec, NodeRun
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
 from tests.fixtures.orthanc import running_orthanc, upload_study
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+#: The image of the node-side read (built by the setup script).
+READ_IMAGE = "medhive/busybox:1"
 #: The PACS study's syntaxes, one series each: what clinical archives hold.
 PACS_SYNTAXES = (JPEGBaseline8Bit, JPEGLSLossless, JPEG2000Lossless, RLELossless)
 #: Tenants configured for the PACS: a staging per tenant is a fetch, not a cache hit.
@@ -123,6 +151,46 @@ async def _plain_download(url: str, target: Path) -> float:
     elapsed = time.perf_counter() - started
     target.unlink()
     return elapsed
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended (curl, the containers' CLI)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _drop_page_cache() -> None:
+    """Make the next read come from the disk (needs root)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("1\n")
+
+
+async def _cat(path: Path) -> float:
+    """Seconds `cat` takes to read `path` to /dev/null from a cold page cache."""
+    await asyncio.to_thread(_drop_page_cache)
+    started = time.perf_counter()
+    cat = await asyncio.create_subprocess_exec("cat", str(path), stdout=asyncio.subprocess.DEVNULL)
+    if await cat.wait() != 0:
+        raise RuntimeError(f"cat {path} failed")
+    return time.perf_counter() - started
+
+
+async def _curl_to_null(url: str, headers: dict[str, str]) -> float:
+    """Seconds curl takes to fetch `url` to /dev/null: a client that is not the limit,
+    as `cat` is not the limit of the disk's rate."""
+    argv = ["curl", "-fsS", "-o", "/dev/null"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    started = time.perf_counter()
+    curl = await asyncio.create_subprocess_exec(*argv, url)
+    if await curl.wait() != 0:
+        raise RuntimeError(f"curl {url} failed")
+    return time.perf_counter() - started
 
 
 async def _stats(session: aiohttp.ClientSession, origin: str) -> dict[str, int]:
@@ -276,6 +344,148 @@ async def _pacs_case(s: dict[str, Any], runs: int, workdir: Path) -> dict[str, A
     }
 
 
+async def _serve_case(
+    s: dict[str, Any],
+    session: aiohttp.ClientSession,
+    url: str,
+    auth: dict[str, str],
+    size_mb: int,
+    runs: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The object read over HTTP: decrypted by the datacache (`url`), and as stored for
+    the node to open (`url/sealed`, what node agents read); warm, then cold against
+    `cat`."""
+
+    async def read(what: str) -> float:
+        started = time.perf_counter()
+        received = 0
+        async with session.get(what, headers=auth) as response:
+            response.raise_for_status()
+            async for chunk in response.content.iter_any():  # as it comes, no re-chunking
+                received += len(chunk)
+        if received < size_mb * MIB:
+            raise RuntimeError(f"served {received} bytes, not {size_mb} MiB")
+        return size_mb / (time.perf_counter() - started)
+
+    async def measured(what: str) -> tuple[float, float, float]:
+        """(MiB/s, datacache CPU s, this process's CPU s) of one read."""
+        before, client_before = process_cpu_s(s["process"].pid), _own_cpu_s()
+        rate = await read(what)
+        return (
+            rate,
+            process_cpu_s(s["process"].pid) - before,
+            _own_cpu_s() - client_before,
+        )
+
+    sealed_url = f"{url}/sealed"
+    plain, sealed = [], []
+    for _ in range(runs):
+        plain.append(await measured(url))
+        sealed.append(await measured(sealed_url))
+        progress(
+            f"served {size_mb} MiB (page cache): decrypted {plain[-1][0]:.0f} MiB/s, "
+            f"sealed {sealed[-1][0]:.0f} MiB/s"
+        )
+    blob = max((workdir / "cache" / "objects").iterdir(), key=lambda path: path.stat().st_size)
+    mib = blob.stat().st_size / MIB
+    disk, cold, peer = [], [], []
+    for _ in range(runs):
+        disk.append(mib / await _cat(blob))
+        await asyncio.to_thread(_drop_page_cache)
+        cold.append(mib / await _curl_to_null(sealed_url, auth))
+        await asyncio.to_thread(_drop_page_cache)
+        peer.append(size_mb / await _curl_to_null(f"{s['origin']}/scan.bin?peer", {}))
+        progress(
+            f"cold: cat {disk[-1]:.0f} MiB/s, served sealed {cold[-1]:.0f} MiB/s, "
+            f"origin {peer[-1]:.0f} MiB/s"
+        )
+    gib = size_mb * MIB * runs / GIB
+    return {
+        "serve_mb_s": round(statistics.median(r for r, _, _ in plain), 1),
+        "serve_sealed_mb_s": round(statistics.median(r for r, _, _ in sealed), 1),
+        "serve_cold_mb_s": round(statistics.median(cold), 1),
+        "disk_mb_s": round(statistics.median(disk), 1),
+        "serve_ratio": round(statistics.median(cold) / statistics.median(disk), 3),
+        "peer_sendfile_mb_s": round(statistics.median(peer), 1),
+        "serve_of_peer": round(statistics.median(cold) / statistics.median(peer), 3),
+        "cpu_s_per_gib": {
+            "serve_datacache": round(sum(c for _, c, _ in plain) / gib, 2),
+            "serve_client": round(sum(c for _, _, c in plain) / gib, 2),
+            "serve_sealed_datacache": round(sum(c for _, c, _ in sealed) / gib, 2),
+        },
+    }
+
+
+async def _node_case(
+    s: dict[str, Any], sha: str, size_mb: int, runs: int, workdir: Path
+) -> dict[str, Any]:
+    """The node agent's fetch under the grant, then a container reading what it fetched,
+    against the same container reading a local copy."""
+    settings = NodeSettings(
+        node_id="bench-node",
+        datacache_url=s["datacache"],
+        datacache_token=SecretStr(s["node_token"]),
+        work_dir=workdir / "node",
+        tmpfs_inputs_mb=2 * size_mb,
+    )
+    spec = JobSpec(
+        name="read",
+        image=READ_IMAGE,
+        command=["sha256sum", "/data/scan/scan.bin"],
+        inputs=[InputSpec(name="scan", source="http://unused.invalid/scan.bin", path="/data/scan")],
+    )
+    run = NodeRun(
+        job_id="second-job",
+        attempt=1,
+        tenant="bench",
+        spec=spec,
+        deadline=utcnow() + timedelta(hours=1),
+    )
+    data, runtime = JobData(settings), DockerRuntime(settings)
+    local = workdir / "local"
+    try:
+        before, started = _own_cpu_s(), time.perf_counter()
+        mounts = await data.prepare(run)
+        fetch_s, fetch_cpu = time.perf_counter() - started, _own_cpu_s() - before
+        progress(f"node fetched {size_mb} MiB in {fetch_s:.2f} s")
+        local.mkdir()
+        await asyncio.to_thread(shutil.copyfile, mounts[0].source / "scan.bin", local / "scan.bin")
+        os.chmod(local, 0o755)
+
+        async def contained(mounts: list[Mount], attempt: int) -> float:
+            this = run.model_copy(update={"attempt": attempt})
+            started = time.perf_counter()
+            workload = await runtime.prepare(this, mounts)
+            try:
+                await runtime.start(workload)
+                ended = await runtime.wait(workload)
+                out = await runtime.output(workload, 4096)
+            finally:
+                await runtime.remove(workload)
+            if ended.exit_code != 0 or sha not in out.stdout:
+                raise RuntimeError(f"the read job failed: {ended} {out}")
+            return size_mb / (time.perf_counter() - started)
+
+        staged, copied = [], []
+        await contained(mounts, 100)  # uncounted: the first start pays for the image
+        for i in range(runs):
+            staged.append(await contained(mounts, 101 + 2 * i))
+            copied.append(await contained([Mount(local, "/data/scan")], 102 + 2 * i))
+            progress(f"container read: staged {staged[-1]:.0f} MiB/s, local {copied[-1]:.0f}")
+    finally:
+        await data.wipe(run.job_id, run.attempt)
+        await data.close()
+        await runtime.close()
+    return {
+        "node_fetch_mb_s": round(size_mb / fetch_s, 1),
+        "node_read_mb_s": round(statistics.median(staged), 1),
+        "local_read_mb_s": round(statistics.median(copied), 1),
+        "node_read_ratio": round(statistics.median(staged) / statistics.median(copied), 3),
+        "cpu_s_per_gib": {"node_fetch": round(fetch_cpu / (size_mb * MIB / GIB), 2)},
+    }
+
+
 async def bench(
     size_mb: int, runs: int, pacs_instances: int, pacs_size: int, workdir: Path
 ) -> dict[str, Any]:
@@ -290,10 +500,16 @@ async def bench(
         await _plain_download(f"{url}?plain=warm", workdir / "plain.bin")
         await _stage(s, "stage-warm", f"{url}?run=warm")
         plain, staged = [], []
+        curl_cpu = stage_cpu = 0.0
         for i in range(runs):
+            before = _children_cpu_s()
             plain.append(await _plain_download(f"{url}?plain={i}", workdir / "plain.bin"))
+            curl_cpu += _children_cpu_s() - before
+            before = process_cpu_s(s["process"].pid)
             staged.append(await _stage(s, f"stage-{i}", f"{url}?run={i}"))
+            stage_cpu += process_cpu_s(s["process"].pid) - before
             progress(f"run {i + 1}: plain {plain[-1]:.2f} s, stage {staged[-1]:.2f} s")
+        gib = size_mb * MIB * runs / GIB
 
         before = (await _stats(session, s["origin"]))["body_bytes"]
         await _stage(s, "second-job", f"{url}?run=0")
@@ -316,19 +532,9 @@ async def bench(
         auth = {"Authorization": f"Bearer {s['node_token']}"}
         async with session.get(f"{s['datacache']}/v1/jobs/second-job/inputs", headers=auth) as r:
             sha = (await r.json())["inputs"][0]["files"][0]["sha256"]
-        serve = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            received = 0
-            async with session.get(
-                f"{s['datacache']}/v1/jobs/second-job/objects/{sha}", headers=auth
-            ) as response:
-                response.raise_for_status()
-                async for chunk in response.content.iter_chunked(MIB):
-                    received += len(chunk)
-            assert received == size_mb * MIB
-            serve.append(received / MIB / (time.perf_counter() - started))
-            progress(f"served {received / MIB:.0f} MiB at {serve[-1]:.0f} MiB/s")
+        object_url = f"{s['datacache']}/v1/jobs/second-job/objects/{sha}"
+        served = await _serve_case(s, session, object_url, auth, size_mb, runs, workdir)
+        node = await _node_case(s, sha, size_mb, runs, workdir)
         pacs = await _pacs_case(s, runs, workdir)
     plain_s, stage_s = statistics.median(plain), statistics.median(staged)
     return {
@@ -339,11 +545,18 @@ async def bench(
         "stage_ratio": round(plain_s / stage_s, 3),
         "plain_mb_s": round(size_mb / plain_s, 1),
         "stage_mb_s": round(size_mb / stage_s, 1),
-        "serve_mb_s": round(statistics.median(serve), 1),
         "source_bytes_second_job": second_bytes,
+        **served,
+        **node,
         "pacs_instances": pacs_instances,
         "pacs_size": pacs_size,
         **pacs,
+        "cpu_s_per_gib": {
+            "stage_datacache": round(stage_cpu / gib, 2),
+            "plain_curl": round(curl_cpu / gib, 2),
+            **served.pop("cpu_s_per_gib"),
+            **node.pop("cpu_s_per_gib"),
+        },
         "rss_mb": {"datacache": rss},
     }
 

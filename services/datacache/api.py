@@ -4,6 +4,10 @@ Node routes (role `node`, checked against a live grant):
 - `GET /v1/jobs/{job_id}/inputs`: the job's inputs, each file with its SHA-256 and size.
 - `GET /v1/jobs/{job_id}/objects/{sha256}`: one object's plaintext, streamed, `Range`
   supported.
+- `GET /v1/jobs/{job_id}/objects/{sha256}/sealed`: the object as stored, and its data
+  key, for the node to open itself (what node agents use; see `read_sealed` for why).
+- `POST /v1/jobs/{job_id}/objects/{sha256}/damaged`: a node found an object failing
+  authentication; the datacache checks it itself and quarantines it if so.
 - `PUT /v1/jobs/{job_id}/outputs/{path}`: store one result file.
 
 Tenant routes (roles `user` and `operator`, a node's token is refused; a tenant sees its
@@ -15,6 +19,9 @@ Every byte served or stored is a `data.accessed` event; every refusal `data.deni
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import os
 import posixpath
 import re
 from collections.abc import AsyncIterator
@@ -24,15 +31,15 @@ import structlog
 from aiohttp import web
 from pydantic import AwareDatetime, BaseModel, Field
 
-from services.datacache.blobs import BlobStore
-from services.datacache.crypto import IntegrityError
-from services.datacache.grants import Denied, GrantService
+from services.datacache.blobs import BlobStore, SealedBlob
+from services.datacache.grants import Access, Denied, GrantService
 from services.datacache.store import CacheStore
 from shared.auth import Principal, Role
 from shared.bus import Bus
 from shared.http import PRINCIPAL, ApiError
 from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
 from shared.openapi import endpoint
+from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, IntegrityError
 
 log = structlog.get_logger("medhive.datacache.api")
 
@@ -62,6 +69,8 @@ class OutputsView(BaseModel):
 
 routes = web.RouteTableDef()
 SHA = r"{sha256:[0-9a-f]{64}}"
+#: Bytes handed to the kernel per sendfile call: a break is accounted to within this.
+SENDFILE_SPAN = 64 * 1024 * 1024
 #: One byte range; positions of more than 18 digits are past any object (and past what
 #: `int` parses cheaply), so they do not match.
 RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
@@ -170,6 +179,18 @@ async def job_inputs(request: web.Request) -> web.Response:
     )
 
 
+async def _granted_object(request: web.Request) -> tuple[str, str, str, Access]:
+    """(job id, object, blob id, access) of a node route on one object of a live grant."""
+    job_id, sha256 = request.match_info["job_id"], request.match_info["sha256"]
+    try:
+        access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at", sha256)
+    except Denied as exc:
+        raise await _denied(request, exc, job_id, sha256) from None
+    obj = await request.app[STORE].get_object(sha256)
+    assert obj is not None
+    return job_id, sha256, obj["blob"], access
+
+
 @routes.get(f"/v1/jobs/{{job_id}}/objects/{SHA}")
 @endpoint(
     summary="One input object, decrypted, for the granted node.",
@@ -180,14 +201,8 @@ async def job_inputs(request: web.Request) -> web.Response:
     headers={"Range": "One `bytes=a-b` range."},
 )
 async def read_object(request: web.Request) -> web.StreamResponse:
-    job_id, sha256 = request.match_info["job_id"], request.match_info["sha256"]
-    try:
-        access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at", sha256)
-    except Denied as exc:
-        raise await _denied(request, exc, job_id, sha256) from None
-    obj = await request.app[STORE].get_object(sha256)
-    assert obj is not None
-    response, sent, byte_range = await _stream_object(request, sha256, obj["blob"], job_id)
+    job_id, sha256, blob_id, access = await _granted_object(request)
+    response, sent, byte_range = await _stream_object(request, sha256, blob_id, job_id)
     await request.app[STORE].touch([sha256])
     await request.app[DATA_BUS].emit(
         "data.accessed",
@@ -199,6 +214,116 @@ async def read_object(request: web.Request) -> web.StreamResponse:
         actor=access.node_id,
     )
     return response
+
+
+class DamageView(BaseModel):
+    quarantined: bool = Field(description="Whether the datacache's own check failed too.")
+    reason: str | None = None
+
+
+@routes.get(f"/v1/jobs/{{job_id}}/objects/{SHA}/sealed")
+@endpoint(
+    summary="One input object as stored, with its data key, for the granted node.",
+    media="application/octet-stream",
+    errors=(404,),
+    roles=("node",),
+)
+async def read_sealed(request: web.Request) -> web.StreamResponse:
+    """The object's file as it lies on disk, sent by the kernel (sendfile), with its data
+    key in `X-Medhive-Data-Key`: the node authenticates and decrypts it itself.
+
+    Why the node decrypts, not the datacache: one datacache serves every node, and
+    decrypting costs it a core per 1.2 GB/s served (measured by `bench.datacache`),
+    while sending the stored bytes costs almost nothing; the decryption moves to the
+    nodes, each doing its own share. What it means for the threat model: the node gets
+    the key of each object its live grant names, and only over its authenticated
+    channel. That key opens that object and nothing else (every object has its own),
+    and the node receives that object's plaintext in any case, so no one learns more
+    than before. The master keys never leave the datacache, so the store's files are
+    still useless without it; the key is in no log and no message. Integrity holds as
+    before: the node authenticates every segment before using it and checks the SHA-256
+    the grant names, and reports a failure (`/damaged`) so the object is quarantined.
+    """
+    job_id, sha256, blob_id, access = await _granted_object(request)
+    try:
+        sealed = await asyncio.to_thread(request.app[BLOBS].sealed, blob_id)
+    except IntegrityError as exc:
+        await _quarantine(request, sha256, blob_id, str(exc), job_id)
+        raise ApiError(
+            410, f"object {sha256} failed its integrity check and is quarantined"
+        ) from None
+    response = web.StreamResponse()
+    response.content_type = "application/octet-stream"
+    response.content_length = sealed.stored_size
+    response.headers["X-Medhive-Sha256"] = sha256
+    response.headers[SIZE_HEADER] = str(sealed.size)
+    response.headers[DATA_KEY_HEADER] = base64.b64encode(sealed.data_key).decode()
+    sent = 0
+    try:
+        await response.prepare(request)
+        sent = await _sendfile(request, sealed)
+        await response.write_eof()
+    finally:
+        await request.app[STORE].touch([sha256])
+        await request.app[DATA_BUS].emit(
+            "data.accessed",
+            DataAccessed(
+                job_id=job_id,
+                node_id=access.node_id,
+                object=sha256,
+                bytes=sealed.plaintext_in(sent),
+            ),
+            correlation_id=job_id,
+            tenant=access.grant["tenant"],
+            actor=access.node_id,
+        )
+    return response
+
+
+async def _sendfile(request: web.Request, sealed: SealedBlob) -> int:
+    """Send the blob's file on the request's connection; bytes handed to the kernel (on a
+    break: up to and including the span under way, so a read is never under-counted)."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the node went away")
+    loop = asyncio.get_running_loop()
+    sent = 0
+    with await asyncio.to_thread(sealed.path.open, "rb") as file:
+        # Read ahead as far as the kernel will: the whole file goes out, in order.
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while sent < sealed.stored_size:
+            span = min(SENDFILE_SPAN, sealed.stored_size - sent)
+            try:
+                await loop.sendfile(transport, file, sent, span)
+            except BaseException:
+                sent += span
+                raise
+            sent += span
+    return sent
+
+
+@routes.post(f"/v1/jobs/{{job_id}}/objects/{SHA}/damaged")
+@endpoint(
+    summary="A node reports an object that failed authentication; checked, quarantined.",
+    response=DamageView,
+    errors=(404,),
+    roles=("node",),
+)
+async def report_damage(request: web.Request) -> web.Response:
+    """The datacache reads the whole object itself: a node's word alone never
+    quarantines an object (a faulty or hostile node could otherwise withdraw any
+    object from every job), and a damaged one is quarantined even if no one else
+    would have read it soon."""
+    job_id, sha256, blob_id, access = await _granted_object(request)
+    log.warning("object_reported_damaged", job_id=job_id, object=sha256, node=access.node_id)
+    try:
+        actual = await request.app[BLOBS].verify(blob_id)
+        if actual != sha256:
+            raise IntegrityError(f"its content hashes to {actual}")
+    except IntegrityError as exc:
+        await _quarantine(request, sha256, blob_id, str(exc), job_id)
+        return web.json_response({"quarantined": True, "reason": str(exc)})
+    return web.json_response({"quarantined": False, "reason": None})
 
 
 def _result_path(raw: str) -> str:

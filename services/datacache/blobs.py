@@ -20,17 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from services.datacache.crypto import (
-    HEADER_BYTES_MAX,
-    TAG,
-    IntegrityError,
-    KeyProvider,
-    Opener,
-    Sealer,
-)
+from services.datacache.crypto import KeyProvider, Sealer, data_key, opener
+from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 
 #: Segments sealed or opened per thread hop.
-BATCH = 4
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class SealedBlob:
+    """A blob as stored, for a reader that opens it itself."""
+
+    path: Path
+    stored_size: int
+    size: int
+    header_size: int
+    segment_size: int
+    data_key: bytes
+
+    def plaintext_in(self, sent: int) -> int:
+        """Plaintext bytes of the whole segments among the first `sent` stored bytes."""
+        if sent >= self.stored_size:
+            return self.size
+        whole = max(0, sent - self.header_size) // (self.segment_size + TAG)
+        return min(self.size, whole * self.segment_size)
 
 
 @dataclass(frozen=True)
@@ -69,47 +82,77 @@ class BlobStore:
         """Encrypt a stream into a new blob; its plaintext SHA-256 and size come back."""
         blob_id = uuid.uuid4().hex
         tmp = self.tmp / blob_id
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        sealed = _SealedFile(os.fdopen(fd, "wb"), Sealer(self.keys, self.segment_size))
+        sealed: _SealedFile | None = None
         size = 0
         try:
             pending: list[bytes] = []
             held = 0
             batch = self.segment_size * BATCH
-            streamed = False
             async for chunk in chunks:
                 pending.append(chunk)
                 held += len(chunk)
                 size += len(chunk)
                 # Keep at least one byte back: only the end of the stream knows the last.
                 if held > batch:
+                    if sealed is None:
+                        sealed = await asyncio.to_thread(self._create, tmp)
                     data = b"".join(pending)
                     whole = (held - 1) // self.segment_size * self.segment_size
                     pending, held = [data[whole:]], held - whole
                     await sealed.add(memoryview(data)[:whole], final=False)
-                    streamed = True
             rest = memoryview(b"".join(pending))
-            if streamed:
-                await sealed.add(rest, final=True)
-                await sealed.finish()
-                await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
-            else:  # a small file, whole in memory: one trip to a worker thread, not four
-                await asyncio.to_thread(sealed.store_whole, rest, tmp, self.path(blob_id))
+            if sealed is None:  # a small file, whole in memory: one trip to a worker thread
+                return await asyncio.to_thread(self.write_whole, rest)
+            await sealed.add(rest, final=True)
+            await sealed.finish()
+            await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
         except BaseException:
-            await sealed.close()
+            if sealed is not None:
+                await sealed.close()
             tmp.unlink(missing_ok=True)
             await _close(chunks)  # a source's stream ends now, not whenever it is collected
             raise
-        stored = len(sealed.sealer.header) + size + TAG * max(1, -(-size // self.segment_size))
-        return StoredBlob(blob_id, size, sealed.digest.hexdigest(), stored)
+        return StoredBlob(blob_id, size, sealed.digest.hexdigest(), sealed.stored_size(size))
+
+    def write_whole(self, data: bytes | memoryview) -> StoredBlob:
+        """Encrypt a file that is whole in memory into a new blob (blocking: for a worker
+        thread; creating, sealing, writing and renaming in one trip costs a small file
+        less than handing each step to a thread of its own)."""
+        blob_id = uuid.uuid4().hex
+        tmp = self.tmp / blob_id
+        sealed = self._create(tmp)
+        try:
+            sealed.store_whole(memoryview(data), tmp, self.path(blob_id))
+        except BaseException:
+            sealed.out.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        size = len(data)
+        return StoredBlob(blob_id, size, sealed.digest.hexdigest(), sealed.stored_size(size))
+
+    def _create(self, tmp: Path) -> _SealedFile:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return _SealedFile(os.fdopen(fd, "wb"), Sealer(self.keys, self.segment_size))
 
     # -- reading ------------------------------------------------------------------------
 
     def _opener(self, path: Path) -> tuple[Opener, int]:
         with path.open("rb") as f:
             head = f.read(HEADER_BYTES_MAX)
-        opener = Opener.read_header(head, self.keys)
-        return opener, opener.plaintext_size(path.stat().st_size)
+        found = opener(head, self.keys)
+        return found, found.plaintext_size(path.stat().st_size)
+
+    def sealed(self, blob_id: str) -> SealedBlob:
+        """What a node needs to open the blob itself: where it is, how long, its data
+        key (blocking: reads the header)."""
+        path = self.path(blob_id)
+        with path.open("rb") as f:
+            head = f.read(HEADER_BYTES_MAX)
+        header = Header.parse(head)
+        key = data_key(header, self.keys)
+        stored = path.stat().st_size
+        size = Opener.with_key(header, key).plaintext_size(stored)
+        return SealedBlob(path, stored, size, len(header.raw), header.segment_size, key)
 
     def size(self, blob_id: str) -> int:
         """Plaintext size, from the header and the file's length (no decryption)."""
@@ -132,7 +175,7 @@ class BlobStore:
         if start >= end and size:
             return
         seg = opener.segment_size
-        last = max(0, -(-size // seg) - 1)
+        last = max(0, -(-size // seg) - 1)  # the final segment, perhaps empty
         first_index, last_index = start // seg, max(start, end - 1) // seg
         fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
 
@@ -166,13 +209,7 @@ class BlobStore:
         count = min(BATCH, last_index - index + 1)
         offset, full = opener.segment_span(index)
         raw = os.pread(fd, full * count, offset)
-        plain = []
-        for k in range(count):
-            piece = raw[k * full : (k + 1) * full]
-            is_last = index + k == last
-            if (len(piece) < full and not is_last) or len(piece) < TAG:
-                raise IntegrityError(f"truncated at segment {index + k}")
-            plain.append(opener.open(index + k, piece, is_last))
+        plain = opener.open_run(raw, index, count, last)
         if index + count - 1 == last and os.fstat(fd).st_size > offset + len(raw):
             raise IntegrityError("trailing data after the last segment")
         return plain
@@ -200,45 +237,69 @@ class BlobStore:
 
 
 class _SealedFile:
-    """One blob being written, as a three-stage pipeline: while the next batch arrives
-    from the source, the previous one is hashed and sealed in a worker thread, and the one
-    before that written by another. Two locks, taken in arrival order (asyncio's locks
-    are fair), keep the segments in order; at most `IN_FLIGHT` batches wait, so memory
-    stays bounded whatever the source's speed.
+    """One blob being written, as a pipeline over batches of whole segments: while the
+    next batch arrives from the source, the previous one is hashed in one worker thread
+    and sealed in another at the same time (SHA-256 and AES-GCM both release the GIL,
+    and hashing costs twice what sealing does, so doing them one after the other would
+    leave a core idle), and the batch before that is written by a third.
+
+    Hashing and writing must see the batches in order: each batch's hash waits for the
+    previous batch's, and so does its write. Sealing needs no order, since every segment
+    is sealed at the place it was given when its batch arrived. At most `IN_FLIGHT`
+    batches are in the pipeline, so memory stays bounded whatever the source's speed.
 
     No fsync: a blob torn by a power cut fails its authentication when read, is
     quarantined, and its source is fetched again.
     """
 
-    IN_FLIGHT = 2
+    IN_FLIGHT = 3
 
     def __init__(self, out: BinaryIO, sealer: Sealer) -> None:
         self.out = out
         self.sealer = sealer
         self.digest = hashlib.sha256()
-        self._sealing = asyncio.Lock()
-        self._writing = asyncio.Lock()
+        self._segments = 0
+        self._hashed: asyncio.Future[None] | None = None
+        self._written: asyncio.Future[None] | None = None
         self._steps: deque[asyncio.Future[None]] = deque()
         out.write(sealer.header)
 
     async def add(self, data: memoryview, final: bool) -> None:
         while len(self._steps) >= self.IN_FLIGHT:
             await self._steps.popleft()
-        self._steps.append(asyncio.ensure_future(self._step(data, final)))
+        first, self._segments = self._segments, self._segments + _segments_in(data, self.sealer)
+        hashed = asyncio.ensure_future(self._hash_in_turn(self._hashed, data))
+        sealed = asyncio.ensure_future(asyncio.to_thread(self._seal, data, first, final))
+        self._written = asyncio.ensure_future(self._write_in_turn(self._written, sealed, hashed))
+        self._hashed = hashed
+        self._steps.append(self._written)
 
-    async def _step(self, data: memoryview, final: bool) -> None:
-        async with self._sealing:
-            segments = await asyncio.to_thread(self._seal, data, final)
-        async with self._writing:
-            await asyncio.to_thread(self._write, segments)
+    async def _hash_in_turn(self, previous: asyncio.Future[None] | None, data: memoryview) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.to_thread(self.digest.update, data)
 
-    def _seal(self, data: memoryview, final: bool) -> list[bytes]:
-        """`data` as whole segments (and, when `final`, the last one, perhaps empty)."""
-        self.digest.update(data)
+    async def _write_in_turn(
+        self,
+        previous: asyncio.Future[None] | None,
+        sealed: asyncio.Future[list[bytes]],
+        hashed: asyncio.Future[None],
+    ) -> None:
+        """Write a batch once it is sealed, hashed, and the batch before it written; a
+        failure anywhere before it stops it, so nothing after a failure lands either."""
+        segments, _ = await asyncio.gather(sealed, hashed)
+        if previous is not None:
+            await previous
+        await asyncio.to_thread(self._write, segments)
+
+    def _seal(self, data: memoryview, first: int, final: bool) -> list[bytes]:
+        """`data` as whole segments from segment `first` (and, when `final`, the last
+        one, perhaps empty)."""
         step = self.sealer.segment_size
         starts = list(range(0, len(data), step)) or [0]
         return [
-            self.sealer.seal(data[at : at + step], last=final and at == starts[-1]) for at in starts
+            self.sealer.seal(first + k, data[at : at + step], last=final and at == starts[-1])
+            for k, at in enumerate(starts)
         ]
 
     def _write(self, segments: list[bytes]) -> None:
@@ -253,9 +314,16 @@ class _SealedFile:
             if written:
                 pending = [pending[0][written:], *pending[1:]]
 
+    def stored_size(self, size: int) -> int:
+        """Bytes on disk of a blob of `size` plaintext bytes."""
+        segments = max(1, -(-size // self.sealer.segment_size))
+        return len(self.sealer.header) + size + TAG * segments
+
     def store_whole(self, data: memoryview, tmp: Path, target: Path) -> None:
-        """Seal, write, close and move into place a blob that arrived whole (blocking)."""
-        self._write(self._seal(data, final=True))
+        """Hash, seal, write, close and move into place a blob that arrived whole
+        (blocking: a small file costs less in one thread than handed between three)."""
+        self.digest.update(data)
+        self._write(self._seal(data, 0, final=True))
         self.out.close()
         os.rename(tmp, target)
 
@@ -270,6 +338,10 @@ class _SealedFile:
         await asyncio.gather(*self._steps, return_exceptions=True)
         self._steps.clear()
         self.out.close()
+
+
+def _segments_in(data: memoryview, sealer: Sealer) -> int:
+    return max(1, -(-len(data) // sealer.segment_size))
 
 
 async def _close(chunks: AsyncIterable[bytes]) -> None:

@@ -1,23 +1,10 @@
-"""Encryption at rest: segmented AES-256-GCM with a fresh data key per object.
+"""Encryption at rest, the datacache's side: master keys, and sealing new objects.
 
-Format of one stored object::
-
-    header   = MAGIC "MHV1" | segment size (4, big endian) | nonce prefix (7)
-               | key id length (1) | key id | wrapped key length (2) | wrapped data key
-    segments = AES-256-GCM(data key, nonce = prefix | counter (4) | last flag (1),
-                           plaintext of `segment size` bytes (the last: 0..size),
-                           associated data = header) -> ciphertext | tag (16)
-
-Why this and not a one-shot or a library stream: `cryptography`'s one-shot AESGCM refuses
-more than 2^31-1 bytes, and its streaming decryptor hands out plaintext before it has
-checked the tag. Here every segment is authenticated before a byte of it is used, the
-counter in the nonce fixes each segment's place (reordering fails), the last-flag
-makes truncation at a segment boundary fail, and the header is associated data of every
-segment (editing it, or swapping headers between objects, fails). A segment can be
-opened on its own, which is what serving a byte range needs.
-
-The data key is wrapped by a master key held by a `KeyProvider`: a file or the
-environment here, a KMS in production (the interface is the plug).
+The format of a stored object is `shared.sealed` (a node opens objects with it too).
+Each object is sealed under a fresh data key, wrapped by a master key held by a
+`KeyProvider`: a file or the environment here, a KMS in production (the interface is
+the plug). Only the datacache unwraps a data key: `data_key` does it for the objects
+a node may read, `opener` for the datacache's own reads.
 """
 
 from __future__ import annotations
@@ -25,24 +12,21 @@ from __future__ import annotations
 import base64
 import os
 import stat
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-MAGIC = b"MHV1"
-TAG = 16
-KEY_BYTES = 32
-PREFIX_BYTES = 7
-#: magic, segment size, nonce prefix, key id length
-_FIXED = struct.Struct(">4sI7sB")
-
-
-class IntegrityError(Exception):
-    """A stored object failed authentication: tampered, truncated, or not ours."""
+from shared.sealed import (
+    KEY_BYTES,
+    PREFIX_BYTES,
+    Header,
+    IntegrityError,
+    Opener,
+    nonce,
+    pack_header,
+)
 
 
 class KeyProvider(Protocol):
@@ -131,84 +115,31 @@ class LocalKeyProvider:
             raise IntegrityError(f"data key does not unwrap with master key {key_id!r}") from exc
 
 
-def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
-    return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
-
-
 class Sealer:
-    """Seals one object's segments, in order, under a fresh data key."""
+    """Seals one object's segments under a fresh data key. Each segment is sealed on its
+    own, given its place, so several can be sealed at once in different threads."""
 
     def __init__(self, keys: KeyProvider, segment_size: int) -> None:
         data_key = AESGCM.generate_key(256)
         key_id, wrapped = keys.wrap(data_key)
         self.segment_size = segment_size
         self._prefix = os.urandom(PREFIX_BYTES)
-        kid = key_id.encode()
-        self.header = (
-            _FIXED.pack(MAGIC, segment_size, self._prefix, len(kid))
-            + kid
-            + struct.pack(">H", len(wrapped))
-            + wrapped
-        )
+        self.header = pack_header(segment_size, self._prefix, key_id, wrapped)
         self._aead = AESGCM(data_key)
-        self._index = 0
 
-    def seal(self, plaintext: bytes | memoryview, last: bool) -> bytes:
+    def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
+        """Segment `index` of the object (`last` for the final one, perhaps empty)."""
         if len(plaintext) > self.segment_size or (not last and len(plaintext) != self.segment_size):
             raise ValueError("segments are full except the last")
-        nonce = _nonce(self._prefix, self._index, last)
-        self._index += 1
-        return self._aead.encrypt(nonce, plaintext, self.header)
+        return self._aead.encrypt(nonce(self._prefix, index, last), plaintext, self.header)
 
 
-@dataclass(frozen=True)
-class Opener:
-    """Opens the segments of one stored object, given its header."""
-
-    header: bytes
-    segment_size: int
-    prefix: bytes
-    aead: AESGCM
-
-    @classmethod
-    def read_header(cls, raw: bytes, keys: KeyProvider) -> Opener:
-        """Parse the header at the start of `raw` (at least `header_bytes_max` bytes)."""
-        try:
-            magic, size, prefix, kid_len = _FIXED.unpack_from(raw)
-            if magic != MAGIC or not 0 < size <= 1 << 30:
-                raise IntegrityError("not a medhive object (bad header)")
-            at = _FIXED.size
-            key_id = raw[at : at + kid_len].decode()
-            (wrapped_len,) = struct.unpack_from(">H", raw, at + kid_len)
-            start = at + kid_len + 2
-            wrapped = raw[start : start + wrapped_len]
-            if len(wrapped) != wrapped_len:
-                raise IntegrityError("truncated header")
-        except (struct.error, UnicodeDecodeError) as exc:
-            raise IntegrityError("not a medhive object (bad header)") from exc
-        data_key = keys.unwrap(key_id, wrapped)
-        return cls(raw[: start + wrapped_len], size, prefix, AESGCM(data_key))
-
-    def plaintext_size(self, stored_size: int) -> int:
-        body = stored_size - len(self.header)
-        segments = max(1, -(-body // (self.segment_size + TAG)))
-        size = body - segments * TAG
-        if size < 0:
-            raise IntegrityError("truncated: shorter than its last segment's tag")
-        return size
-
-    def segment_span(self, index: int) -> tuple[int, int]:
-        """Where segment `index`'s ciphertext starts in the file, and its full length."""
-        full = self.segment_size + TAG
-        return len(self.header) + index * full, full
-
-    def open(self, index: int, ciphertext: bytes, last: bool) -> bytes:
-        try:
-            return self.aead.decrypt(_nonce(self.prefix, index, last), ciphertext, self.header)
-        except InvalidTag as exc:
-            where = "last segment" if last else "segment"
-            raise IntegrityError(f"{where} {index} failed authentication") from exc
+def data_key(header: Header, keys: KeyProvider) -> bytes:
+    """The object's data key, unwrapped by the master key that wrapped it."""
+    return keys.unwrap(header.key_id, header.wrapped)
 
 
-#: Headers are at most this long (255-byte key id, 2-byte length, wrapped key).
-HEADER_BYTES_MAX = _FIXED.size + 255 + 2 + 1024
+def opener(raw: bytes, keys: KeyProvider) -> Opener:
+    """An `Opener` for the object whose header `raw` begins with."""
+    header = Header.parse(raw)
+    return Opener.with_key(header, data_key(header, keys))

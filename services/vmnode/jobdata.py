@@ -12,12 +12,16 @@ and the directory is unmounted and removed whatever happened.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import structlog
@@ -26,10 +30,13 @@ from services.vmnode.runtimes.base import Mount
 from services.vmnode.settings import NodeSettings
 from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
 from shared.messages.jobs import JobSpec, NodeRun
+from shared.sealed import DATA_KEY_HEADER, TAG, IntegrityError, Opener, read_header
 
 log = structlog.get_logger("medhive.vmnode.jobdata")
 
 CHUNK = 1 << 20
+#: Segments of a sealed input opened per hop to a worker thread.
+OPEN_BATCH = 8
 MIB = 1024 * 1024
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 READY = ".ready"
@@ -108,23 +115,51 @@ class JobData:
         return [InputManifest.model_validate(item) for item in body["inputs"]]
 
     async def _download(self, job_id: str, entry: StagedFile, base: Path) -> None:
-        """One object into `base/path`, refused unless its SHA-256 is the one granted."""
+        """One object into `base/path`, refused unless it authenticates and its SHA-256
+        is the one granted. The datacache sends it as stored, with its data key; it is
+        opened here (see the datacache's `read_sealed` for why)."""
         rel, sha = entry.path, entry.sha256
         if rel.startswith("/") or ".." in Path(rel).parts:
             raise DataUnavailable(f"input file {rel!r} would escape its directory")
         target = base / rel
         await asyncio.to_thread(target.parent.mkdir, mode=0o700, parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        async with self.http.get(f"v1/jobs/{job_id}/objects/{sha}") as response:
+        async with self.http.get(f"v1/jobs/{job_id}/objects/{sha}/sealed") as response:
             if response.status != 200:
                 body = await response.json(content_type=None)
                 raise DataUnavailable(f"the datacache refused {rel}: {_detail(body)}")
-            with await asyncio.to_thread(open, target, "wb") as out:
-                async for chunk in response.content.iter_chunked(CHUNK):
-                    digest.update(chunk)
-                    await asyncio.to_thread(out.write, chunk)
-        if digest.hexdigest() != sha:
+            try:
+                data_key = base64.b64decode(response.headers[DATA_KEY_HEADER], validate=True)
+            except (KeyError, binascii.Error):
+                raise DataUnavailable(f"the datacache sent {rel} without its key") from None
+            if response.content_length is None:
+                raise DataUnavailable(f"the datacache sent {rel} without its length")
+            try:
+                with await asyncio.to_thread(open, target, "wb") as out:
+                    digest = await unseal(
+                        response.content.readexactly, response.content_length, data_key, out
+                    )
+            except IntegrityError as exc:
+                verdict = await self._report_damage(job_id, sha)
+                raise DataUnavailable(
+                    f"input file {rel} failed authentication ({exc}); {verdict}"
+                ) from exc
+            except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError) as exc:
+                raise DataUnavailable(f"the transfer of input file {rel} broke off: {exc}") from exc
+        if digest != sha:
             raise DataUnavailable(f"input file {rel} arrived with the wrong SHA-256")
+
+    async def _report_damage(self, job_id: str, sha: str) -> str:
+        """Tell the datacache; what it made of it, for the job's reason."""
+        try:
+            async with self.http.post(f"v1/jobs/{job_id}/objects/{sha}/damaged") as response:
+                body = await response.json(content_type=None)
+        except aiohttp.ClientError as exc:
+            return f"reporting it to the datacache failed: {exc}"
+        if response.status != 200:
+            return f"the datacache refused the report: {_detail(body)}"
+        if body.get("quarantined"):
+            return "the datacache found it damaged and quarantined it"
+        return "the datacache found its copy sound (damaged on the way?)"
 
     def _make_root(self, root: Path) -> None:
         uid, gid = self.settings.workload_ids
@@ -226,6 +261,64 @@ def _regular_files(root: Path) -> list[tuple[str, int]]:
             if os.path.isfile(full) and not os.path.islink(full):
                 found.append((os.path.relpath(full, root), info.st_size))
     return sorted(found)
+
+
+async def unseal(
+    read_exactly: Callable[[int], Awaitable[bytes]], stored: int, data_key: bytes, out: BinaryIO
+) -> str:
+    """Open a sealed object of `stored` bytes, read off a stream with `read_exactly(n)`,
+    into `out`; its SHA-256.
+
+    A pipeline, as on the datacache's side: while the next batch of segments arrives,
+    the ones before are authenticated and decrypted by worker threads (in any order, on
+    any core), then hashed by one thread and written by another at the same time, each
+    of those two taking the batches in order. Nothing is hashed or written that has not
+    been authenticated; a failure raises `IntegrityError` and leaves a partial file,
+    which the caller's wipe removes.
+    """
+    header = await read_header(read_exactly)
+    opener = Opener.with_key(header, data_key)
+    last = opener.segments(stored) - 1
+    body = stored - len(header.raw)
+    full = opener.segment_size + TAG
+    digest = hashlib.sha256()
+
+    def hash_batch(plain: list[bytes]) -> None:
+        for segment in plain:
+            digest.update(segment)
+
+    steps: deque[asyncio.Future[tuple[None, None]]] = deque()
+    hashed: asyncio.Future[None] | None = None
+    written: asyncio.Future[None] | None = None
+    try:
+        for first in range(0, last + 1, OPEN_BATCH):
+            count = min(OPEN_BATCH, last + 1 - first)
+            raw = await read_exactly(min(count * full, body - first * full))
+            opened = asyncio.ensure_future(
+                asyncio.to_thread(opener.open_run, raw, first, count, last)
+            )
+            hashed = asyncio.ensure_future(_in_turn(hashed, opened, hash_batch))
+            written = asyncio.ensure_future(_in_turn(written, opened, out.writelines))
+            steps.append(asyncio.gather(hashed, written))
+            while len(steps) > 2:
+                await steps.popleft()
+        while steps:
+            await steps.popleft()
+    finally:
+        await asyncio.gather(*steps, return_exceptions=True)  # no thread writes after this
+    return digest.hexdigest()
+
+
+async def _in_turn(
+    previous: asyncio.Future[None] | None,
+    opened: asyncio.Future[list[bytes]],
+    work: Callable[[list[bytes]], None],
+) -> None:
+    """`work` on a batch once it is opened and `work` is done with the batch before."""
+    plain = await opened
+    if previous is not None:
+        await previous
+    await asyncio.to_thread(work, plain)
 
 
 async def _read_file(path: Path) -> AsyncIterator[bytes]:

@@ -4,19 +4,28 @@ quarantine, eviction, results and restarts; with a real HTTP origin as the sourc
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import io
 import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+from pydantic import SecretStr
 
 from services.datacache.api import STORE
 from services.datacache.app import EVICTOR, STAGER
 from services.datacache.settings import DatacacheSettings
+from services.vmnode.jobdata import DataUnavailable, JobData
+from services.vmnode.settings import NodeSettings
 from shared.envelope import utcnow
+from shared.messages.data import InputSpec
+from shared.messages.jobs import JobSpec, NodeRun
+from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, Opener, read_header
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
@@ -169,6 +178,115 @@ async def test_reads_without_a_live_grant_are_refused_and_recorded(
     denials = [m for m in harness.events.messages if m["type"] == "data.denied"]
     assert len(denials) == 7
     assert all(d["payload"]["reason"] for d in denials)
+
+
+async def _granted_input(harness: Harness, origin: Origin, size: int) -> bytes:
+    """`size` random bytes at the origin, staged for job-1 and granted to node-1."""
+    data = os.urandom(size)
+    origin.files["ct.bin"] = data
+    await _staged_ok(harness, "job-1", f"{origin.url}/ct.bin")
+    await harness.grant("job-1")
+    return data
+
+
+def _node(harness: Harness, work_dir: Path) -> JobData:
+    """The node agent's data code, as node-1, against the datacache under test."""
+    token = harness.node_auth["Authorization"].removeprefix("Bearer ")
+    return JobData(
+        NodeSettings(
+            node_id="node-1",
+            datacache_url=str(harness.client.make_url("/")),
+            datacache_token=SecretStr(token),
+            work_dir=work_dir,
+        )
+    )
+
+
+def _node_run(job_id: str, source: str) -> NodeRun:
+    spec = JobSpec(
+        name="reads",
+        image="medhive/busybox:1",
+        inputs=[InputSpec(name="in0", source=source, path="/data/in0")],  # as `stage` names it
+    )
+    return NodeRun(
+        job_id=job_id,
+        attempt=1,
+        tenant="radiology",
+        spec=spec,
+        deadline=utcnow() + timedelta(hours=1),
+    )
+
+
+async def test_a_node_opens_the_sealed_object_itself_with_the_key_it_is_sent(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    data = await _granted_input(harness, origin, 3 * MIB + 11)
+    response = await harness.client.get(
+        f"/v1/jobs/job-1/objects/{_sha(data)}/sealed", headers=harness.node_auth
+    )
+    assert response.status == 200
+    sealed = await response.read()
+    # As stored: the file on disk, byte for byte, not the plaintext.
+    [blob] = (datacache_settings.cache_dir / "objects").iterdir()
+    assert sealed == blob.read_bytes() and data not in sealed
+    assert int(response.headers[SIZE_HEADER]) == len(data)
+    key = base64.b64decode(response.headers[DATA_KEY_HEADER])
+    stream = io.BytesIO(sealed)
+
+    async def read_exactly(n: int) -> bytes:
+        return stream.read(n)
+
+    opener = Opener.with_key(await read_header(read_exactly), key)
+    last = opener.segments(len(sealed)) - 1
+    assert b"".join(opener.open_run(stream.read(), 0, last + 1, last)) == data
+    access = await harness.events.wait_for(lambda m: m["type"] == "data.accessed")
+    assert access["payload"]["bytes"] == len(data)
+    assert access["payload"]["node_id"] == "node-1"
+    assert _b64(key) not in str(harness.events.messages)  # the key is in no event
+
+
+def _b64(key: bytes) -> str:
+    return base64.b64encode(key).decode()
+
+
+async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings, tmp_path: Path
+) -> None:
+    data = await _granted_input(harness, origin, 9 * MIB + 3)  # more than a node batch
+    node, run = _node(harness, tmp_path / "jobs"), _node_run("job-1", f"{origin.url}/ct.bin")
+    try:
+        [mount] = await node.prepare(run)
+        assert (mount.source / "ct.bin").read_bytes() == data
+        await node.wipe("job-1", 1)
+
+        [blob] = (datacache_settings.cache_dir / "objects").iterdir()
+        raw = bytearray(blob.read_bytes())
+        raw[len(raw) - 2 * MIB] ^= 0x01  # a segment after the first batch
+        blob.write_bytes(bytes(raw))
+        with pytest.raises(DataUnavailable, match=r"failed authentication.*quarantined"):
+            await node.prepare(run)
+    finally:
+        await node.wipe("job-1", 1)
+        await node.close()
+    event = await harness.events.wait_for(lambda m: m["type"] == "data.quarantined")
+    assert event["payload"]["object"] == _sha(data)
+    assert not blob.exists()
+    again = await harness.read("job-1", _sha(data))
+    assert again.status == 410
+
+
+async def test_a_damage_report_on_a_sound_object_quarantines_nothing(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    data = await _granted_input(harness, origin, 2 * MIB)
+    report = await harness.client.post(
+        f"/v1/jobs/job-1/objects/{_sha(data)}/damaged", headers=harness.node_auth
+    )
+    assert report.status == 200
+    assert (await report.json())["quarantined"] is False
+    assert len(list((datacache_settings.cache_dir / "objects").iterdir())) == 1
+    assert await (await harness.read("job-1", _sha(data))).read() == data
+    assert not [m for m in harness.events.messages if m["type"] == "data.quarantined"]
 
 
 async def test_a_tampered_object_is_refused_quarantined_and_reported(

@@ -22,6 +22,9 @@ TABLE = {
     ("GET", "/v1/openapi.json"): dict.fromkeys(CALLERS, 200),  # public
     ("GET", "/v1/jobs/{job_id}/inputs"): NODE_ROUTE,
     ("GET", "/v1/jobs/{job_id}/objects/{sha256}"): NODE_ROUTE,
+    ("GET", "/v1/jobs/{job_id}/objects/{sha256}/sealed"): NODE_ROUTE,
+    # The object is sound: the report is checked and answered, nothing is quarantined.
+    ("POST", "/v1/jobs/{job_id}/objects/{sha256}/damaged"): NODE_ROUTE,
     ("PUT", "/v1/jobs/{job_id}/outputs/{path}"): {**NODE_ROUTE, "node": 201},
     # Another tenant's listing is empty, not an error: nothing of the job shows.
     ("GET", "/v1/jobs/{job_id}/outputs"): {**AUTH, "user": 200, "other_user": 200,

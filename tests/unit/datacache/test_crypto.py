@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
+import io
 import os
 import random
 from collections.abc import AsyncIterator
@@ -11,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from services.datacache.blobs import BlobStore
-from services.datacache.crypto import IntegrityError, LocalKeyProvider
+from services.datacache.crypto import LocalKeyProvider
+from services.vmnode.jobdata import unseal
+from shared.sealed import IntegrityError
 
 SEGMENT = 1000
 
@@ -29,6 +34,24 @@ async def _read(store: BlobStore, blob_id: str, start: int = 0, end: int | None 
     return b"".join([chunk async for chunk in store.read(blob_id, start, end)])
 
 
+async def _unsealed(store: BlobStore, blob_id: str) -> bytes:
+    """What a node makes of the blob: the stored bytes, opened with the key it is sent."""
+    sealed = store.sealed(blob_id)
+    raw = sealed.path.read_bytes()
+    stream = io.BytesIO(raw)
+
+    async def read_exactly(n: int) -> bytes:
+        data = stream.read(n)
+        if len(data) < n:
+            raise asyncio.IncompleteReadError(data, n)
+        return data
+
+    out = io.BytesIO()
+    digest = await unseal(read_exactly, len(raw), sealed.data_key, out)
+    assert digest == hashlib.sha256(out.getvalue()).hexdigest()
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 5 * SEGMENT + 17])
 async def test_round_trip_and_ranges(tmp_path: Path, size: int) -> None:
     store = BlobStore(tmp_path, _keys(), segment_size=SEGMENT)
@@ -37,6 +60,7 @@ async def test_round_trip_and_ranges(tmp_path: Path, size: int) -> None:
     assert (blob.size, store.size(blob.blob_id)) == (size, size)
     assert blob.stored_size == store.stored_size(blob.blob_id)
     assert await _read(store, blob.blob_id) == data
+    assert await _unsealed(store, blob.blob_id) == data
     rng = random.Random(size)
     for _ in range(25 if size else 0):
         start = rng.randrange(size)
@@ -74,13 +98,14 @@ def _tampered(raw: bytes, kind: str) -> bytes:
         "segments swapped",
     ],
 )
-async def test_tampering_is_detected(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("reader", ["datacache", "node"])
+async def test_tampering_is_detected(tmp_path: Path, kind: str, reader: str) -> None:
     store = BlobStore(tmp_path, _keys(), segment_size=SEGMENT)
     blob = await store.write(_chunks(os.urandom(5 * SEGMENT + 17)))
     path = store.path(blob.blob_id)
     path.write_bytes(_tampered(path.read_bytes(), kind))
     with pytest.raises(IntegrityError):
-        await _read(store, blob.blob_id)
+        await (_read if reader == "datacache" else _unsealed)(store, blob.blob_id)
 
 
 async def test_headers_swapped_between_objects_are_refused(tmp_path: Path) -> None:
