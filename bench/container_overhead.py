@@ -34,12 +34,13 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import time
 from datetime import datetime
 from typing import Any
 
 from bench.control_plane import audit_head, submit_all
-from bench.stack import Stack, bench_stack, progress
+from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
 from medhive.client import TERMINAL, Client
 from shared.messages.jobs import JobState
 
@@ -164,16 +165,39 @@ async def docker_batch(n: int, parallel: int) -> float:
     return time.perf_counter() - started
 
 
+def _engine_cpu_s() -> dict[str, float]:
+    """CPU seconds of the container engine's daemons so far (dockerd, containerd)."""
+    used = {}
+    for name in ("dockerd", "containerd"):
+        pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
+        used[name] = sum(process_cpu_s(int(pid)) for pid in pids.split())
+    return used
+
+
+def _cpu_ms_per_job(
+    before: dict[str, float], after: dict[str, float], jobs: int
+) -> dict[str, float]:
+    return {name: round((after[name] - before[name]) * 1000 / jobs, 1) for name in before}
+
+
 async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) -> dict[str, Any]:
     medhive_rates: list[float] = []
     docker_rates: list[float] = []
+    medhive_cpu: list[dict[str, float]] = []
+    docker_cpu: list[dict[str, float]] = []
     async with stack.client() as api:
         await medhive_batch(stack, api, parallel, "warmup")
         await docker_batch(parallel, parallel)
         for i in range(rounds):
             stack.check_alive()
+            before = {**stack.cpu_s(), **_engine_cpu_s()}
             medhive_rates.append(jobs / await medhive_batch(stack, api, jobs, f"round{i}"))
+            medhive_cpu.append(_cpu_ms_per_job(before, {**stack.cpu_s(), **_engine_cpu_s()}, jobs))
+            before = {"machine": machine_busy_s(), **_engine_cpu_s()}
             docker_rates.append(jobs / await docker_batch(jobs, parallel))
+            docker_cpu.append(
+                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_engine_cpu_s()}, jobs)
+            )
             progress(
                 f"round {i + 1}/{rounds}: medhive {medhive_rates[-1]:.2f}/s, "
                 f"docker run {docker_rates[-1]:.2f}/s"
@@ -188,7 +212,15 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         "rounds": rounds,
         "medhive_rounds_per_s": [round(rate, 2) for rate in medhive_rates],
         "docker_rounds_per_s": [round(rate, 2) for rate in docker_rates],
+        # CPU milliseconds per job, medians over the rounds: each process of the stack,
+        # the engine's daemons and the whole machine (which the docker CLI runs count in).
+        "medhive_cpu_ms_per_job": _medians(medhive_cpu),
+        "docker_cpu_ms_per_job": _medians(docker_cpu),
     }
+
+
+def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
 
 
 async def main(n: int) -> dict[str, Any]:

@@ -26,7 +26,14 @@ class AuditSettings(BaseSettings):
         256, ge=1, le=10_000, description="Most deliveries written to the store in one batch."
     )
     batch_wait_ms: int = Field(
-        20, ge=0, le=10_000, description="How long a batch waits for more deliveries."
+        100,
+        ge=0,
+        le=10_000,
+        description="How long a batch waits for more deliveries. Every batch is one "
+        "stored block, and a block costs the database about the same whatever it holds: "
+        "at a few jobs a second, 100 ms gathers the records of several jobs into one "
+        "(20 ms stored most records alone: twice the audit's and the database's CPU per "
+        "job). Nothing waits on the audit but its readers, who see a record that much later.",
     )
     trusted_users: list[str] | None = Field(
         None,
