@@ -47,7 +47,9 @@ Alternating `--runs` times: `curl` of the whole study over WADO-RS
 (`transfer-syntax=*`, the multipart answer written to a file) against staging the
 same study over DICOMweb (QIDO-RS listing, WADO-RS, each instance's header read,
 SHA-256, encryption, catalog; a new tenant each time, so each is a real fetch).
-`pacs_stage_ratio` = median curl seconds / median stage seconds.
+`pacs_stage_ratio` = median curl seconds / median stage seconds. Then the staged study
+onto a node by the node agent's code, as a job of its own would get it
+(`pacs_node_fetch_median_s`, `pacs_node_fetch_ratio` = curl seconds / those).
 
 The last line of stdout is one JSON object with those keys, the medians' inputs, and
 `rss_mb` (the datacache's idle RSS). Needs root (the namespace) and the test extras
@@ -318,6 +320,50 @@ async def _services(
         }
 
 
+async def _grant(s: dict[str, Any], job_id: str, tenant: str) -> None:
+    """Grant the bench's node access to a staged job's inputs, for an hour."""
+    expires = utcnow() + timedelta(hours=1)
+    await s["bus"].emit(
+        "data.grant",
+        DataGrant(
+            job_id=job_id,
+            attempt=1,
+            node_id="bench-node",
+            expires_at=expires,
+            upload_until=expires,
+        ),
+        correlation_id=job_id,
+        tenant=tenant,
+    )
+    await s["events"].wait(("data.granted",), job_id)
+
+
+def _node_data(s: dict[str, Any], workdir: Path, tmpfs_mb: int) -> JobData:
+    """The node agent's data code, as the bench's node."""
+    return JobData(
+        NodeSettings(
+            node_id="bench-node",
+            datacache_url=s["datacache"],
+            datacache_token=SecretStr(s["node_token"]),
+            work_dir=workdir / "node",
+            tmpfs_inputs_mb=tmpfs_mb,
+        )
+    )
+
+
+def _node_run(job_id: str, tenant: str) -> NodeRun:
+    """A run of a job reading the input `scan` (as `_stage` names it) on the bench's node."""
+    spec = JobSpec(
+        name="read",
+        image=READ_IMAGE,
+        command=["sha256sum", "/data/scan/scan.bin"],
+        inputs=[InputSpec(name="scan", source="http://unused.invalid/scan.bin", path="/data/scan")],
+    )
+    return NodeRun(
+        job_id=job_id, attempt=1, tenant=tenant, spec=spec, deadline=utcnow() + timedelta(hours=1)
+    )
+
+
 async def _stage(s: dict[str, Any], job_id: str, source: str, tenant: str = "bench") -> float:
     started = time.perf_counter()
     await s["bus"].emit(
@@ -357,11 +403,27 @@ async def _pacs_case(s: dict[str, Any], runs: int, workdir: Path) -> dict[str, A
         staged.append(await _stage(s, f"pacs-{i}", s["study"], tenant=f"pacs{i + 1}"))
         progress(f"PACS run {i + 1}: curl {plain[-1]:.2f} s, stage {staged[-1]:.2f} s")
     plain_s, stage_s = statistics.median(plain), statistics.median(staged)
+    # The node's side: the staged study onto a node, instance by instance under the grant.
+    await _grant(s, "pacs-0", "pacs1")
+    data, run = _node_data(s, workdir, 1024), _node_run("pacs-0", "pacs1")
+    fetched = []
+    try:
+        for _ in range(runs):
+            started = time.perf_counter()
+            await data.prepare(run)
+            fetched.append(time.perf_counter() - started)
+            await data.wipe(run.job_id, run.attempt)
+            progress(f"PACS study onto the node in {fetched[-1]:.2f} s")
+    finally:
+        await data.close()
+    fetch_s = statistics.median(fetched)
     return {
         "pacs_study_mb": round(study_bytes / MIB, 1),
         "pacs_plain_median_s": round(plain_s, 3),
         "pacs_stage_median_s": round(stage_s, 3),
         "pacs_stage_ratio": round(plain_s / stage_s, 3),
+        "pacs_node_fetch_median_s": round(fetch_s, 3),
+        "pacs_node_fetch_ratio": round(plain_s / fetch_s, 3),
     }
 
 
@@ -443,27 +505,8 @@ async def _node_case(
 ) -> dict[str, Any]:
     """The node agent's fetch under the grant, then a container reading what it fetched,
     against the same container reading a local copy."""
-    settings = NodeSettings(
-        node_id="bench-node",
-        datacache_url=s["datacache"],
-        datacache_token=SecretStr(s["node_token"]),
-        work_dir=workdir / "node",
-        tmpfs_inputs_mb=2 * size_mb,
-    )
-    spec = JobSpec(
-        name="read",
-        image=READ_IMAGE,
-        command=["sha256sum", "/data/scan/scan.bin"],
-        inputs=[InputSpec(name="scan", source="http://unused.invalid/scan.bin", path="/data/scan")],
-    )
-    run = NodeRun(
-        job_id="second-job",
-        attempt=1,
-        tenant="bench",
-        spec=spec,
-        deadline=utcnow() + timedelta(hours=1),
-    )
-    data, runtime = JobData(settings), DockerRuntime(settings)
+    data, run = _node_data(s, workdir, 2 * size_mb), _node_run("second-job", "bench")
+    runtime = DockerRuntime(data.settings)
     local = workdir / "local"
     try:
         fetches, fetch_cpu = [], 0.0
@@ -545,20 +588,7 @@ async def bench(
         await _stage(s, "second-job", f"{url}?run=0")
         second_bytes = (await _stats(session, s["origin"]))["body_bytes"] - before
 
-        expires = utcnow() + timedelta(hours=1)
-        await s["bus"].emit(
-            "data.grant",
-            DataGrant(
-                job_id="second-job",
-                attempt=1,
-                node_id="bench-node",
-                expires_at=expires,
-                upload_until=expires,
-            ),
-            correlation_id="second-job",
-            tenant="bench",
-        )
-        await s["events"].wait(("data.granted",), "second-job")
+        await _grant(s, "second-job", "bench")
         auth = {"Authorization": f"Bearer {s['node_token']}"}
         async with session.get(f"{s['datacache']}/v1/jobs/second-job/inputs", headers=auth) as r:
             sha = (await r.json())["inputs"][0]["files"][0]["sha256"]

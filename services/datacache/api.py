@@ -163,12 +163,16 @@ async def _quarantine(
     summary="The job's inputs, for the node its grant names.", response=InputsView, roles=("node",)
 )
 async def job_inputs(request: web.Request) -> web.Response:
+    """The manifest, asked for when a node starts to read the job's inputs: the moment
+    they are used, for eviction's least-recently-used order (one write for all of them,
+    not one per object read: a study is thousands of objects)."""
     job_id = request.match_info["job_id"]
     try:
         access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at")
     except Denied as exc:
         raise await _denied(request, exc, job_id) from None
     grant = access.grant
+    await request.app[STORE].touch(list(grant["objects"]))
     return web.json_response(
         {
             "job_id": job_id,
@@ -186,9 +190,8 @@ async def _granted_object(request: web.Request) -> tuple[str, str, str, Access]:
         access = await request.app[GRANTS].check(request[PRINCIPAL], job_id, "expires_at", sha256)
     except Denied as exc:
         raise await _denied(request, exc, job_id, sha256) from None
-    obj = await request.app[STORE].get_object(sha256)
-    assert obj is not None
-    return job_id, sha256, obj["blob"], access
+    assert access.object is not None
+    return job_id, sha256, access.object["blob"], access
 
 
 @routes.get(f"/v1/jobs/{{job_id}}/objects/{SHA}")
@@ -203,7 +206,6 @@ async def _granted_object(request: web.Request) -> tuple[str, str, str, Access]:
 async def read_object(request: web.Request) -> web.StreamResponse:
     job_id, sha256, blob_id, access = await _granted_object(request)
     response, sent, byte_range = await _stream_object(request, sha256, blob_id, job_id)
-    await request.app[STORE].touch([sha256])
     await request.app[DATA_BUS].emit(
         "data.accessed",
         DataAccessed(
@@ -264,7 +266,6 @@ async def read_sealed(request: web.Request) -> web.StreamResponse:
         sent = await _sendfile(request, sealed)
         await response.write_eof()
     finally:
-        await request.app[STORE].touch([sha256])
         await request.app[DATA_BUS].emit(
             "data.accessed",
             DataAccessed(

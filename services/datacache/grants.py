@@ -10,6 +10,7 @@ from a node reading another job's data.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -36,16 +37,26 @@ class Denied(Exception):
 
 @dataclass(frozen=True)
 class Access:
-    """A checked access: the grant that allows it."""
+    """A checked access: the grant that allows it, and the object it is to, if one."""
 
     grant: Document
     node_id: str
+    object: Document | None = None
+
+
+#: Seconds a grant looked up for a node's read is used again for its next reads. Grants
+#: change only through this service (a new attempt's grant, a release), which forgets
+#: the job's grants at once; the bound is for datacaches sharing one store.
+GRANT_REUSE_S = 2.0
 
 
 class GrantService:
     def __init__(self, store: CacheStore, bus: Bus) -> None:
         self.store = store
         self.bus = bus
+        #: (job, node, deadline field) -> (reusable until, grant): a node reading a
+        #: study asks once per instance, thousands of times in a few seconds.
+        self._recent: dict[tuple[str, str, str], tuple[float, Document]] = {}
 
     async def grant(self, envelope: Envelope, command: DataGrant) -> None:
         """Handle `data.grant`: record the grant, announce `data.granted` (or `data.failed`)."""
@@ -67,6 +78,7 @@ class GrantService:
         objects = staging["objects"] if staging else []
         # A new attempt supersedes the old: a node that lost the job reads no more.
         await self.store.revoke_grants(command.job_id, below_attempt=command.attempt)
+        self._forget(command.job_id)
         await self.store.put_grant(
             {
                 "_id": f"{command.job_id}:{command.attempt}",
@@ -104,6 +116,7 @@ class GrantService:
     async def release(self, envelope: Envelope, command: DataRelease) -> int:
         """Handle `data.release`: revoke the job's grants and unpin its inputs."""
         revoked = await self.store.revoke_grants(command.job_id)
+        self._forget(command.job_id)
         await self.store.release_staging(command.job_id)
         await self.bus.emit(
             "data.released",
@@ -119,7 +132,7 @@ class GrantService:
         if principal.role != Role.node:
             raise Denied(403, "only node agents read job data through grants")
         now = utcnow()
-        grant = await self.store.live_grant(job_id, principal.name, now, deadline_field)
+        grant = await self._live_grant(job_id, principal.name, now, deadline_field)
         if grant is None:
             raise Denied(403, await self._why_not(job_id, principal.name, now, deadline_field))
         if sha256 is not None:
@@ -130,7 +143,27 @@ class GrantService:
                 raise Denied(403, f"object {sha256} is not held for tenant {grant['tenant']}")
             if obj["quarantined"]:
                 raise Denied(410, f"object {sha256} failed its integrity check and is quarantined")
+            return Access(grant=grant, node_id=principal.name, object=obj)
         return Access(grant=grant, node_id=principal.name)
+
+    async def _live_grant(
+        self, job_id: str, node_id: str, now: datetime, field: str
+    ) -> Document | None:
+        key = (job_id, node_id, field)
+        recent = self._recent.get(key)
+        if recent is not None and recent[0] > time.monotonic() and recent[1][field] > now:
+            return recent[1]
+        grant = await self.store.live_grant(job_id, node_id, now, field)
+        if grant is not None:
+            if len(self._recent) > 10_000:
+                self._recent.clear()
+            self._recent[key] = (time.monotonic() + GRANT_REUSE_S, grant)
+        return grant
+
+    def _forget(self, job_id: str) -> None:
+        """After the job's grants changed in the store: none of them is reused."""
+        for key in [key for key in self._recent if key[0] == job_id]:
+            del self._recent[key]
 
     async def _why_not(self, job_id: str, node_id: str, now: datetime, field: str) -> str:
         grant = await self.store.any_grant(job_id)

@@ -132,6 +132,10 @@ class JobStore:
         #: Told of every job document this store writes or reads whole (placement
         #: keeps its view of the queue and of the capacity in use this way).
         self.observers: list[Callable[[Document], None]] = []
+        #: The nodes as this scheduler last wrote them, read from the store once. The
+        #: scheduler is their only writer, so placement and the watchdog read them here
+        #: instead of querying the store at every pass (a pass per job ending).
+        self._nodes: dict[str, Document] | None = None
 
     async def create_indexes(self) -> None:
         """Three indexes besides `_id`, each serving several reads: every index costs
@@ -369,17 +373,17 @@ class JobStore:
     # -- nodes --------------------------------------------------------------------
 
     async def node_seen(self, node_id: str, status: Document, online: bool) -> None:
-        await self.nodes.update_one(
-            {"_id": node_id},
-            {"$set": {**status, "online": online, "last_seen": utcnow()}},
-            upsert=True,
-        )
+        fields = {**status, "online": online, "last_seen": utcnow()}
+        view = await self._node_view()
+        view[node_id] = {**view.get(node_id, {"_id": node_id}), **fields}  # in arrival order
+        await self.nodes.update_one({"_id": node_id}, {"$set": fields}, upsert=True)
 
     async def online_nodes(self) -> list[Document]:
-        return await self.nodes.find({"online": True}).to_list()
+        return [dict(node) for node in (await self._node_view()).values() if node["online"]]
 
     async def all_nodes(self) -> list[Document]:
-        return await self.nodes.find().sort("_id", ASCENDING).to_list()
+        view = await self._node_view()
+        return [dict(view[node_id]) for node_id in sorted(view)]
 
     async def mark_offline(self, node_id: str, seen_before: datetime) -> bool:
         """Mark a node offline if it has not been seen since `seen_before`."""
@@ -387,7 +391,19 @@ class JobStore:
             {"_id": node_id, "online": True, "last_seen": {"$lt": seen_before}},
             {"$set": {"online": False}},
         )
-        return result.modified_count == 1
+        if result.modified_count != 1:
+            return False
+        view = await self._node_view()
+        if node_id in view and view[node_id]["last_seen"] < seen_before:
+            view[node_id] = {**view[node_id], "online": False}
+        return True
+
+    async def _node_view(self) -> dict[str, Document]:
+        if self._nodes is None:
+            nodes = {node["_id"]: node for node in await self.nodes.find().to_list()}
+            if self._nodes is None:  # no concurrent first read got there first
+                self._nodes = nodes
+        return self._nodes
 
     # -- output -------------------------------------------------------------------
 

@@ -37,6 +37,8 @@ log = structlog.get_logger("medhive.vmnode.jobdata")
 CHUNK = 1 << 20
 #: Segments of a sealed input opened per hop to a worker thread.
 OPEN_BATCH = 8
+#: Input files fetched at once (each holds at most three batches in memory).
+PARALLEL_DOWNLOADS = 4
 MIB = 1024 * 1024
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
 READY = ".ready"
@@ -90,9 +92,10 @@ class JobData:
         if spec.inputs:
             if total <= self.settings.tmpfs_inputs_mb * MIB:
                 await self._mount_tmpfs(root / "inputs", total + MIB)
-            for item in manifest:
-                for entry in item.files:
-                    await self._download(run.job_id, entry, root / "inputs" / item.name)
+            await self._download_all(
+                run.job_id,
+                [(entry, root / "inputs" / item.name) for item in manifest for entry in item.files],
+            )
             await asyncio.to_thread(self._seal_inputs, root / "inputs")
         if spec.outputs is not None:
             await self._mount_tmpfs(root / "outputs", spec.outputs.max_mb * MIB, writable=True)
@@ -113,6 +116,24 @@ class JobData:
             if response.status != 200:
                 raise DataUnavailable(f"the datacache refused the inputs: {_detail(body)}")
         return [InputManifest.model_validate(item) for item in body["inputs"]]
+
+    async def _download_all(self, job_id: str, files: list[tuple[StagedFile, Path]]) -> None:
+        """Every file, `PARALLEL_DOWNLOADS` at a time: a study is thousands of small
+        instances, and one at a time each would wait out its own round trip. The first
+        failure stops the rest and is raised."""
+        pending = iter(files)
+
+        async def worker() -> None:
+            for entry, base in pending:  # the workers share one iterator
+                await self._download(job_id, entry, base)
+
+        workers = [asyncio.create_task(worker()) for _ in range(PARALLEL_DOWNLOADS)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
     async def _download(self, job_id: str, entry: StagedFile, base: Path) -> None:
         """One object into `base/path`, refused unless it authenticates and its SHA-256

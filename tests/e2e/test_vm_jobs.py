@@ -198,7 +198,7 @@ async def test_walltime_shuts_the_guest_down_and_cleans_up(
     async with client(vm_stack, user_token) as api:
         job_id = (await api.submit(job))["id"]
         done = await wait_state(api, job_id, within=120)
-        assert done["state"] == "timed_out", done
+        assert done["state"] == "timed_out", (done.get("reason"), done.get("history"))
         assert domains_of(vm_stack.node_id) == []
         assert list((tmp_path / "vms").iterdir()) == []
         await eventually(vmnet.dhcp_hosts_empty, within=60)
