@@ -12,8 +12,10 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # orthanc: the real PACS the data cache's tests stage from (DICOMweb and DIMSE).
 # libvirt, QEMU and the disk tools: VM jobs (libvirt-dev, pkg-config and gcc build
 # libvirt-python). dnsmasq-base, nftables, conntrack: the network gateway; udhcpc: the
-# DHCP client of the stand-in guests in its tests.
+# DHCP client of the stand-in guests in its tests. openssl: the reference pipeline of
+# bench.datacache (curl | tee sha256sum | openssl enc).
 APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
+  openssl
   orthanc orthanc-dicomweb
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc cpio genisoimage e2fsprogs dosfstools mtools

@@ -120,7 +120,10 @@ async def _stream_object(
 ) -> tuple[web.StreamResponse, int, str | None]:
     """Send an object's plaintext (or the asked range); returns (response, bytes, range)."""
     blobs = request.app[BLOBS]
-    size = blobs.size(blob_id)
+    try:
+        size = await asyncio.to_thread(blobs.size, blob_id)
+    except IntegrityError as exc:
+        raise await _refused_damaged(request, sha256, blob_id, str(exc), job_id) from None
     start, end, partial = _byte_range(request, size)
     response = web.StreamResponse(status=206 if partial else 200)
     response.content_type = "application/octet-stream"
@@ -143,6 +146,14 @@ async def _stream_object(
         return response, sent, "integrity check failed"
     await response.write_eof()
     return response, sent, f"{start}-{end - 1}" if partial else None
+
+
+async def _refused_damaged(
+    request: web.Request, sha256: str, blob_id: str, reason: str, job_id: str
+) -> ApiError:
+    """Quarantine an object found damaged before a byte of it went out; the 410 to send."""
+    await _quarantine(request, sha256, blob_id, reason, job_id)
+    return ApiError(410, f"object {sha256} failed its integrity check and is quarantined")
 
 
 async def _quarantine(
@@ -250,10 +261,7 @@ async def read_sealed(request: web.Request) -> web.StreamResponse:
     try:
         sealed = await asyncio.to_thread(request.app[BLOBS].sealed, blob_id)
     except IntegrityError as exc:
-        await _quarantine(request, sha256, blob_id, str(exc), job_id)
-        raise ApiError(
-            410, f"object {sha256} failed its integrity check and is quarantined"
-        ) from None
+        raise await _refused_damaged(request, sha256, blob_id, str(exc), job_id) from None
     response = web.StreamResponse()
     response.content_type = "application/octet-stream"
     response.content_length = sealed.stored_size

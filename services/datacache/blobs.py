@@ -9,6 +9,7 @@ threads, a few MiB per hop, so the event loop keeps serving while a GiB streams 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from services.datacache.crypto import KeyProvider, Sealer, data_key, opener
+from services.datacache.crypto import KeyProvider, Sealer, data_key
+from shared.pipeline import in_turn
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 
 #: Segments sealed or opened per thread hop.
@@ -136,21 +138,28 @@ class BlobStore:
 
     # -- reading ------------------------------------------------------------------------
 
+    def _header(self, path: Path) -> tuple[Header, bytes, int]:
+        """The blob's header, its data key and its stored size (blocking). A blob whose
+        file is gone is as damaged as one whose bytes are wrong."""
+        try:
+            with path.open("rb") as f:
+                head = f.read(HEADER_BYTES_MAX)
+                stored = os.fstat(f.fileno()).st_size
+        except FileNotFoundError:
+            raise IntegrityError("the object's file is missing") from None
+        header = Header.parse(head)
+        return header, data_key(header, self.keys), stored
+
     def _opener(self, path: Path) -> tuple[Opener, int]:
-        with path.open("rb") as f:
-            head = f.read(HEADER_BYTES_MAX)
-        found = opener(head, self.keys)
-        return found, found.plaintext_size(path.stat().st_size)
+        header, key, stored = self._header(path)
+        found = Opener.with_key(header, key)
+        return found, found.plaintext_size(stored)
 
     def sealed(self, blob_id: str) -> SealedBlob:
         """What a node needs to open the blob itself: where it is, how long, its data
         key (blocking: reads the header)."""
         path = self.path(blob_id)
-        with path.open("rb") as f:
-            head = f.read(HEADER_BYTES_MAX)
-        header = Header.parse(head)
-        key = data_key(header, self.keys)
-        stored = path.stat().st_size
+        header, key, stored = self._header(path)
         size = Opener.with_key(header, key).plaintext_size(stored)
         return SealedBlob(path, stored, size, len(header.raw), header.segment_size, key)
 
@@ -226,11 +235,12 @@ class BlobStore:
     async def delete(self, blob_id: str) -> None:
         await asyncio.to_thread(self.path(blob_id).unlink, True)
 
-    async def quarantine(self, blob_id: str) -> Path:
-        """Move a blob that failed its check aside, for the operator to examine."""
+    async def quarantine(self, blob_id: str) -> None:
+        """Move a blob that failed its check aside, for the operator to examine (if its
+        file is there at all)."""
         target = self.quarantined / f"{blob_id}.{int(time.time())}"
-        await asyncio.to_thread(shutil.move, self.path(blob_id), target)
-        return target
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(shutil.move, self.path(blob_id), target)
 
     def stored_bytes(self) -> int:
         return sum(entry.stat().st_size for entry in os.scandir(self.objects) if entry.is_file())
@@ -243,9 +253,10 @@ class _SealedFile:
     and hashing costs twice what sealing does, so doing them one after the other would
     leave a core idle), and the batch before that is written by a third.
 
-    Hashing and writing must see the batches in order: each batch's hash waits for the
-    previous batch's, and so does its write. Sealing needs no order, since every segment
-    is sealed at the place it was given when its batch arrived. At most `IN_FLIGHT`
+    Hashing and writing must see the batches in order (`shared.pipeline.in_turn`): each
+    batch's hash waits for the previous batch's, and so does its write. Sealing needs no
+    order, since every segment is sealed at the place it was given when its batch
+    arrived. At most `IN_FLIGHT`
     batches are in the pipeline, so memory stays bounded whatever the source's speed.
 
     No fsync: a blob torn by a power cut fails its authentication when read, is
@@ -261,36 +272,19 @@ class _SealedFile:
         self._segments = 0
         self._hashed: asyncio.Future[None] | None = None
         self._written: asyncio.Future[None] | None = None
-        self._steps: deque[asyncio.Future[None]] = deque()
+        self._steps: deque[asyncio.Future[tuple[None, None]]] = deque()
         out.write(sealer.header)
 
     async def add(self, data: memoryview, final: bool) -> None:
         while len(self._steps) >= self.IN_FLIGHT:
             await self._steps.popleft()
         first, self._segments = self._segments, self._segments + _segments_in(data, self.sealer)
-        hashed = asyncio.ensure_future(self._hash_in_turn(self._hashed, data))
         sealed = asyncio.ensure_future(asyncio.to_thread(self._seal, data, first, final))
-        self._written = asyncio.ensure_future(self._write_in_turn(self._written, sealed, hashed))
-        self._hashed = hashed
-        self._steps.append(self._written)
-
-    async def _hash_in_turn(self, previous: asyncio.Future[None] | None, data: memoryview) -> None:
-        if previous is not None:
-            await previous
-        await asyncio.to_thread(self.digest.update, data)
-
-    async def _write_in_turn(
-        self,
-        previous: asyncio.Future[None] | None,
-        sealed: asyncio.Future[list[bytes]],
-        hashed: asyncio.Future[None],
-    ) -> None:
-        """Write a batch once it is sealed, hashed, and the batch before it written; a
-        failure anywhere before it stops it, so nothing after a failure lands either."""
-        segments, _ = await asyncio.gather(sealed, hashed)
-        if previous is not None:
-            await previous
-        await asyncio.to_thread(self._write, segments)
+        self._hashed = asyncio.ensure_future(
+            in_turn(self._hashed, sealed, lambda _: self.digest.update(data))
+        )
+        self._written = asyncio.ensure_future(in_turn(self._written, sealed, self._write))
+        self._steps.append(asyncio.gather(self._hashed, self._written))
 
     def _seal(self, data: memoryview, first: int, final: bool) -> list[bytes]:
         """`data` as whole segments from segment `first` (and, when `final`, the last

@@ -4,7 +4,7 @@ The format of a stored object is `shared.sealed` (a node opens objects with it t
 Each object is sealed under a fresh data key, wrapped by a master key held by a
 `KeyProvider`: a file or the environment here, a KMS in production (the interface is
 the plug). Only the datacache unwraps a data key: `data_key` does it for the objects
-a node may read, `opener` for the datacache's own reads.
+a node may read and for the datacache's own reads.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from shared.sealed import (
     PREFIX_BYTES,
     Header,
     IntegrityError,
-    Opener,
     nonce,
     pack_header,
 )
@@ -137,9 +136,3 @@ class Sealer:
 def data_key(header: Header, keys: KeyProvider) -> bytes:
     """The object's data key, unwrapped by the master key that wrapped it."""
     return keys.unwrap(header.key_id, header.wrapped)
-
-
-def opener(raw: bytes, keys: KeyProvider) -> Opener:
-    """An `Opener` for the object whose header `raw` begins with."""
-    header = Header.parse(raw)
-    return Opener.with_key(header, data_key(header, keys))

@@ -30,6 +30,7 @@ from services.vmnode.runtimes.base import Mount
 from services.vmnode.settings import NodeSettings
 from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
 from shared.messages.jobs import JobSpec, NodeRun
+from shared.pipeline import in_turn
 from shared.sealed import DATA_KEY_HEADER, TAG, IntegrityError, Opener, read_header
 
 log = structlog.get_logger("medhive.vmnode.jobdata")
@@ -318,8 +319,8 @@ async def unseal(
             opened = asyncio.ensure_future(
                 asyncio.to_thread(opener.open_run, raw, first, count, last)
             )
-            hashed = asyncio.ensure_future(_in_turn(hashed, opened, hash_batch))
-            written = asyncio.ensure_future(_in_turn(written, opened, out.writelines))
+            hashed = asyncio.ensure_future(in_turn(hashed, opened, hash_batch))
+            written = asyncio.ensure_future(in_turn(written, opened, out.writelines))
             steps.append(asyncio.gather(hashed, written))
             while len(steps) > 2:
                 await steps.popleft()
@@ -328,18 +329,6 @@ async def unseal(
     finally:
         await asyncio.gather(*steps, return_exceptions=True)  # no thread writes after this
     return digest.hexdigest()
-
-
-async def _in_turn(
-    previous: asyncio.Future[None] | None,
-    opened: asyncio.Future[list[bytes]],
-    work: Callable[[list[bytes]], None],
-) -> None:
-    """`work` on a batch once it is opened and `work` is done with the batch before."""
-    plain = await opened
-    if previous is not None:
-        await previous
-    await asyncio.to_thread(work, plain)
 
 
 async def _read_file(path: Path) -> AsyncIterator[bytes]:

@@ -275,6 +275,30 @@ async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
     assert again.status == 410
 
 
+@pytest.mark.parametrize("route", ["", "/sealed"])
+@pytest.mark.parametrize("damage", ["file gone", "header broken"])
+async def test_an_object_damaged_before_a_byte_is_sent_is_refused_with_410_and_quarantined(
+    harness: Harness,
+    origin: Origin,
+    datacache_settings: DatacacheSettings,
+    route: str,
+    damage: str,
+) -> None:
+    data = await _granted_input(harness, origin, 2 * MIB)
+    [blob] = (datacache_settings.cache_dir / "objects").iterdir()
+    if damage == "file gone":
+        blob.unlink()
+    else:
+        blob.write_bytes(b"XXXX" + blob.read_bytes()[4:])
+    url = f"/v1/jobs/job-1/objects/{_sha(data)}{route}"
+    response = await harness.client.get(url, headers=harness.node_auth)
+    assert response.status == 410
+    assert "quarantined" in (await response.json())["error"]["detail"]
+    event = await harness.events.wait_for(lambda m: m["type"] == "data.quarantined")
+    assert event["payload"]["object"] == _sha(data)
+    assert (await harness.client.get(url, headers=harness.node_auth)).status == 410
+
+
 async def test_a_damage_report_on_a_sound_object_quarantines_nothing(
     harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
 ) -> None:
