@@ -90,6 +90,7 @@ from bench.stack import (
     progress,
 )
 from medhive import localdb
+from medhive.localpacs import running_orthanc
 from services.datacache.sources.dicomweb import DICOM_PARTS
 from services.vmnode.jobdata import JobData
 from services.vmnode.runtimes.base import Mount
@@ -103,7 +104,7 @@ from shared.messages.data import DataGrant, DataStage, InputSpec
 from shared.messages.jobs import JobSpec, NodeRun
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
-from tests.fixtures.orthanc import running_orthanc, upload_study
+from tests.fixtures.orthanc import upload_study
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ async def _follow(client: Client, job_id: str) -> int:
         if type_ == "data.fetched":
             line = (f"  fetched {payload['source']}: {payload['files']} files, "
                     f"{_size(payload['bytes'])} in {payload['seconds']:.1f} s")  # fmt: skip
+            print(("\r\033[K" if tty else "") + line, flush=True)
+            continue
+        if type_ == "data.staged" and payload["cached"]:
+            line = (f"  {payload['cached']} of {len(payload['inputs'])} inputs found in the "
+                    "datacache: nothing fetched for them")  # fmt: skip
             print(("\r\033[K" if tty else "") + line, flush=True)
             continue
         if type_ == "job.interactive_ready":
@@ -170,22 +176,37 @@ async def nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _brief(record: dict[str, Any]) -> str:
+    """One audit record on one line: time, type, job, then the payload's own fields
+    (`medhive audit tail --brief`, for people; the default JSON is for programs)."""
+    payload = (record.get("envelope") or {}).get("payload", {})
+    fields = " ".join(
+        f"{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
+        for key, value in payload.items()
+        if key != "job_id" and value not in (None, [], {})
+    )
+    when = str(record.get("occurred_at", ""))[11:19]
+    job = record.get("job_id") or "-"
+    return f"{record.get('seq', ''):>6}  {when}  {record['type']:<22} {job}  {fields}"
+
+
 async def audit_tail(args: argparse.Namespace) -> int:
     filters: dict[str, str] = {
         "job": args.job or "",
         "type": args.type or "",
         "tenant": args.tenant or "",
     }
+    show = _brief if args.brief else partial(json.dumps, sort_keys=True)
     async with _client(args) as client:
         if args.follow:
             async for record in client.stream(filters):
-                print(json.dumps(record, sort_keys=True), flush=True)
+                print(show(record), flush=True)
             return 0
         after = 0
         while True:
             records, next_after = await client.events(filters, after)
             for record in records:
-                print(json.dumps(record, sort_keys=True))
+                print(show(record))
             if next_after is None:
                 return 0
             after = next_after
@@ -210,7 +231,7 @@ async def schema_export(args: argparse.Namespace) -> int:
 async def up(args: argparse.Namespace) -> int:
     from medhive.up import run_stack
 
-    return await run_stack(args.services, db_path=args.db_path)
+    return await run_stack(args.services or None, db_path=args.db_path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -250,6 +271,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--job")
     c.add_argument("--type", help="type prefix, e.g. job. or data.")
     c.add_argument("--tenant")
+    c.add_argument("--brief", action="store_true", help="one line per record, for people")
     audit.add_parser("verify", help="check the hash chain").set_defaults(fn=audit_verify)
 
     admin.add_commands(sub)
@@ -265,8 +287,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument(
         "services",
         nargs="*",
-        default=["scheduler", "audit", "datacache", "vmnode"],
-        help="which services",
+        help="which services (default: every one this machine can run, said at start)",
     )
     c.add_argument(
         "--db-path",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ class Client:
 
     async def stream(
         self, filters: dict[str, str], after: int = 0
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any]]:
         """Audit records as they are stored; reconnects after a drop, resuming at the
         last id seen, so nothing is missed and nothing is repeated."""
         last = after

@@ -4,6 +4,12 @@ Each line a service prints appears with its name in front. Ctrl-C (or SIGTERM) s
 them all gracefully, in reverse start order; if one dies, the others are stopped too.
 When no MongoDB answers at `MEDHIVE_MONGO_URL` on this machine, a MongoDB-protocol
 server (SecantusDB) is started on `--db-path`, so one command brings up a full stack.
+
+Without a list of services it starts every one this machine can run, and says at start
+which, and why the others were left out (`plan`): netgw when a VM network is configured
+(`MEDHIVE_NETGW_*`) or the demo's exists (`medhive.localnet.DEMO`); the node agent runs
+VMs too when libvirt answers. The datacache takes its sources from
+`MEDHIVE_DATACACHE_SOURCES_FILE`, else from `sources.yaml` in the state directory.
 """
 
 from __future__ import annotations
@@ -13,11 +19,17 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 
 from yarl import URL
 
 from medhive import localdb
+from medhive.localnet import DEMO, VmNetwork
+
+#: Every service, in start order (netgw before the node agents that ask it for leases).
+SERVICES = ["scheduler", "audit", "datacache", "netgw", "vmnode"]
+LIBVIRT_URI = "qemu:///system"
 
 COLOURS = ["36", "35", "33", "32", "34", "31"]
 
@@ -93,7 +105,69 @@ async def _service_credentials(services: list[str], state_dir: Path) -> None:
         os.environ["MEDHIVE_VMNODE_DATACACHE_TOKEN"] = token_file.read_text().strip()
 
 
-async def run_stack(services: list[str], db_path: str, state_dir: Path | None = None) -> int:
+def _libvirt_refusal(uri: str) -> str | None:
+    """Why libvirt does not answer at `uri`, or None when it does."""
+    try:
+        import libvirt
+    except ImportError as exc:
+        return f"libvirt-python is not installed ({exc})"
+    libvirt.registerErrorHandler(lambda *_: None, None)  # its own stderr lines add nothing
+    try:
+        libvirt.open(uri).close()
+    except libvirt.libvirtError as exc:
+        return str(exc)
+    return None
+
+
+def plan(
+    state_dir: Path, env: MutableMapping[str, str], demo: VmNetwork = DEMO
+) -> tuple[dict[str, str], list[str]]:
+    """The services this machine can run, each with what it was given; `env` gains the
+    settings that follow from what was found. Returns (service -> what it runs, lines
+    saying what was left out and why)."""
+    started = {"scheduler": "the job API and the queue", "audit": "the audit trail"}
+    left_out = []
+    sources = state_dir / "sources.yaml"
+    if "MEDHIVE_DATACACHE_SOURCES_FILE" not in env and sources.exists():
+        env["MEDHIVE_DATACACHE_SOURCES_FILE"] = str(sources)
+    named = env.get("MEDHIVE_DATACACHE_SOURCES_FILE", "nowhere (no sources file)")
+    started["datacache"] = f"data sources from {named}"
+    if any(key.startswith("MEDHIVE_NETGW_") for key in env):
+        started["netgw"] = "the VM network that MEDHIVE_NETGW_* configures"
+    elif demo.exists():
+        for key, value in demo.netgw_env().items():
+            env.setdefault(key, value)
+        started["netgw"] = f"the demo's VM network (namespace {demo.gateway_ns})"
+    else:
+        left_out.append(
+            "netgw: no VM network is configured (set MEDHIVE_NETGW_*, or run "
+            "scripts/demo.sh, which makes a demo network)"
+        )
+    uri = env.get("MEDHIVE_VMNODE_LIBVIRT_URI", LIBVIRT_URI)
+    if refusal := _libvirt_refusal(uri):
+        env.pop("MEDHIVE_VMNODE_LIBVIRT_URI", None)
+        started["vmnode"] = "containers"
+        left_out.append(f"VM jobs: libvirt does not answer at {uri} ({refusal})")
+    else:
+        env["MEDHIVE_VMNODE_LIBVIRT_URI"] = uri
+        if "MEDHIVE_VMNODE_VM_NETWORK" not in env and demo.exists():
+            env["MEDHIVE_VMNODE_VM_NETWORK"] = demo.vm_network
+        network = env.get("MEDHIVE_VMNODE_VM_NETWORK", "none, so no interactive ports")
+        started["vmnode"] = f"containers, and VMs through {uri} (guests' network: {network})"
+    return started, left_out
+
+
+async def run_stack(services: list[str] | None, db_path: str, state_dir: Path | None = None) -> int:
+    """Run `services` (None: every one this machine can run, see `plan`) until a signal
+    or until one of them exits."""
+    state_dir = state_dir or Path(db_path).parent
+    if services is None:
+        started, left_out = plan(state_dir, os.environ)
+        services = [name for name in SERVICES if name in started]
+        for name, what in started.items():
+            print(f"medhive up: starting {name}: {what}", flush=True)
+        for line in left_out:
+            print(f"medhive up: left out {line}", flush=True)
     processes: list[tuple[str, asyncio.subprocess.Process]] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -107,7 +181,7 @@ async def run_stack(services: list[str], db_path: str, state_dir: Path | None = 
             async with asyncio.timeout(60):
                 while not await _answers(url.host or "127.0.0.1", url.port or 27017):  # noqa: ASYNC110
                     await asyncio.sleep(0.1)  # the server gives no other sign of readiness
-        await _service_credentials(services, state_dir or Path(db_path).parent)
+        await _service_credentials(services, state_dir)
         for i, name in enumerate(services):
             argv = [sys.executable, "-m", f"services.{name}"]
             processes.append((name, await _start(name, argv, COLOURS[i % len(COLOURS)])))

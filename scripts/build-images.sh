@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Builds the registry-free workload image `medhive/busybox:1` from Debian's static
-# busybox: no registry is reachable, so nothing is pulled. Skips when it exists.
+# Builds the registry-free workload images, pulling nothing (no registry is reachable):
+# `medhive/busybox:1` from Debian's static busybox (skipped when it exists) and
+# `medhive/dicom-reader:1`, the demo DICOM reader (images/dicom-reader/build.sh; rebuilt
+# when its inputs change). One build at a time: setup and a test may both call this.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+exec 9>"${TMPDIR:-/tmp}/medhive-build-images.lock"
+flock 9
+bash images/dicom-reader/build.sh
+
 IMAGE=${MEDHIVE_TEST_IMAGE:-medhive/busybox:1}
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then exit 0; fi
 echo "[setup] building $IMAGE"

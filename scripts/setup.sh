@@ -13,9 +13,11 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # libvirt, QEMU and the disk tools: VM jobs (libvirt-dev, pkg-config and gcc build
 # libvirt-python). dnsmasq-base, nftables, conntrack: the network gateway; udhcpc: the
 # DHCP client of the stand-in guests in its tests. openssl: the reference pipeline of
-# bench.datacache (curl | tee sha256sum | openssl enc).
+# bench.datacache (curl | tee sha256sum | openssl enc). docker-compose (Debian's 1.29,
+# a Python program; Debian 12 has no compose v2 plugin): the suite checks
+# docker-compose.yml with `docker-compose config`.
 APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
-  openssl
+  openssl docker-compose
   orthanc orthanc-dicomweb
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc cpio genisoimage e2fsprogs dosfstools mtools
@@ -81,7 +83,6 @@ if ! docker version >/dev/null 2>&1; then
   for _ in $(seq 1 60); do docker version >/dev/null 2>&1 && break; sleep 0.5; done
   docker version >/dev/null
 fi
-bash scripts/build-images.sh
 
 # libvirt without systemd or the libvirt-daemon-system package: its user, virtlogd and
 # a qemu.conf without a security driver (with one, every define takes ~50 s here).
@@ -113,5 +114,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q -e ".[test,bench]"
   touch "$stamp"
 fi
+# The local workload images (the demo's reader takes pydicom from the virtualenv).
+bash scripts/build-images.sh
 mkdir -p "$STATE"
 say "ready"

@@ -18,6 +18,11 @@ from shared.http import MAX_LINE_BYTES, error_response
 
 #: What aiohttp's own `run_app` keeps an idle connection open for.
 KEEPALIVE_S = 75.0
+#: Set by an app whose requests can wait long for something to send (a live stream):
+#: a client that goes away then cancels its handler at once. aiohttp's default lets a
+#: handler run on until it next writes, so a waiting stream would keep what it holds
+#: (a slot of its token's bounded few) until its next keep-alive.
+CANCEL_ON_DISCONNECT = web.AppKey("cancel_on_disconnect", bool)
 
 
 class JsonErrorRequestHandler(web.RequestHandler):
@@ -63,7 +68,7 @@ class Listener:
 async def listen(app: web.Application, host: str, port: int) -> Listener:
     """Start `app` (its startup and cleanup contexts) and answer on host:port."""
     loop = asyncio.get_running_loop()
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, handler_cancellation=app.get(CANCEL_ON_DISCONNECT, False))
     await runner.setup()
     connections = runner.server
     assert connections is not None  # set by setup()

@@ -12,6 +12,7 @@ from services.audit.settings import AuditSettings
 from services.audit.store import STORE, AuditStore
 from shared.http import TOKENS
 from shared.identity import AmqpUsers
+from shared.server import CANCEL_ON_DISCONNECT
 from shared.service import BUS, MONGO, create_service_app
 
 
@@ -20,6 +21,7 @@ def create_app(settings: AuditSettings) -> web.Application:
     app = create_service_app("audit", settings.amqp, settings.mongo)
     app[NOTIFIER] = Notifier()
     app[STREAM_SLOTS] = StreamSlots(settings.streams_per_token, settings.streams_total)
+    app[CANCEL_ON_DISCONNECT] = True  # a stream gives its slot back when its client leaves
 
     async def recording(app: web.Application) -> AsyncIterator[None]:
         store = AuditStore(app[MONGO][settings.database])

@@ -78,8 +78,9 @@ class OutputSpec(Payload):
     max_mb: int = Field(1024, ge=1, le=1024 * 1024, description="Size bound of /outputs.")
     destination: SourceUri | None = Field(
         None,
-        description="Where to upload the results too: an XNAT resource, a DICOMweb "
-        "STOW-RS endpoint (dicomweb+https://...), or an HTTP(S) URL to PUT each file under.",
+        description="Where to upload the results too: an XNAT resource, a DICOMweb study "
+        "(dicomweb+https://HOST/dicom-web/studies/UID; the results are stored into it with "
+        "STOW-RS), or an HTTP(S) URL to PUT each file under.",
     )
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import uuid
+from pathlib import Path
 from typing import Any
 
 from medhive.client import TERMINAL, Client
@@ -13,6 +16,21 @@ from shared.settings import AmqpSettings
 from tests.conftest import TEST_IMAGE
 from tests.helpers import publish_raw
 from tests.processes import Stack
+
+GUEST_DIR = Path(os.environ.get("MEDHIVE_TEST_GUEST_DIR", "/var/lib/medhive/guest"))
+#: The libvirt daemon the end-to-end VM tests' node agents use.
+URI = "qemu:///system"
+
+
+def virsh(*args: str) -> str:
+    done = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
+    return done.stdout
+
+
+def domains_of(node_id: str) -> list[str]:
+    """The medhive domains libvirt holds for `node_id` (running or not)."""
+    names = [n for n in virsh("list", "--all", "--name").split() if n.startswith("medhive-")]
+    return [n for n in names if f'"node_id": "{node_id}"' in virsh("dumpxml", n)]
 
 
 def spec(name: str, *command: str, **fields: Any) -> dict[str, Any]:

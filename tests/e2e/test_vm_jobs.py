@@ -25,27 +25,13 @@ import pytest
 
 from medhive.client import Client
 from tests.conftest import free_port
-from tests.e2e.support import client, wait_state
+from tests.e2e.support import GUEST_DIR, URI, client, domains_of, virsh, wait_state
 from tests.fixtures.vmnet import EXTERNAL_IP, VmNet
 from tests.helpers import eventually
 from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
-
-GUEST_DIR = Path(os.environ.get("MEDHIVE_TEST_GUEST_DIR", "/var/lib/medhive/guest"))
-URI = "qemu:///system"
-
-
-def virsh(*args: str) -> str:
-    done = subprocess.run(["virsh", "-q", "-c", URI, *args], capture_output=True, text=True)
-    return done.stdout
-
-
-def domains_of(node_id: str) -> list[str]:
-    """The medhive domains libvirt holds for `node_id` (running or not)."""
-    names = [n for n in virsh("list", "--all", "--name").split() if n.startswith("medhive-")]
-    return [n for n in names if f'"node_id": "{node_id}"' in virsh("dumpxml", n)]
 
 
 @pytest.fixture

@@ -275,9 +275,14 @@ class LibvirtRuntime:
         await read_outputs(disk, record.filesystem, into)
 
     async def remove(self, workload: Workload) -> None:
-        """Destroy and undefine the domain, delete its files, release its network."""
+        """Destroy and undefine the domain, delete its files, release its network (if it
+        had one: a VM without interactive ports never leased an address, and asking
+        netgw anyway would hold the job's clean-up until the request timed out)."""
+        leased = True  # a domain already gone says nothing: ask, releasing is idempotent
         with contextlib.suppress(WorkloadGone):
             domain = await self._domain(workload.id)
+            record = read_record(await self._call(domain.XMLDesc, 0))
+            leased = record is None or bool(record.interactive)
             if await self._call(domain.isActive):
                 with contextlib.suppress(libvirt.libvirtError):
                     await self._call(domain.destroy)
@@ -285,7 +290,7 @@ class LibvirtRuntime:
                 await self._call(domain.undefine)
         await asyncio.to_thread(shutil.rmtree, self.settings.vm_dir / workload.id, True)
         self._stopped.pop(workload.id, None)
-        if self.network is not None:
+        if self.network is not None and leased:
             try:
                 await self.network.release(
                     workload.job_id, workload.attempt, workload.tenant, "the job ended"

@@ -6,14 +6,18 @@ import asyncio
 import logging
 from typing import Any
 
+import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from services.audit import api as audit_api
 from services.audit.app import create_app
 from services.audit.settings import AuditSettings
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.jobs import JobEvent, JobState
+from shared.server import listen
+from tests.conftest import free_port
 from tests.helpers import eventually
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth, next_event
@@ -136,3 +140,35 @@ async def test_two_hundred_streams_at_once_leave_the_api_answering(
     logging.getLogger(__name__).info("requests over 1 s with 64 streams open: %d", slow)
     for response in opened:
         response.close()
+
+
+async def test_a_stream_whose_client_leaves_gives_its_slot_back_at_once(
+    audit_settings: AuditSettings, token: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user who follows a few jobs one after another (`medhive submit --follow`, each
+    a stream closed at its end) is never refused: the server as services run it
+    (`shared.server.listen`) ends a waiting stream when its client leaves, not at its
+    next keep-alive, which is made never to come here."""
+    monkeypatch.setattr(audit_api, "KEEPALIVE_S", 3600.0)
+    settings = audit_settings.model_copy(update={"streams_per_token": 2})
+    port = free_port()
+    listener = await listen(create_app(settings), "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}/v1/events/stream"
+    headers = auth(await token("t1"))
+    try:
+        for _ in range(3):  # more streams in turn than the token may hold at once
+            async with aiohttp.ClientSession() as session:
+                held = [await session.get(url, headers=headers) for _ in range(2)]
+                assert [r.status for r in held] == [200, 200]
+                for response in held:
+                    response.close()  # the client leaves: its connection is closed
+
+            async def freed() -> bool:
+                async with aiohttp.ClientSession() as session:
+                    response = await session.get(url, headers=headers)
+                    response.close()
+                    return response.status == 200
+
+            await eventually(freed, within=10)
+    finally:
+        await listener.close()

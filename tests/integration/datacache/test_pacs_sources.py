@@ -144,7 +144,7 @@ async def test_wrong_credentials_unknown_studies_and_unknown_aes_are_refused(
 
 
 async def test_an_unreachable_pacs_is_unavailable() -> None:
-    gone = Orthanc(host="127.0.0.1", http_port=1, dicom_port=1)
+    gone = Orthanc(host="127.0.0.1", password="unused", http_port=1, dicom_port=1)
     async with aiohttp.ClientSession() as session:
         with pytest.raises(SourceUnavailable, match="dicomweb"):
             await _web(session, gone).fetch(_web_ref(gone, "1.2.3"), Collect())

@@ -8,19 +8,26 @@ process (the end-to-end tests run the node agent as its own process).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aio_pika
 import libvirt
 import pytest
 
+from services.vmnode.guestnet import GuestNetwork
 from services.vmnode.runtimes import libvirt as libvirt_runtime
 from services.vmnode.runtimes.base import ImageMissing, Mount, WorkloadGone
 from services.vmnode.runtimes.libvirt import LibvirtRuntime
 from services.vmnode.settings import NodeSettings
+from shared.bus import Bus, NoReply
+from shared.messages.catalog import COMMANDS
 from shared.messages.jobs import JobSpec, NodeRun
+from shared.settings import AmqpSettings
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -136,3 +143,32 @@ async def test_a_missing_image_is_refused_before_anything_is_made(
     with pytest.raises(ImageMissing, match=r"/nowhere/base\.qcow2 is not on node node-a"):
         await runtime.prepare(vm_run(Path("/nowhere/base.qcow2"), "job-missing"))
     assert not (tmp_path / "vms").exists() or list((tmp_path / "vms").iterdir()) == []
+
+
+async def test_only_a_vm_that_leased_an_address_asks_the_gateway_to_release_it(
+    amqp_settings: AmqpSettings, base_image: Path, tmp_path: Path
+) -> None:
+    """A VM without interactive ports never had a lease: removing it sends netgw
+    nothing, so its clean-up (the job's decrypted inputs among it) never waits for an
+    answer that a node without netgw would not get. Every `net.*` command this node
+    sends is seen on a queue of the test's own; a marker release sent after the
+    removal must be the first one there."""
+    bus = Bus(amqp_settings, "vmnode@test")
+    await bus.connect()
+    connection = await aio_pika.connect(amqp_settings.url.get_secret_value())
+    try:
+        seen = await (await connection.channel()).declare_queue(exclusive=True)
+        await seen.bind(COMMANDS, "net.#")
+        network = GuestNetwork(bus, "node-a", timeout_s=0.1)  # nobody answers here
+        runtime = LibvirtRuntime(settings(tmp_path), network=network)
+        workload = await runtime.prepare(vm_run(base_image, "job-no-ports"))
+        await runtime.start(workload)
+        await runtime.remove(workload)
+        with contextlib.suppress(NoReply):
+            await network.release("job-marker", 1, "t1", "marker")
+        first = await seen.get(timeout=10)
+        assert json.loads(first.body)["payload"]["job_id"] == "job-marker"
+        await runtime.close()
+    finally:
+        await connection.close()
+        await bus.close()

@@ -1,0 +1,340 @@
+"""A real PACS on this machine: Orthanc in a network namespace of its own, and synthetic
+studies to fill it.
+
+Orthanc binds every address (it has no bind option), so it runs inside a namespace,
+reached over a veth pair on a link-local /30 that exists only on this machine: nothing
+outside can reach it, and it reaches nothing. Its REST user has a password and the one
+DICOM AE it knows is medhive's (`CALLING_AET`, at this side of the pair).
+
+Two lifetimes share this code: `running_orthanc`, a throw-away server for a test or a
+benchmark (a fresh namespace, removed afterwards), and `ensure_orthanc`, the demo's
+server that stays up between runs (`scripts/demo.sh`; started again if it stopped).
+
+Studies are made instance by instance with `make_instance`, in the transfer syntaxes
+archives hold: native (explicit VR, deflated) and compressed (RLE, JPEG baseline,
+JPEG-LS and JPEG 2000 lossless), single- and multi-frame. The pixels are seeded by each
+instance's UID (`synthetic_pixels`), so whoever reads one back knows what to expect.
+This module needs the test extra (numpy, Pillow and the pydicom encoders).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+USER = "medhive"
+AET, CALLING_AET = "ORTHANC", "MEDHIVE"
+HTTP_PORT, DICOM_PORT = 8042, 4242
+#: Where Orthanc's configuration says the AE `MEDHIVE` takes C-STOREs (a C-MOVE's
+#: destination): a storage SCP on this side of the veth pair.
+MOVE_PORT = 11112
+#: Throw-away servers take 169.254.1-249.x; the demo's server has this subnet.
+DEMO_OCTET = 251
+READY_WITHIN_S = 60
+
+#: Rows and columns of every synthetic image: small, so a study of hundreds is quick.
+SIZE = 32
+#: The pydicom encoding plugin for each compressed syntax it can write; JPEG baseline has
+#: none in pydicom (only decoders), so Pillow encodes it (`_jpeg_baseline`).
+ENCODERS: dict[str, str] = {
+    RLELossless: "pydicom",
+    JPEGLSLossless: "pyjpegls",
+    JPEG2000Lossless: "pylibjpeg",
+}
+
+
+@dataclass
+class Orthanc:
+    host: str
+    password: str
+    http_port: int = HTTP_PORT
+    dicom_port: int = DICOM_PORT
+    aet: str = AET
+    calling_aet: str = CALLING_AET
+    username: str = USER
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/dicom",
+    ) -> bytes:
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        pair = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+        if body is not None:
+            request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return bytes(response.read())
+
+    def json(self, path: str) -> object:
+        return json.loads(self.request("GET", path))
+
+    def answers(self) -> bool:
+        try:
+            self.json("/system")
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Link:
+    """A namespace and the veth pair that reaches it: `outer` (address `ours`) here,
+    `inner` (address `theirs`) inside, on a /30 of 169.254.`octet`.0."""
+
+    netns: str
+    outer: str
+    inner: str
+    octet: int
+
+    @property
+    def ours(self) -> str:
+        return f"169.254.{self.octet}.1"
+
+    @property
+    def theirs(self) -> str:
+        return f"169.254.{self.octet}.2"
+
+    def exists(self) -> bool:
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        link = subprocess.run(["ip", "link", "show", self.outer], capture_output=True)
+        return self.netns in namespaces.stdout.split() and link.returncode == 0
+
+    def create(self) -> None:
+        self.remove()  # a half-made pair from an interrupted run
+        _ip("netns", "add", self.netns)
+        _ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        _ip("link", "set", self.inner, "netns", self.netns)
+        _ip("addr", "add", f"{self.ours}/30", "dev", self.outer)
+        _ip("link", "set", self.outer, "up")
+        for args in (
+            ["addr", "add", f"{self.theirs}/30", "dev", self.inner],
+            ["link", "set", self.inner, "up"],
+            ["link", "set", "lo", "up"],
+        ):
+            _ip("netns", "exec", self.netns, "ip", *args)
+
+    def remove(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outer], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+def _configure(work: Path, link: Link, password: str) -> Path:
+    work.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "medhive-local-pacs",
+        "HttpPort": HTTP_PORT,
+        "DicomPort": DICOM_PORT,
+        "DicomAet": AET,
+        "RemoteAccessAllowed": True,
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": {USER: password},
+        "DicomModalities": {"medhive": [CALLING_AET, link.ours, MOVE_PORT]},
+        "DicomCheckModalityHost": False,
+        "StorageDirectory": str(work / "storage"),
+        "IndexDirectory": str(work / "index"),
+        "Plugins": [DICOMWEB_PLUGIN],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "StableAge": 1,
+    }
+    path = work / "orthanc.json"
+    path.touch(mode=0o600)  # it holds the password
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _start(work: Path, link: Link, password: str, detach: bool) -> subprocess.Popen[bytes]:
+    config = _configure(work, link, password)
+    with (work / "orthanc.log").open("ab") as log:
+        return subprocess.Popen(
+            ["ip", "netns", "exec", link.netns, ORTHANC, str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=detach,  # the demo's server outlives the script that started it
+        )
+
+
+def _wait_ready(server: Orthanc, process: subprocess.Popen[bytes], work: Path) -> None:
+    deadline = time.monotonic() + READY_WITHIN_S
+    while not server.answers():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError((work / "orthanc.log").read_text()[-4000:])
+        time.sleep(0.05)  # polling a port: Orthanc gives no other sign of readiness
+
+
+@contextmanager
+def running_orthanc(work: Path) -> Iterator[Orthanc]:
+    """A throw-away Orthanc in a fresh namespace, storage and log under `work` (the
+    tests' PACS, and the benchmark's); everything is removed afterwards."""
+    tag = uuid.uuid4().hex[:6]
+    link = Link(f"mh-pacs-{tag}", f"mhp{tag}a", f"mhp{tag}b", int(tag[:2], 16) % 249 + 1)
+    link.create()
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        server = Orthanc(host=link.theirs, password=uuid.uuid4().hex)
+        process = _start(work, link, server.password, detach=False)
+        _wait_ready(server, process, work)
+        yield server
+    finally:
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        link.remove()
+
+
+DEMO_LINK = Link("medhive-pacs", "mhpacs0", "mhpacs1", DEMO_OCTET)
+
+
+def ensure_orthanc(work: Path) -> Orthanc:
+    """The demo's Orthanc, started if it does not answer: its namespace, storage and
+    password stay across runs (the password is made once, kept in `work`, mode 0600)."""
+    secret = work / "password"
+    if not secret.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        secret.touch(mode=0o600)
+        secret.write_text(uuid.uuid4().hex)
+    server = Orthanc(host=DEMO_LINK.theirs, password=secret.read_text().strip())
+    if server.answers():
+        return server
+    if not DEMO_LINK.exists():
+        DEMO_LINK.create()
+    _stop_previous(work)
+    process = _start(work, DEMO_LINK, server.password, detach=True)
+    (work / "orthanc.pid").write_text(str(process.pid))
+    _wait_ready(server, process, work)
+    return server
+
+
+def _stop_previous(work: Path) -> None:
+    """An earlier demo Orthanc that no longer answers (hung, or its link was gone)."""
+    pid_file = work / "orthanc.pid"
+    if pid_file.exists():
+        with suppress(ProcessLookupError, PermissionError, ValueError):
+            os.killpg(int(pid_file.read_text()), 9)
+        pid_file.unlink()
+
+
+def synthetic_pixels(sop_uid: str, syntax: str, frames: int = 1, size: int = SIZE) -> np.ndarray:
+    """The pixels `make_instance` gives instance `sop_uid` (as `pixel_array` shapes them):
+    seeded by the UID, so a reader knows what a decoder must give back without keeping
+    each image. Random 16-bit words where the syntax is lossless (nothing to gain from
+    structure); for JPEG baseline, 8-bit (all it takes) smooth ramps with a little noise,
+    which a lossy encoder keeps close where white noise would be smeared."""
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(sop_uid.encode()).digest()[:8]))
+    shape = (frames, size, size)
+    if syntax == JPEGBaseline8Bit:
+        ramp = np.add.outer(np.arange(size), np.arange(size)) * 3 % 200
+        offsets = np.arange(frames).reshape(-1, 1, 1) * 20
+        pixels = (ramp + offsets + rng.integers(0, 16, size=shape)).astype(np.uint8)
+    else:
+        pixels = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    return pixels if frames > 1 else pixels[0]
+
+
+def _jpeg_baseline(frame: np.ndarray) -> bytes:
+    """One 8-bit grayscale frame as a JPEG baseline (ISO 10918-1, process 1) codestream."""
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _encode(ds: Dataset, pixels: np.ndarray, syntax: str) -> None:
+    """Put `pixels` into `ds` in transfer `syntax`; an encapsulated syntax gets one
+    fragment per frame, as pydicom's encoders and most modalities write them."""
+    frames = pixels.reshape(-1, *pixels.shape[-2:])
+    if syntax == JPEGBaseline8Bit:
+        ds.PixelData = encapsulate([_jpeg_baseline(frame) for frame in frames])
+        ds["PixelData"].VR = "OB"
+        ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+    elif syntax in ENCODERS:
+        # a lossless re-encoding is the same image: it keeps its SOP Instance UID
+        ds.compress(syntax, pixels, encoding_plugin=ENCODERS[syntax], generate_instance_uid=False)
+    else:
+        ds.PixelData = pixels.tobytes()  # native; a deflated syntax is deflated on saving
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+
+
+def make_instance(
+    patient_id: str,
+    study_uid: str,
+    series_uid: str,
+    number: int,
+    syntax: str = ExplicitVRLittleEndian,
+    sop_class: str = CTImageStorage,
+    frames: int = 1,
+    size: int = SIZE,
+) -> bytes:
+    """One small image of `sop_class` with `frames` frames of `synthetic_pixels`, as a DICOM
+    file in transfer `syntax`. Only the attributes Orthanc indexes and the image pixel
+    module are there: a PACS stores any storage SOP class without checking its IOD."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.PatientID, ds.PatientName = patient_id, f"TEST^{patient_id}"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.Modality = "CT" if sop_class == CTImageStorage else "OT"
+    ds.InstanceNumber, ds.SeriesNumber = number, 1
+    ds.StudyDate, ds.StudyTime = "20260101", "120000"
+    pixels = synthetic_pixels(ds.SOPInstanceUID, syntax, frames, size)
+    ds.Rows = ds.Columns = size
+    bits = pixels.itemsize * 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    _encode(ds, pixels, syntax)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
