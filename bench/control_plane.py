@@ -1,6 +1,6 @@
 """Control-plane throughput: many jobs at once, from submit to a stored audit record.
 
-`python -m bench.control_plane [--jobs 600] [--nodes 2]`
+`python -m bench.control_plane [--jobs 600] [--nodes 2] [--tenants 1]`
 
 The node agents run the `instant` runtime (every workload ends at once with exit 0)
 and offer a huge capacity, so what is measured is medhive itself: the job API, the
@@ -42,7 +42,10 @@ The last line of stdout is one JSON object:
 - `db_ceiling_jobs_per_s`, `of_ceiling`: the reference above, and jobs_per_s over it;
   `db_ceiling_audit_records_per_s`, the audit inserts of that reference timed alone,
   and `audit_records_per_job` in this run;
-- `jobs`, `nodes`, `rss_mb` (idle RSS of each service process before any job; `vmnode`
+- `placement_pass_cpu_ms` (and `_by_case`): CPU of one placement decision with 100,000
+  jobs queued over 20 tenants, in this process (`placement_pass_cpu_ms`); target < 50;
+- `jobs`, `tenants` (`--tenants N`: job i is submitted by tenant i mod N), `nodes`,
+  `rss_mb` (idle RSS of each service process before any job; `vmnode`
   is the largest agent);
 - for diagnosis: `duration_s`, `submit_s` (until every POST was answered),
   `audit_records`, `p50/p99_end_to_end_ms` (submitted -> succeeded, from the history)
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -68,7 +72,9 @@ from bench.celery_reference import celery_per_s
 from bench.stack import Stack, _vhost, bench_stack, cpu_used, progress, rabbit_get
 from medhive.client import Client
 from services.audit.store import AuditStore, RecordQuery
+from services.scheduler.placement import Placer, Room
 from services.scheduler.store import JobStore, dedup_keys
+from services.scheduler.tenants import TenantBook
 
 IMAGE = "medhive/busybox:1"
 IN_FLIGHT = 64
@@ -83,6 +89,11 @@ STEADY_RATE = 50.0
 #: The operations counted in `db_ops_per_job` (commands such as index builds and
 #: `serverStatus` itself are not a job's cost).
 DB_OPS = ("insert", "query", "update", "delete", "getmore")
+#: The placement pass measured in-process: this many jobs waiting, of these tenants, in
+#: these shapes (cpus, MiB; the last fits no node), round-robin.
+PASS_QUEUED = 100_000
+PASS_TENANTS = 20
+PASS_SHAPES = [(1.0, 256), (2.0, 1024), (4.0, 4096), (0.5, 128), (64.0, 256)]
 #: How long the management API may take to count a message (its statistics interval).
 BROKER_STATS_LAG_S = 6.0
 
@@ -115,16 +126,19 @@ async def audit_head(operator: Client) -> int:
             return after
 
 
-async def succeeded_ids(api: Client) -> set[str]:
-    """Every job `GET /v1/jobs?state=succeeded` lists, page by page (`before`)."""
+async def succeeded_ids(api: Client | list[Client]) -> set[str]:
+    """Every job `GET /v1/jobs?state=succeeded` lists, page by page (`before`), for
+    each tenant's client."""
     found: set[str] = set()
-    params: dict[str, str | int] = {"state": "succeeded", "limit": 500}
-    while True:
-        body = await api.call("GET", f"{api.api_url}/v1/jobs", params=params)
-        found.update(job["id"] for job in body["jobs"])
-        if body["next_before"] is None:
-            return found
-        params["before"] = body["next_before"]
+    for client in api if isinstance(api, list) else [api]:
+        params: dict[str, str | int] = {"state": "succeeded", "limit": 500}
+        while True:
+            body = await client.call("GET", f"{client.api_url}/v1/jobs", params=params)
+            found.update(job["id"] for job in body["jobs"])
+            if body["next_before"] is None:
+                break
+            params["before"] = body["next_before"]
+    return found
 
 
 async def recorded_succeeded(operator: Client, after: int) -> set[str]:
@@ -139,16 +153,17 @@ async def recorded_succeeded(operator: Client, after: int) -> set[str]:
 
 
 async def submit_all(
-    api: Client, m: int, prefix: str, spec: dict[str, Any] | None = None
+    api: Client | list[Client], m: int, prefix: str, spec: dict[str, Any] | None = None
 ) -> list[str]:
     """Submit m jobs concurrently (`spec`, named `<prefix>-<i>`), at most IN_FLIGHT
-    requests at a time."""
+    requests at a time; given several clients (tenants), job i goes to client i mod N."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     spec = spec or {"image": IMAGE, "command": ["true"]}
+    clients = api if isinstance(api, list) else [api]
 
     async def one(i: int) -> str:
         async with gate:
-            job = await api.submit({**spec, "name": f"{prefix}-{i}"})
+            job = await clients[i % len(clients)].submit({**spec, "name": f"{prefix}-{i}"})
         return str(job["id"])
 
     return list(await asyncio.gather(*(one(i) for i in range(m))))
@@ -156,7 +171,7 @@ async def submit_all(
 
 async def run_jobs(
     stack: Stack,
-    api: Client,
+    api: Client | list[Client],
     operator: Client,
     m: int,
     prefix: str,
@@ -217,19 +232,21 @@ async def run_jobs(
     return Run(ids, started, answered[0], ended, records, seq_before)
 
 
-async def histories(api: Client, ids: list[str]) -> list[dict[str, datetime]]:
-    """Each job's first time in each state, from `GET /v1/jobs/{id}`."""
+async def histories(api: Client | list[Client], ids: list[str]) -> list[dict[str, datetime]]:
+    """Each job's first time in each state, from `GET /v1/jobs/{id}` (job i read with
+    client i mod N, the tenant `submit_all` gave it to)."""
     gate = asyncio.Semaphore(IN_FLIGHT)
+    clients = api if isinstance(api, list) else [api]
 
-    async def one(job_id: str) -> dict[str, datetime]:
+    async def one(i: int, job_id: str) -> dict[str, datetime]:
         async with gate:
-            job = await api.job(job_id)
+            job = await clients[i % len(clients)].job(job_id)
         at: dict[str, datetime] = {}
         for entry in job["history"]:
             at.setdefault(entry["state"], datetime.fromisoformat(entry["at"]))
         return at
 
-    return list(await asyncio.gather(*(one(job_id) for job_id in ids)))
+    return list(await asyncio.gather(*(one(i, job_id) for i, job_id in enumerate(ids))))
 
 
 @dataclass
@@ -360,10 +377,41 @@ def ms(a: datetime, b: datetime) -> float:
     return (b - a).total_seconds() * 1000
 
 
+def placement_pass_cpu_ms(queued: int = PASS_QUEUED) -> dict[str, float]:
+    """Scheduler CPU (ms) of one placement decision (`Placer.decide`, what a pass does
+    between reading the nodes and sending the dispatches) with `queued` jobs waiting:
+    when ten nodes have room for a whole batch, and when none has room for anything.
+    In this process, on the scheduler's own code; no database is touched."""
+    unused = AsyncMongoClient("mongodb://127.0.0.1:1/", connect=False)["unused"]
+    placer = Placer(JobStore(unused), 20.0, TenantBook(unused, 86400.0, 4096))
+    for i in range(queued):
+        cpus, memory_mb = PASS_SHAPES[i % len(PASS_SHAPES)]
+        resources = {"cpus": cpus, "memory_mb": memory_mb}
+        placer.view.observe({"_id": f"j-{i:09d}", "tenant": f"t{i % PASS_TENANTS}",
+                             "state": "queued", "rev": 0, "priority": i % 3,
+                             "spec": {"resources": resources}})  # fmt: skip
+    nodes = [f"n{k}" for k in range(10)]
+    runtimes = {node: ["container"] for node in nodes}
+    cases = {
+        "no_room": {node: Room(0.25, 64) for node in nodes},
+        "room_for_a_batch": {node: Room(1000.0, 10_000_000) for node in nodes},
+    }
+    cpu_ms = {}
+    for name, free in cases.items():
+        started = time.process_time()
+        chosen = placer.decide(dict(free), runtimes)
+        cpu_ms[name] = round((time.process_time() - started) * 1000, 2)
+        progress(f"placement pass, {queued} queued, {name}: {len(chosen)} decided in "
+                 f"{cpu_ms[name]} ms CPU")  # fmt: skip
+    return cpu_ms
+
+
 async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict[str, Any]:
     rss = stack.rss_mb()
     progress(f"idle RSS (MiB): {rss}")
-    async with stack.client() as api, stack.client(stack.operator_token) as operator:
+    async with contextlib.AsyncExitStack() as clients:
+        api = [await clients.enter_async_context(stack.client(t)) for t in stack.user_tokens]
+        operator = await clients.enter_async_context(stack.client(stack.operator_token))
         warm = min(WARMUP_JOBS, m)
         progress(f"warm-up: {warm} jobs")
         async with asyncio.timeout(timeout_s):
@@ -408,6 +456,7 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
             steady = await steady_dispatch_ms(
                 stack, api, operator, STEADY_RATE, steady_s, timeout_s
             )
+    pass_cpu = placement_pass_cpu_ms()
     dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
     return {
@@ -427,7 +476,10 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
         "p50_dispatch_ms": round(percentile(dispatch, 50), 1),
         "p99_dispatch_ms": round(percentile(dispatch, 99), 1),
         "events_per_s": round(records / duration, 1),
+        "placement_pass_cpu_ms": max(pass_cpu.values()),
+        "placement_pass_cpu_ms_by_case": pass_cpu,
         "jobs": m,
+        "tenants": len(stack.user_tokens),
         "nodes": len(stack.node_ids),
         "rss_mb": rss,
         "duration_s": round(duration, 3),
@@ -439,7 +491,9 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
     }
 
 
-async def main(m: int, nodes: int, timeout_s: float, steady_s: float) -> dict[str, Any]:
+async def main(
+    m: int, nodes: int, timeout_s: float, steady_s: float, tenants: int
+) -> dict[str, Any]:
     node_env = {
         "MEDHIVE_VMNODE_RUNTIME": "instant",
         "MEDHIVE_VMNODE_CPUS": "10000",
@@ -447,7 +501,9 @@ async def main(m: int, nodes: int, timeout_s: float, steady_s: float) -> dict[st
     }
     # A loaded scheduler may handle heartbeats late: never declare a node lost here.
     scheduler_env = {"MEDHIVE_SCHEDULER_NODE_TIMEOUT_S": "600"}
-    async with bench_stack(nodes=nodes, node_env=node_env, scheduler_env=scheduler_env) as stack:
+    async with bench_stack(
+        nodes=nodes, node_env=node_env, scheduler_env=scheduler_env, tenants=tenants
+    ) as stack:
         return await bench(stack, m, timeout_s, steady_s)
 
 
@@ -455,14 +511,17 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--jobs", type=int, default=600, help="jobs submitted at once (600)")
     parser.add_argument("--nodes", type=int, default=2, help="node agents (default 2)")
+    parser.add_argument(
+        "--tenants", type=int, default=1, help="tenants the jobs are spread over (default 1)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (600)")
     parser.add_argument(
         "--steady-s", type=float, default=30.0, help="seconds of steady load (30; 0: none)"
     )
     args = parser.parse_args()
-    if args.jobs < 1 or args.nodes < 1:
-        parser.error("--jobs and --nodes must be at least 1")
-    result = asyncio.run(main(args.jobs, args.nodes, args.timeout, args.steady_s))
+    if args.jobs < 1 or args.nodes < 1 or args.tenants < 1:
+        parser.error("--jobs, --nodes and --tenants must be at least 1")
+    result = asyncio.run(main(args.jobs, args.nodes, args.timeout, args.steady_s, args.tenants))
     print(json.dumps(result), flush=True)
 
 

@@ -143,6 +143,8 @@ class Stack:
     node_ids: list[str]
     workdir: Path
     processes: dict[str, Process] = field(default_factory=dict)
+    #: one user token per tenant (`bench_stack(tenants=N)`); the first is `user_token`
+    user_tokens: list[str] = field(default_factory=list)
 
     def client(self, token: str | None = None) -> Client:
         """An API client (the CLI's), with the user token unless another is given."""
@@ -279,17 +281,19 @@ async def _remove_containers(node_id: str) -> None:
         await remove.wait()
 
 
-async def _make_tokens(mongo_url: str, identity_db: str) -> tuple[str, str]:
-    """(user token for tenant `bench`, operator token), as `medhive token create` does."""
+async def _make_tokens(mongo_url: str, identity_db: str, tenants: int) -> tuple[list[str], str]:
+    """(a user token for each of tenants `bench`, `bench-2`, ..., operator token), as
+    `medhive token create` does."""
     settings = MongoSettings(url=SecretStr(mongo_url), identity_db=identity_db)
     client = connect(settings)
     try:
         tokens = TokenStore(client[identity_db])
-        user = await tokens.create("bench-user", "bench", Role.user)
+        names = ["bench", *(f"bench-{i}" for i in range(2, tenants + 1))]
+        users = [await tokens.create(f"{name}-user", name, Role.user) for name in names]
         operator = await tokens.create("bench-operator", "ops", Role.operator)
     finally:
         await client.close()
-    return user, operator
+    return users, operator
 
 
 async def _nodes_online(stack: Stack, session: aiohttp.ClientSession) -> None:
@@ -313,9 +317,11 @@ async def bench_stack(
     scheduler_env: Mapping[str, str] | None = None,
     audit_env: Mapping[str, str] | None = None,
     netgw_env: Mapping[str, str] | None = None,
+    tenants: int = 1,
 ) -> AsyncIterator[Stack]:
     """Start a whole installation; `*_env` add or override `MEDHIVE_*` settings. netgw
-    runs only when `netgw_env` is given (it needs a network to manage)."""
+    runs only when `netgw_env` is given (it needs a network to manage). `tenants` user
+    tokens are made, one per tenant."""
     run_id = uuid.uuid4().hex[:10]
     workdir = Path(tempfile.mkdtemp(prefix=f"medhive-bench-{run_id}-"))
     keep = os.environ.get("MEDHIVE_BENCH_KEEP") == "1"
@@ -338,14 +344,14 @@ async def bench_stack(
             progress(f"SecantusDB on port {db_port}")
 
             identity_db = f"bench{run_id}_identity"
-            user_token, operator_token = await _make_tokens(mongo_url, identity_db)
+            user_tokens, operator_token = await _make_tokens(mongo_url, identity_db, tenants)
 
             ports = {"scheduler": free_port(), "audit": free_port()}
             node_ids = [f"bench-{run_id}-n{i + 1}" for i in range(nodes)]
             stack = Stack(
                 api=f"http://127.0.0.1:{ports['scheduler']}",
                 audit=f"http://127.0.0.1:{ports['audit']}",
-                user_token=user_token,
+                user_token=user_tokens[0],
                 operator_token=operator_token,
                 vhost=f"bench-{run_id}",
                 amqp_url=amqp_url,
@@ -353,6 +359,7 @@ async def bench_stack(
                 db_prefix=f"bench{run_id}",
                 node_ids=node_ids,
                 workdir=workdir,
+                user_tokens=user_tokens,
             )
             stack.processes["db"] = db
             base = {

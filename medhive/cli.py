@@ -190,6 +190,39 @@ def _brief(record: dict[str, Any]) -> str:
     return f"{record.get('seq', ''):>6}  {when}  {record['type']:<22} {job}  {fields}"
 
 
+QUOTAS = ("max_running_cpus", "max_running_memory_mb", "max_running_jobs", "max_queued_jobs")
+
+
+async def tenants(args: argparse.Namespace) -> int:
+    """Each tenant's share, usage and what it holds and queues against its quota."""
+    async with _client(args) as client:
+        listing = await client.tenants()
+    print(f"{'tenant':<16} {'share':>6} {'usage cpu-h':>11} {'load':>8}  running (quota)"
+          f"{'':<26} queued (quota)")  # fmt: skip
+    for t in listing["tenants"]:
+        quota = t["quota"]
+
+        def of(value: float, limit: float | None) -> str:
+            return f"{value:g}/{limit:g}" if limit is not None else f"{value:g}"
+
+        running = (f"cpus {of(t['running_cpus'], quota['max_running_cpus'])}, "
+                   f"MiB {of(t['running_memory_mb'], quota['max_running_memory_mb'])}, "
+                   f"jobs {of(t['running_jobs'], quota['max_running_jobs'])}")  # fmt: skip
+        print(f"{t['tenant']:<16} {t['share']:>6g} {t['usage_cpu_s'] / 3600:>11.2f} "
+              f"{t['load']:>8.3f}  {running:<41} "
+              f"{of(t['queued_jobs'], quota['max_queued_jobs'])}")  # fmt: skip
+    print(f"(usage decays with a half-life of {listing['half_life_s'] / 3600:g} h)")
+    return 0
+
+
+async def tenants_set(args: argparse.Namespace) -> int:
+    """Set a tenant's share and quota: what is not given is no limit (share 1)."""
+    policy = {"share": args.share, "quota": {q: getattr(args, q) for q in QUOTAS}}
+    async with _client(args) as client:
+        _print_json(await client.set_tenant(args.tenant, policy))
+    return 0
+
+
 async def audit_tail(args: argparse.Namespace) -> int:
     filters: dict[str, str] = {
         "job": args.job or "",
@@ -261,6 +294,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("job_id")
     c.add_argument("-o", "--output", help="directory to download the results into")
     command("nodes", nodes, "nodes and their free capacity")
+    c = command("tenants", tenants, "tenants: share, usage, quota (operators)")
+    tenant_commands = c.add_subparsers(dest="tenants_command")
+    c = tenant_commands.add_parser("set", help="set a tenant's share and quota (operators)")
+    c.set_defaults(fn=tenants_set)
+    c.add_argument("tenant")
+    c.add_argument("--share", type=float, default=1.0, help="weight in fair share (default 1)")
+    for quota in QUOTAS:
+        kind = int if quota.endswith(("_mb", "_jobs")) else float
+        c.add_argument(f"--{quota.replace('_', '-')}", dest=quota, type=kind, help="a limit")
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit_command", required=True

@@ -108,6 +108,12 @@ class Client:
     async def nodes(self) -> list[dict[str, Any]]:
         return list((await self.call("GET", f"{self.api_url}/v1/nodes"))["nodes"])
 
+    async def tenants(self) -> dict[str, Any]:
+        return dict(await self.call("GET", f"{self.api_url}/v1/tenants"))
+
+    async def set_tenant(self, tenant: str, policy: dict[str, Any]) -> dict[str, Any]:
+        return dict(await self.call("PUT", f"{self.api_url}/v1/tenants/{tenant}", json=policy))
+
     # -- audit --------------------------------------------------------------------
 
     async def events(

@@ -21,10 +21,14 @@ from pydantic import BaseModel, Field
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 from pydantic_core import core_schema
 
+from shared.identity import NAME_PATTERN
+
 OPENAPI_VERSION = "3.1.0"
 #: Where every service serves its document.
 OPENAPI_PATH = "/v1/openapi.json"
 _PARAMETER = re.compile(r"\{(\w+)\}")
+#: Path parameters whose values are checked against a pattern (the rest: any string).
+PATH_SCHEMAS: dict[str, dict[str, Any]] = {"tenant": {"type": "string", "pattern": NAME_PATTERN}}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -208,7 +212,12 @@ def _content(described: Endpoint, schemas: dict[type[BaseModel], Any]) -> dict[s
 
 def _parameters(path: str, described: Endpoint, components: dict[str, Any]) -> list[dict[str, Any]]:
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": PATH_SCHEMAS.get(name, {"type": "string"}),
+        }
         for name in _PARAMETER.findall(path)
     ]
     if described.query is not None:

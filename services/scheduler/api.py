@@ -16,8 +16,9 @@ from pydantic import Field
 from yarl import URL
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
-from services.scheduler.placement import Placer
+from services.scheduler.placement import Held, Placer
 from services.scheduler.store import INTERNAL_FIELDS, IdempotencyConflict, JobStore
+from services.scheduler.tenants import QueueFull, TenantBook, TenantPolicy
 from services.scheduler.views import (
     BatchAnswers,
     JobBatch,
@@ -28,9 +29,12 @@ from services.scheduler.views import (
     LogsQuery,
     Nodes,
     Outputs,
+    Tenants,
 )
 from shared.auth import Role
+from shared.envelope import utcnow
 from shared.http import PRINCIPAL, ApiError, read_model, read_query, roles
+from shared.identity import check_name
 from shared.messages.base import Payload
 from shared.messages.jobs import JobSpec
 from shared.mongo import Document
@@ -39,6 +43,7 @@ from shared.openapi import endpoint
 JOBS = web.AppKey("jobs", JobService)
 STORE = web.AppKey("store", JobStore)
 PLACER = web.AppKey("placer", Placer)
+TENANTS = web.AppKey("tenants", TenantBook)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 DATACACHE_URL = web.AppKey("datacache_url", str)
 
@@ -82,7 +87,7 @@ def _job_id(request: web.Request) -> str:
     response=JobView,
     status=201,
     also=(200,),
-    errors=(409,),
+    errors=(409, 429),
     links=("get_job", "logs", "outputs", "cancel"),
 )
 async def submit(request: web.Request) -> web.Response:
@@ -90,6 +95,8 @@ async def submit(request: web.Request) -> web.Response:
     status, body = await _submit(request, spec)
     if status == 409:
         raise ApiError(409, body["detail"], job_id=body["job_id"])
+    if status == 429:
+        raise ApiError(429, body["detail"])
     return web.json_response(body["job"], status=status)
 
 
@@ -122,6 +129,8 @@ async def _submit(request: web.Request, spec: JobSpec) -> tuple[int, Document]:
             "with a different description"
         )
         return 409, {"detail": detail, "job_id": exc.args[0]}
+    except QueueFull as exc:
+        return 429, {"detail": str(exc)}
     return (201 if submission.created else 200), {"job": public_job(submission.job)}
 
 
@@ -142,7 +151,59 @@ async def list_jobs(request: web.Request) -> web.Response:
 @roles(Role.user, Role.operator)
 @endpoint(summary="One job with its history.", response=JobView, errors=(404,))
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(public_job(await _tenant_job(request)))
+    job = public_job(await _tenant_job(request))
+    if job["state"] in ("queued", "staging"):
+        job["waiting_for"] = await _waiting_for(request.app[PLACER], job)
+    return web.json_response(job)
+
+
+async def _waiting_for(placer: Placer, job: Document) -> str:
+    if job["state"] == "staging" and not job.get("inputs_staged"):
+        return "its inputs are being staged"
+    why = await placer.waiting_for(job["id"])
+    return why or "placement is taking it"
+
+
+@routes.get("/v1/tenants")
+@roles(Role.operator)
+@endpoint(summary="Every tenant's share, usage and quota, with what it holds and queues.",
+          response=Tenants)  # fmt: skip
+async def list_tenants(request: web.Request) -> web.Response:
+    placer, book = request.app[PLACER], request.app[TENANTS]
+    held, now = placer.held(), utcnow()
+    names = sorted(set(book.policies) | set(book.usage) | set(held) | set(placer.view.unplaced))
+    tenants = []
+    for name in names:
+        policy, holds = book.policy(name), held.get(name, Held())
+        tenants.append(
+            {
+                "tenant": name,
+                "share": policy.share,
+                "quota": policy.quota.model_dump(mode="json"),
+                "usage_cpu_s": round(book.used(name, now), 3),
+                "load": round(book.load_of(name, holds.rate, now), 6),
+                "running_cpus": holds.cpus,
+                "running_memory_mb": holds.memory_mb,
+                "running_jobs": holds.jobs,
+                "queued_jobs": len(placer.view.unplaced.get(name, ())),
+            }
+        )
+    return web.json_response({"tenants": tenants, "half_life_s": book.half_life_s})
+
+
+@routes.put("/v1/tenants/{tenant}")
+@roles(Role.operator)
+@endpoint(summary="Set a tenant's share and quota (in effect at once, kept across restarts).",
+          body=TenantPolicy, response=TenantPolicy)  # fmt: skip
+async def set_tenant(request: web.Request) -> web.Response:
+    try:
+        tenant = check_name(request.match_info["tenant"])
+    except ValueError as exc:
+        raise ApiError(422, str(exc)) from None
+    policy = await read_model(request, TenantPolicy)
+    await request.app[TENANTS].set_policy(tenant, policy)
+    request.app[PLACER].wake()  # a larger share or quota may let a job go now
+    return web.json_response(policy.model_dump(mode="json"))
 
 
 @routes.delete("/v1/jobs/{job_id}")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, routes
+from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, TENANTS, routes
 from services.scheduler.data import DATA_REPORTS, DataHandlers
 from services.scheduler.handlers import CommandHandlers, NodeHandlers, integrators
 from services.scheduler.jobs import JobService
@@ -15,6 +15,7 @@ from services.scheduler.outbox import OutboxRelay
 from services.scheduler.placement import Placer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import JobStore
+from services.scheduler.tenants import Admission, TenantBook
 from services.scheduler.watchdog import Watchdog
 from shared.consume import trusted_senders
 from shared.http import TOKENS
@@ -41,11 +42,18 @@ def create_app(settings: SchedulerSettings) -> web.Application:
     async def core(app: web.Application) -> AsyncIterator[None]:
         store = JobStore(app[MONGO][settings.database])
         await store.create_indexes()
-        placer = Placer(store, settings.node_timeout_s)
+        book = TenantBook(
+            app[MONGO][settings.database],
+            settings.fair_share_half_life_s,
+            settings.memory_mb_per_cpu,
+        )
+        await book.load()
+        placer = Placer(store, settings.node_timeout_s, book)
         relay = OutboxRelay(store, app[BUS])
         jobs = JobService(store, app[BUS], relay, placer.wake, settings.upload_grace_s)
         placer.jobs = jobs
-        app[STORE], app[PLACER], app[JOBS] = store, placer, jobs
+        jobs.admission = Admission(book, lambda tenant: len(placer.view.unplaced.get(tenant, ())))
+        app[STORE], app[PLACER], app[JOBS], app[TENANTS] = store, placer, jobs, book
         watchdog = Watchdog(
             store, jobs, placer.view, app[BUS], settings.watchdog_interval_s,
             settings.walltime_grace_s, settings.node_timeout_s,
@@ -53,7 +61,9 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         await relay.start()
         await placer.start()
         await watchdog.start()
+        await book.start()
         yield
+        await book.stop()
         await watchdog.stop()
         await placer.stop()
         await relay.stop()

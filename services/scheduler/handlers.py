@@ -8,6 +8,7 @@ import structlog
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
 from services.scheduler.store import IdempotencyConflict, JobStore, Submission
+from services.scheduler.tenants import QueueFull
 from shared.bus import Bus, Incoming, Rejected
 from shared.consume import Authorizer
 from shared.envelope import derived_id
@@ -58,6 +59,8 @@ class CommandHandlers:
             raise Rejected(
                 f"{what} already names job {job_id} with a different description"
             ) from exc
+        except QueueFull as exc:
+            raise Rejected(str(exc)) from exc
         if not submission.created:
             await self._answer_repeat(msg, submission)
 

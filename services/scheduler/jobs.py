@@ -10,6 +10,7 @@ the announcing messages.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,7 @@ import structlog
 from services.scheduler.ids import new_job_id
 from services.scheduler.outbox import OutboxRelay
 from services.scheduler.store import ALLOWED, Change, JobStore, Submission, outbox_entry
+from services.scheduler.tenants import Admission
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.base import Payload
@@ -69,6 +71,8 @@ class JobService:
         self.wake_placer = wake_placer
         #: How long after the walltime a node may still store the job's results.
         self.upload_grace = timedelta(seconds=upload_grace_s)
+        #: The queued-jobs quota (set by the app; none: no quota)
+        self.admission: Admission | None = None
 
     # -- messages -----------------------------------------------------------------
 
@@ -263,9 +267,10 @@ class JobService:
             outbox.append(
                 self._command(stub, "data.stage", DataStage(job_id=job_id, inputs=spec.inputs))
             )
-        submission = await self.store.insert_job(
-            job_id, tenant, actor, spec, command, history, outbox
-        )
+        with self.admission.ticket(tenant) if self.admission else nullcontext():
+            submission = await self.store.insert_job(
+                job_id, tenant, actor, spec, command, history, outbox
+            )
         if submission.created:
             await self.relay.flush(job_id, outbox)
             self.wake_placer()

@@ -1,4 +1,5 @@
-"""Placement: queued jobs go to online nodes that have room for them.
+"""Placement: queued jobs go to online nodes that have room for them, tenants in
+fair share (services/scheduler/tenants.py), within their quotas.
 
 One task places; anything that may free or add capacity (a new job, a job's end, a
 node's heartbeat) wakes it. Free capacity is what a node offers minus what the jobs
@@ -11,11 +12,22 @@ of the jobs, however many wait. The view may be behind the store (a job cancelle
 by a write it has not seen yet) but never wrong for long: a dispatch is a guarded
 write, so a job that moved meanwhile is read again, and the view learns from that
 read. One scheduler places at a time; a second one would need the view of the first.
+
+A pass costs what it places, not what waits: the queue is kept per tenant and per
+shape (resources and kind), each shape a heap in priority-then-age order. The pass
+takes the tenant with the lowest fair-share load, and from it the first job of the
+shapes that fit a node now and its quota; the tenant's load grows by what it took and
+it goes back among the others. A shape that no node has room for is passed over
+whole, so jobs that cannot run now never hold back one that can, and a shape larger
+than every node ever seen (or of a kind none runs) is never tried: `waiting_for`
+says so on the job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -24,6 +36,7 @@ import structlog
 
 from services.scheduler.jobs import JobService
 from services.scheduler.store import JobStore
+from services.scheduler.tenants import Quota, TenantBook
 from shared.envelope import utcnow
 from shared.messages.jobs import JobState
 from shared.mongo import Document
@@ -59,14 +72,21 @@ def choose_node(
     return max(fitting, key=lambda node: (free[node].memory_mb, node), default=None)
 
 
+class Shape(NamedTuple):
+    """What a job needs of a node: jobs of one shape fit the same nodes."""
+
+    need: Room
+    kind: str
+
+
 @dataclass(frozen=True)
 class Waiting:
     """A job that waits for a node, as placement needs it."""
 
     job_id: str
+    tenant: str
     priority: int
-    need: Room
-    kind: str
+    shape: Shape
 
     @property
     def order(self) -> tuple[int, str]:
@@ -76,47 +96,118 @@ class Waiting:
 
 @dataclass(frozen=True)
 class Placed:
-    """A job that holds room on a node, with the clocks the watchdog keeps."""
+    """A job that holds room on a node, since when, and the clocks the watchdog keeps."""
 
     job_id: str
+    tenant: str
+    attempt: int
     node_id: str
     need: Room
+    since: datetime
     deadline: datetime | None
     walltime_enforced_at: datetime | None
 
 
-class PlacementView:
-    """The queue (jobs that wait for a node) and the ledger (room each placed job
-    holds), kept from the job documents the store writes and reads."""
+@dataclass
+class Held:
+    """What one tenant's placed jobs hold."""
 
-    def __init__(self) -> None:
+    cpus: float = 0.0
+    memory_mb: int = 0
+    jobs: int = 0
+    rate: float = 0.0  # cpu-equivalents (tenants.TenantBook.rate)
+
+
+def _placed_since(job: Document) -> datetime:
+    """When the job was placed: its deadline less its walltime (both set at dispatch)."""
+    walltime = job["spec"].get("walltime_s")
+    if job.get("deadline") is None or walltime is None:
+        return utcnow()
+    return job["deadline"] - timedelta(seconds=walltime)  # type: ignore[no-any-return]
+
+
+class PlacementView:
+    """The queue (jobs that wait for a node, per tenant and shape) and the ledger (room
+    each placed job holds), kept from the job documents the store writes and reads.
+    `released` is told of every placed job that lets go of its room, and when."""
+
+    def __init__(self, released: Callable[[Placed, datetime], None] | None = None) -> None:
         self.waiting: dict[str, Waiting] = {}
         self.holding: dict[str, Placed] = {}
+        #: jobs of each tenant not placed yet (queued or staging): its queued quota
+        self.unplaced: dict[str, set[str]] = {}
+        #: tenant -> shape -> heap of (order, job_id); an entry whose job no longer
+        #: waits in that shape is skipped when it comes up
+        self.queues: dict[str, dict[Shape, list[tuple[tuple[int, str], str]]]] = {}
         self._rev: dict[str, int] = {}
+        self._released = released
 
     def observe(self, job: Document) -> None:
         """Take in the job as stored (an older revision than one seen is ignored)."""
         job_id, rev = job["_id"], job.get("rev") or 0
         if rev < self._rev.get(job_id, -1):
             return
-        state = JobState(job["state"])
-        self.waiting.pop(job_id, None)
-        self.holding.pop(job_id, None)
+        state, tenant = JobState(job["state"]), job["tenant"]
+        was_waiting = self.waiting.pop(job_id, None)
+        was_placed = self.holding.pop(job_id, None)
         self._rev.pop(job_id, None)
+        unplaced = self.unplaced.setdefault(tenant, set())
+        if state in (JobState.queued, JobState.staging):
+            unplaced.add(job_id)
+        else:
+            unplaced.discard(job_id)
         ready = state == JobState.queued or (
             state == JobState.staging and job.get("inputs_staged") is True
         )
         if ready:
-            kind = job["spec"].get("kind", "container")
-            self.waiting[job_id] = Waiting(job_id, job.get("priority", 0), requirement(job), kind)
+            shape = Shape(requirement(job), job["spec"].get("kind", "container"))
+            waiting = Waiting(job_id, tenant, job.get("priority", 0), shape)
+            self.waiting[job_id] = waiting
+            if waiting != was_waiting:
+                self.requeue(waiting)
         elif state in (JobState.dispatched, JobState.running) and job.get("node_id"):
+            attempt = job.get("attempt", 0)
+            same = was_placed is not None and was_placed.attempt == attempt
+            since = was_placed.since if same and was_placed else _placed_since(job)
             clocks = job.get("deadline"), job.get("walltime_enforced_at")
-            self.holding[job_id] = Placed(job_id, job["node_id"], requirement(job), *clocks)
+            self.holding[job_id] = Placed(
+                job_id, tenant, attempt, job["node_id"], requirement(job), since, *clocks
+            )
         if not state.terminal:
             self._rev[job_id] = rev
+        now_placed = self.holding.get(job_id)
+        if (
+            was_placed is not None
+            and self._released is not None
+            and (now_placed is None or now_placed.attempt != was_placed.attempt)
+        ):
+            self._released(was_placed, utcnow())
 
-    def queue(self) -> list[Waiting]:
-        return sorted(self.waiting.values(), key=lambda w: w.order)
+    def requeue(self, waiting: Waiting) -> None:
+        """(Again) among its tenant's jobs of its shape."""
+        shapes = self.queues.setdefault(waiting.tenant, {})
+        heapq.heappush(shapes.setdefault(waiting.shape, []), (waiting.order, waiting.job_id))
+
+    def first(self, tenant: str, shape: Shape, taken: set[str]) -> Waiting | None:
+        """The tenant's first waiting job of `shape` not `taken` in this pass."""
+        heap = self.queues[tenant][shape]
+        while heap:
+            waiting = self.waiting.get(heap[0][1])
+            if waiting is not None and waiting.shape == shape and waiting.job_id not in taken:
+                return waiting
+            heapq.heappop(heap)  # gone, or reshaped (its new entry is elsewhere)
+        del self.queues[tenant][shape]
+        return None
+
+    def held(self) -> dict[str, Held]:
+        """What each tenant's placed jobs hold (rates left to the caller)."""
+        held: dict[str, Held] = {}
+        for placed in self.holding.values():
+            h = held.setdefault(placed.tenant, Held())
+            h.cpus += placed.need.cpus
+            h.memory_mb += placed.need.memory_mb
+            h.jobs += 1
+        return held
 
     def in_use(self) -> dict[str, Room]:
         """Room held on each node by the jobs placed there."""
@@ -128,17 +219,34 @@ class PlacementView:
         return used
 
 
+def within(quota: Quota, held: Held, need: Room) -> bool:
+    """Whether one more job needing `need` keeps the tenant within its running quota."""
+    return (
+        (quota.max_running_cpus is None or held.cpus + need.cpus <= quota.max_running_cpus)
+        and (
+            quota.max_running_memory_mb is None
+            or held.memory_mb + need.memory_mb <= quota.max_running_memory_mb
+        )
+        and (quota.max_running_jobs is None or held.jobs + 1 <= quota.max_running_jobs)
+    )
+
+
 class Placer(BackgroundLoop):
     task_name = "placement"
 
-    def __init__(self, store: JobStore, node_timeout_s: float) -> None:
+    def __init__(self, store: JobStore, node_timeout_s: float, book: TenantBook) -> None:
         super().__init__()
         self.store = store
         self.node_timeout_s = node_timeout_s
+        self.book = book
         self.jobs: JobService | None = None  # set by the app: the two need each other
-        self.view = PlacementView()
+        self.view = PlacementView(released=self._charge)
         store.observers.append(self.view.observe)
         self._wake = asyncio.Event()
+
+    def _charge(self, placed: Placed, now: datetime) -> None:
+        seconds = max(0.0, (now - placed.since).total_seconds())
+        self.book.charge(placed.tenant, self.book.rate(*placed.need), seconds, now)
 
     def wake(self) -> None:
         self._wake.set()
@@ -171,23 +279,20 @@ class Placer(BackgroundLoop):
                 free[node] = Room(room.cpus - used.cpus, room.memory_mb - used.memory_mb)
         return free, runtimes
 
+    def held(self) -> dict[str, Held]:
+        """What each tenant's placed jobs hold, with the rate fair share counts."""
+        held = self.view.held()
+        for placed in self.view.holding.values():
+            held[placed.tenant].rate += self.book.rate(*placed.need)
+        return held
+
     async def place_once(self) -> int:
-        """Place what fits now; returns how many jobs were dispatched."""
+        """Place what fits now, tenants in fair share; returns how many were dispatched."""
         assert self.jobs is not None
         free, runtimes = await self.free_capacity()
         if not free:
             return 0
-        chosen: list[tuple[str, str]] = []
-        for waiting in self.view.queue():
-            node = choose_node(waiting.need, waiting.kind, free, runtimes)
-            if node is None:
-                continue  # a smaller job further down may still fit
-            room = free[node]
-            need = waiting.need
-            free[node] = Room(room.cpus - need.cpus, room.memory_mb - need.memory_mb)
-            chosen.append((waiting.job_id, node))
-            if len(chosen) == BATCH:
-                break
+        chosen = self.decide(free, runtimes)
         # Decided in order, sent concurrently: each dispatch is a guarded update, so a job
         # cancelled meanwhile just stays where it is (its room comes back next pass).
         placed = 0
@@ -198,6 +303,93 @@ class Placer(BackgroundLoop):
             for (job_id, node), ok in zip(batch, results, strict=True):
                 if ok:
                     log.debug("job_placed", job_id=job_id, node_id=node)
+                elif (still := self.view.waiting.get(job_id)) is not None:
+                    self.view.requeue(still)  # taken off its heap above; it waits on
         if len(chosen) == BATCH and placed:
             self.wake()
         return placed
+
+    def decide(
+        self, free: dict[str, Room], runtimes: dict[str, list[str]]
+    ) -> list[tuple[str, str]]:
+        """(job, node) for up to BATCH jobs, in the order fair share takes them; `free`
+        is used up as they are decided. Costs what it places, not what waits."""
+        now = utcnow()
+        held = self.held()
+        for tenant in [t for t, shapes in self.view.queues.items() if not shapes]:
+            del self.view.queues[tenant]
+        turns = [(self.book.load_of(t, held.get(t, Held()).rate, now), t) for t in self.view.queues]
+        heapq.heapify(turns)
+        chosen: list[tuple[str, str]] = []
+        taken: set[str] = set()
+        while turns and len(chosen) < BATCH:
+            _, tenant = heapq.heappop(turns)
+            holds = held.setdefault(tenant, Held())
+            pick = self._pick(tenant, holds, free, runtimes, taken)
+            if pick is None:
+                continue  # nothing of this tenant fits now: the others go on
+            waiting, node = pick
+            need = waiting.shape.need
+            room = free[node]
+            free[node] = Room(room.cpus - need.cpus, room.memory_mb - need.memory_mb)
+            holds.cpus, holds.memory_mb = holds.cpus + need.cpus, holds.memory_mb + need.memory_mb
+            holds.jobs += 1
+            holds.rate += self.book.rate(*need)
+            taken.add(waiting.job_id)
+            chosen.append((waiting.job_id, node))
+            heapq.heappush(turns, (self.book.load_of(tenant, holds.rate, now), tenant))
+        return chosen
+
+    def _pick(
+        self,
+        tenant: str,
+        holds: Held,
+        free: dict[str, Room],
+        runtimes: dict[str, list[str]],
+        taken: set[str],
+    ) -> tuple[Waiting, str] | None:
+        """The tenant's first job, by priority then age, among the shapes that fit a
+        node now and its quota; and the node."""
+        quota = self.book.policy(tenant).quota
+        best: tuple[Waiting, str] | None = None
+        for shape in list(self.view.queues.get(tenant, {})):
+            if not within(quota, holds, shape.need):
+                continue
+            node = choose_node(shape.need, shape.kind, free, runtimes)
+            if node is None:
+                continue
+            waiting = self.view.first(tenant, shape, taken)
+            if waiting is not None and (best is None or waiting.order < best[0].order):
+                best = (waiting, node)
+        return best
+
+    async def waiting_for(self, job_id: str) -> str | None:
+        """Why a job that waits for a node is not placed yet (None if it does not wait)."""
+        waiting = self.view.waiting.get(job_id)
+        if waiting is None:
+            return None
+        need, kind = waiting.shape
+        wants = f"{need.cpus:g} cpus and {need.memory_mb} MiB ({kind})"
+        nodes = await self.store.all_nodes()
+        if not any(
+            kind in n.get("runtimes", []) and n["cpus"] >= need.cpus
+            and n["memory_mb"] >= need.memory_mb
+            for n in nodes
+        ):  # fmt: skip
+            return f"no node seen so far could ever run it: it needs {wants}"
+        quota = self.book.policy(waiting.tenant).quota
+        if not within(quota, self.held().get(waiting.tenant, Held()), need):
+            return f"its tenant's running quota is reached ({_quota_text(quota)})"
+        free, runtimes = await self.free_capacity()
+        if choose_node(need, kind, free, runtimes) is None:
+            return f"no online node has room for it now: it needs {wants}"
+        return (
+            "its turn: tenants take turns by fair share, and within its tenant jobs go by "
+            "priority, then age"
+        )
+
+
+def _quota_text(quota: Quota) -> str:
+    limits = {"cpus": quota.max_running_cpus, "MiB": quota.max_running_memory_mb,
+              "jobs": quota.max_running_jobs}  # fmt: skip
+    return ", ".join(f"at most {v:g} {k}" for k, v in limits.items() if v is not None)

@@ -36,6 +36,12 @@ class SchedulerSettings(BaseSettings):
     upload_grace_s: float = Field(
         600.0, gt=0, description="How long after its walltime a job's node may store results."
     )
+    fair_share_half_life_s: float = Field(
+        86400.0, gt=0, description="Half-life of a tenant's usage in fair share (README)."
+    )
+    memory_mb_per_cpu: int = Field(
+        4096, gt=0, description="Memory that fair share counts as one cpu (README)."
+    )
     datacache_url: str = Field(
         "http://127.0.0.1:8082", description="The datacache's API, for downloads of results."
     )

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from services.scheduler.tenants import Quota
 from shared.messages.jobs import JobSpec, JobState
 
 
@@ -46,6 +47,11 @@ class JobView(JobSummary):
     """A job as its tenant sees it."""
 
     history: list[dict[str, Any]] = Field(description="Every state it was in, with when and why.")
+    waiting_for: str | None = Field(
+        None,
+        description="While it waits (queued, staging): why it is not placed yet (its inputs, "
+        "its tenant's quota, no node with room, no node that could ever run it, its turn).",
+    )
 
 
 #: Most jobs one `POST /v1/jobs/batch` may carry (the body's size limit holds too).
@@ -116,3 +122,20 @@ class NodeView(BaseModel):
 
 class Nodes(BaseModel):
     nodes: list[NodeView]
+
+
+class TenantView(BaseModel):
+    tenant: str
+    share: float
+    quota: Quota
+    usage_cpu_s: float = Field(description="Decayed usage, cpu-equivalent seconds.")
+    load: float = Field(description="Fair-share load; the lowest goes first.")
+    running_cpus: float
+    running_memory_mb: int
+    running_jobs: int
+    queued_jobs: int = Field(description="Jobs not placed yet (queued or staging).")
+
+
+class Tenants(BaseModel):
+    tenants: list[TenantView]
+    half_life_s: float = Field(description="Half-life of usage (README, fair share).")

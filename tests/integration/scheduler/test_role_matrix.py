@@ -32,6 +32,8 @@ TABLE = {
     ("GET", "/v1/jobs/{job_id}/outputs/{path}"): row(404, 404, 404),  # it has none
     ("GET", "/v1/openapi.json"): dict.fromkeys(CALLERS, 200),  # public
     ("GET", "/v1/nodes"): row(200, 200, 200),
+    ("GET", "/v1/tenants"): row(403, 403, 200),  # operators only
+    ("PUT", "/v1/tenants/{tenant}"): row(403, 403, 200),
 }
 
 
@@ -50,11 +52,14 @@ async def test_each_caller_gets_what_the_table_says_on_every_route(
     job = await (await scheduler.post("/v1/jobs", json=JOB, headers=headers["user"])).json()
 
     def fill(template: str) -> str:
-        return template.replace("{job_id}", job["id"]).replace("{path}", "result.txt")
+        filled = template.replace("{job_id}", job["id"]).replace("{path}", "result.txt")
+        return filled.replace("{tenant}", "radiology")
 
     def body(method: str, path: str) -> dict[str, Any]:
         if path.endswith("/batch"):
             return {"json": {"jobs": [JOB]}}
+        if path.startswith("/v1/tenants/"):
+            return {"json": {"share": 2}}
         return {"json": JOB} if method == "POST" else {}
 
     await check_role_matrix(scheduler, TABLE, headers, fill, body)
