@@ -309,6 +309,7 @@ async def test_a_submit_over_amqp_past_the_queued_quota_is_refused_with_the_reas
             await publish_raw(url, body, "job.submit", user_id=amqp_user[0],
                               message_id=message_id(body))  # fmt: skip
         refused = await tap.wait_for(lambda m: m["type"] == "message.rejected")
+        await tap.wait_for(lambda m: m["type"] == "job.queued")  # the first, through the outbox
     assert refused["payload"]["reason"] == (
         "tenant 'radiology' has 1 jobs waiting to be placed and may have at most 1: "
         "submit again once some have started"
