@@ -1,5 +1,6 @@
 """The one consume wrapper: identify the sender, bound, decode, validate, run the
-handler, ack or dead-letter. It is the only place that catches broad exceptions.
+handler, ack or dead-letter. It is where a message handler's failure is caught, so no
+handler catches broad exceptions to keep a consumer alive.
 
 Deliveries arrive as concurrent tasks; messages of one job (one `correlation_id`) are
 handled in delivery order, different jobs in parallel. A message that is wrong and

@@ -1,4 +1,5 @@
-"""The one envelope every medhive message travels in (ARCHITECTURE.md, Messaging).
+"""The one envelope every medhive message travels in (README, "Other hospital systems on
+the bus").
 
 The envelope is deliberately loose about `payload` (a JSON object): each message type's
 payload model lives in `shared.messages`, and the consumer boundary validates the

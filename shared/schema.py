@@ -1,8 +1,9 @@
 """Export the message catalog as JSON Schema files and one AsyncAPI 2.6 document.
 
 Other hospital systems publish `job.submit` and read medhive's events from their own
-code, in their own languages (ARCHITECTURE.md, Messaging). They cannot import
-`shared.messages`, so the catalog is published in the two formats their tooling reads:
+code, in their own languages (README, "Other hospital systems on the bus"). They cannot
+import `shared.messages`, so the catalog is published in the two formats their tooling
+reads:
 
 - `<type>.schema.json`: one self-contained JSON Schema (Draft 2020-12) per message
   type, describing the whole AMQP body, i.e. the envelope with that type's payload.

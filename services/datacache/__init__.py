@@ -1,1 +1,2 @@
-"""The data cache: stages XNAT, PACS and HTTP inputs, encrypted at rest (next issue)."""
+"""The data cache: stages XNAT, PACS and HTTP inputs, keeps them encrypted at rest, and
+lets a job's node read them only while the job runs."""

@@ -54,7 +54,8 @@ def storage_receiver(settings: DatacacheSettings) -> StorageReceiver | None:
 
 
 def create_app(settings: DatacacheSettings) -> web.Application:
-    """The datacache app; does no I/O (everything opens with the app)."""
+    """The datacache app. It reads its keys and its sources file here, so that a wrong
+    one stops the service before it listens; connections open with the app."""
     app = create_service_app("datacache", settings.amqp, settings.mongo)
     app.add_routes(routes)
     keys = load_keys(settings)

@@ -7,7 +7,6 @@ between staging and the end of its run.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -17,7 +16,7 @@ from services.datacache.blobs import BlobStore
 from services.datacache.settings import DatacacheSettings
 from services.datacache.store import CacheStore
 from shared.envelope import utcnow
-from shared.tasks import BackgroundLoop
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.datacache.eviction")
 
@@ -26,8 +25,9 @@ MIB = 1024 * 1024
 BATCH = 10_000
 
 
-class Evictor(BackgroundLoop):
+class Evictor(PeriodicLoop):
     task_name = "eviction"
+    first_at_once = True
 
     def __init__(
         self,
@@ -36,16 +36,11 @@ class Evictor(BackgroundLoop):
         settings: DatacacheSettings,
         busy: Callable[[], set[str]],
     ) -> None:
-        super().__init__()
+        super().__init__(settings.eviction_interval_s)
         self.store, self.blobs, self.settings, self.busy = store, blobs, settings, busy
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.evict_once()
-            except Exception:
-                log.exception("eviction_failed")
-            await asyncio.sleep(self.settings.eviction_interval_s)  # a periodic sweep
+    async def tick(self) -> None:
+        await self.evict_once()
 
     async def evict_once(self) -> list[str]:
         """One round: returns the SHA-256 of each object evicted."""

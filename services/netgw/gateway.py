@@ -42,7 +42,7 @@ from shared.messages.net import (
     NetReleased,
 )
 from shared.mongo import Document
-from shared.tasks import BackgroundLoop
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.netgw")
 
@@ -328,23 +328,17 @@ class Gateway:
         await self._answer(incoming, "net.failed", failed)
 
 
-class Sweeper(BackgroundLoop):
+class Sweeper(PeriodicLoop):
     """Releases expired leases every `sweep_s`."""
 
     task_name = "netgw-sweeper"
 
     def __init__(self, gateway: Gateway, period_s: float) -> None:
-        super().__init__()
+        super().__init__(period_s)
         self.gateway = gateway
-        self.period_s = period_s
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)  # the sweep period, not a wait for an event
-            try:
-                await self.gateway.sweep()
-            except Exception:
-                log.exception("sweep_failed")
+    async def tick(self) -> None:
+        await self.gateway.sweep()
 
 
 __all__ = ["Gateway", "Sweeper", "lease_id"]

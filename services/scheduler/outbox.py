@@ -30,7 +30,7 @@ from services.scheduler.store import DROP_CHUNK, JobStore
 from shared.bus import Bus, Unroutable
 from shared.envelope import Envelope
 from shared.mongo import Document
-from shared.tasks import BackgroundLoop
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.scheduler.outbox")
 
@@ -50,14 +50,14 @@ SWEEP_SETTLED_S = 2 * IDLE_DROP_S
 FULL_SWEEP_EVERY = 12
 
 
-class OutboxRelay(BackgroundLoop):
+class OutboxRelay(PeriodicLoop):
     task_name = "outbox-sweep"
 
     def __init__(self, store: JobStore, bus: Bus, sweep_s: float = 5.0) -> None:
-        super().__init__()
+        super().__init__(sweep_s)  # a periodic safety net: retries and full sweeps
         self.store = store
         self.bus = bus
-        self.sweep_s = sweep_s
+        self._periods = 0
         #: Job id -> ids of its outbox entries that are published but not dropped yet.
         self._published: dict[str, set[str]] = {}
         #: Job id -> when its oldest entry not dropped yet was published (monotonic).
@@ -178,16 +178,10 @@ class OutboxRelay(BackgroundLoop):
         with contextlib.suppress(PyMongoError):  # what stays is published again at start
             await self.drop_published(everything=True)
 
-    async def run(self) -> None:
-        periods = 0
-        while True:
-            await asyncio.sleep(self.sweep_s)  # a periodic safety net, not a wait for an event
-            periods += 1
-            try:
-                done = await self.retry_stuck()
-                if periods % FULL_SWEEP_EVERY == 0:
-                    done += await self.sweep()
-                if done:
-                    log.info("outbox_swept", jobs=done)
-            except Exception:
-                log.exception("outbox_sweep_failed")
+    async def tick(self) -> None:
+        self._periods += 1
+        done = await self.retry_stuck()
+        if self._periods % FULL_SWEEP_EVERY == 0:
+            done += await self.sweep()
+        if done:
+            log.info("outbox_swept", jobs=done)

@@ -26,7 +26,6 @@ at most that much accounting, never a job.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from shared.envelope import utcnow
 from shared.messages.base import Payload
 from shared.mongo import Document
-from shared.tasks import BackgroundLoop
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.scheduler.tenants")
 
@@ -80,7 +79,7 @@ class Usage:
         return self.value * float(2.0 ** (-elapsed / half_life_s))
 
 
-class TenantBook(BackgroundLoop):
+class TenantBook(PeriodicLoop):
     """Every tenant's policy and usage, in memory, written back to the store."""
 
     task_name = "tenant-usage"
@@ -88,7 +87,7 @@ class TenantBook(BackgroundLoop):
     def __init__(
         self, db: AsyncDatabase[Document], half_life_s: float, memory_mb_per_cpu: int
     ) -> None:
-        super().__init__()
+        super().__init__(FLUSH_S)
         self.collection = db["tenants"]
         self.half_life_s = half_life_s
         self.memory_mb_per_cpu = memory_mb_per_cpu
@@ -151,13 +150,8 @@ class TenantBook(BackgroundLoop):
             self._dirty |= dirty  # written next time
             raise
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_S)
-            try:
-                await self.flush()
-            except Exception:
-                log.exception("usage_flush_failed")
+    async def tick(self) -> None:
+        await self.flush()
 
     async def stop(self) -> None:
         await super().stop()

@@ -10,7 +10,6 @@ placement's view in memory; only a job that needs acting on is read.
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import structlog
@@ -21,13 +20,14 @@ from services.scheduler.store import JobStore
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.nodes import NodeStatus
-from shared.tasks import BackgroundLoop
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.scheduler.watchdog")
 
 
-class Watchdog(BackgroundLoop):
+class Watchdog(PeriodicLoop):
     task_name = "watchdog"
+    first_at_once = True
 
     def __init__(
         self,
@@ -39,22 +39,16 @@ class Watchdog(BackgroundLoop):
         grace_s: float,
         node_timeout_s: float,
     ) -> None:
-        super().__init__()
+        super().__init__(interval_s)
         self.store = store
         self.jobs = jobs
         self.view = view
         self.bus = bus
-        self.interval_s = interval_s
         self.grace = timedelta(seconds=grace_s)
         self.node_timeout = timedelta(seconds=node_timeout_s)
 
-    async def run(self) -> None:
-        while True:
-            try:
-                await self.check_once()
-            except Exception:
-                log.exception("watchdog_failed")
-            await asyncio.sleep(self.interval_s)  # a periodic check of clocks, by design
+    async def tick(self) -> None:
+        await self.check_once()
 
     async def check_once(self) -> None:
         now = utcnow()

@@ -6,8 +6,6 @@ when its heartbeats stop, so they run on their own timer, apart from any job.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable
 from datetime import datetime
 
@@ -17,12 +15,16 @@ from services.vmnode.settings import NodeSettings
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.nodes import NodeStatus
+from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.vmnode.heartbeat")
 
 
-class Heartbeat:
-    """Publishes the node's status on start, every `heartbeat_s`, and on stop."""
+class Heartbeat(PeriodicLoop):
+    """Publishes the node's status on start, every `heartbeat_s`, and on stop (a missed
+    beat is logged and the next one comes: the broker may be back soon)."""
+
+    task_name = "heartbeat"
 
     def __init__(
         self,
@@ -31,12 +33,12 @@ class Heartbeat:
         running: Callable[[], list[str]],
         kinds: list[str],
     ) -> None:
+        super().__init__(settings.heartbeat_s)
         self.bus = bus
         self.settings = settings
         self.running = running
         self.kinds = kinds
         self.started_at: datetime = utcnow()
-        self._task: asyncio.Task[None] | None = None
 
     def status(self) -> NodeStatus:
         return NodeStatus(
@@ -52,23 +54,14 @@ class Heartbeat:
     async def start(self) -> None:
         self.started_at = utcnow()
         await self._emit("node.online")
-        self._task = asyncio.create_task(self._beat(), name="heartbeat")
+        await super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await super().stop()
         await self._emit("node.offline")
 
-    async def _beat(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)  # the period, not a wait for an event
-            try:
-                await self._emit("node.heartbeat")
-            except Exception:
-                # A missed beat is no reason to stop beating (the broker may be back soon).
-                log.exception("heartbeat_failed")
+    async def tick(self) -> None:
+        await self._emit("node.heartbeat")
 
     async def _emit(self, type_: str) -> None:
         await self.bus.emit(type_, self.status(), actor=self.settings.node_id)
