@@ -20,6 +20,7 @@ import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,7 +68,7 @@ Handler = Callable[[Incoming], Awaitable[None]]
 Authorizer = Callable[[str | None], Awaitable[Sender]]
 
 
-def trusted_senders(users: set[str]) -> Authorizer:
+def trusted_senders(users: AbstractSet[str]) -> Authorizer:
     """Take messages only from the medhive service accounts in `users`."""
 
     async def identify(user_id: str | None) -> Sender:

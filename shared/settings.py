@@ -43,6 +43,12 @@ class AmqpSettings(BaseSettings):
         """The AMQP user of this process: the medhive service account by default."""
         return URL(self.url.get_secret_value()).user or "guest"
 
+    def service_users(self, trusted_users: list[str] | None) -> frozenset[str]:
+        """The AMQP users believed to be medhive's own services: a service's
+        `trusted_users` setting, else the user of its own AMQP URL (the service
+        account). The one place of this rule; every service's setting defers to it."""
+        return frozenset(trusted_users or [self.user])
+
     @property
     def vhost(self) -> str:
         """The virtual host of the AMQP URL (`/` when it names none)."""

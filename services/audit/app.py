@@ -27,7 +27,7 @@ def create_app(settings: AuditSettings) -> web.Application:
         store = AuditStore(app[MONGO][settings.database])
         await store.ensure_indexes()
         app[STORE] = store
-        services = settings.trusted_users or [settings.amqp.user]
+        services = settings.amqp.service_users(settings.trusted_users)
         recorder = Recorder(
             app[BUS],
             store,

@@ -99,7 +99,7 @@ def create_app(settings: DatacacheSettings) -> web.Application:
                 COMMAND_QUEUE,
                 [(COMMANDS, key) for key in ("data.stage", "data.grant", "data.release")],
                 {"data.stage": stage, "data.grant": grant, "data.release": release},
-                authorize=trusted_senders(set(settings.trusted_users or [settings.amqp.user])),
+                authorize=trusted_senders(settings.amqp.service_users(settings.trusted_users)),
             )
             yield
             await consumer.stop()

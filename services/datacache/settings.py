@@ -56,7 +56,8 @@ class DatacacheSettings(BaseSettings):
     )
     concurrent_fetches: int = Field(4, ge=1, description="Sources fetched at the same time.")
     progress_interval_s: float = Field(0.5, ge=0, description="Least time between progress events.")
-    trusted_users: list[str] = Field(
-        default_factory=list,
-        description="AMQP users allowed to send data commands (default: the service account).",
+    trusted_users: list[str] | None = Field(
+        None,
+        description="AMQP users allowed to send data commands (default: the user of the AMQP URL, "
+        "medhive's service account).",
     )

@@ -94,7 +94,9 @@ class Gateway:
                 "net.forward": self.on_forward,
                 "net.release": self.on_release,
             },
-            authorize=trusted_senders(set(self.settings.trusted_users)),
+            authorize=trusted_senders(
+                self.settings.amqp.service_users(self.settings.trusted_users)
+            ),
         )
 
     async def stop(self) -> None:

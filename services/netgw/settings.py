@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from yarl import URL
 
 from shared.settings import AmqpSettings, MongoSettings
-
-
-def _amqp_user(data: dict[str, Any]) -> list[str]:
-    amqp = data.get("amqp")
-    url = amqp.url.get_secret_value() if isinstance(amqp, AmqpSettings) else None
-    return [(URL(url).user if url else None) or "guest"]
 
 
 class NetgwSettings(BaseSettings):
@@ -27,10 +19,10 @@ class NetgwSettings(BaseSettings):
     amqp: AmqpSettings = Field(default_factory=AmqpSettings, description="RabbitMQ.")
     mongo: MongoSettings = Field(default_factory=MongoSettings, description="MongoDB.")
     database: str = Field("medhive_netgw", description="Database of leases and forwards.")
-    trusted_users: list[str] = Field(
-        default_factory=_amqp_user,
-        description="AMQP users (node agents) allowed to send net.* requests "
-        "(default: the user of the AMQP URL).",
+    trusted_users: list[str] | None = Field(
+        None,
+        description="AMQP users (node agents) allowed to send net.* requests (default: the "
+        "user of the AMQP URL, medhive's service account).",
     )
     host: str = Field("127.0.0.1", description="Address of the health endpoint.")
     port: int = Field(8084, ge=0, le=65535, description="Port of the health endpoint.")

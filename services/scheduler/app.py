@@ -73,7 +73,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         commands = CommandHandlers(jobs, bus)
         reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
         data = DataHandlers(jobs, app[PLACER].wake)
-        service_users = set(settings.trusted_users or [settings.amqp.user])
+        service_users = settings.amqp.service_users(settings.trusted_users)
         # Integrators' users live beside the API tokens, in the identity database.
         amqp_users = AmqpUsers(app[TOKENS].tokens.database, service_users)
         await amqp_users.seed(settings.amqp_tenants)

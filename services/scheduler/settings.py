@@ -23,7 +23,8 @@ class SchedulerSettings(BaseSettings):
     )
     trusted_users: list[str] | None = Field(
         None,
-        description="AMQP users whose node reports are believed; default: the service account.",
+        description="AMQP users whose node reports are believed (default: the user of the "
+        "AMQP URL, medhive's service account).",
     )
     node_timeout_s: float = Field(
         20.0, gt=0, description="A node silent this long is offline; its jobs are lost."

@@ -134,7 +134,7 @@ class Agent:
 
     async def authorize(self, user_id: str | None) -> Sender:
         """Only the scheduler's account may send node commands."""
-        if user_id not in self.settings.trusted_users:
+        if user_id not in self.settings.amqp.service_users(self.settings.trusted_users):
             raise Rejected(f"node commands are accepted from the scheduler only, not {user_id!r}")
         return Sender(user_id, service=True)
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from yarl import URL
 
 from shared.settings import AmqpSettings, MongoSettings, default_host
 
@@ -50,12 +49,6 @@ def _default_cpus() -> float:
     return float(os.cpu_count() or 1)
 
 
-def _amqp_user(data: dict[str, Any]) -> list[str]:
-    amqp = data.get("amqp")
-    url = amqp.url.get_secret_value() if isinstance(amqp, AmqpSettings) else None
-    return [(URL(url).user if url else None) or "guest"]
-
-
 class NodeSettings(BaseSettings):
     """Everything the node agent of one host needs to know."""
 
@@ -66,10 +59,10 @@ class NodeSettings(BaseSettings):
         default_factory=MongoSettings,
         description="MongoDB; unused by the node agent (Docker labels are its record).",
     )
-    trusted_users: list[str] = Field(
-        default_factory=_amqp_user,
-        description="AMQP users allowed to send node commands (default: the scheduler's "
-        "service account, i.e. the user of the AMQP URL).",
+    trusted_users: list[str] | None = Field(
+        None,
+        description="AMQP users allowed to send node commands (default: the user of the AMQP URL, "
+        "medhive's service account).",
     )
     node_id: str = Field(
         default_factory=default_host, min_length=1, max_length=128, description="Node name."

@@ -113,7 +113,7 @@ def test_workloads_never_run_as_root() -> None:
 
 def test_only_the_service_account_is_trusted_by_default() -> None:
     amqp = AmqpSettings(url=SecretStr("amqp://sched:pw@broker:5672/prod"))
-    assert NodeSettings(amqp=amqp).trusted_users == ["sched"]
+    assert amqp.service_users(NodeSettings(amqp=amqp).trusted_users) == {"sched"}
 
 
 def test_output_keeps_the_last_bytes() -> None:
