@@ -25,6 +25,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from shared.backoff import Backoff
 from shared.consume import Authorizer, Consumer, Handler, Incoming, Rejected, Retry
 from shared.envelope import Envelope
 from shared.messages.base import Payload
@@ -184,7 +185,7 @@ class Bus:
         """Publish until confirmed; raises `Unroutable` for a mandatory message that no
         queue is bound for (not retried: the caller decides when to try again)."""
         give_up = time.monotonic() + deadline_s
-        delay = 0.1
+        backoff = Backoff(0.1, 2.0)
         while True:
             try:
                 await self._exchanges[exchange].publish(
@@ -194,11 +195,11 @@ class Bus:
             except aiormq.exceptions.DeliveryError as exc:
                 raise Unroutable(f"no queue is bound for {key!r} on {exchange}") from exc
             except _PUBLISH_ERRORS as exc:
+                delay = backoff.next()
                 if time.monotonic() + delay > give_up:
                     raise
                 log.warning("publish_retry", exchange=exchange, key=key, error=repr(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     # -- request and reply -----------------------------------------------------------
 

@@ -29,6 +29,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
+from shared.backoff import Backoff
 from shared.envelope import Envelope, derived_id
 from shared.identity import Sender
 from shared.messages.base import Payload
@@ -299,14 +300,15 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
 
-def _backoff(message: AbstractIncomingMessage) -> float:
-    """Seconds to wait before requeueing: 0.2 s doubling per earlier delivery, up to 10 s.
+#: Before a failed delivery is requeued: 0.2 s doubling per earlier delivery, up to 10 s.
+REQUEUE_BACKOFF = Backoff(0.2, 10.0)
 
-    Quorum queues count deliveries in the `x-delivery-count` header.
-    """
+
+def _backoff(message: AbstractIncomingMessage) -> float:
+    """Seconds to wait before requeueing (quorum queues count deliveries in the
+    `x-delivery-count` header)."""
     count = (message.headers or {}).get("x-delivery-count", 0)
-    tries = count if isinstance(count, int) else 0
-    return float(min(0.2 * 2**tries, 10.0))
+    return REQUEUE_BACKOFF.after(count if isinstance(count, int) else 0)
 
 
 def summarize(exc: ValidationError) -> str:

@@ -28,6 +28,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from services.audit.chain import Head, link
 from services.audit.records import Received, receive
 from services.audit.store import AuditStore
+from shared.backoff import Backoff
 from shared.bus import Bus
 from shared.identity import AmqpUsers, Sender
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
@@ -191,31 +192,31 @@ class Recorder:
     async def _received(self, batch: list[AbstractIncomingMessage]) -> list[Received]:
         """The batch decoded, each delivery with the sender RabbitMQ vouches for."""
         senders: dict[str | None, Sender] = {}
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         for user in {message.user_id for message in batch}:
             while True:
                 try:
                     senders[user] = await self.senders.sender(user)
                     break
                 except PyMongoError as exc:  # whose record it is must not be guessed
+                    delay = backoff.next()
                     log.warning("audit_sender_retry", error=_describe(exc), retry_in_s=delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
         limit = self.bus.settings.max_message_bytes
         return [receive(message, senders[message.user_id], limit) for message in batch]
 
     async def _store(self, batch: list[Received]) -> int:
         """Append the batch's new records; retries through database outages."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         while True:
             try:
                 return await self._append(batch)
             except PyMongoError as exc:
                 # Part of the batch may be stored: reload the head, and the retry finds
                 # those records stored and appends only the rest.
+                delay = backoff.next()
                 log.warning("audit_store_retry", error=_describe(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 with contextlib.suppress(PyMongoError):
                     self._head = await self._load_head()
 

@@ -10,6 +10,7 @@ import structlog
 
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sources.base import SourceUnavailable
+from shared.backoff import Backoff
 
 log = structlog.get_logger("medhive.datacache.retries")
 T = TypeVar("T")
@@ -23,7 +24,7 @@ async def with_retries(
     `SourceRefused` and anything else pass through at once: retrying cannot help. After
     the last try the error names the source and how many tries it got.
     """
-    wait = settings.fetch_backoff_s
+    backoff = Backoff(settings.fetch_backoff_s, settings.fetch_backoff_max_s)
     for number in range(1, settings.fetch_attempts + 1):
         try:
             return await attempt()
@@ -32,6 +33,7 @@ async def with_retries(
                 raise SourceUnavailable(
                     f"{source}: unavailable after {number} tries; last error: {exc}"
                 ) from exc
+            wait = backoff.next()
             log.warning(
                 "source_unavailable",
                 source=source,
@@ -40,5 +42,4 @@ async def with_retries(
                 reason=str(exc),
             )
             await asyncio.sleep(wait)  # the backoff itself, not a wait for an event
-            wait = min(wait * 2, settings.fetch_backoff_max_s)
     raise AssertionError("fetch_attempts is at least 1")

@@ -44,6 +44,7 @@ from services.vmnode.runtimes.base import (
 )
 from services.vmnode.settings import NodeSettings
 from services.vmnode.watch import Watch, run_finished
+from shared.backoff import Backoff
 from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
 from shared.envelope import derived_id, utcnow
 from shared.identity import Sender
@@ -237,7 +238,7 @@ class Agent:
         """Watch until reported; an engine or broker outage is retried, not fatal."""
         workload = watch.workload
         started = time.monotonic()
-        delay = 0.5
+        backoff = Backoff(0.5, 30.0)
         with structlog.contextvars.bound_contextvars(
             job_id=workload.job_id, attempt=workload.attempt, tenant=workload.tenant
         ):
@@ -249,9 +250,9 @@ class Agent:
                 except Exception:
                     # A watcher is a background task: nothing above it would retry or
                     # report, so it must outlive an engine restart or a broker outage.
+                    delay = backoff.next()
                     log.exception("watch_failed", retry_in_s=delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
             exposing.cancel()
             await asyncio.gather(exposing, return_exceptions=True)
             del self._watches[workload.key]
