@@ -39,6 +39,13 @@ def sh(*argv: str, netns: str | None = None) -> str:
     return done.stdout
 
 
+def present(namespaces: set[str], link: str) -> bool:
+    """Whether these network namespaces and this root-namespace link all exist."""
+    listed = set(sh("ip", "netns", "list").split())
+    found = subprocess.run(["ip", "link", "show", link], capture_output=True)
+    return namespaces <= listed and found.returncode == 0
+
+
 @dataclass(frozen=True)
 class VmNetwork:
     gateway_ns: str
@@ -49,9 +56,7 @@ class VmNetwork:
     state_dir: Path
 
     def exists(self) -> bool:
-        namespaces = sh("ip", "netns", "list").split()
-        link = subprocess.run(["ip", "link", "show", self.uplink], capture_output=True)
-        return {self.gateway_ns, self.client_ns} <= set(namespaces) and link.returncode == 0
+        return present({self.gateway_ns, self.client_ns}, self.uplink)
 
     def create(self) -> None:
         for ns in (self.gateway_ns, self.client_ns):

@@ -51,6 +51,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from medhive.localnet import present, sh
+
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER = "medhive"
@@ -133,31 +135,25 @@ class Link:
         return f"169.254.{self.octet}.2"
 
     def exists(self) -> bool:
-        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-        link = subprocess.run(["ip", "link", "show", self.outer], capture_output=True)
-        return self.netns in namespaces.stdout.split() and link.returncode == 0
+        return present({self.netns}, self.outer)
 
     def create(self) -> None:
         self.remove()  # a half-made pair from an interrupted run
-        _ip("netns", "add", self.netns)
-        _ip("link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
-        _ip("link", "set", self.inner, "netns", self.netns)
-        _ip("addr", "add", f"{self.ours}/30", "dev", self.outer)
-        _ip("link", "set", self.outer, "up")
+        sh("ip", "netns", "add", self.netns)
+        sh("ip", "link", "add", self.outer, "type", "veth", "peer", "name", self.inner)
+        sh("ip", "link", "set", self.inner, "netns", self.netns)
+        sh("ip", "addr", "add", f"{self.ours}/30", "dev", self.outer)
+        sh("ip", "link", "set", self.outer, "up")
         for args in (
             ["addr", "add", f"{self.theirs}/30", "dev", self.inner],
             ["link", "set", self.inner, "up"],
             ["link", "set", "lo", "up"],
         ):
-            _ip("netns", "exec", self.netns, "ip", *args)
+            sh("ip", *args, netns=self.netns)
 
     def remove(self) -> None:
         subprocess.run(["ip", "link", "del", self.outer], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", self.netns], capture_output=True, check=False)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def _configure(work: Path, link: Link, password: str) -> Path:

@@ -199,14 +199,15 @@ class PlacementView:
         del self.queues[tenant][shape]
         return None
 
-    def held(self) -> dict[str, Held]:
-        """What each tenant's placed jobs hold (rates left to the caller)."""
+    def held(self, rate: Callable[[float, int], float]) -> dict[str, Held]:
+        """What each tenant's placed jobs hold, their cost counted by `rate`."""
         held: dict[str, Held] = {}
         for placed in self.holding.values():
             h = held.setdefault(placed.tenant, Held())
             h.cpus += placed.need.cpus
             h.memory_mb += placed.need.memory_mb
             h.jobs += 1
+            h.rate += rate(*placed.need)
         return held
 
     def in_use(self) -> dict[str, Room]:
@@ -281,10 +282,7 @@ class Placer(BackgroundLoop):
 
     def held(self) -> dict[str, Held]:
         """What each tenant's placed jobs hold, with the rate fair share counts."""
-        held = self.view.held()
-        for placed in self.view.holding.values():
-            held[placed.tenant].rate += self.book.rate(*placed.need)
-        return held
+        return self.view.held(self.book.rate)
 
     async def place_once(self) -> int:
         """Place what fits now, tenants in fair share; returns how many were dispatched."""

@@ -71,9 +71,12 @@ class JobBatch(BaseModel):
 class BatchAnswer(BaseModel):
     """What `POST /v1/jobs` would have answered for one job of the batch."""
 
-    status: int = Field(description="201 made, 200 repeated (idempotency key), 409 conflict.")
+    status: int = Field(
+        description="201 made, 200 repeated (idempotency key), 409 conflict, 429 the "
+        "tenant's queued-jobs quota is reached."
+    )
     job: JobView | None = Field(description="The job made or repeated; none on a conflict.")
-    detail: str | None = Field(None, description="Why not, on a conflict.")
+    detail: str | None = Field(None, description="Why not, on a conflict or a refusal.")
 
 
 class BatchAnswers(BaseModel):

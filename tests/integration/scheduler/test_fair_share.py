@@ -49,7 +49,8 @@ class Node:
     ran: list[tuple[str, str]] = field(default_factory=list)
     #: job_id -> seconds it ran here (from its arrival to its reported end)
     held_s: dict[str, float] = field(default_factory=dict)
-    arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+    #: notified when a job reaches the node and when it ends
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def on_command(self, message: AbstractIncomingMessage) -> None:
         async with message.process():
@@ -57,9 +58,9 @@ class Node:
             if envelope["type"] != "node.run":
                 return
             run = envelope["payload"]
-            async with self.arrived:
+            async with self.changed:
                 self.ran.append((run["tenant"], run["job_id"]))
-                self.arrived.notify_all()
+                self.changed.notify_all()
             started = RunStarted(job_id=run["job_id"], attempt=run["attempt"],
                                  node_id=self.node_id, workload_id=run["job_id"])  # fmt: skip
             await self.bus.emit("run.started", started, correlation_id=run["job_id"])
@@ -69,15 +70,23 @@ class Node:
             )
 
     async def _finish(self, run: dict[str, Any], arrived: float) -> None:
-        self.held_s[run["job_id"]] = time.monotonic() - arrived
+        async with self.changed:
+            self.held_s[run["job_id"]] = time.monotonic() - arrived
+            self.changed.notify_all()
         done = RunFinished(job_id=run["job_id"], attempt=run["attempt"], node_id=self.node_id,
                            outcome="succeeded", exit_code=0)  # fmt: skip
         await self.bus.emit("run.finished", done, correlation_id=run["job_id"])
 
     async def until(self, count: int, within: float = 60) -> list[tuple[str, str]]:
-        async with asyncio.timeout(within), self.arrived:
-            await self.arrived.wait_for(lambda: len(self.ran) >= count)
+        """The jobs that reached the node, once `count` have."""
+        async with asyncio.timeout(within), self.changed:
+            await self.changed.wait_for(lambda: len(self.ran) >= count)
         return list(self.ran)
+
+    async def ended(self, job_ids: set[str], within: float = 30) -> None:
+        """Once the node has run each of `job_ids` to its end."""
+        async with asyncio.timeout(within), self.changed:
+            await self.changed.wait_for(lambda: job_ids <= self.held_s.keys())
 
 
 @contextlib.asynccontextmanager
@@ -164,25 +173,12 @@ async def test_shares_three_to_one_give_three_times_the_resource_time(
     await submit_many(scheduler, b, 300)
     async with node(amqp_settings, slots=4, hold_s=0.1) as n1:
         window = (await n1.until(200, within=120))[:200]
-        async with asyncio.timeout(30):  # the window's jobs end within their hold time
-            while not all(job_id in n1.held_s for _, job_id in window):  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+        await n1.ended({job_id for _, job_id in window})
     times = {"big": 0.0, "small": 0.0}
     for tenant, job_id in window:
         times[tenant] += 1 * n1.held_s[job_id]  # one cpu each
     ratio = times["big"] / times["small"]
     assert 3 * 0.9 <= ratio <= 3 * 1.1, times
-
-
-async def _ended(scheduler: TestClient, token: str, job_id: str) -> dict[str, Any]:
-    async with asyncio.timeout(30):
-        while True:
-            job: dict[str, Any] = await (
-                await scheduler.get(f"/v1/jobs/{job_id}", headers=bearer(token))
-            ).json()
-            if job["state"] == "succeeded":
-                return job
-            await asyncio.sleep(0.05)
 
 
 async def test_a_tenant_that_ran_much_yesterday_is_not_starved_today(
@@ -278,10 +274,13 @@ async def test_a_restarted_scheduler_keeps_shares_quotas_and_usage(
     first = await aiohttp_client(create_app(scheduler_settings))
     await set_tenant(first, operator, "kept", share=2.5, quota={"max_running_cpus": 3})
     token = await make_token(mongo_settings, "kept")
-    async with node(amqp_settings, slots=2, hold_s=0.3) as n1:
+    async with (
+        node(amqp_settings, slots=2, hold_s=0.3),
+        event_tap(amqp_settings, ["job.succeeded"]) as ended,
+    ):
         job = (await submit_many(first, token, 1))[0]
-        await n1.until(1)
-        await _ended(first, token, job["id"])
+        # stored as ended (and its usage charged) before the event is published
+        await ended.wait_for(lambda m: m["correlation_id"] == job["id"])
     before = await (await first.get("/v1/tenants", headers=bearer(operator))).json()
     await first.close()  # stopping writes the usage back
 
