@@ -377,6 +377,7 @@ async def bench_stack(
                 ("scheduler", "scheduler", {
                     "MEDHIVE_SCHEDULER_DATABASE": f"bench{run_id}_scheduler",
                     "MEDHIVE_SCHEDULER_PORT": str(ports["scheduler"]),
+                    "MEDHIVE_SCHEDULER_AUDIT_URL": f"http://127.0.0.1:{ports['audit']}",
                     **(scheduler_env or {}),
                 }, ports["scheduler"]),
             ]  # fmt: skip

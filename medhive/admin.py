@@ -147,7 +147,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     c = token.add_parser("create", help="create a token (on the server; MEDHIVE_MONGO_URL)")
     c.set_defaults(fn=token_create)
     c.add_argument("--tenant", required=True)
-    c.add_argument("--role", choices=["user", "operator", "node"], default="user")
+    c.add_argument("--role", choices=[role.value for role in Role], default="user")
     c.add_argument("--name", help="who holds it; for a node token, the node id")
     c.add_argument("--save", action="store_true", help="also write it where the CLI finds it")
 

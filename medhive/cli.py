@@ -115,8 +115,9 @@ async def _follow(client: Client, job_id: str) -> int:
 
 async def jobs(args: argparse.Namespace) -> int:
     async with _client(args) as client:
-        for job in await client.jobs(args.state, args.limit):
-            print(f"{job['id']}  {job['state']:<10}  {job['name']}")
+        for job in await client.jobs(args.state, args.limit, args.name, args.tenant):
+            tenant = f"  {job['tenant']}" if args.tenant else ""
+            print(f"{job['id']}  {job['state']:<10}{tenant}  {job['name']}")
     return 0
 
 
@@ -223,6 +224,36 @@ async def tenants_set(args: argparse.Namespace) -> int:
     return 0
 
 
+async def webhooks_add(args: argparse.Namespace) -> int:
+    """Register a webhook for your tenant; prints it with its signing secret."""
+    async with _client(args) as client:
+        webhook = await client.add_webhook(args.url, args.events)
+    _print_json(webhook)
+    print("keep the secret: it is shown only now", file=sys.stderr)
+    return 0
+
+
+async def webhooks_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        for webhook in await client.webhooks():
+            print(f"{webhook['id']}  {','.join(webhook['events'])}  {webhook['url']}")
+    return 0
+
+
+async def webhooks_remove(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        removed = await client.remove_webhook(args.webhook_id)
+    print(f"removed {removed['id']} ({removed['url']})")
+    return 0
+
+
+async def webhooks_test(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        queued = await client.test_webhook(args.webhook_id)
+    print(f"queued {queued['delivery_id']} to {queued['webhook_id']}")
+    return 0
+
+
 async def audit_tail(args: argparse.Namespace) -> int:
     filters: dict[str, str] = {
         "job": args.job or "",
@@ -286,6 +317,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--follow", "-f", action="store_true", help="show states live, then output")
     c = command("jobs", jobs, "list your jobs")
     c.add_argument("--state")
+    c.add_argument("--name", help="only jobs whose name starts so")
+    c.add_argument("--tenant", help="operators: this tenant's jobs, or '*' for every tenant's")
     c.add_argument("--limit", type=int, default=50)
     command("status", status, "a job with its history").add_argument("job_id")
     command("logs", logs, "what a job printed").add_argument("job_id")
@@ -303,6 +336,24 @@ def parser() -> argparse.ArgumentParser:
     for quota in QUOTAS:
         kind = int if quota.endswith(("_mb", "_jobs")) else float
         c.add_argument(f"--{quota.replace('_', '-')}", dest=quota, type=kind, help="a limit")
+
+    hooks = sub.add_parser("webhooks", help="your tenant's webhooks").add_subparsers(
+        dest="webhooks_command", required=True
+    )
+    c = hooks.add_parser("add", help="send job events to a URL (signed, Standard Webhooks)")
+    c.set_defaults(fn=webhooks_add)
+    c.add_argument("url", help="https://... (http:// only to hosts the operator allows)")
+    c.add_argument(
+        "--event", dest="events", action="append", required=True,
+        help="a job event, e.g. job.succeeded, or job.* for all; repeat for more",
+    )  # fmt: skip
+    hooks.add_parser("list", help="your webhooks").set_defaults(fn=webhooks_list)
+    c = hooks.add_parser("remove", help="remove a webhook")
+    c.set_defaults(fn=webhooks_remove)
+    c.add_argument("webhook_id")
+    c = hooks.add_parser("test", help="send a webhook.test message to a webhook")
+    c.set_defaults(fn=webhooks_test)
+    c.add_argument("webhook_id")
 
     audit = sub.add_parser("audit", help="the audit trail").add_subparsers(
         dest="audit_command", required=True

@@ -74,10 +74,17 @@ class Client:
     async def job(self, job_id: str) -> dict[str, Any]:
         return dict(await self.call("GET", f"{self.api_url}/v1/jobs/{job_id}"))
 
-    async def jobs(self, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    async def jobs(
+        self,
+        state: str | None = None,
+        limit: int = 50,
+        name: str | None = None,
+        tenant: str | None = None,
+    ) -> list[dict[str, Any]]:
         params: dict[str, str | int] = {"limit": limit}
-        if state:
-            params["state"] = state
+        for key, value in (("state", state), ("name", name), ("tenant", tenant)):
+            if value:
+                params[key] = value
         body = await self.call("GET", f"{self.api_url}/v1/jobs", params=params)
         return list(body["jobs"])
 
@@ -113,6 +120,22 @@ class Client:
 
     async def set_tenant(self, tenant: str, policy: dict[str, Any]) -> dict[str, Any]:
         return dict(await self.call("PUT", f"{self.api_url}/v1/tenants/{tenant}", json=policy))
+
+    # -- webhooks -----------------------------------------------------------------
+
+    async def add_webhook(self, url: str, events: list[str]) -> dict[str, Any]:
+        """Register a webhook; the answer has its signing secret, shown only then."""
+        body = {"url": url, "events": events}
+        return dict(await self.call("POST", f"{self.api_url}/v1/webhooks", json=body))
+
+    async def webhooks(self) -> list[dict[str, Any]]:
+        return list((await self.call("GET", f"{self.api_url}/v1/webhooks"))["webhooks"])
+
+    async def remove_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return dict(await self.call("DELETE", f"{self.api_url}/v1/webhooks/{webhook_id}"))
+
+    async def test_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return dict(await self.call("POST", f"{self.api_url}/v1/webhooks/{webhook_id}/test"))
 
     # -- audit --------------------------------------------------------------------
 

@@ -67,6 +67,10 @@ if [ "$TOUR" = 1 ]; then
   python -m medhive.tour run --operator-token "$OPERATOR"
 fi
 
+echo "[demo] the web console: $API/ui/"
+echo "[demo]   sign in as the demo user with: $(cat "$MEDHIVE_TOKEN_FILE")"
+echo "[demo]   or as an operator (every tenant, tenants page) with: $OPERATOR"
+
 if [ "${MEDHIVE_DEMO_STOP:-0}" = 1 ] && [ -f "$PID_FILE" ]; then
   kill "$(cat "$PID_FILE")" && rm -f "$PID_FILE"
 fi

@@ -15,9 +15,10 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # DHCP client of the stand-in guests in its tests. openssl: the reference pipeline of
 # bench.datacache (curl | tee sha256sum | openssl enc). docker-compose (Debian's 1.29,
 # a Python program; Debian 12 has no compose v2 plugin): the suite checks
-# docker-compose.yml with `docker-compose config`.
+# docker-compose.yml with `docker-compose config`. chromium: the web console's tests
+# drive it headless through Playwright (never a browser Playwright downloads itself).
 APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
-  openssl docker-compose
+  openssl docker-compose chromium
   orthanc orthanc-dicomweb
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc cpio genisoimage e2fsprogs dosfstools mtools

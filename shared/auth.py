@@ -26,11 +26,13 @@ TOKEN_PREFIX = "mh_"
 class Role(StrEnum):
     """`user`: a tenant's own jobs and events. `operator`: also every tenant's audit.
     `node`: a node agent (its token's name is the node id); reads only what a live
-    grant lets that node read."""
+    grant lets that node read. `metrics`: a scraper such as Prometheus; reads `/metrics`
+    and nothing else (its tenant is only a name)."""
 
     user = "user"
     operator = "operator"
     node = "node"
+    metrics = "metrics"
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,11 @@ class Bus:
         assert self._connection is not None, "Bus.connect() first"
         return self._connection
 
+    @property
+    def consumers(self) -> tuple[Consumer, ...]:
+        """The consumers started on this bus (what each handled: `Consumer.tally`)."""
+        return tuple(self._consumers)
+
     async def connect(self) -> None:
         self._connection = await aio_pika.connect_robust(
             self.settings.url.get_secret_value(),

@@ -10,6 +10,10 @@ acts for a tenant, it also learns of it by `command.rejected` on its tenant's ch
 which names the message and the reason but quotes nothing. A handler failure is
 requeued after a backoff, and the queue's delivery limit dead-letters a message that
 fails every time.
+
+Each consumer counts what it handled, by type and outcome, in a plain dict (`tally`)
+that `/metrics` reads when scraped (`shared.metrics`): a few hundred nanoseconds a
+delivery.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from shared.backoff import Backoff
@@ -91,11 +96,16 @@ class Consumer:
         self.handlers = handlers
         self.authorize = authorize
         self._queue: AbstractQueue | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
         self._tag: str | None = None
         self._ordered = KeyedLocks()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Deliveries handled, by (message type, outcome: ok, rejected or retried).
+        self.tally: Counter[tuple[str, str]] = Counter()
+        #: Deliveries copied to the dead-letter exchange.
+        self.dead_letters = 0
 
     @property
     def max_bytes(self) -> int:
@@ -104,11 +114,24 @@ class Consumer:
     async def start(self, bindings: list[tuple[str, str]], prefetch: int) -> None:
         channel = await self.bus.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        exchanges = await declare_exchanges(channel)
+        self._exchanges = await declare_exchanges(channel)
         self._queue = await declare_queue(
-            channel, self.queue_name, bindings, exchanges, self.bus.settings.delivery_limit
+            channel, self.queue_name, bindings, self._exchanges, self.bus.settings.delivery_limit
         )
         self._tag = await self._queue.consume(self._on_message)
+
+    async def bind(self, bindings: list[tuple[str, str]]) -> None:
+        """Route more to this queue while it is consumed (a binding the broker has
+        already is kept once; the connection restores them after a reconnect)."""
+        assert self._queue is not None, "start() first"
+        for exchange, key in bindings:
+            await self._queue.bind(self._exchanges[exchange], key)
+
+    async def unbind(self, bindings: list[tuple[str, str]]) -> None:
+        """Route these no more to this queue."""
+        assert self._queue is not None, "start() first"
+        for exchange, key in bindings:
+            await self._queue.unbind(self._exchanges[exchange], key)
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Stop taking deliveries, then let in-flight handlers finish (bounded)."""
@@ -134,6 +157,11 @@ class Consumer:
             self._in_flight.discard(task)
             if not self._in_flight:
                 self._idle.set()
+
+    def _count(self, kind: str | None, outcome: str) -> None:
+        """Tally one delivery; a type this queue does not take counts as `other`, so a
+        sender's made-up types cannot make new series."""
+        self.tally[(kind if kind in self.handlers else "other", outcome)] += 1
 
     async def _identify(self, message: AbstractIncomingMessage) -> Sender:
         if self.authorize is None:
@@ -185,10 +213,12 @@ class Consumer:
             sender = await self._identify(message)
             incoming = self._decode(message, sender)
         except Rejected as exc:
+            self._count(message.type, "rejected")
             await self._reject(message, str(exc), sender)
             return
         except Exception:  # the identity store is away: try again later
             log.exception("identify_failed", queue=self.queue_name)
+            self._count(message.type, "retried")
             await asyncio.sleep(_backoff(message))
             await message.nack(requeue=True)
             return
@@ -205,10 +235,12 @@ class Consumer:
                     try:
                         await self.handlers[envelope.type](incoming)
                     except Rejected as exc:
+                        self._count(envelope.type, "rejected")
                         await self._reject(message, str(exc), sender)
                         return
                     except Retry as exc:
                         log.warning("handler_retry", queue=self.queue_name, reason=str(exc))
+                        self._count(envelope.type, "retried")
                         await asyncio.sleep(_backoff(message))
                         await message.nack(requeue=True)
                         return
@@ -217,10 +249,12 @@ class Consumer:
                         # delivery count, so a passing outage does not use up the delivery
                         # limit at once; a message that fails every time is dead-lettered.
                         log.exception("handler_failed", queue=self.queue_name)
+                        self._count(envelope.type, "retried")
                         await asyncio.sleep(_backoff(message))
                         await message.nack(requeue=True)
                         return
                     await message.ack()
+                    self._count(envelope.type, "ok")
                     log.debug(
                         "message_handled",
                         queue=self.queue_name,
@@ -239,6 +273,7 @@ class Consumer:
         """
         log.warning("message_rejected", queue=self.queue_name, reason=reason)
         await self.bus.dead_letter(message, self.queue_name, reason)
+        self.dead_letters += 1
         seen_as = message.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()
         rejected = MessageRejected(
             queue=self.queue_name,

@@ -37,6 +37,11 @@ LIMITS = (
 )
 #: Paths that need no token: health checks from orchestrators, the API's description.
 PUBLIC_PATHS = frozenset({"/healthz", "/v1/openapi.json"})
+#: The web console's static files (its page signs in with a token, for the API calls).
+PUBLIC_PREFIX = "/ui"
+
+#: Where every service serves its metrics; the only path a `metrics` token reaches.
+METRICS_PATH = "/metrics"
 
 HandlerFn = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -78,7 +83,7 @@ async def error_middleware(request: web.Request, handler: HandlerFn) -> web.Stre
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: HandlerFn) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or _is_console(request.path):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -92,8 +97,16 @@ async def auth_middleware(request: web.Request, handler: HandlerFn) -> web.Strea
     if principal is None:
         raise ApiError(401, "unknown or revoked token")
     request[PRINCIPAL] = principal
+    if principal.role == Role.metrics and request.path != METRICS_PATH:
+        # Least privilege in one place: a scraper's token is refused everywhere else,
+        # whether or not a route says which roles it serves.
+        raise ApiError(403, f"a metrics token reads {METRICS_PATH} only")
     with structlog.contextvars.bound_contextvars(tenant=principal.tenant, actor=principal.name):
         return await handler(request)
+
+
+def _is_console(path: str) -> bool:
+    return path == PUBLIC_PREFIX or path.startswith(PUBLIC_PREFIX + "/")
 
 
 def require_role(request: web.Request, *roles: Role) -> Principal:

@@ -76,6 +76,17 @@ class Endpoint:
     links: tuple[str, ...] = ()
 
 
+def outside_document(why: str) -> Callable[[F], F]:
+    """Mark a route the document leaves out on purpose, and say why: a web page's
+    files, or another service's routes answered here (described in its own document)."""
+
+    def mark(handler: F) -> F:
+        handler.outside_document = why  # type: ignore[attr-defined]  # read by the tests
+        return handler
+
+    return mark
+
+
 def endpoint(**fields: Any) -> Callable[[F], F]:
     """Describe a route for the OpenAPI document (see `Endpoint`)."""
     described = Endpoint(**fields)

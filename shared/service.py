@@ -3,6 +3,10 @@
 `create_service_app` does no I/O. The connections open in `cleanup_ctx` generators,
 in dependency order (database, then bus); a service appends its own contexts
 (consumers, background loops) after these, so they stop first on shutdown.
+
+Every app checks bearer tokens, even one with no API of its own (netgw, the node
+agent): its `/metrics` is for `metrics` and `operator` tokens only. A service adds
+what it exports to the app's `METRICS` (`shared.metrics`) as its parts start.
 """
 
 from __future__ import annotations
@@ -15,7 +19,15 @@ from pymongo import AsyncMongoClient
 
 from shared.auth import TokenStore
 from shared.bus import Bus
-from shared.http import LIMITS, MAX_JSON_BODY_BYTES, TOKENS, auth_middleware, error_middleware
+from shared.http import (
+    LIMITS,
+    MAX_JSON_BODY_BYTES,
+    METRICS_PATH,
+    TOKENS,
+    auth_middleware,
+    error_middleware,
+)
+from shared.metrics import METRICS, ConsumerCollector, Metrics, scrape
 from shared.mongo import Document, connect
 from shared.openapi import OPENAPI_PATH, openapi_document
 from shared.settings import AmqpSettings, MongoSettings, default_host
@@ -24,7 +36,10 @@ BUS = web.AppKey("bus", Bus)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 #: What each API is for, at the top of its OpenAPI document.
 API_DESCRIPTIONS = {
-    "scheduler": "Jobs: submit, follow, cancel; their logs and results; the nodes.",
+    "scheduler": "Jobs: submit, follow, cancel; their logs and results; the nodes; "
+    "webhooks that send a tenant its jobs' events. It "
+    "also serves the web console at `/ui/` and, for it, answers the audit's read routes "
+    "(described in the audit's document) with the caller's token.",
     "audit": "The audit trail: query records, follow them live, verify the hash chain.",
     "datacache": "Job data: nodes read inputs and store results under a live grant; "
     "tenants read their jobs' results.",
@@ -41,12 +56,13 @@ def create_service_app(
     service: str,
     amqp: AmqpSettings,
     mongo: MongoSettings,
-    *,
-    with_auth: bool = True,
 ) -> web.Application:
-    """An app with JSON errors, bearer auth, `/healthz`, a database client and a bus."""
-    middlewares = [error_middleware, auth_middleware] if with_auth else [error_middleware]
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_JSON_BODY_BYTES)
+    """An app with JSON errors, bearer auth, `/healthz`, `/metrics`, a database client
+    and a bus."""
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=MAX_JSON_BODY_BYTES
+    )
+    app[METRICS] = Metrics()
 
     async def database(app: web.Application) -> AsyncIterator[None]:
         client = connect(mongo)
@@ -58,6 +74,7 @@ def create_service_app(
     async def bus(app: web.Application) -> AsyncIterator[None]:
         app[BUS] = Bus(amqp, source_name(service))
         await app[BUS].connect()
+        app[METRICS].add(ConsumerCollector(app[BUS]))
         yield
         await app[BUS].close()
 
@@ -69,6 +86,7 @@ def create_service_app(
 
     app.cleanup_ctx.extend([database, bus])
     app.router.add_get("/healthz", healthz)
+    app.router.add_get(METRICS_PATH, scrape)
     if service in API_DESCRIPTIONS:  # a service with an HTTP API describes it
         app[OPENAPI] = {}
         app.router.add_get(OPENAPI_PATH, openapi)

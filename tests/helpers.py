@@ -12,6 +12,7 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from shared.auth import Role, TokenStore
+from shared.http import METRICS_PATH
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
@@ -108,17 +109,22 @@ async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0)
             await asyncio.sleep(0.05)
 
 
-#: Who calls, in the role matrices of the HTTP APIs.
-CALLERS = ("none", "invalid", "user", "other_user", "operator", "node", "other_node")
+#: Who calls, in the role matrices of the HTTP APIs (`metrics`: a Prometheus token).
+CALLERS = ("none", "invalid", "user", "other_user", "operator", "node", "other_node", "metrics")
+#: What every service's `/metrics` answers each caller.
+METRICS_ROUTE = {"none": 401, "invalid": 401, "user": 403, "other_user": 403, "operator": 200,
+                 "node": 403, "other_node": 403, "metrics": 200}  # fmt: skip
 
 
-def routes_of(app: Any) -> set[tuple[str, str]]:
-    """(method, path template) of every route an app serves, health checks aside."""
+def routes_of(app: Any, *, with_metrics: bool = False) -> set[tuple[str, str]]:
+    """(method, path template) of every route an app serves, health checks aside, and
+    `/metrics` unless asked for: neither is in an API's OpenAPI document."""
+    hidden = {"/healthz"} if with_metrics else {"/healthz", METRICS_PATH}
     return {
         (route.method, resource.canonical)
         for resource in app.router.resources()
         for route in resource
-        if route.method not in ("HEAD", "*") and resource.canonical != "/healthz"
+        if route.method not in ("HEAD", "*") and resource.canonical not in hidden
     }
 
 
@@ -134,7 +140,8 @@ async def check_role_matrix(
     The table must name every route the app serves, so a new route without an entry
     fails; `fill` puts real ids into a path template, `body` gives request arguments.
     """
-    assert set(table) == routes_of(client.app), "every route needs an entry in the table"
+    every_route = routes_of(client.app, with_metrics=True)
+    assert set(table) == every_route, "every route needs an entry in the table"
     wrong = []
     for (method, template), expected in table.items():
         assert set(expected) == set(CALLERS), template

@@ -19,7 +19,14 @@ from services.audit.chain import verify
 from services.audit.recorder import NOTIFIER
 from services.audit.records import public
 from services.audit.store import STORE, RecordQuery
-from services.audit.views import MAX_SEQ, ChainVerdict, EventFilters, EventsPage, EventsQuery
+from services.audit.views import (
+    MAX_SEQ,
+    ChainVerdict,
+    EventFilters,
+    EventsHead,
+    EventsPage,
+    EventsQuery,
+)
 from shared.auth import Role
 from shared.http import PRINCIPAL, ApiError, read_query, roles
 from shared.openapi import endpoint
@@ -83,6 +90,14 @@ async def list_events(request: web.Request) -> web.Response:
             "next_after": records[-1]["seq"] if more else None,
         }
     )
+
+
+@routes.get("/v1/events/head")
+@roles(Role.user, Role.operator)
+@endpoint(summary="Where the audit trail ends now: a live view starts after it.",
+          response=EventsHead)  # fmt: skip
+async def events_head(request: web.Request) -> web.Response:
+    return web.json_response({"seq": request.app[NOTIFIER].head})
 
 
 @routes.get("/v1/events/stream")

@@ -7,11 +7,13 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from services.audit.api import STREAM_SLOTS, StreamSlots, routes
+from services.audit.metrics import RecorderCollector
 from services.audit.recorder import NOTIFIER, Notifier, Recorder
 from services.audit.settings import AuditSettings
 from services.audit.store import STORE, AuditStore
 from shared.http import TOKENS
 from shared.identity import AmqpUsers
+from shared.metrics import METRICS
 from shared.server import CANCEL_ON_DISCONNECT
 from shared.service import BUS, MONGO, create_service_app
 
@@ -37,6 +39,7 @@ def create_app(settings: AuditSettings) -> web.Application:
             batch_wait_s=settings.batch_wait_ms / 1000,
         )
         await recorder.start()
+        app[METRICS].add(RecorderCollector(recorder), recorder.stored, recorder.ingest_lag)
         yield
         await recorder.stop()
 

@@ -23,6 +23,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiohttp import web
+from prometheus_client import Counter, Histogram
 from pymongo.errors import BulkWriteError, PyMongoError
 
 from services.audit.chain import Head, link
@@ -30,6 +31,7 @@ from services.audit.records import Received, receive
 from services.audit.store import AuditStore
 from shared.backoff import Backoff
 from shared.bus import Bus
+from shared.envelope import utcnow
 from shared.identity import AmqpUsers, Sender
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.topology import declare_exchanges, declare_queue
@@ -105,6 +107,26 @@ class Recorder:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._writer: asyncio.Task[None] | None = None
+        # Added to the app's /metrics by the app (services/audit/metrics.py).
+        self.stored = Counter(
+            "medhive_audit_records_stored",
+            "Records appended to the audit chain, by whether the message was valid "
+            "(a redelivery of a stored message is recognised and not stored again).",
+            ["valid"],
+            registry=None,
+        )
+        for valid in ("true", "false"):  # both series from the start, for rate()
+            self.stored.labels(valid)
+        self.ingest_lag = Histogram(
+            "medhive_audit_ingest_lag_seconds",
+            "From the time a message gives for itself to its record being stored.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=None,
+        )
+
+    def backlog(self) -> int:
+        """Deliveries received and not yet taken into a batch."""
+        return self._inbox.qsize()
 
     async def start(self) -> None:
         """Continue the chain from the last stored record, then start consuming."""
@@ -231,7 +253,16 @@ class Recorder:
             await self.store.insert(records)
             self._head = head
             self.notifier.advance(head.seq)
+            self._measure(records)
         return len(records)
+
+    def _measure(self, records: list[dict[str, Any]]) -> None:
+        now = utcnow()
+        valid = sum(1 for record in records if record["valid"])
+        self.stored.labels("true").inc(valid)
+        self.stored.labels("false").inc(len(records) - valid)
+        for record in records:
+            self.ingest_lag.observe(max(0.0, (now - record["occurred_at"]).total_seconds()))
 
     async def _new(self, batch: list[Received]) -> list[tuple[Received, str]]:
         """The deliveries not stored yet, each with the id to store it under.

@@ -45,6 +45,13 @@ class EventsPage(BaseModel):
     next_after: int | None = Field(description="Pass as `after` for the next page.")
 
 
+class EventsHead(BaseModel):
+    seq: int = Field(
+        description="The newest stored record's `seq`: a live view that starts after it "
+        "shows only what comes next."
+    )
+
+
 class ChainVerdict(BaseModel):
     ok: bool
     records: int

@@ -33,6 +33,7 @@ from pydantic import AwareDatetime, BaseModel, Field
 
 from services.datacache.blobs import BlobStore, SealedBlob
 from services.datacache.grants import Access, Denied, GrantService
+from services.datacache.metrics import SERVED_BYTES
 from services.datacache.store import CacheStore
 from shared.auth import Principal, Role
 from shared.bus import Bus
@@ -217,6 +218,7 @@ async def _granted_object(request: web.Request) -> tuple[str, str, str, Access]:
 async def read_object(request: web.Request) -> web.StreamResponse:
     job_id, sha256, blob_id, access = await _granted_object(request)
     response, sent, byte_range = await _stream_object(request, sha256, blob_id, job_id)
+    request.app[SERVED_BYTES].labels("node").inc(sent)
     await request.app[DATA_BUS].emit(
         "data.accessed",
         DataAccessed(
@@ -274,6 +276,7 @@ async def read_sealed(request: web.Request) -> web.StreamResponse:
         sent = await _sendfile(request, sealed)
         await response.write_eof()
     finally:
+        request.app[SERVED_BYTES].labels("node").inc(sent)
         await request.app[DATA_BUS].emit(
             "data.accessed",
             DataAccessed(
@@ -430,6 +433,7 @@ async def download_output(request: web.Request) -> web.StreamResponse:
     if obj is None or obj["quarantined"]:
         raise ApiError(410, f"output {path} failed its integrity check and is quarantined")
     response, sent, byte_range = await _stream_object(request, match["sha256"], obj["blob"], job_id)
+    request.app[SERVED_BYTES].labels("tenant").inc(sent)
     await request.app[DATA_BUS].emit(
         "data.accessed",
         DataAccessed(

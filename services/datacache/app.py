@@ -14,6 +14,7 @@ from services.datacache.blobs import BlobStore
 from services.datacache.crypto import KeyProvider, LocalKeyProvider
 from services.datacache.eviction import Evictor
 from services.datacache.grants import GrantService
+from services.datacache.metrics import SERVED_BYTES, CacheCollector, served_bytes
 from services.datacache.outputs import ResultUploader
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sources.registry import SourceDirectory
@@ -24,6 +25,7 @@ from shared.bus import Incoming
 from shared.consume import trusted_senders
 from shared.messages.catalog import COMMANDS
 from shared.messages.data import DataGrant, DataRelease, DataStage
+from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
 
 COMMAND_QUEUE = "datacache.commands"
@@ -58,6 +60,8 @@ def create_app(settings: DatacacheSettings) -> web.Application:
     one stops the service before it listens; connections open with the app."""
     app = create_service_app("datacache", settings.amqp, settings.mongo)
     app.add_routes(routes)
+    app[SERVED_BYTES] = served_bytes()
+    app[METRICS].add(app[SERVED_BYTES])
     keys = load_keys(settings)
     configured = SourceDirectory.from_file(settings.sources_file)
 
@@ -78,6 +82,13 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             grants = GrantService(store, app[BUS])
             app[STORE], app[BLOBS], app[GRANTS], app[DATA_BUS] = store, blobs, grants, app[BUS]
             app[STAGER], app[EVICTOR] = stager, evictor
+            app[METRICS].add(
+                CacheCollector(evictor),
+                stager.fetched_bytes,
+                stager.hits,
+                stager.misses,
+                stager.staging_seconds,
+            )
 
             async def stage(msg: Incoming) -> None:
                 assert isinstance(msg.payload, DataStage)

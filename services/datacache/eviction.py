@@ -38,6 +38,9 @@ class Evictor(PeriodicLoop):
     ) -> None:
         super().__init__(settings.eviction_interval_s)
         self.store, self.blobs, self.settings, self.busy = store, blobs, settings, busy
+        #: What the cache's files took after the last round (None before the first):
+        #: `/metrics` reports it rather than reading the whole cache directory again.
+        self.stored_bytes: int | None = None
 
     async def tick(self) -> None:
         await self.evict_once()
@@ -61,6 +64,7 @@ class Evictor(PeriodicLoop):
             await self.blobs.delete(obj["blob"])
             total -= stored
             evicted.append(obj["_id"])
+        self.stored_bytes = total
         if evicted:
             log.info("objects_evicted", count=len(evicted), stored_bytes=total, budget=budget)
         return evicted

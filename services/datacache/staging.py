@@ -15,6 +15,7 @@ import time
 
 import aiohttp
 import structlog
+from prometheus_client import Counter, Histogram
 
 from services.datacache.blobs import BlobStore
 from services.datacache.retries import with_retries
@@ -62,6 +63,31 @@ class Stager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         #: Objects that stagings under way have found or fetched but not yet pinned.
         self.in_use: dict[str, set[str]] = {}
+        # Added to the app's /metrics by the app (services/datacache/metrics.py).
+        self.fetched_bytes = Counter(
+            "medhive_datacache_fetched_bytes",
+            "Bytes of inputs fetched from their sources into the cache (whole fetches).",
+            registry=None,
+        )
+        self.hits = Counter(
+            "medhive_datacache_cache_hits",
+            "Inputs staging found in the cache, or being fetched for another job already.",
+            registry=None,
+        )
+        self.misses = Counter(
+            "medhive_datacache_cache_misses",
+            "Inputs staging had to fetch from their source.",
+            registry=None,
+        )
+        self.staging_seconds = Histogram(
+            "medhive_datacache_staging_seconds",
+            "How long staging a job's inputs took, by outcome (staged or failed).",
+            ["outcome"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+            registry=None,
+        )
+        for outcome in ("staged", "failed"):  # both series from the start, for rate()
+            self.staging_seconds.labels(outcome)
 
     async def start(self) -> None:
         """Resume whatever a previous run of the datacache left unfinished."""
@@ -109,6 +135,7 @@ class Stager:
         objects: set[str] = set()
         cached = 0
         item: InputSpec | None = None
+        started = time.monotonic()
         try:
             for raw in staging["inputs"]:
                 item = InputSpec.model_validate(raw)
@@ -142,6 +169,7 @@ class Stager:
             await self.store.finish_staging(
                 job_id, {"state": "failed", "reason": reason, "failed_source": item.source}
             )
+            self.staging_seconds.labels("failed").observe(time.monotonic() - started)
             return
         finally:
             self.in_use.pop(job_id, None)
@@ -155,6 +183,7 @@ class Stager:
                 "cached": cached,
             },
         )
+        self.staging_seconds.labels("staged").observe(time.monotonic() - started)
         log.info("staging_done", inputs=len(staged), cached=cached, bytes=progress.bytes)
 
     async def _announce(self, staging: Document) -> None:
@@ -185,9 +214,12 @@ class Stager:
         version = await with_retries(self.settings, canonical, lambda: source.version(ref))
         key = source_key(tenant, canonical, version)
         if (cached := await self._cached(key)) is not None:
+            self.hits.inc()
             return cached, True
         if (shared := self._inflight.get(key)) is not None:
+            self.hits.inc()
             return await asyncio.shield(shared), True
+        self.misses.inc()
         future: asyncio.Future[Document] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
@@ -244,6 +276,7 @@ class Stager:
 
         sink = await with_retries(self.settings, canonical, one_try)
         seconds = time.monotonic() - started
+        self.fetched_bytes.inc(sink.bytes)
         await self.bus.emit(
             "data.fetched",
             DataFetched(

@@ -14,9 +14,11 @@ from aiohttp import web
 from services.netgw.dhcp import Dhcp
 from services.netgw.firewall import Firewall
 from services.netgw.gateway import Gateway, Sweeper
+from services.netgw.metrics import PoolCollector
 from services.netgw.netns import Namespace
 from services.netgw.settings import NetgwSettings
 from services.netgw.store import NetStore
+from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -24,7 +26,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 
 def create_app(settings: NetgwSettings) -> web.Application:
     """The gateway's app; it does no I/O until started."""
-    app = create_service_app("netgw", settings.amqp, settings.mongo, with_auth=False)
+    app = create_service_app("netgw", settings.amqp, settings.mongo)
 
     async def gateway(app: web.Application) -> AsyncIterator[None]:
         store = NetStore(app[MONGO][settings.database], settings)
@@ -43,6 +45,7 @@ def create_app(settings: NetgwSettings) -> web.Application:
         sweeper = Sweeper(gw, settings.sweep_s)
         await sweeper.start()
         app[GATEWAY] = gw
+        app[METRICS].add(PoolCollector(store))
         yield
         await sweeper.stop()
         await gw.stop()

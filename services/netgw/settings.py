@@ -24,8 +24,8 @@ class NetgwSettings(BaseSettings):
         description="AMQP users (node agents) allowed to send net.* requests (default: the "
         "user of the AMQP URL, medhive's service account).",
     )
-    host: str = Field("127.0.0.1", description="Address of the health endpoint.")
-    port: int = Field(8084, ge=0, le=65535, description="Port of the health endpoint.")
+    host: str = Field("127.0.0.1", description="Address of the health and metrics endpoints.")
+    port: int = Field(8084, ge=0, le=65535, description="Port of the health and metrics endpoints.")
     netns: str | None = Field(
         None,
         description="Network namespace (name under /run/netns) holding the gateway's "

@@ -16,7 +16,7 @@ from pydantic import Field
 from yarl import URL
 
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
-from services.scheduler.placement import Held, Placer
+from services.scheduler.placement import Held, Placed, Placer
 from services.scheduler.store import INTERNAL_FIELDS, IdempotencyConflict, JobStore
 from services.scheduler.tenants import QueueFull, TenantBook, TenantPolicy
 from services.scheduler.views import (
@@ -27,11 +27,13 @@ from services.scheduler.views import (
     JobView,
     Logs,
     LogsQuery,
+    Me,
     Nodes,
     Outputs,
     Tenants,
 )
-from shared.auth import Role
+from services.scheduler.webhook_api import add_webhook_routes
+from shared.auth import Principal, Role
 from shared.envelope import utcnow
 from shared.http import PRINCIPAL, ApiError, read_model, read_query, roles
 from shared.identity import check_name
@@ -134,24 +136,54 @@ async def _submit(request: web.Request, spec: JobSpec) -> tuple[int, Document]:
     return (201 if submission.created else 200), {"job": public_job(submission.job)}
 
 
+@routes.get("/v1/me")
+@roles(Role.user, Role.operator)
+@endpoint(summary="Who the caller's token is: its name, tenant and role.", response=Me)
+async def me(request: web.Request) -> web.Response:
+    principal = request[PRINCIPAL]
+    body = {"name": principal.name, "tenant": principal.tenant, "role": principal.role.value}
+    return web.json_response(body)
+
+
 @routes.get("/v1/jobs")
 @roles(Role.user, Role.operator)
-@endpoint(summary="The tenant's jobs, newest first.", query=JobsQuery, response=JobPage)
+@endpoint(
+    summary="The tenant's jobs, newest first (operators: any tenant's, or all).",
+    query=JobsQuery,
+    response=JobPage,
+)
 async def list_jobs(request: web.Request) -> web.Response:
     query = read_query(request, JobsQuery)
     state = query.state.value if query.state is not None else None
-    docs = await request.app[STORE].page(
-        request[PRINCIPAL].tenant, state, query.before, query.limit
-    )
+    tenant = _listed_tenant(request[PRINCIPAL], query.tenant)
+    docs = await request.app[STORE].page(tenant, state, query.before, query.limit, query.name)
     next_before = docs[-1]["_id"] if len(docs) == query.limit else None
     return web.json_response({"jobs": [public_job(d) for d in docs], "next_before": next_before})
 
 
+def _listed_tenant(principal: Principal, asked: str | None) -> str | None:
+    """Whose jobs a listing shows (None: everyone's). Operators read every tenant's
+    jobs, as they read every tenant's audit; a user only its own."""
+    if asked is None or asked == principal.tenant:
+        return principal.tenant
+    if principal.role != Role.operator:
+        raise ApiError(403, f"a user token sees only its own tenant, {principal.tenant!r}")
+    return None if asked == "*" else asked
+
+
 @routes.get("/v1/jobs/{job_id}")
 @roles(Role.user, Role.operator)
-@endpoint(summary="One job with its history.", response=JobView, errors=(404,))
+@endpoint(
+    summary="One job with its history (operators: any tenant's).", response=JobView, errors=(404,)
+)
 async def get_job(request: web.Request) -> web.Response:
-    job = public_job(await _tenant_job(request))
+    principal = request[PRINCIPAL]
+    # An operator reads any tenant's job (not its logs or results, nor cancels it).
+    tenant = None if principal.role == Role.operator else principal.tenant
+    found = await request.app[STORE].get(_job_id(request), tenant)
+    if found is None:
+        raise ApiError(404, f"no job {_job_id(request)}")
+    job = public_job(found)
     if job["state"] in ("queued", "staging"):
         job["waiting_for"] = await _waiting_for(request.app[PLACER], job)
     return web.json_response(job)
@@ -332,10 +364,17 @@ async def _upstream_detail(upstream: aiohttp.ClientResponse) -> str:
 @roles(Role.user, Role.operator)
 @endpoint(summary="The nodes and their free capacity.", response=Nodes)
 async def nodes(request: web.Request) -> web.Response:
-    free, _ = await request.app[PLACER].free_capacity()
+    placer, principal = request.app[PLACER], request[PRINCIPAL]
+    free, _ = await placer.free_capacity()
+    placed: dict[str, list[Placed]] = {}
+    for job in placer.view.holding.values():
+        placed.setdefault(job.node_id, []).append(job)
     out = []
     for node in await request.app[STORE].all_nodes():
         room = free.get(node["_id"])
+        there = placed.get(node["_id"], [])
+        everyone = principal.role == Role.operator
+        readable = [job.job_id for job in there if everyone or job.tenant == principal.tenant]
         out.append(
             _json(
                 {
@@ -347,10 +386,15 @@ async def nodes(request: web.Request) -> web.Response:
                     "free_memory_mb": room.memory_mb if room else 0,
                     "runtimes": node.get("runtimes", []),
                     "last_seen": node["last_seen"],
+                    "running_jobs": len(there),
+                    "job_ids": sorted(readable),
                 }
             )
         )
     return web.json_response({"nodes": out})
 
+
+# The webhook routes (webhook_api.py) are this API's too, and in its document.
+add_webhook_routes(routes)
 
 __all__ = ["DATACACHE_URL", "HTTP", "JOBS", "PLACER", "STORE", "public_job", "routes"]

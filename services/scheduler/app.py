@@ -1,4 +1,5 @@
-"""Builds the scheduler: job API, command and report consumers, placement, watchdog."""
+"""Builds the scheduler: job API, command and report consumers, placement, watchdog,
+webhooks."""
 
 from __future__ import annotations
 
@@ -8,19 +9,23 @@ import aiohttp
 from aiohttp import web
 
 from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, TENANTS, routes
+from services.scheduler.console import add_console
 from services.scheduler.data import DATA_REPORTS, DataHandlers
 from services.scheduler.handlers import CommandHandlers, NodeHandlers, integrators
 from services.scheduler.jobs import JobService
+from services.scheduler.metrics import JobFlow, SchedulerCollector
 from services.scheduler.outbox import OutboxRelay
 from services.scheduler.placement import Placer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import JobStore
 from services.scheduler.tenants import Admission, TenantBook
 from services.scheduler.watchdog import Watchdog
+from services.scheduler.webhook_service import webhook_context
 from shared.consume import trusted_senders
 from shared.http import TOKENS
 from shared.identity import AmqpUsers
 from shared.messages.catalog import COMMANDS, EVENTS
+from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
 
 COMMAND_QUEUE = "scheduler.commands"
@@ -32,6 +37,7 @@ REPORT_TYPES = ["run.started", "run.interactive", "run.output", "run.finished", 
 def create_app(settings: SchedulerSettings) -> web.Application:
     app = create_service_app("scheduler", settings.amqp, settings.mongo)
     app.add_routes(routes)
+    add_console(app, settings.audit_url)
     app[DATACACHE_URL] = settings.datacache_url.rstrip("/")
 
     async def http(app: web.Application) -> AsyncIterator[None]:
@@ -54,6 +60,8 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         placer.jobs = jobs
         jobs.admission = Admission(book, lambda tenant: len(placer.view.unplaced.get(tenant, ())))
         app[STORE], app[PLACER], app[JOBS], app[TENANTS] = store, placer, jobs, book
+        placer.view.moves.append(JobFlow(app[METRICS].registry).moved)
+        app[METRICS].add(SchedulerCollector(placer, store), placer.pass_seconds)
         watchdog = Watchdog(
             store, jobs, placer.view, app[BUS], settings.watchdog_interval_s,
             settings.walltime_grace_s, settings.node_timeout_s,
@@ -103,4 +111,5 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         await report_consumer.stop()
 
     app.cleanup_ctx.extend([http, core, consumers])
+    app.cleanup_ctx.append(webhook_context(settings))
     return app

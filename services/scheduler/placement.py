@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import structlog
+from prometheus_client import Histogram
 
 from services.scheduler.jobs import JobService
 from services.scheduler.store import JobStore
@@ -118,7 +120,7 @@ class Held:
     rate: float = 0.0  # cpu-equivalents (tenants.TenantBook.rate)
 
 
-def _placed_since(job: Document) -> datetime:
+def placed_since(job: Document) -> datetime:
     """When the job was placed: its deadline less its walltime (both set at dispatch)."""
     walltime = job["spec"].get("walltime_s")
     if job.get("deadline") is None or walltime is None:
@@ -126,10 +128,16 @@ def _placed_since(job: Document) -> datetime:
     return job["deadline"] - timedelta(seconds=walltime)  # type: ignore[no-any-return]
 
 
+#: Told of a job whose state the view sees change: the job as stored, and the state
+#: it had (None for a job new to the view).
+Moved = Callable[[Document, JobState | None], None]
+
+
 class PlacementView:
     """The queue (jobs that wait for a node, per tenant and shape) and the ledger (room
     each placed job holds), kept from the job documents the store writes and reads.
-    `released` is told of every placed job that lets go of its room, and when."""
+    `released` is told of every placed job that lets go of its room, and when; each of
+    `moves` of every change of a job's state (`/metrics` counts with them)."""
 
     def __init__(self, released: Callable[[Placed, datetime], None] | None = None) -> None:
         self.waiting: dict[str, Waiting] = {}
@@ -139,6 +147,9 @@ class PlacementView:
         #: tenant -> shape -> heap of (order, job_id); an entry whose job no longer
         #: waits in that shape is skipped when it comes up
         self.queues: dict[str, dict[Shape, list[tuple[tuple[int, str], str]]]] = {}
+        #: every job not ended, with its state and tenant (what `/metrics` counts)
+        self.states: dict[str, tuple[JobState, str]] = {}
+        self.moves: list[Moved] = []
         self._rev: dict[str, int] = {}
         self._released = released
 
@@ -148,6 +159,9 @@ class PlacementView:
         if rev < self._rev.get(job_id, -1):
             return
         state, tenant = JobState(job["state"]), job["tenant"]
+        before = self.states.pop(job_id, None)
+        if not state.terminal:
+            self.states[job_id] = (state, tenant)
         was_waiting = self.waiting.pop(job_id, None)
         was_placed = self.holding.pop(job_id, None)
         self._rev.pop(job_id, None)
@@ -168,7 +182,7 @@ class PlacementView:
         elif state in (JobState.dispatched, JobState.running) and job.get("node_id"):
             attempt = job.get("attempt", 0)
             same = was_placed is not None and was_placed.attempt == attempt
-            since = was_placed.since if same and was_placed else _placed_since(job)
+            since = was_placed.since if same and was_placed else placed_since(job)
             clocks = job.get("deadline"), job.get("walltime_enforced_at")
             self.holding[job_id] = Placed(
                 job_id, tenant, attempt, job["node_id"], requirement(job), since, *clocks
@@ -182,6 +196,9 @@ class PlacementView:
             and (now_placed is None or now_placed.attempt != was_placed.attempt)
         ):
             self._released(was_placed, utcnow())
+        if before is None or before[0] != state:
+            for moved in self.moves:
+                moved(job, before[0] if before else None)
 
     def requeue(self, waiting: Waiting) -> None:
         """(Again) among its tenant's jobs of its shape."""
@@ -244,6 +261,13 @@ class Placer(BackgroundLoop):
         self.view = PlacementView(released=self._charge)
         store.observers.append(self.view.observe)
         self._wake = asyncio.Event()
+        # Added to the app's /metrics by the app (services/scheduler/metrics.py).
+        self.pass_seconds = Histogram(
+            "medhive_scheduler_placement_pass_seconds",
+            "How long one placement pass takes: deciding, then dispatching what it placed.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=None,
+        )
 
     def _charge(self, placed: Placed, now: datetime) -> None:
         seconds = max(0.0, (now - placed.since).total_seconds())
@@ -262,8 +286,10 @@ class Placer(BackgroundLoop):
         while True:
             await self._wake.wait()
             self._wake.clear()
+            started = time.perf_counter()
             try:
                 await self.place_once()
+                self.pass_seconds.observe(time.perf_counter() - started)
             except Exception:
                 log.exception("placement_failed")
                 await asyncio.sleep(1)  # back off from a failing database, then retry

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.scheduler.egress import AllowedHost
+from services.scheduler.webhooks import SealingKey
 from shared.settings import AmqpSettings, MongoSettings
 
 
@@ -43,6 +45,36 @@ class SchedulerSettings(BaseSettings):
     memory_mb_per_cpu: int = Field(
         4096, gt=0, description="Memory that fair share counts as one cpu (README)."
     )
+    webhook_allowed_hosts: list[AllowedHost] = Field(
+        default_factory=list,
+        description="Webhook receivers inside the site, exempt from the rule that a webhook "
+        "goes over https:// to public addresses only: host names, addresses or networks "
+        '(CIDR), e.g. ["hooks.lab.internal", "10.20.0.0/16"]; these may use http:// too.',
+    )
+    webhook_secret_key: SealingKey = Field(
+        None,
+        description="Base64 of 32 random bytes that seals webhooks' signing secrets in the "
+        "database (unset: they are stored as they are).",
+    )
+    webhook_max_per_tenant: int = Field(20, ge=1, description="Webhooks one tenant may have.")
+    webhook_timeout_s: float = Field(
+        10.0, gt=0, description="How long a webhook's receiver has to answer one try."
+    )
+    webhook_first_retry_s: float = Field(
+        5.0, gt=0, description="Wait after a webhook's first failed try; it doubles after each."
+    )
+    webhook_max_retry_s: float = Field(
+        3600.0, gt=0, description="The longest wait between two tries of a webhook."
+    )
+    webhook_max_age_s: float = Field(
+        86400.0,
+        gt=0,
+        description="A webhook not accepted this long after it was queued is given up.",
+    )
     datacache_url: str = Field(
         "http://127.0.0.1:8082", description="The datacache's API, for downloads of results."
+    )
+    audit_url: str = Field(
+        "http://127.0.0.1:8081",
+        description="The audit's API, whose read routes the console reaches through this one.",
     )

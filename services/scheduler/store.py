@@ -18,6 +18,7 @@ Writes are sent in groups (commit.py).
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -233,11 +234,20 @@ class JobStore:
         return await self.jobs.find_one(query, {"outbox": 0})
 
     async def page(
-        self, tenant: str, state: str | None, before: str | None, limit: int
+        self,
+        tenant: str | None,
+        state: str | None,
+        before: str | None,
+        limit: int,
+        name_prefix: str | None = None,
     ) -> list[Document]:
+        """Jobs newest first: a tenant's, or every tenant's (`tenant` None)."""
         # Every state when none is asked for: the index leads with the state.
         query: Document = {"state": state or {"$in": [s.value for s in JobState]}}
-        query["tenant"] = tenant
+        if tenant is not None:
+            query["tenant"] = tenant
+        if name_prefix is not None:
+            query["name"] = {"$regex": f"^{re.escape(name_prefix)}"}
         if before is not None:
             query["_id"] = {"$lt": before}
         cursor = self.jobs.find(query, {"outbox": 0, "history": 0}).sort("_id", DESCENDING)

@@ -8,13 +8,32 @@ from typing import Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from services.scheduler.tenants import Quota
+from services.scheduler.webhooks import EventName
+from shared.identity import NAME_PATTERN
 from shared.messages.jobs import JobSpec, JobState
+
+
+class Me(BaseModel):
+    """Who a token is, for a client that shows it (the console)."""
+
+    name: str = Field(description="The token's name.")
+    tenant: str
+    role: str = Field(description="`user` or `operator`.")
 
 
 class JobsQuery(BaseModel):
     """`GET /v1/jobs`: the caller's tenant's jobs, newest first."""
 
     state: JobState | None = Field(None, description="Only jobs in this state.")
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description="Only jobs whose name starts so."
+    )
+    tenant: str | None = Field(
+        None,
+        pattern=rf"^(\*|{NAME_PATTERN[1:-1]})$",
+        description="Operators: this tenant's jobs, or `*` for every tenant's (default: the "
+        "caller's own). A user may name only its own tenant.",
+    )
     limit: int = Field(50, ge=1, le=500, description="Jobs per page.")
     before: str | None = Field(
         None,
@@ -120,7 +139,11 @@ class NodeView(BaseModel):
     free_cpus: float
     free_memory_mb: int
     runtimes: list[str]
-    last_seen: AwareDatetime
+    last_seen: AwareDatetime = Field(description="Its last heartbeat.")
+    running_jobs: int = Field(description="Jobs placed on it now, every tenant's.")
+    job_ids: list[str] = Field(
+        description="Those of them the caller may read (an operator: all of them)."
+    )
 
 
 class Nodes(BaseModel):
@@ -142,3 +165,49 @@ class TenantView(BaseModel):
 class Tenants(BaseModel):
     tenants: list[TenantView]
     half_life_s: float = Field(description="Half-life of usage (README, fair share).")
+
+
+class WebhookCreate(BaseModel):
+    """`POST /v1/webhooks`: where to send which of the tenant's job events."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        max_length=2048,
+        json_schema_extra={"format": "uri"},
+        description="Where deliveries are POSTed: https:// on a host with public addresses "
+        "only (an operator may allow hosts inside the site, over http:// too).",
+    )
+    events: list[EventName] = Field(
+        min_length=1,
+        max_length=32,
+        description="The job events to send (`job.*`: every one).",
+    )
+
+
+class WebhookView(BaseModel):
+    """A registered webhook, as its tenant sees it (never its secret)."""
+
+    id: str
+    url: str
+    events: list[str]
+    created_at: AwareDatetime
+    created_by: str | None = Field(description="The token that registered it.")
+
+
+class WebhookCreated(WebhookView):
+    """A webhook just registered, with the secret its deliveries are signed with."""
+
+    secret: str = Field(
+        description="`whsec_...`: verify each delivery's `webhook-signature` with it. "
+        "Shown this once: keep it."
+    )
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookView]
+
+
+class WebhookTestQueued(BaseModel):
+    webhook_id: str
+    delivery_id: str = Field(description="The test message's `webhook-id` header.")

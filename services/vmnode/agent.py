@@ -49,7 +49,7 @@ from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
 from shared.envelope import derived_id, utcnow
 from shared.identity import Sender
 from shared.messages.catalog import COMMANDS
-from shared.messages.jobs import NodeCancel, NodeRun, run_command_id
+from shared.messages.jobs import NodeCancel, NodeRun, Resources, run_command_id
 from shared.messages.nodes import RunFinished, RunInteractive, RunOutcome, RunOutput, RunStarted
 from shared.topology import node_queue
 
@@ -78,6 +78,10 @@ class Agent:
     def running(self) -> list[str]:
         """Job ids of the attempts running here (for heartbeats)."""
         return sorted({job_id for job_id, _ in self._watches})
+
+    def watches(self) -> list[Watch]:
+        """The attempts watched here, until each is reported (for `/metrics`)."""
+        return list(self._watches.values())
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -181,7 +185,7 @@ class Agent:
                 raise Retry(str(exc)) from exc
         log.info("run_started", attempt=run.attempt, workload_id=workload.id, state=workload.state)
         # Watched even when the announcement fails (the redelivery announces it then).
-        await self._announce(self._watch(workload))
+        await self._announce(self._watch(workload, run.spec.resources))
 
     async def on_cancel(self, incoming: Incoming) -> None:
         cancel = incoming.payload
@@ -196,9 +200,9 @@ class Agent:
 
     # -- watching -------------------------------------------------------------------
 
-    def _watch(self, workload: Workload) -> Watch:
+    def _watch(self, workload: Workload, need: Resources | None = None) -> Watch:
         if (watch := self._watches.get(workload.key)) is None:
-            watch = Watch(workload)
+            watch = Watch(workload, need)
             # A fresh context: the watcher outlives the message that started it, so it
             # must not log under that message's id.
             watch.task = asyncio.create_task(

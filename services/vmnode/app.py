@@ -16,8 +16,10 @@ from aiohttp import web
 from services.vmnode.agent import Agent
 from services.vmnode.guestnet import GuestNetwork
 from services.vmnode.heartbeat import Heartbeat
+from services.vmnode.metrics import NodeCollector
 from services.vmnode.runtimes import Runtime, create_runtime
 from services.vmnode.settings import NodeSettings
+from shared.metrics import METRICS
 from shared.service import BUS, create_service_app
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
@@ -37,6 +39,7 @@ def create_app(settings: NodeSettings) -> web.Application:
     async def agent(app: web.Application) -> AsyncIterator[None]:
         app[AGENT] = Agent(app[BUS], app[RUNTIME], settings)
         await app[AGENT].adopt()
+        app[METRICS].add(NodeCollector(app[AGENT]))
         yield
         await app[AGENT].detach()
         await app[AGENT].data.close()

@@ -76,8 +76,8 @@ class NodeSettings(BaseSettings):
         description="Memory (MiB) this node offers to jobs; default: total minus 512.",
     )
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
-    host: str = Field("127.0.0.1", description="Address of the health endpoint.")
-    port: int = Field(8083, ge=0, le=65535, description="Port of the health endpoint.")
+    host: str = Field("127.0.0.1", description="Address of the health and metrics endpoints.")
+    port: int = Field(8083, ge=0, le=65535, description="Port of the health and metrics endpoints.")
     runtime: Literal["docker", "instant"] = Field(
         "docker",
         description="`docker` runs containers; `instant` completes every job at once "

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from services.vmnode.runtimes.base import ExitInfo, Workload
+from shared.messages.jobs import Resources
 from shared.messages.nodes import RunFinished, RunOutcome
 
 
@@ -14,6 +15,9 @@ class Watch:
     """An attempt the agent is watching, and how it is going to end."""
 
     workload: Workload
+    #: What the run asked for; None for one adopted from an earlier agent (the engine
+    #: keeps no record of it), which `/metrics` then counts as running but not reserving.
+    need: Resources | None = None
     stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: RunOutcome | None = None  # decided before the exit: timed_out, cancelled
     reason: str | None = None

@@ -53,6 +53,7 @@ from shared.messages.net import (
 )
 from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
 from shared.messages.system import CommandRejected, MessageRejected
+from shared.messages.webhooks import WebhookDelivered, WebhookFailed, WebhookGivenUp
 
 COMMANDS: Final = "medhive.commands"
 EVENTS: Final = "medhive.events"
@@ -104,6 +105,15 @@ _ENTRIES = [
     ),
     MessageType(
         "command.rejected", CommandRejected, TENANTS, "A command of this tenant was refused."
+    ),
+    MessageType(
+        "webhook.delivered", WebhookDelivered, TENANTS, "A webhook's receiver accepted it (2xx)."
+    ),
+    MessageType(
+        "webhook.failed", WebhookFailed, TENANTS, "A try of a webhook failed; another follows."
+    ),
+    MessageType(
+        "webhook.given_up", WebhookGivenUp, TENANTS, "A webhook failed until its maximum age."
     ),
     MessageType("data.stage", DataStage, COMMANDS, "Stage a job's inputs in the datacache."),
     MessageType("data.grant", DataGrant, COMMANDS, "Let a node read a job's data."),

@@ -28,7 +28,7 @@ async def stack(
 ) -> AsyncIterator[Stack]:
     node_id = f"node-{db_prefix.rstrip('_')}"
     node_token = await make_token(mongo_settings, "_nodes", Role.node, name=node_id)
-    datacache_port = str(free_port())
+    datacache_port, audit_port = str(free_port()), str(free_port())
     key_file = tmp_path / "master.key"
     LocalKeyProvider.generate_key_file(key_file)
     sources = tmp_path / "sources.yaml"
@@ -44,7 +44,8 @@ async def stack(
         "MEDHIVE_SCHEDULER_NODE_TIMEOUT_S": "6",
         "MEDHIVE_SCHEDULER_WATCHDOG_INTERVAL_S": "0.5",
         "MEDHIVE_AUDIT_DATABASE": f"{db_prefix}audit",
-        "MEDHIVE_AUDIT_PORT": str(free_port()),
+        "MEDHIVE_AUDIT_PORT": audit_port,
+        "MEDHIVE_SCHEDULER_AUDIT_URL": f"http://127.0.0.1:{audit_port}",
         "MEDHIVE_VMNODE_NODE_ID": node_id,
         "MEDHIVE_VMNODE_PORT": str(free_port()),
         "MEDHIVE_VMNODE_HEARTBEAT_S": "1",

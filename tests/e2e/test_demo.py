@@ -5,6 +5,7 @@ finds everything in place and does it all again."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,6 +50,7 @@ def _demo(stop: bool) -> str:
 def test_the_demo_shows_every_step_and_runs_again() -> None:
     ours = not _stack_runs()  # a stack that ran before the test keeps running after it
     first = _demo(stop=False)
+    _console_opens_with_the_printed_tokens(first)
     second = _demo(stop=ours)
     for shown in (first, second):
         assert "hello from a medhive job" in shown
@@ -60,3 +62,20 @@ def test_the_demo_shows_every_step_and_runs_again() -> None:
     assert study.findall(first) == study.findall(second) != []
     assert "restarting the services" not in second
     assert "starting the services" not in second
+
+
+def _console_opens_with_the_printed_tokens(shown: str) -> None:
+    """The console's address and the tokens the demo prints sign in there."""
+    url = re.search(r"the web console: (\S+)", shown)
+    tokens = re.findall(r"(?:sign in as the demo user|as an operator).* with: (\S+)", shown)
+    assert url is not None and len(tokens) == 2, shown[-2000:]
+    with urllib.request.urlopen(url.group(1), timeout=10) as page:
+        assert b"console.js" in page.read()
+    roles = []
+    for token in tokens:
+        request = urllib.request.Request(
+            url.group(1).replace("/ui/", "/v1/me"), headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            roles.append(json.load(answer)["role"])
+    assert roles == ["user", "operator"]

@@ -50,6 +50,11 @@ async def test_the_cli_lists_shows_cancels_and_reads_the_audit_trail(
     types = [json.loads(line)["type"] for line in trail.stdout.splitlines()]
     assert types[:2] == ["job.submitted", "job.queued"] and types[-1] == "job.cancelled"
     assert "node.cancel" in types  # commands are audited too
+    # An operator lists every tenant's jobs, by name.
+    everyone = await _cli(stack, operator_token, "jobs", "--tenant", "*", "--name", "lo")
+    assert f"{job['id']}  cancelled   radiology  long" in everyone.stdout
+    refused = await _cli(stack, user_token, "jobs", "--tenant", "cardiology")
+    assert refused.returncode == 2 and "403" in refused.stderr
     verify = await _cli(stack, operator_token, "audit", "verify")
     assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True
 

@@ -11,15 +11,17 @@ from typing import Any
 
 from shared.auth import Role
 from shared.settings import MongoSettings
-from tests.helpers import CALLERS, bearer, check_role_matrix, make_token
+from tests.helpers import CALLERS, METRICS_ROUTE, bearer, check_role_matrix, make_token
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
-AUTH = {"none": 401, "invalid": 401}
+#: On every API route: no token, a bad one, and a token that reads only /metrics.
+AUTH = {"none": 401, "invalid": 401, "metrics": 403}
 NODE_ROUTE = {**AUTH, "user": 403, "other_user": 403, "operator": 403, "node": 200,
               "other_node": 403}  # fmt: skip
 TABLE = {
     ("GET", "/v1/openapi.json"): dict.fromkeys(CALLERS, 200),  # public
+    ("GET", "/metrics"): METRICS_ROUTE,
     ("GET", "/v1/jobs/{job_id}/inputs"): NODE_ROUTE,
     ("GET", "/v1/jobs/{job_id}/objects/{sha256}"): NODE_ROUTE,
     ("GET", "/v1/jobs/{job_id}/objects/{sha256}/sealed"): NODE_ROUTE,
@@ -51,6 +53,7 @@ async def test_each_caller_gets_what_the_table_says_on_every_route(
         "operator": bearer(await make_token(mongo_settings, "ops", Role.operator)),
         "node": harness.node_auth,
         "other_node": harness.other_node_auth,
+        "metrics": bearer(await make_token(mongo_settings, "_metrics", Role.metrics)),
     }
     stored = await harness.client.put(
         "/v1/jobs/job-m/outputs/result.txt", data=b"a result", headers=harness.node_auth

@@ -8,6 +8,7 @@ from aiohttp.test_utils import TestClient
 from services.scheduler.app import create_app
 from services.scheduler.settings import SchedulerSettings
 from shared.settings import AmqpSettings, MongoSettings
+from tests.conftest import free_port
 
 
 @pytest.fixture
@@ -24,6 +25,8 @@ def scheduler_settings(
         amqp_tenants={amqp_user[0]: "radiology"},
         watchdog_interval_s=0.2,
         walltime_grace_s=0.5,
+        # No audit listens here: its routes, passed through for the console, answer 502.
+        audit_url=f"http://127.0.0.1:{free_port()}",
     )
 
 
