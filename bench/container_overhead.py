@@ -49,6 +49,14 @@ POLL_S = 0.02
 JOB_TIMEOUT_S = 120.0
 WARMUP = 2
 DOCKER_RUN = ["docker", "run", "--rm", "--network", "none", IMAGE, "true"]
+#: The reference of `--runtime swarm`: the same image as a one-task job service on this
+#: engine's own Swarm node, created, waited for (the CLI waits for a job) and removed.
+SWARM_RUN = [
+    "sh", "-c",
+    "id=$(docker service create -q --detach=false --mode replicated-job --restart-condition none"
+    " --constraint node.id==$(docker info -f '{{.Swarm.NodeID}}') " + IMAGE + " true) && "
+    "docker service rm \"$id\" >/dev/null",
+]  # fmt: skip
 #: The events that end a job.
 ENDS = {f"job.{state.value}" for state in JobState if state.terminal}
 
@@ -68,11 +76,12 @@ async def medhive_run(api: Client, name: str) -> tuple[float, dict[str, Any]]:
     return elapsed, job
 
 
-async def docker_run() -> float:
-    """Seconds for `docker run --rm --network none IMAGE true`, from spawn to exit."""
+async def docker_run(reference: list[str] = DOCKER_RUN) -> float:
+    """Seconds for the reference (`docker run --rm --network none IMAGE true`), from
+    spawn to exit."""
     started = time.perf_counter()
     process = await asyncio.create_subprocess_exec(
-        *DOCKER_RUN, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        *reference, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     _, err = await process.communicate()
     elapsed = time.perf_counter() - started
@@ -92,7 +101,7 @@ def phases_ms(job: dict[str, Any]) -> dict[str, float]:
     }
 
 
-async def bench(stack: Stack, n: int) -> dict[str, Any]:
+async def bench(stack: Stack, n: int, reference: list[str] = DOCKER_RUN) -> dict[str, Any]:
     rss = stack.rss_mb()
     progress(f"idle RSS (MiB): {rss}")
     medhive_times: list[float] = []
@@ -101,13 +110,15 @@ async def bench(stack: Stack, n: int) -> dict[str, Any]:
     async with stack.client() as api:
         for i in range(WARMUP):
             elapsed, _ = await medhive_run(api, f"warmup-{i}")
-            progress(f"warm-up medhive {elapsed:.3f} s, docker run {await docker_run():.3f} s")
+            progress(
+                f"warm-up medhive {elapsed:.3f} s, reference {await docker_run(reference):.3f} s"
+            )
         for i in range(n):
             stack.check_alive()
             elapsed, job = await medhive_run(api, f"overhead-{i}")
             medhive_times.append(elapsed)
             phases.append(phases_ms(job))
-            docker_times.append(await docker_run())
+            docker_times.append(await docker_run(reference))
             progress(
                 f"run {i + 1}/{n}: medhive {medhive_times[-1]:.3f} s, "
                 f"docker run {docker_times[-1]:.3f} s"
@@ -223,10 +234,10 @@ def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
 
 
-async def main(n: int) -> dict[str, Any]:
+async def main(n: int, runtime: str = "docker") -> dict[str, Any]:
     # Settings as a small real installation would have them (the node's own capacity).
-    async with bench_stack(nodes=1, node_env={"MEDHIVE_VMNODE_RUNTIME": "docker"}) as stack:
-        return await bench(stack, n)
+    async with bench_stack(nodes=1, node_env={"MEDHIVE_VMNODE_RUNTIME": runtime}) as stack:
+        return await bench(stack, n, SWARM_RUN if runtime == "swarm" else DOCKER_RUN)
 
 
 async def main_parallel(jobs: int, parallel: int, rounds: int) -> dict[str, Any]:
@@ -241,13 +252,17 @@ def cli() -> None:
     parser.add_argument("--parallel", type=int, default=0, help="throughput mode: P at a time")
     parser.add_argument("--jobs", type=int, default=100, help="jobs per round (throughput mode)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (throughput mode)")
+    parser.add_argument(
+        "--runtime", choices=["docker", "swarm"], default="docker",
+        help="the node agent's runtime; swarm's reference is a replicated-job service",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.n < 1 or args.parallel < 0 or args.jobs < 1 or args.rounds < 1:
         parser.error("--n, --jobs and --rounds must be at least 1")
     if args.parallel:
         result = asyncio.run(main_parallel(args.jobs, args.parallel, args.rounds))
     else:
-        result = asyncio.run(main(args.n))
+        result = asyncio.run(main(args.n, args.runtime))
     print(json.dumps(result), flush=True)
 
 

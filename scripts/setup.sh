@@ -85,6 +85,13 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null
 fi
 
+# A one-node Docker Swarm on loopback, for the node agent's `swarm` runtime
+# (MEDHIVE_VMNODE_RUNTIME=swarm) and its tests; it pins each job to this node.
+if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != "active" ]; then
+  say "initialising a one-node Docker Swarm"
+  docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 >/dev/null
+fi
+
 # libvirt without systemd or the libvirt-daemon-system package: its user, virtlogd and
 # a qemu.conf without a security driver (with one, every define takes ~50 s here).
 id libvirt-qemu >/dev/null 2>&1 ||

@@ -78,10 +78,11 @@ class NodeSettings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="Seconds between heartbeats.")
     host: str = Field("127.0.0.1", description="Address of the health and metrics endpoints.")
     port: int = Field(8083, ge=0, le=65535, description="Port of the health and metrics endpoints.")
-    runtime: Literal["docker", "instant"] = Field(
+    runtime: Literal["docker", "instant", "swarm"] = Field(
         "docker",
-        description="`docker` runs containers; `instant` completes every job at once "
-        "with exit 0 and never touches Docker (benchmarks only).",
+        description="`docker` runs containers; `swarm` runs each as a Swarm job service on "
+        "this engine's own Swarm node (it must be a manager); `instant` completes every job "
+        "at once with exit 0 and never touches Docker (benchmarks only).",
     )
     docker_url: str | None = Field(
         None, description="Docker daemon URL; default: aiodocker's (the local socket)."

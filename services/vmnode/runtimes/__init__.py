@@ -74,14 +74,18 @@ class ByKind:
 def create_runtime(settings: NodeSettings, network: GuestNetwork | None = None) -> Runtime:
     """The runtimes the settings name; they open no connection until first used.
 
-    Containers run in Docker (or the benchmark's instant runtime); VMs in libvirt when
-    `libvirt_uri` is set.
+    Containers run in Docker, as Swarm services, or in the benchmark's instant runtime;
+    VMs in libvirt when `libvirt_uri` is set.
     """
     runtimes: list[Runtime] = []
     if settings.runtime == "instant":
         from services.vmnode.runtimes.instant import InstantRuntime
 
         runtimes.append(InstantRuntime(settings))
+    elif settings.runtime == "swarm":
+        from services.vmnode.runtimes.swarm import SwarmRuntime
+
+        runtimes.append(SwarmRuntime(settings))
     else:
         from services.vmnode.runtimes.docker import DockerRuntime
 
