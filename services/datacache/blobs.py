@@ -243,7 +243,13 @@ class BlobStore:
             await asyncio.to_thread(shutil.move, self.path(blob_id), target)
 
     def stored_bytes(self) -> int:
-        return sum(entry.stat().st_size for entry in os.scandir(self.objects) if entry.is_file())
+        """What the objects take on disk; a file removed meanwhile counts nothing."""
+        total = 0
+        with os.scandir(self.objects) as entries:  # closed even when a stat fails
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    total += entry.stat().st_size if entry.is_file() else 0
+        return total
 
 
 class _SealedFile:

@@ -10,6 +10,7 @@ const STATES = ["submitted", "queued", "staging", "dispatched", "running", "succ
 const ENDED = new Set(["succeeded", "failed", "timed_out", "cancelled", "lost"]);
 const PAGE_SIZE = 50;
 const AUDIT_ROWS_KEPT = 1000;
+const AUDIT_BACK = 200; // records shown before the live ones, and per "Earlier records"
 const NODES_REFRESH_MS = 5000;
 
 // -- session ------------------------------------------------------------------------
@@ -548,22 +549,45 @@ function auditPage(params) {
   }
   const body = h("tbody");
   function onRecord(record) {
+    body.prepend(row(record));
+    while (body.childElementCount > AUDIT_ROWS_KEPT) body.lastElementChild.remove();
+  }
+  // The page shows what came after `from`, live; "Earlier records" moves `from` back.
+  const back = Math.min(Math.max(1, Number(params.get("back")) || AUDIT_BACK), AUDIT_BACK);
+  const chosen = Object.fromEntries(Object.entries({ job, type, tenant }).filter(([, v]) => v));
+  let from = 0;
+  const earlier = h("button", { type: "button", class: "secondary", hidden: true,
+    onclick: showEarlier }, "Earlier records");
+  function row(record) {
     const payload = record.envelope?.payload || {};
     const summary = payload.state ? `${payload.previous_state || ""} → ${payload.state}` :
       payload.reason || payload.input || "";
-    body.prepend(h("tr", { "data-seq": record.seq },
+    return h("tr", { "data-seq": record.seq },
       h("td", { class: "mono" }, String(record.seq)), h("td", {}, timeEl(record.occurred_at)),
       h("td", { class: "mono" }, record.type || ""), h("td", {}, record.tenant || "—"),
       h("td", { class: "mono" }, record.job_id ? h("a", { href: jobHref(record.job_id) }, record.job_id) : "—"),
-      h("td", {}, record.actor || ""), h("td", {}, summary)));
-    while (body.childElementCount > AUDIT_ROWS_KEPT) body.lastElementChild.remove();
+      h("td", {}, record.actor || ""), h("td", {}, summary));
+  }
+  async function showEarlier() {
+    const start = Math.max(0, from - back);
+    try {
+      const query = new URLSearchParams({ ...chosen, after: String(start), limit: String(back) });
+      const { events } = await getJson(`/v1/events?${query}`);
+      body.append(...events.filter((record) => record.seq <= from).reverse().map(row));
+      from = start;
+      earlier.hidden = from === 0;
+    } catch (failure) {
+      chain.textContent = `Earlier records cannot be read: ${failure.message}`;
+    }
   }
   let stream = null;
   (async () => {
     try {
       // A job's records from its start (they are indexed); otherwise the recent ones.
       const head = job ? { seq: 0 } : await getJson("/v1/events/head");
-      stream = new LiveStream({ job, type, tenant }, Math.max(0, head.seq - 200), onRecord);
+      from = Math.max(0, head.seq - back);
+      earlier.hidden = from === 0;
+      stream = new LiveStream(chosen, from, onRecord);
     } catch (failure) {
       chain.textContent = `The audit cannot be read: ${failure.message}`;
     }
@@ -577,7 +601,7 @@ function auditPage(params) {
     el: h("section", {}, h("h1", {}, "Audit trail"), filters,
       h("div", { class: "actions", style: "justify-content:flex-start" }, chain,
         operator && h("button", { type: "button", class: "secondary", onclick: verifyChain }, "Verify again")),
-      table),
+      table, h("div", { class: "pager" }, earlier)),
     stop: () => stream?.stop(),
   };
 }
