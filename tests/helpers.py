@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
@@ -16,6 +16,8 @@ from shared.http import METRICS_PATH
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.mongo import connect
 from shared.settings import AmqpSettings, MongoSettings
+
+T = TypeVar("T")
 
 
 async def make_token(
@@ -102,11 +104,13 @@ async def publish_raw(amqp_url: str, body: bytes, routing_key: str, **properties
         await connection.close()
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30.0) -> None:
-    """Re-check a condition that has no event to wait on (state in another process)."""
+async def eventually(check: Callable[[], Awaitable[T]], within: float = 30.0) -> T:
+    """Re-check a condition that has no event to wait on (state in another process, or
+    a store with no change stream); returns its first answer that is not false or None."""
     async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - the state lives in another process
-            await asyncio.sleep(0.05)
+        while not (found := await check()):  # noqa: ASYNC110 - nothing to wait on
+            await asyncio.sleep(0.02)
+    return found
 
 
 #: Who calls, in the role matrices of the HTTP APIs (`metrics`: a Prometheus token).

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import ClientResponse
 
 from services.audit.store import AuditStore
 from shared.mongo import Document
-
-T = TypeVar("T")
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], within_s: float = 10.0) -> T:
-    """Poll `check` until it returns something: the store has no event to wait on."""
-    async with asyncio.timeout(within_s):
-        while True:
-            if (found := await check()) is not None:
-                return found
-            await asyncio.sleep(0.02)
+from tests.helpers import eventually
 
 
 async def stored(store: AuditStore, count: int) -> list[Document]:

@@ -34,6 +34,10 @@ async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
 
     async def on_cancel(msg: Incoming) -> None:
         assert isinstance(msg.payload, JobCancel)
+        if msg.payload.reason.isdigit():
+            # Earlier messages take longer: handled side by side, they would end in
+            # reverse order; a job's messages must be handled one after another.
+            await asyncio.sleep(0.002 * (20 - int(msg.payload.reason)))
         seen.append(msg.payload.reason)
         if len(seen) == 20:
             done.set()
