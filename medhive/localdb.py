@@ -18,10 +18,16 @@ import sys
 SWITCH_INTERVAL_S = 0.0005
 
 
-def argv(host: str, port: int, storage_path: str) -> list[str]:
-    """The command that starts the server on `host:port`, keeping its data in `storage_path`."""
+#: The replica set's name when the server runs as a one-member replica set.
+REPLICA_SET = "secantus"
+
+
+def argv(host: str, port: int, storage_path: str, *, standalone: bool = True) -> list[str]:
+    """The command that starts the server on `host:port`, keeping its data in
+    `storage_path`; not `standalone`: as the one member of replica set `REPLICA_SET`."""
     return [sys.executable, "-m", "medhive.localdb", "--host", host, "--port", str(port),
-            "--storage-path", storage_path, "--log-level", "WARNING", "--standalone"]  # fmt: skip
+            "--storage-path", storage_path, "--log-level", "WARNING",
+            *(["--standalone"] if standalone else [])]  # fmt: skip
 
 
 def available() -> bool:

@@ -9,6 +9,7 @@ stored. Consuming goes through `Bus.consume`, which runs the one consume wrapper
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -25,6 +26,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from shared import broker
 from shared.backoff import Backoff
 from shared.consume import Authorizer, Consumer, Handler, Incoming, Rejected, Retry
 from shared.envelope import Envelope
@@ -86,6 +88,7 @@ class Bus:
         self._consumers: list[Consumer] = []
         self._replies: AbstractQueue | None = None
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
+        self._renewing = asyncio.Lock()
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -98,15 +101,33 @@ class Bus:
         return tuple(self._consumers)
 
     async def connect(self) -> None:
-        self._connection = await aio_pika.connect_robust(
-            self.settings.url.get_secret_value(),
-            client_properties={"connection_name": self.source},
-        )
-        self._channel = await self._connection.channel(
+        self._connection = await broker.connect(self.settings, self.source)
+        await self._open_channel()
+
+    async def _open_channel(self) -> None:
+        """The publishing channel: confirmed, and a mandatory message that no queue
+        takes comes back as an error."""
+        self._channel = await self.connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
         self._exchanges = await declare_exchanges(self._channel)
         self._exchanges[""] = self._channel.default_exchange
+
+    async def _renew_channel(self, refused: AbstractChannel | None) -> None:
+        """Replace the publishing channel after the broker refused a message on it.
+
+        A quorum queue refuses (nacks) what it cannot store while it has no leader, as
+        after the loss of the broker node that led it. RabbitMQ 3.10 keeps refusing on
+        a channel that published during the election even once a new leader is there
+        (measured: still after 20 s), while a new channel is served at once. Concurrent
+        publishers that were refused on the same channel renew it once."""
+        async with self._renewing:
+            if self._channel is not refused:
+                return  # renewed meanwhile
+            if refused is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(refused.close(), 5)
+            await self._open_channel()
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop consumers (letting handlers finish), then close; bounded when the
@@ -192,19 +213,23 @@ class Bus:
         give_up = time.monotonic() + deadline_s
         backoff = Backoff(0.1, 2.0)
         while True:
+            channel = self._channel
             try:
                 await self._exchanges[exchange].publish(
                     message, key, mandatory=mandatory, timeout=10
                 )
                 return
-            except aiormq.exceptions.DeliveryError as exc:
+            except aiormq.exceptions.PublishError as exc:  # returned: no queue took it
                 raise Unroutable(f"no queue is bound for {key!r} on {exchange}") from exc
-            except _PUBLISH_ERRORS as exc:
+            except (aiormq.exceptions.DeliveryError, *_PUBLISH_ERRORS) as exc:
                 delay = backoff.next()
                 if time.monotonic() + delay > give_up:
                     raise
                 log.warning("publish_retry", exchange=exchange, key=key, error=repr(exc))
                 await asyncio.sleep(delay)
+                if isinstance(exc, aiormq.exceptions.DeliveryError):  # refused (nack)
+                    with contextlib.suppress(*_PUBLISH_ERRORS):
+                        await self._renew_channel(channel)
 
     # -- request and reply -----------------------------------------------------------
 

@@ -7,9 +7,10 @@ so the broker and database are configured once for a whole installation.
 from __future__ import annotations
 
 import socket
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 
@@ -21,6 +22,12 @@ class AmqpSettings(BaseSettings):
     url: SecretStr = Field(
         SecretStr("amqp://medhive:medhive@127.0.0.1:5672/"),
         description="AMQP URL with the service account's credentials and vhost.",
+    )
+    nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The other nodes of the broker's cluster, `host:port` and comma-separated: "
+        "when the URL's node is lost, the connection moves to the next one (same "
+        "credentials and vhost).",
     )
     prefetch: int = Field(64, ge=1, description="Unacknowledged deliveries per consumer.")
     delivery_limit: int = Field(
@@ -37,6 +44,29 @@ class AmqpSettings(BaseSettings):
         description="RabbitMQ's management API, for `medhive amqp-user` and `medhive dead`; "
         "default: port 15672 on the AMQP host.",
     )
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _split_nodes(cls, value: object) -> object:
+        nodes = value.split(",") if isinstance(value, str) else value
+        if not isinstance(nodes, list):
+            return value
+        nodes = [str(node).strip() for node in nodes if str(node).strip()]
+        for node in nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{node!r} is not host:port")
+        return nodes
+
+    @property
+    def urls(self) -> list[URL]:
+        """The URL of every node to connect to, in the order to try them."""
+        first = URL(self.url.get_secret_value())
+        others = []
+        for node in self.nodes:
+            host, _, port = node.rpartition(":")
+            others.append(first.with_host(host).with_port(int(port)))
+        return [first, *others]
 
     @property
     def user(self) -> str:

@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -39,10 +40,13 @@ MANAGEMENT = f"http://{RABBIT_HOST}:15672/api"
 TEST_IMAGE = os.environ.get("MEDHIVE_TEST_IMAGE", "medhive/busybox:1")
 
 
-def rabbit_api(method: str, path: str, body: object | None = None) -> object:
-    """Call RabbitMQ's management API as the administrator."""
+def rabbit_api(
+    method: str, path: str, body: object | None = None, base: str = MANAGEMENT
+) -> object:
+    """Call RabbitMQ's management API (the system broker's unless `base` says) as the
+    administrator."""
     request = urllib.request.Request(
-        MANAGEMENT + path,
+        base + path,
         method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={
@@ -122,14 +126,13 @@ async def provisioning(
         await client.close()
 
 
-@pytest.fixture(scope="session")
-def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A MongoDB wire-protocol server (SecantusDB) in its own process for the run."""
+@contextlib.contextmanager
+def local_mongo(storage: Path, *, standalone: bool = True) -> Iterator[int]:
+    """A SecantusDB server in its own process, keeping its data under `storage`; its port."""
     port = free_port()
-    storage = tmp_path_factory.mktemp("secantus")
     log = (storage / "server.log").open("w")
     process = subprocess.Popen(
-        localdb.argv("127.0.0.1", port, str(storage / "data")),
+        localdb.argv("127.0.0.1", port, str(storage / "data"), standalone=standalone),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -142,10 +145,27 @@ def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((storage / "server.log").read_text()) from None
             time.sleep(0.1)  # polling a port that has no event to wait on
-    yield f"mongodb://127.0.0.1:{port}/"
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    try:
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mongo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB wire-protocol server (SecantusDB) in its own process for the run."""
+    with local_mongo(tmp_path_factory.mktemp("secantus")) as port:
+        yield f"mongodb://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="session")
+def replica_set_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same server as the one member of a replica set, and the URL that says so (as
+    a production installation's does), for the tests that show such a URL works."""
+    with local_mongo(tmp_path_factory.mktemp("secantus-rs"), standalone=False) as port:
+        yield f"mongodb://127.0.0.1:{port}/?replicaSet={localdb.REPLICA_SET}"
 
 
 @pytest.fixture

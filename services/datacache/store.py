@@ -22,7 +22,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from shared.envelope import utcnow
-from shared.mongo import Document
+from shared.mongo import ADVISORY, Document
 
 DUPLICATE_KEY = 11000
 
@@ -104,7 +104,8 @@ class CacheStore:
         return await self.objects.find_one({"_id": sha256})
 
     async def touch(self, sha256s: list[str]) -> None:
-        await self.objects.update_many(
+        """Stamp the objects' last use (an eviction hint: see `shared.mongo.ADVISORY`)."""
+        await self.objects.with_options(write_concern=ADVISORY).update_many(
             {"_id": {"$in": sha256s}}, {"$set": {"last_access": utcnow()}}
         )
 

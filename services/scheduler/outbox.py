@@ -45,6 +45,11 @@ DROP_EVERY_S = 0.5
 #: at it: by then what was published is dropped, so the sweep finds only what no one
 #: published (a writer that failed without saying so).
 SWEEP_SETTLED_S = 2 * IDLE_DROP_S
+#: How long a publish right after a change retries before it leaves the rest to the
+#: sweep (a broker node lost in a cluster is replaced within a second or two).
+PROMPT_DEADLINE_S = 3.0
+#: How long the sweep's publishes retry.
+SWEEP_DEADLINE_S = 60.0
 #: Sweeps of the whole store, one per this many periods (`sweep_s`); in between, only
 #: the jobs whose publishing failed here are tried again.
 FULL_SWEEP_EVERY = 12
@@ -82,6 +87,21 @@ class OutboxRelay(PeriodicLoop):
             self._since.pop(job_id, None)
 
     async def flush(self, job_id: str, entries: Iterable[Document], final: bool = False) -> None:
+        """Publish `entries` of one job right after the change that stored them (`final`:
+        the job will not be written again).
+
+        The change is stored whatever happens here, so its caller goes on: an HTTP
+        client is told its job is submitted, a node's report is acknowledged. If the
+        broker is away longer than `PROMPT_DEADLINE_S`, the entries wait for the retry
+        every `sweep_s` instead of holding the caller."""
+        try:
+            await self._publish(job_id, entries, PROMPT_DEADLINE_S, final)
+        except Exception as exc:  # the broker is away: _publish marked the job stuck
+            log.warning("outbox_deferred", job_id=job_id, error=repr(exc)[:300])
+
+    async def _publish(
+        self, job_id: str, entries: Iterable[Document], deadline_s: float, final: bool
+    ) -> None:
         """Publish `entries` of one job in order; they are dropped from its outbox by
         its next write, or here (at the next drop if `final`: the job will not be
         written; the drop comes sooner once a whole statement's worth of jobs waits)."""
@@ -93,7 +113,9 @@ class OutboxRelay(PeriodicLoop):
             else:  # stored by an older version
                 envelope = Envelope.model_validate(entry["envelope"])
             try:
-                await self.bus.publish(envelope, node_id=entry.get("node"), body=body)
+                await self.bus.publish(
+                    envelope, node_id=entry.get("node"), body=body, deadline_s=deadline_s
+                )
             except Unroutable as exc:
                 # The node's queue is not there (yet): keep this and what follows, in
                 # order, to be tried again. The state change itself is already stored.
@@ -101,7 +123,7 @@ class OutboxRelay(PeriodicLoop):
                 self._stuck.add(job_id)
                 break
             except BaseException:
-                self._stuck.add(job_id)  # the broker is away: the caller learns it too
+                self._stuck.add(job_id)  # the broker is away: tried again by the sweep
                 raise
             ids.append(entry["id"])
         if ids:
@@ -120,7 +142,11 @@ class OutboxRelay(PeriodicLoop):
     async def retry_stuck(self) -> int:
         """Publish again what could not be published here; returns how many jobs."""
         stuck, self._stuck = self._stuck, set()
-        return await self._republish(await self.store.outboxes(stuck)) if stuck else 0
+        try:
+            return await self._republish(await self.store.outboxes(stuck)) if stuck else 0
+        except BaseException:
+            self._stuck |= stuck  # the broker is away: all of them at the next tick
+            raise
 
     async def _republish(self, jobs: list[Document]) -> int:
         done = 0
@@ -130,7 +156,8 @@ class OutboxRelay(PeriodicLoop):
                 continue
             published = self._published.get(job["_id"], set())
             if entries := [e for e in job["outbox"] if e["id"] not in published]:
-                await self.flush(job["_id"], entries, final=True)  # old: drop them soon
+                # Old entries: dropped soon. The broker away ends the whole sweep.
+                await self._publish(job["_id"], entries, SWEEP_DEADLINE_S, final=True)
                 done += 1
         return done
 

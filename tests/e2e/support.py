@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from medhive.client import TERMINAL, Client
 from shared.envelope import Envelope
 from shared.messages.jobs import JobSpec, JobSubmit
-from shared.settings import AmqpSettings
-from tests.conftest import TEST_IMAGE
+from shared.settings import AmqpSettings, MongoSettings
+from tests.conftest import TEST_IMAGE, free_port
 from tests.helpers import publish_raw
 from tests.processes import Stack
 
@@ -79,3 +81,59 @@ async def job_of_message(api: Client, message_id: str, operator: Client) -> str:
 
 def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+async def all_records(ops: Client) -> list[dict[str, Any]]:
+    """Every audit record, page by page."""
+    out: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        records, next_after = await ops.events({}, after)
+        out.extend(records)
+        if next_after is None:
+            return out
+        after = next_after
+
+
+@contextlib.asynccontextmanager
+async def instant_stack(
+    amqp_url: str, mongo: MongoSettings, db_prefix: str, logs: Path, **env: str
+) -> AsyncIterator[Stack]:
+    """Scheduler, audit and two node agents whose workloads end at once (the instant
+    runtime): the control plane alone, on the broker and database given."""
+    node_id = f"node-{db_prefix.rstrip('_')}"
+    audit_port = str(free_port())
+    stack = Stack(
+        {
+            **os.environ,
+            "MEDHIVE_AMQP_URL": amqp_url,
+            "MEDHIVE_MONGO_URL": mongo.url.get_secret_value(),
+            "MEDHIVE_MONGO_IDENTITY_DB": mongo.identity_db,
+            "MEDHIVE_SCHEDULER_DATABASE": f"{db_prefix}scheduler",
+            "MEDHIVE_SCHEDULER_PORT": str(free_port()),
+            "MEDHIVE_AUDIT_DATABASE": f"{db_prefix}audit",
+            "MEDHIVE_AUDIT_PORT": audit_port,
+            "MEDHIVE_SCHEDULER_AUDIT_URL": f"http://127.0.0.1:{audit_port}",
+            "MEDHIVE_VMNODE_RUNTIME": "instant",
+            "MEDHIVE_VMNODE_HEARTBEAT_S": "1",
+            "MEDHIVE_VMNODE_CPUS": "2",
+            "MEDHIVE_VMNODE_MEMORY_MB": "2048",
+            "MEDHIVE_VMNODE_WORK_DIR": str(logs / "jobs"),
+            **env,
+        },
+        logs,
+        node_id,
+    )
+    try:
+        await stack.start("audit")
+        await stack.start("scheduler")
+        for agent in ("a", "b"):
+            await stack.start(
+                f"vmnode-{agent}", "vmnode",
+                MEDHIVE_VMNODE_NODE_ID=f"{node_id}-{agent}",
+                MEDHIVE_VMNODE_PORT=str(free_port()),
+            )  # fmt: skip
+        yield stack
+    finally:
+        for name in list(stack.processes):
+            stack.stop(name)

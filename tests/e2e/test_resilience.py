@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import urllib.parse
-from typing import Any
 
 import pytest
 
-from medhive.client import Client
 from shared.settings import AmqpSettings
 from tests.conftest import free_port, rabbit_api
-from tests.e2e.support import client, spec, wait_state
+from tests.e2e.support import all_records, client, spec, wait_state
 from tests.helpers import event_tap, eventually
 from tests.processes import Stack
 
@@ -51,11 +49,11 @@ async def test_audit_killed_while_events_flow_loses_and_doubles_nothing(
         published = {m["id"] for m in tap.messages if "id" in m}
 
         async def audit_has_all() -> bool:
-            stored = await _all_records(ops)
+            stored = await all_records(ops)
             return published <= {r["id"] for r in stored}
 
         await eventually(audit_has_all)
-        stored = await _all_records(ops)
+        stored = await all_records(ops)
         ids = [r["id"] for r in stored]
         assert len(ids) == len(set(ids)), "a message was stored twice"
         seqs = [r["seq"] for r in stored]
@@ -83,18 +81,6 @@ async def test_after_a_broker_restart_every_consumer_is_back_and_jobs_run(
         job = await api.submit(spec("after-restart", "echo", "back"))
         done = await wait_state(api, job["id"], within=90)
     assert done["state"] == "succeeded"
-
-
-async def _all_records(ops: Client) -> list[dict[str, Any]]:
-    """Every audit record, page by page."""
-    out: list[dict[str, Any]] = []
-    after = 0
-    while True:
-        records, next_after = await ops.events({}, after)
-        out.extend(records)
-        if next_after is None:
-            return out
-        after = next_after
 
 
 async def test_a_job_lost_with_its_node_is_queued_again_and_runs_elsewhere(
@@ -134,7 +120,7 @@ async def test_a_scheduler_killed_mid_flow_loses_no_job_and_no_event(
         assert {job["state"] for job in finished} == {"succeeded"}
 
         async def trail_complete() -> bool:
-            records = await _all_records(ops)
+            records = await all_records(ops)
             return all(
                 [r["type"] for r in records if r["job_id"] == job["id"] and
                  r["type"].startswith("job.") and r["type"] not in ("job.submit",)]
@@ -145,3 +131,21 @@ async def test_a_scheduler_killed_mid_flow_loses_no_job_and_no_event(
         # Every stored transition was published exactly once, in order, despite the kill.
         # (Each check reads the whole audit store; on a loaded machine that takes a while.)
         await eventually(trail_complete, within=90)
+
+
+async def test_a_job_submitted_while_the_broker_is_away_is_taken_and_runs_once_it_is_back(
+    stack: Stack, user_token: str
+) -> None:
+    """The job is stored, so the client is told so at once; its messages wait in the
+    outbox until the broker is back (no 500, no request held for the broker)."""
+    await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "stop_app"], check=True)
+    try:
+        async with client(stack, user_token) as api:
+            job = await api.submit(spec("while-away", "echo", "waited"))
+            assert job["state"] == "queued"
+    finally:
+        await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "start_app"], check=True)
+    async with client(stack, user_token) as api:
+        done = await wait_state(api, job["id"], within=120)
+        assert done["state"] == "succeeded"
+        assert (await api.logs(job["id"]))["stdout"] == "waited\n"

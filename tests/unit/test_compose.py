@@ -27,7 +27,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 #: medhive's own services, each `python -m services.<name>` from the one image.
 MEDHIVE_SERVICES = {"scheduler", "audit", "datacache", "vmnode", "netgw"}
 MONITORING = {"prometheus", "grafana"}
-EVERY_SERVICE = MEDHIVE_SERVICES | MONITORING | {"rabbitmq", "mongo"}
+EVERY_SERVICE = MEDHIVE_SERVICES | MONITORING | {"rabbitmq", "rabbitmq-2", "rabbitmq-3", "mongo"}
 #: Where a metric's name may be written: the modules that make metrics.
 METRIC_NAME = re.compile(r'"(medhive_[a-z0-9_]+)"')
 #: The series a histogram or counter family exports besides its name.
@@ -47,7 +47,7 @@ def compose_command() -> list[str]:
 def compose(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Compose on `path`, from the project root, every profile enabled (netgw is in
     `gateway`, Prometheus and Grafana in `monitoring`)."""
-    profiles = ["--profile", "gateway", "--profile", "monitoring"]
+    profiles = ["--profile", "gateway", "--profile", "monitoring", "--profile", "ha"]
     return subprocess.run(
         [*compose_command(), "-f", str(path), *profiles, *args],
         cwd=ROOT,
