@@ -492,7 +492,7 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
 
 
 async def main(
-    m: int, nodes: int, timeout_s: float, steady_s: float, tenants: int
+    m: int, nodes: int, timeout_s: float, steady_s: float, tenants: int, schedulers: int = 1
 ) -> dict[str, Any]:
     node_env = {
         "MEDHIVE_VMNODE_RUNTIME": "instant",
@@ -502,9 +502,10 @@ async def main(
     # A loaded scheduler may handle heartbeats late: never declare a node lost here.
     scheduler_env = {"MEDHIVE_SCHEDULER_NODE_TIMEOUT_S": "600"}
     async with bench_stack(
-        nodes=nodes, node_env=node_env, scheduler_env=scheduler_env, tenants=tenants
-    ) as stack:
-        return await bench(stack, m, timeout_s, steady_s)
+        nodes=nodes, node_env=node_env, scheduler_env=scheduler_env, tenants=tenants,
+        schedulers=schedulers,
+    ) as stack:  # fmt: skip
+        return {**await bench(stack, m, timeout_s, steady_s), "schedulers": schedulers}
 
 
 def cli() -> None:
@@ -518,10 +519,16 @@ def cli() -> None:
     parser.add_argument(
         "--steady-s", type=float, default=30.0, help="seconds of steady load (30; 0: none)"
     )
+    parser.add_argument(
+        "--schedulers", type=int, default=1,
+        help="schedulers (default 1); the others stand by, their CPU is reported",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.jobs < 1 or args.nodes < 1 or args.tenants < 1:
-        parser.error("--jobs, --nodes and --tenants must be at least 1")
-    result = asyncio.run(main(args.jobs, args.nodes, args.timeout, args.steady_s, args.tenants))
+    if min(args.jobs, args.nodes, args.tenants, args.schedulers) < 1:
+        parser.error("--jobs, --nodes, --tenants and --schedulers must be at least 1")
+    result = asyncio.run(
+        main(args.jobs, args.nodes, args.timeout, args.steady_s, args.tenants, args.schedulers)
+    )
     print(json.dumps(result), flush=True)
 
 

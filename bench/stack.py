@@ -318,10 +318,12 @@ async def bench_stack(
     audit_env: Mapping[str, str] | None = None,
     netgw_env: Mapping[str, str] | None = None,
     tenants: int = 1,
+    schedulers: int = 1,
 ) -> AsyncIterator[Stack]:
     """Start a whole installation; `*_env` add or override `MEDHIVE_*` settings. netgw
     runs only when `netgw_env` is given (it needs a network to manage). `tenants` user
-    tokens are made, one per tenant."""
+    tokens are made, one per tenant. Of `schedulers`, the first acts and the others
+    stand by (`scheduler2`...: started, not waited for, as they do not answer)."""
     run_id = uuid.uuid4().hex[:10]
     workdir = Path(tempfile.mkdtemp(prefix=f"medhive-bench-{run_id}-"))
     keep = os.environ.get("MEDHIVE_BENCH_KEEP") == "1"
@@ -378,8 +380,16 @@ async def bench_stack(
                     "MEDHIVE_SCHEDULER_DATABASE": f"bench{run_id}_scheduler",
                     "MEDHIVE_SCHEDULER_PORT": str(ports["scheduler"]),
                     "MEDHIVE_SCHEDULER_AUDIT_URL": f"http://127.0.0.1:{ports['audit']}",
+                    "MEDHIVE_SCHEDULER_INSTANCE": "scheduler-1",
                     **(scheduler_env or {}),
                 }, ports["scheduler"]),
+            ]  # fmt: skip
+            standbys = [
+                (f"scheduler{i}", "scheduler", {
+                    **services[1][2],
+                    "MEDHIVE_SCHEDULER_INSTANCE": f"scheduler-{i}",
+                    "MEDHIVE_SCHEDULER_PORT": str(free_port()),
+                }, 0) for i in range(2, schedulers + 1)
             ]  # fmt: skip
             if netgw_env is not None:
                 port = free_port()
@@ -405,6 +415,12 @@ async def bench_stack(
                     cleanup.push_async_callback(process.stop)
                     await _until_healthy(process, session)
                     progress(f"{name} healthy (pid {process.pid}, port {port})")
+                for name, module, env, _ in standbys:
+                    argv = [sys.executable, "-m", f"services.{module}"]
+                    process = await _spawn(name, argv, {**base, **env}, workdir / f"{name}.log")
+                    stack.processes[name] = process
+                    cleanup.push_async_callback(process.stop)
+                    progress(f"{name} started as a standby (pid {process.pid})")
                 await _nodes_online(stack, session)
             progress(f"{nodes} node(s) online")
             yield stack

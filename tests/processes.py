@@ -47,25 +47,33 @@ class Stack:
     def cache_dir(self) -> Path:
         return Path(self.env["MEDHIVE_DATACACHE_CACHE_DIR"])
 
-    async def start(self, name: str, module: str | None = None, **overrides: str) -> None:
-        """Start `services.<module>` (default: the name) with env overrides, until healthy."""
+    async def start(
+        self, name: str, module: str | None = None, *, healthy: bool = True, **overrides: str
+    ) -> None:
+        """Start `services.<module>` (default: the name) with env overrides, until healthy
+        (or not waiting for that: a standby scheduler does not answer until it acts)."""
         module = module or name
         env = {**self.env, **overrides}
         prefix = module.upper()
         self.ports[name] = env[f"MEDHIVE_{prefix}_PORT"]
         self.envs[name] = env
-        await self._spawn(name, module)
+        await self._spawn(name, module, healthy=healthy)
 
     async def restart(self, name: str) -> None:
         await self._spawn(name, self.modules[name])
 
-    async def _spawn(self, name: str, module: str) -> None:
+    async def _spawn(self, name: str, module: str, healthy: bool = True) -> None:
         self.modules[name] = module
         with (self.logs / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", f"services.{module}"],
                 env=self.envs[name], stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
+        if healthy:
+            await self.healthy(name)
+
+    async def healthy(self, name: str) -> None:
+        """Wait until the service answers its health check."""
         await self._healthy(name, f"http://127.0.0.1:{self.ports[name]}/healthz")
 
     async def _healthy(self, name: str, url: str) -> None:

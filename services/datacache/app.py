@@ -23,6 +23,7 @@ from services.datacache.staging import Stager
 from services.datacache.store import CacheStore
 from shared.bus import Incoming
 from shared.consume import trusted_senders
+from shared.lease import leadership
 from shared.messages.catalog import COMMANDS
 from shared.messages.data import DataGrant, DataRelease, DataStage
 from shared.metrics import METRICS
@@ -120,5 +121,6 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             if receiver is not None:
                 await asyncio.to_thread(receiver.stop)
 
-    app.cleanup_ctx.append(core)
+    # Only the datacache holding the lease acts (README, High availability).
+    app.cleanup_ctx.extend([leadership("datacache", settings.database, settings), core])
     return app

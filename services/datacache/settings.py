@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
+from shared.lease import LeaderSettings
 from shared.settings import AmqpSettings, MongoSettings
 
 
-class DatacacheSettings(BaseSettings):
+class DatacacheSettings(LeaderSettings):
     """Where the cache lives, how big it may grow, its keys and its sources."""
 
     model_config = SettingsConfigDict(env_prefix="MEDHIVE_DATACACHE_", extra="ignore")

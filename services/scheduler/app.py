@@ -24,6 +24,7 @@ from services.scheduler.webhook_service import webhook_context
 from shared.consume import trusted_senders
 from shared.http import TOKENS
 from shared.identity import AmqpUsers
+from shared.lease import leadership
 from shared.messages.catalog import COMMANDS, EVENTS
 from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
@@ -110,6 +111,9 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         await command_consumer.stop()
         await report_consumer.stop()
 
-    app.cleanup_ctx.extend([http, core, consumers])
+    # Only the scheduler holding the lease acts (README, High availability).
+    app.cleanup_ctx.extend(
+        [http, leadership("scheduler", settings.database, settings), core, consumers]
+    )
     app.cleanup_ctx.append(webhook_context(settings))
     return app

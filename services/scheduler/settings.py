@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from services.scheduler.egress import AllowedHost
 from services.scheduler.webhooks import SealingKey
+from shared.lease import LeaderSettings
 from shared.settings import AmqpSettings, MongoSettings
 
 
-class SchedulerSettings(BaseSettings):
+class SchedulerSettings(LeaderSettings):
     model_config = SettingsConfigDict(env_prefix="MEDHIVE_SCHEDULER_", extra="ignore")
 
     amqp: AmqpSettings = Field(default_factory=AmqpSettings)

@@ -83,12 +83,12 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-async def all_records(ops: Client) -> list[dict[str, Any]]:
-    """Every audit record, page by page."""
+async def all_records(ops: Client, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Every audit record (that `filters` select), page by page."""
     out: list[dict[str, Any]] = []
     after = 0
     while True:
-        records, next_after = await ops.events({}, after)
+        records, next_after = await ops.events(filters or {}, after)
         out.extend(records)
         if next_after is None:
             return out
@@ -97,10 +97,10 @@ async def all_records(ops: Client) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def instant_stack(
-    amqp_url: str, mongo: MongoSettings, db_prefix: str, logs: Path, **env: str
+    amqp_url: str, mongo: MongoSettings, db_prefix: str, logs: Path, agents: int = 2, **env: str
 ) -> AsyncIterator[Stack]:
-    """Scheduler, audit and two node agents whose workloads end at once (the instant
-    runtime): the control plane alone, on the broker and database given."""
+    """Scheduler, audit and `agents` node agents whose workloads end at once (the
+    instant runtime): the control plane alone, on the broker and database given."""
     node_id = f"node-{db_prefix.rstrip('_')}"
     audit_port = str(free_port())
     stack = Stack(
@@ -127,7 +127,7 @@ async def instant_stack(
     try:
         await stack.start("audit")
         await stack.start("scheduler")
-        for agent in ("a", "b"):
+        for agent in "ab"[:agents]:
             await stack.start(
                 f"vmnode-{agent}", "vmnode",
                 MEDHIVE_VMNODE_NODE_ID=f"{node_id}-{agent}",

@@ -376,6 +376,30 @@ async def test_a_restart_during_a_fetch_still_stages_the_job(
     assert not second.client.app[STAGER].in_use
 
 
+async def test_a_standby_datacache_waits_then_takes_over_a_cut_staging(
+    make_harness: Any, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    """Two instances on one catalog and cache directory: the second stands by (serves
+    nothing, stages nothing) while the first holds the lease, then takes over."""
+    data = os.urandom(3 * MIB)
+    origin.files["a.bin"] = data
+    origin.gate = asyncio.Event()
+    active: Harness = await make_harness(datacache_settings.model_copy(update={"instance": "a"}))
+    await active.stage("job-1", f"{origin.url}/a.bin")
+    await origin.started.wait()
+    standby = asyncio.create_task(
+        make_harness(datacache_settings.model_copy(update={"instance": "b"}))
+    )
+    await asyncio.sleep(1)  # a second of standing by: it must not have started
+    assert not standby.done()
+    await active.client.close()  # the active one stops mid-fetch and hands over
+    origin.gate.set()
+    second: Harness = await asyncio.wait_for(standby, 30)
+    assert (await second.staged("job-1"))["type"] == "data.staged"
+    await second.grant("job-1")
+    assert await (await second.read("job-1", _sha(data))).read() == data
+
+
 async def test_results_are_stored_encrypted_and_downloaded_by_the_tenant_only(
     harness: Harness, origin: Origin, mongo_settings: Any
 ) -> None:

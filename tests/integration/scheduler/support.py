@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -43,3 +44,14 @@ async def pretend(
     finally:
         await connection.close()
         await bus.close()
+
+
+async def beat(bus: Bus, node_id: str) -> None:
+    """A node that is online and beating, and never does what it is told (its commands
+    go to whoever listens on its queue)."""
+    status = NodeStatus(node_id=node_id, cpus=4, memory_mb=4096, runtimes=["container"],
+                        heartbeat_s=0.3, started_at=utcnow())  # fmt: skip
+    await bus.emit("node.online", status)
+    while True:
+        await asyncio.sleep(0.3)  # the heartbeat period of the pretended node
+        await bus.emit("node.heartbeat", status)

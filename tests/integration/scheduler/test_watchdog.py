@@ -15,20 +15,10 @@ import aio_pika
 from aiohttp.test_utils import TestClient
 
 from shared.bus import Bus
-from shared.envelope import utcnow
 from shared.messages.catalog import COMMANDS
-from shared.messages.nodes import NodeStatus
 from shared.settings import AmqpSettings, MongoSettings
 from tests.helpers import EventTap, bearer, event_tap, make_token
-
-
-async def _beat(bus: Bus, node_id: str) -> None:
-    status = NodeStatus(node_id=node_id, cpus=4, memory_mb=4096, runtimes=["container"],
-                        heartbeat_s=0.3, started_at=utcnow())  # fmt: skip
-    await bus.emit("node.online", status)
-    while True:
-        await asyncio.sleep(0.3)  # the heartbeat period of the pretended node
-        await bus.emit("node.heartbeat", status)
+from tests.integration.scheduler.support import beat
 
 
 async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
@@ -42,7 +32,7 @@ async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(COMMANDS, "node.stuck.#")
     await queue.consume(commands._on)
-    beating = asyncio.create_task(_beat(bus, "stuck"))
+    beating = asyncio.create_task(beat(bus, "stuck"))
     auth = bearer(await make_token(mongo_settings, "cardiology"))
     try:
         async with event_tap(amqp_settings, ["job.timed_out"]) as ended:
