@@ -28,13 +28,14 @@ import pytest
 from pydantic import SecretStr
 
 from medhive.client import TERMINAL
+from services.datacache.crypto import LocalKeyProvider
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.catalog import EVENTS
 from shared.messages.nodes import NodeStatus
 from shared.settings import AmqpSettings, MongoSettings
 from shared.topology import declare_exchanges, declare_queue
-from tests.conftest import RABBIT_ADMIN, rabbit_api
+from tests.conftest import RABBIT_ADMIN, free_port, rabbit_api
 from tests.e2e.support import all_records, client, instant_stack, spec
 from tests.helpers import eventually, make_token
 from tests.processes import Stack
@@ -92,14 +93,24 @@ def cluster_vhost(cluster: None) -> Iterator[str]:
 async def cluster_stack(
     cluster_vhost: str, mongo_settings: MongoSettings, db_prefix: str, tmp_path: Path
 ) -> AsyncIterator[Stack]:
-    """The control plane, every service given node 1's URL first and the other two
-    nodes to move to."""
+    """The control plane and the datacache, every service given node 1's URL first and
+    the other two nodes to move to."""
+    key_file = tmp_path / "master.key"
+    LocalKeyProvider.generate_key_file(key_file)
+    sources = tmp_path / "sources.yaml"
+    sources.write_text("sources: []\n")
     async with instant_stack(
         f"amqp://{RABBIT_ADMIN}@127.0.0.1:{amqp_port(1)}/{cluster_vhost}",
         mongo_settings, db_prefix, tmp_path,
         MEDHIVE_AMQP_NODES=f"127.0.0.1:{amqp_port(2)},127.0.0.1:{amqp_port(3)}",
         MEDHIVE_SCHEDULER_NODE_TIMEOUT_S="30",
+        MEDHIVE_DATACACHE_DATABASE=f"{db_prefix}datacache",
+        MEDHIVE_DATACACHE_PORT=str(free_port()),
+        MEDHIVE_DATACACHE_CACHE_DIR=str(tmp_path / "cache"),
+        MEDHIVE_DATACACHE_MASTER_KEY_FILE=str(key_file),
+        MEDHIVE_DATACACHE_SOURCES_FILE=str(sources),
     ) as stack:  # fmt: skip
+        await stack.start("datacache")
         yield stack
 
 
@@ -130,6 +141,12 @@ def kill_node(node: int) -> None:
     """SIGKILL of the node's Erlang VM: no goodbye to clients or to the other nodes."""
     pid = int((NODE_DIR / f"ha{node}" / "pid").read_text())
     os.kill(pid, signal.SIGKILL)
+
+
+def consumed_queues(vhost: str) -> set[str]:
+    """The queues that have a consumer."""
+    queues = cluster_api("GET", f"/queues/{urllib.parse.quote(vhost, safe='')}")
+    return {q["name"] for q in queues if q.get("consumers", 0) >= 1}
 
 
 def every_queue_whole(vhost: str) -> bool:
@@ -181,6 +198,15 @@ async def test_losing_broker_nodes_loses_no_job_and_no_event(
             return all(state in TERMINAL for state in states)
 
         await eventually(all_ended, within=120)
+        # Every service consumes again, the datacache too (no job here needs it).
+        agents = {f"node.{stack.node_id}-{agent}" for agent in "ab"}
+        consumers = {"scheduler.commands", "scheduler.reports", "audit.all", *agents}
+        consumers.add("datacache.commands")
+
+        def all_consume() -> bool:
+            return consumers <= consumed_queues(cluster_vhost)
+
+        await eventually(lambda: asyncio.to_thread(all_consume), within=60)
         jobs = [await api.job(job) for job in submitted]
         records = await all_records(ops)
         verified = await ops.verify()
