@@ -8,7 +8,9 @@
 #
 # Node i is `medhive-haI@<host>`: AMQP on 5680+i, management on 15680+i, Erlang
 # distribution on 25680+i, its data under /var/lib/rabbitmq/medhive-ha/haI. They
-# share the Erlang cookie of the system broker (same user), which a cluster needs.
+# share the Erlang cookie of the system broker (same user), which a cluster needs, and
+# find each other as they boot (peer discovery from the node list in each config;
+# RabbitMQ takes a lock so that one of them forms the cluster and the others join).
 # Nothing of this is for production: there, three hosts run one node each.
 set -euo pipefail
 
@@ -53,6 +55,10 @@ management.tcp.ip = 127.0.0.1
 management.tcp.port = $((15680 + i))
 max_message_size = 16777216
 cluster_partition_handling = pause_minority
+cluster_formation.peer_discovery_backend = classic_config
+cluster_formation.classic_config.nodes.1 = $(node_name 1)
+cluster_formation.classic_config.nodes.2 = $(node_name 2)
+cluster_formation.classic_config.nodes.3 = $(node_name 3)
 CONF
   echo "[rabbitmq_management]." > "$dir/enabled_plugins"
   chown rabbitmq:rabbitmq "$dir/rabbitmq.conf" "$dir/enabled_plugins"
@@ -67,7 +73,7 @@ start() {
   done
   local first
   first=$(node_name 1)
-  for i in "${NODES[@]:1}"; do
+  for i in "${NODES[@]:1}"; do  # a node that booted alone joins by hand
     if ! ctl "$i" cluster_status --formatter json | grep -q "\"$first\""; then
       ctl "$i" stop_app
       ctl "$i" join_cluster "$first"
