@@ -159,3 +159,17 @@ async def check_role_matrix(
                 assert error["error"]["status"] == response.status
             response.close()
     assert wrong == [], wrong
+
+
+async def lease_renewed(leases: Any, name: str, times: int = 2, within: float = 30) -> None:
+    """Wait until the holder of lease `name` has renewed it `times` times (its
+    `renewed_at` moved): time in which a standby had every chance to take it."""
+    seen: list[Any] = []
+
+    async def moved() -> bool:
+        doc = await leases.find_one({"_id": name})
+        if doc is not None and (not seen or doc["renewed_at"] != seen[-1]):
+            seen.append(doc["renewed_at"])
+        return len(seen) > times
+
+    await eventually(moved, within)

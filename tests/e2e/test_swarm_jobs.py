@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from tests.e2e.support import client, spec, wait_state
 from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
+from tests.swarm import nothing_left, remove_everything_of
 
 pytestmark = pytest.mark.slow
 
@@ -38,45 +38,12 @@ async def swarm_node(monkeypatch: pytest.MonkeyPatch, db_prefix: str) -> AsyncIt
     monkeypatch.setenv("MEDHIVE_VMNODE_RUNTIME", "swarm")
     yield
     async with aiodocker.Docker() as docker:
-        await _remove_node_objects(docker, f"node-{db_prefix.rstrip('_')}")  # the stack's
+        await remove_everything_of(docker, f"node-{db_prefix.rstrip('_')}")  # the stack's
 
 
 @pytest.fixture
 async def swarm_stack(swarm_node: None, stack: Stack) -> Stack:
     return stack
-
-
-async def _remove_node_objects(docker: aiodocker.Docker, node_id: str) -> None:
-    label = {"label": [f"medhive.node={node_id}"]}
-    for service in await docker.services.list(filters=label):
-        with contextlib.suppress(aiodocker.DockerError):
-            await docker.services.delete(service["ID"])
-    for container in await docker.containers.list(all=True, filters=json.dumps(label)):
-        with contextlib.suppress(aiodocker.DockerError):
-            await container.delete(force=True)
-    for network in await docker.networks.list(filters=label):
-        with contextlib.suppress(aiodocker.DockerError):
-            await docker._query_json(f"networks/{network['Id']}", method="DELETE")
-
-
-async def objects_of(docker: aiodocker.Docker, node_id: str) -> dict[str, int]:
-    label = {"label": [f"medhive.node={node_id}"]}
-    return {
-        "services": len(await docker.services.list(filters=label)),
-        "containers": len(await docker.containers.list(all=True, filters=json.dumps(label))),
-        "networks": len(await docker.networks.list(filters=label)),
-    }
-
-
-async def nothing_left(docker: aiodocker.Docker, node_id: str, within_s: float = 20) -> None:
-    nothing = {"services": 0, "containers": 0, "networks": 0}
-    try:
-        async with asyncio.timeout(within_s):
-            # Polled: the engine has no event for "the last of these is gone".
-            while await objects_of(docker, node_id) != nothing:  # noqa: ASYNC110
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"left behind: {await objects_of(docker, node_id)}") from None
 
 
 async def running_task(docker: aiodocker.Docker, job_id: str) -> tuple[dict[str, Any], str]:

@@ -146,6 +146,22 @@ def split_streams(raw: bytes) -> tuple[bytes, bytes]:
     return bytes(streams[STDOUT]), bytes(streams[STDERR])
 
 
+async def read_logs(docker: aiodocker.Docker, path: str, limit: int) -> Output:
+    """Both streams of a container's or a service's log (`path`, the engine's logs
+    route), in one request, each cut to its last `limit` characters."""
+    params = {"stdout": "1", "stderr": "1"}
+    try:
+        async with docker._query(path, params=params) as got:
+            stdout, stderr = split_streams(await got.read())
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise WorkloadGone(exc.message) from exc
+        raise
+    stdout_text, out_cut = keep_tail(stdout.decode("utf-8", "replace"), limit)
+    stderr_text, err_cut = keep_tail(stderr.decode("utf-8", "replace"), limit)
+    return Output(stdout_text, stderr_text, out_cut, err_cut)
+
+
 _STATES: dict[str, State] = {"created": "created", "running": "running", "exited": "exited"}
 
 
@@ -260,17 +276,7 @@ class DockerRuntime:
         and inspects the container before each to learn whether it has a TTY, which
         ours never have: three calls to the engine per job that Docker's own `run`
         does not make.)"""
-        params = {"stdout": "1", "stderr": "1"}
-        try:
-            async with self.docker._query(f"containers/{workload.id}/logs", params=params) as got:
-                stdout, stderr = split_streams(await got.read())
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise WorkloadGone(exc.message) from exc
-            raise
-        stdout_text, out_cut = keep_tail(stdout.decode("utf-8", "replace"), limit)
-        stderr_text, err_cut = keep_tail(stderr.decode("utf-8", "replace"), limit)
-        return Output(stdout_text, stderr_text, out_cut, err_cut)
+        return await read_logs(self.docker, f"containers/{workload.id}/logs", limit)
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports

@@ -91,14 +91,13 @@ from services.vmnode.runtimes.base import (
     Workload,
     WorkloadGone,
     WorkloadRefused,
-    keep_tail,
 )
 from services.vmnode.runtimes.docker import (
     MANAGED,
     MIB,
     UNREACHABLE,
     engine_time,
-    split_streams,
+    read_logs,
     workload_from,
 )
 from services.vmnode.runtimes.swarmspec import (
@@ -285,17 +284,7 @@ class SwarmRuntime:
 
     async def output(self, workload: Workload, limit: int) -> Output:
         """Both streams of the service's log; the log driver bounds what is kept."""
-        params = {"stdout": "1", "stderr": "1"}
-        try:
-            async with self.docker._query(f"services/{workload.id}/logs", params=params) as got:
-                stdout, stderr = split_streams(await got.read())
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise WorkloadGone(exc.message) from exc
-            raise
-        stdout_text, out_cut = keep_tail(stdout.decode("utf-8", "replace"), limit)
-        stderr_text, err_cut = keep_tail(stderr.decode("utf-8", "replace"), limit)
-        return Output(stdout_text, stderr_text, out_cut, err_cut)
+        return await read_logs(self.docker, f"services/{workload.id}/logs", limit)
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports

@@ -26,6 +26,8 @@ from shared.envelope import utcnow
 from shared.messages.data import InputSpec
 from shared.messages.jobs import JobSpec, NodeRun
 from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, Opener, read_header
+from shared.service import MONGO
+from tests.helpers import lease_renewed
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
@@ -384,14 +386,17 @@ async def test_a_standby_datacache_waits_then_takes_over_a_cut_staging(
     data = os.urandom(3 * MIB)
     origin.files["a.bin"] = data
     origin.gate = asyncio.Event()
-    active: Harness = await make_harness(datacache_settings.model_copy(update={"instance": "a"}))
+
+    def instance(name: str) -> DatacacheSettings:
+        return datacache_settings.model_copy(update={"instance": name, "lease_s": 0.6})
+
+    active: Harness = await make_harness(instance("a"))
     await active.stage("job-1", f"{origin.url}/a.bin")
     await origin.started.wait()
-    standby = asyncio.create_task(
-        make_harness(datacache_settings.model_copy(update={"instance": "b"}))
-    )
-    await asyncio.sleep(1)  # a second of standing by: it must not have started
-    assert not standby.done()
+    standby = asyncio.create_task(make_harness(instance("b")))
+    leases = active.client.app[MONGO][datacache_settings.database]["leases"]
+    await lease_renewed(leases, "datacache", times=2)
+    assert not standby.done()  # it tried all along, and waits
     await active.client.close()  # the active one stops mid-fetch and hands over
     origin.gate.set()
     second: Harness = await asyncio.wait_for(standby, 30)

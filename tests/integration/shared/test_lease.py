@@ -10,6 +10,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from shared.lease import Lease
 from shared.mongo import Document
+from tests.helpers import lease_renewed
 
 TTL_S = 0.6
 
@@ -24,8 +25,8 @@ async def test_a_standby_waits_while_the_lease_is_held_and_takes_it_when_handed_
     active, standby = lease(database, "a", asyncio.Event()), lease(database, "b", asyncio.Event())
     await active.acquire()
     waiting = asyncio.create_task(standby.acquire())
-    await asyncio.sleep(3 * TTL_S)  # renewed twice meanwhile: the standby must still wait
-    assert not waiting.done()
+    await lease_renewed(database["leases"], "scheduler", times=2)
+    assert not waiting.done()  # the standby tried all along, and waits
     await active.release()
     await asyncio.wait_for(waiting, 2 * TTL_S)  # at its next try, not after the expiry
     assert (await database["leases"].find_one({"_id": "scheduler"}) or {})["holder"] == "b"

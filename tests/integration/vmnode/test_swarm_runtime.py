@@ -22,6 +22,7 @@ from services.vmnode.runtimes.base import ImageMissing, Mount, Workload
 from services.vmnode.runtimes.swarm import SwarmRuntime
 from services.vmnode.settings import NodeSettings
 from tests.integration.vmnode.conftest import GATED, new_job, node_run, sh
+from tests.swarm import nothing_left, remove_everything_of
 
 #: What a task can see and do, printed from inside it (busybox `wget` crashes in the
 #: test image: `nc` probes the network).
@@ -50,41 +51,6 @@ async def swarm(node_id: str, tmp_path: Path) -> AsyncIterator[SwarmRuntime]:
     await runtime.close()
     async with aiodocker.Docker() as docker:
         await remove_everything_of(docker, node_id)
-
-
-async def remove_everything_of(docker: aiodocker.Docker, node_id: str) -> None:
-    label = {"label": [f"medhive.node={node_id}"]}
-    for service in await docker.services.list(filters=label):
-        with contextlib.suppress(aiodocker.DockerError):
-            await docker.services.delete(service["ID"])
-    for container in await docker.containers.list(all=True, filters=json.dumps(label)):
-        with contextlib.suppress(aiodocker.DockerError):
-            await container.delete(force=True)
-    for network in await docker.networks.list(filters=label):
-        with contextlib.suppress(aiodocker.DockerError):
-            await docker._query_json(f"networks/{network['Id']}", method="DELETE")
-
-
-async def leftovers(docker: aiodocker.Docker, node_id: str) -> dict[str, int]:
-    label = {"label": [f"medhive.node={node_id}"]}
-    return {
-        "services": len(await docker.services.list(filters=label)),
-        "containers": len(await docker.containers.list(all=True, filters=json.dumps(label))),
-        "networks": len(await docker.networks.list(filters=label)),
-    }
-
-
-async def nothing_left(docker: aiodocker.Docker, node_id: str, within_s: float = 10) -> None:
-    """Wait until the node has no service, container or network left (Swarm removes a
-    network a moment after it answered the delete: measured ~0.2 s)."""
-    nothing = {"services": 0, "containers": 0, "networks": 0}
-    try:
-        async with asyncio.timeout(within_s):
-            # Polled: the engine has no event for "the last of these is gone".
-            while await leftovers(docker, node_id) != nothing:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"left behind: {await leftovers(docker, node_id)}") from None
 
 
 async def task_container(docker: aiodocker.Docker, workload: Workload) -> dict[str, Any]:
