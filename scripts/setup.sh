@@ -77,6 +77,19 @@ if rabbitmqctl -q list_queues name arguments 2>/dev/null | grep '^medhive\.dead\
   rabbitmqctl -q delete_queue medhive.dead >/dev/null
 fi
 
+# The Swarm manager's own address: a bridge with no uplink, which a second engine in a
+# network namespace (scripts/swarm-worker.sh) can reach, unlike loopback. It exists
+# before dockerd starts: a Swarm manager restores its listener on this address.
+SWARM_BRIDGE=mhswarm0
+SWARM_ADDR=10.213.0.1
+if ! ip link show "$SWARM_BRIDGE" >/dev/null 2>&1; then
+  say "creating the bridge $SWARM_BRIDGE ($SWARM_ADDR/24)"
+  ip link add "$SWARM_BRIDGE" type bridge
+fi
+ip -4 -o addr show dev "$SWARM_BRIDGE" | grep -q " $SWARM_ADDR/24 " ||
+  ip addr add "$SWARM_ADDR/24" dev "$SWARM_BRIDGE"
+ip link set "$SWARM_BRIDGE" up
+
 # Docker engine (no systemd here: start it by hand when it is not answering).
 if ! docker version >/dev/null 2>&1; then
   say "starting dockerd"
@@ -85,11 +98,18 @@ if ! docker version >/dev/null 2>&1; then
   docker version >/dev/null
 fi
 
-# A one-node Docker Swarm on loopback, for the node agent's `swarm` runtime
-# (MEDHIVE_VMNODE_RUNTIME=swarm) and its tests; it pins each job to this node.
-if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != "active" ]; then
-  say "initialising a one-node Docker Swarm"
-  docker swarm init --advertise-addr 127.0.0.1 --listen-addr 127.0.0.1:2377 >/dev/null
+# A Docker Swarm managed by this engine, for the node agent's `swarm` runtime
+# (MEDHIVE_VMNODE_RUNTIME=swarm) and its tests; it pins each job to this node. It is
+# advertised on the bridge so that the test worker can join it; a Swarm of before
+# (advertised on 127.0.0.1, or not a manager, or broken) is left and made anew.
+swarm=$(docker info --format '{{.Swarm.LocalNodeState}} {{.Swarm.ControlAvailable}} {{.Swarm.NodeAddr}}')
+if [ "$swarm" != "active true $SWARM_ADDR" ]; then
+  if [ "${swarm%% *}" != inactive ]; then
+    say "leaving the Docker Swarm ($swarm)"
+    docker swarm leave --force >/dev/null
+  fi
+  say "initialising a Docker Swarm on $SWARM_ADDR"
+  docker swarm init --advertise-addr "$SWARM_ADDR" --listen-addr "$SWARM_ADDR:2377" >/dev/null
 fi
 
 # libvirt without systemd or the libvirt-daemon-system package: its user, virtlogd and

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,6 +22,9 @@ from shared.identity import check_name
 from shared.mongo import Document
 
 TOKEN_PREFIX = "mh_"
+#: Tokens the datacache issues itself, each reaching one grant's data (see
+#: `services.datacache.grants.GrantService.delegate`); no other service knows them.
+DELEGATED_PREFIX = "mhd_"
 
 
 class Role(StrEnum):
@@ -42,9 +46,12 @@ class Principal:
     name: str
     tenant: str
     role: Role
+    #: For a delegated token: the one grant (`job:attempt`) whose data it reaches.
+    grant: str | None = None
 
 
-def _digest(token: str) -> str:
+def token_digest(token: str) -> str:
+    """What is stored of a token: its SHA-256, never the token."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -56,6 +63,9 @@ class TokenStore:
     def __init__(self, db: AsyncDatabase[Document], cache_s: float = 5.0) -> None:
         self.tokens = db["tokens"]
         self.cache_s = cache_s
+        #: Where tokens with `DELEGATED_PREFIX` are looked up (by digest), in the one
+        #: service that issues them; elsewhere they are unknown.
+        self.delegated: Callable[[str], Awaitable[Principal | None]] | None = None
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lookups: dict[str, asyncio.Future[Principal | None]] = {}
 
@@ -65,7 +75,7 @@ class TokenStore:
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         await self.tokens.insert_one(
             {
-                "_id": _digest(token),
+                "_id": token_digest(token),
                 "name": name,
                 "tenant": tenant,
                 "role": role.value,
@@ -76,14 +86,14 @@ class TokenStore:
 
     async def verify(self, token: str) -> Principal | None:
         """The principal a token stands for, or None for an unknown token."""
-        digest = _digest(token)
+        digest = token_digest(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
         if (under_way := self._lookups.get(digest)) is not None:
             return await asyncio.shield(under_way)
-        lookup = asyncio.ensure_future(self._lookup(digest))
+        lookup = asyncio.ensure_future(self._lookup(digest, token.startswith(DELEGATED_PREFIX)))
         self._lookups[digest] = lookup
         try:
             return await asyncio.shield(lookup)
@@ -93,13 +103,12 @@ class TokenStore:
             else:  # this caller was cancelled: the others still wait for it
                 lookup.add_done_callback(lambda _: self._lookups.pop(digest, None))
 
-    async def _lookup(self, digest: str) -> Principal | None:
-        doc = await self.tokens.find_one({"_id": digest})
-        principal = (
-            Principal(name=doc["name"], tenant=doc["tenant"], role=Role(doc["role"]))
-            if doc is not None
-            else None
-        )
+    async def _lookup(self, digest: str, delegated: bool) -> Principal | None:
+        principal: Principal | None = None
+        if delegated:
+            principal = None if self.delegated is None else await self.delegated(digest)
+        elif (doc := await self.tokens.find_one({"_id": digest})) is not None:
+            principal = Principal(name=doc["name"], tenant=doc["tenant"], role=Role(doc["role"]))
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[digest] = (time.monotonic() + self.cache_s, principal)

@@ -8,7 +8,10 @@ Node routes (role `node`, checked against a live grant):
   key, for the node to open itself (what node agents use; see `read_sealed` for why).
 - `POST /v1/jobs/{job_id}/objects/{sha256}/damaged`: a node found an object failing
   authentication; the datacache checks it itself and quarantines it if so.
-- `PUT /v1/jobs/{job_id}/outputs/{path}`: store one result file.
+- `PUT /v1/jobs/{job_id}/outputs/{path}`: store one result file (`POST` does the same,
+  for clients that cannot send `PUT`: busybox's `wget` in a Swarm node's uploader).
+- `POST /v1/jobs/{job_id}/delegates`: a token standing for the node on this one grant,
+  for a task the node runs on another host (`GrantService.delegate`).
 
 Tenant routes (roles `user` and `operator`, a node's token is refused; a tenant sees its
 own jobs' results only):
@@ -55,6 +58,13 @@ class InputsView(BaseModel):
     attempt: int
     inputs: list[dict[str, Any]] = Field(description="Each input with its files.")
     expires_at: AwareDatetime = Field(description="When the grant ends.")
+
+
+class DelegateView(BaseModel):
+    token: str = Field(description="The delegated token; shown only here.")
+    grant: str = Field(description="The grant (`job:attempt`) it reaches, and nothing else.")
+    expires_at: AwareDatetime = Field(description="Its reads end with the grant's walltime.")
+    upload_until: AwareDatetime = Field(description="Its results are stored until then.")
 
 
 class StoredFile(BaseModel):
@@ -338,6 +348,29 @@ async def report_damage(request: web.Request) -> web.Response:
     return web.json_response({"quarantined": False, "reason": None})
 
 
+@routes.post("/v1/jobs/{job_id}/delegates")
+@endpoint(
+    summary="A token standing for the granted node on this grant only, for a task it runs "
+    "elsewhere.",
+    response=DelegateView,
+    status=201,
+    roles=("node",),
+)
+async def delegate_grant(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    try:
+        token, grant = await request.app[GRANTS].delegate(request[PRINCIPAL], job_id)
+    except Denied as exc:
+        raise await _denied(request, exc, job_id) from None
+    view = {
+        "token": token,
+        "grant": grant["_id"],
+        "expires_at": grant["expires_at"].isoformat(),
+        "upload_until": grant["upload_until"].isoformat(),
+    }
+    return web.json_response(view, status=201)
+
+
 def _result_path(raw: str) -> str:
     path = posixpath.normpath(raw)
     if raw.startswith("/") or path.startswith("..") or path in (".", ""):
@@ -350,15 +383,13 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
+#: What a node's storing of one result file says, whichever method it comes by.
+STORING = {"raw_body": True, "response": StoredFile, "status": 201, "errors": (400,),
+           "roles": ("node",)}  # fmt: skip
+
+
 @routes.put("/v1/jobs/{job_id}/outputs/{path:.+}")
-@endpoint(
-    summary="Store one result file (the granted node, until its upload deadline).",
-    raw_body=True,
-    response=StoredFile,
-    status=201,
-    errors=(400,),
-    roles=("node",),
-)
+@endpoint(summary="Store one result file (the granted node, until its upload deadline).", **STORING)
 async def store_output(request: web.Request) -> web.Response:
     job_id, path = request.match_info["job_id"], _result_path(request.match_info["path"])
     try:
@@ -387,6 +418,16 @@ async def store_output(request: web.Request) -> web.Response:
         actor=access.node_id,
     )
     return web.json_response({"path": path, "sha256": blob.sha256, "size": blob.size}, status=201)
+
+
+@routes.post("/v1/jobs/{job_id}/outputs/{path:.+}")
+@endpoint(
+    summary="Store one result file, as PUT does: for clients that cannot send PUT (the busybox "
+    "`wget` of a Swarm node's uploader).",
+    **STORING,
+)
+async def store_output_posted(request: web.Request) -> web.StreamResponse:
+    return await store_output(request)
 
 
 async def _tenant_reader(request: web.Request, job_id: str) -> Principal:

@@ -23,6 +23,7 @@ from services.datacache.staging import Stager
 from services.datacache.store import CacheStore
 from shared.bus import Incoming
 from shared.consume import trusted_senders
+from shared.http import TOKENS
 from shared.lease import leadership
 from shared.messages.catalog import COMMANDS
 from shared.messages.data import DataGrant, DataRelease, DataStage
@@ -81,6 +82,7 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             uploader = ResultUploader(store, blobs, sources, app[BUS], http, settings)
             evictor = Evictor(store, blobs, settings, lambda: set().union(*stager.in_use.values()))
             grants = GrantService(store, app[BUS])
+            app[TOKENS].delegated = grants.delegated_principal
             app[STORE], app[BLOBS], app[GRANTS], app[DATA_BUS] = store, blobs, grants, app[BUS]
             app[STAGER], app[EVICTOR] = stager, evictor
             app[METRICS].add(

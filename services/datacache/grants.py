@@ -6,10 +6,17 @@ is with its own token (role `node`, named after the node), and the grant is the
 record that lets that node read that job's objects until the job's walltime ends.
 Every refusal says why, so an operator reading `data.denied` can tell an expired grant
 from a node reading another job's data.
+
+A node may hand its access to one grant to a task it runs on another host (a Swarm
+node's stager and uploader, see `services/vmnode/runtimes/swarm.py`): `delegate` issues
+a token that stands for that node on that one grant only, and dies with the grant
+(revoked when the job ends or a new attempt supersedes it, expired with its
+deadlines). Only its digest is stored, in the grant; it cannot issue tokens itself.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +24,7 @@ from datetime import datetime
 import structlog
 
 from services.datacache.store import CacheStore
-from shared.auth import Principal, Role
+from shared.auth import DELEGATED_PREFIX, Principal, Role, token_digest
 from shared.bus import Bus, Rejected
 from shared.envelope import Envelope, utcnow
 from shared.messages.data import DataFailed, DataGrant, DataGranted, DataRelease, DataReleased
@@ -135,6 +142,8 @@ class GrantService:
         grant = await self._live_grant(job_id, principal.name, now, deadline_field)
         if grant is None:
             raise Denied(403, await self._why_not(job_id, principal.name, now, deadline_field))
+        if principal.grant is not None and principal.grant != grant["_id"]:
+            raise Denied(403, f"this delegated token reaches grant {principal.grant} only")
         if sha256 is not None:
             if sha256 not in grant["objects"]:
                 raise Denied(403, f"object {sha256} is not part of job {job_id}'s grant")
@@ -145,6 +154,25 @@ class GrantService:
                 raise Denied(410, f"object {sha256} failed its integrity check and is quarantined")
             return Access(grant=grant, node_id=principal.name, object=obj)
         return Access(grant=grant, node_id=principal.name)
+
+    async def delegate(self, principal: Principal, job_id: str) -> tuple[str, Document]:
+        """A new token standing for the node on its live grant of `job_id`; the grant."""
+        if principal.grant is not None:
+            raise Denied(403, "a delegated token cannot delegate")
+        access = await self.check(principal, job_id, "upload_until")
+        token = DELEGATED_PREFIX + secrets.token_urlsafe(32)
+        await self.store.add_delegate(access.grant["_id"], token_digest(token))
+        log.info("grant_delegated", job_id=job_id, grant=access.grant["_id"])
+        return token, access.grant
+
+    async def delegated_principal(self, digest: str) -> Principal | None:
+        """Who a delegated token stands for (the `TokenStore`'s lookup for them)."""
+        grant = await self.store.delegated_grant(digest)
+        if grant is None:
+            return None
+        return Principal(
+            name=grant["node_id"], tenant=grant["tenant"], role=Role.node, grant=grant["_id"]
+        )
 
     async def _live_grant(
         self, job_id: str, node_id: str, now: datetime, field: str

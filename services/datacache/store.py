@@ -46,6 +46,7 @@ class CacheStore:
         await self.sources.create_index([("files.sha256", ASCENDING)])
         await self.stagings.create_index([("state", ASCENDING)])
         await self.grants.create_index([("job_id", ASCENDING)])
+        await self.grants.create_index([("delegates", ASCENDING)], sparse=True)
         await self.results.create_index([("job_id", ASCENDING), ("path", ASCENDING)], unique=True)
 
     # -- objects ----------------------------------------------------------------------
@@ -200,6 +201,13 @@ class CacheStore:
             {"job_id": job_id, "node_id": node_id, "revoked_at": None, field: {"$gt": now}},
             sort=[("attempt", -1)],
         )
+
+    async def add_delegate(self, grant_id: str, digest: str) -> None:
+        await self.grants.update_one({"_id": grant_id}, {"$addToSet": {"delegates": digest}})
+
+    async def delegated_grant(self, digest: str) -> Document | None:
+        """The grant a delegated token (by its digest) was issued under."""
+        return await self.grants.find_one({"delegates": digest})
 
     async def any_grant(self, job_id: str) -> Document | None:
         """The latest grant of a job whatever its state (to explain a refusal)."""

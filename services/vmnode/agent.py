@@ -159,7 +159,7 @@ class Agent:
             await self._report_unstarted(run, "timed_out", why)
             return
         try:
-            mounts = await self.data.prepare(run)
+            mounts = [] if self.runtime.brings_data(run) else await self.data.prepare(run)
         except (DataUnavailable, aiohttp.ClientError, OSError) as exc:
             await self.data.wipe(run.job_id, run.attempt)
             why = f"the job's data could not be placed on node {self.settings.node_id}: {exc}"
@@ -287,10 +287,12 @@ class Agent:
     async def _keep_outputs(self, workload: Workload, finished: RunFinished) -> RunFinished:
         """Store /outputs before reporting; a job whose results were lost did not succeed."""
         try:
-            into = self.data.directory(workload.job_id, workload.attempt) / "outputs"
-            if await asyncio.to_thread(into.is_dir):  # the job asked for its results
-                await self.runtime.export_outputs(workload, into)
-            files = await self.data.collect(workload.job_id, workload.attempt)
+            files = await self.runtime.stored_outputs(workload)
+            if files is None:  # on this host: the agent stores them
+                into = self.data.directory(workload.job_id, workload.attempt) / "outputs"
+                if await asyncio.to_thread(into.is_dir):  # the job asked for its results
+                    await self.runtime.export_outputs(workload, into)
+                files = await self.data.collect(workload.job_id, workload.attempt)
         except (DataUnavailable, WorkloadRefused, OSError) as exc:
             log.warning("outputs_not_stored", reason=str(exc))
             if finished.outcome != "succeeded":

@@ -87,7 +87,7 @@ class JobData:
         if (root / READY).exists():  # a redelivered run whose data is in place
             return self._mounts(root, spec)
         await self.wipe(run.job_id, run.attempt)  # whatever a broken try left
-        manifest = await self._manifest(run.job_id)
+        manifest = await self.manifest(run.job_id)
         total = sum(f.size for item in manifest for f in item.files)
         await asyncio.to_thread(self._make_root, root)
         if spec.inputs:
@@ -111,12 +111,22 @@ class JobData:
             mounts.append(Mount(root / "outputs", OUTPUTS_PATH, read_only=False))
         return mounts
 
-    async def _manifest(self, job_id: str) -> list[InputManifest]:
+    async def manifest(self, job_id: str) -> list[InputManifest]:
+        """The job's inputs, file by file, as its live grant names them."""
         async with self.http.get(f"v1/jobs/{job_id}/inputs") as response:
             body = await response.json(content_type=None)
             if response.status != 200:
                 raise DataUnavailable(f"the datacache refused the inputs: {_detail(body)}")
         return [InputManifest.model_validate(item) for item in body["inputs"]]
+
+    async def delegate(self, job_id: str) -> str:
+        """A token standing for this node on the job's grant only, for a task the node
+        runs on another host (the datacache's `GrantService.delegate`)."""
+        async with self.http.post(f"v1/jobs/{job_id}/delegates") as response:
+            body = await response.json(content_type=None)
+            if response.status != 201:
+                raise DataUnavailable(f"the datacache refused a delegated token: {_detail(body)}")
+        return str(body["token"])
 
     async def _download_all(self, job_id: str, files: list[tuple[StagedFile, Path]]) -> None:
         """Every file, `PARALLEL_DOWNLOADS` at a time: a study is thousands of small

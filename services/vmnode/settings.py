@@ -80,9 +80,27 @@ class NodeSettings(BaseSettings):
     port: int = Field(8083, ge=0, le=65535, description="Port of the health and metrics endpoints.")
     runtime: Literal["docker", "instant", "swarm"] = Field(
         "docker",
-        description="`docker` runs containers; `swarm` runs each as a Swarm job service on "
-        "this engine's own Swarm node (it must be a manager); `instant` completes every job "
-        "at once with exit 0 and never touches Docker (benchmarks only).",
+        description="`docker` runs containers; `swarm` runs each as a Swarm job service "
+        "(the engine must be a manager; on its own node unless `swarm_constraints` say "
+        "otherwise); `instant` completes every job at once with exit 0 and never touches "
+        "Docker (benchmarks only).",
+    )
+    swarm_constraints: list[str] = Field(
+        default_factory=list,
+        description="Swarm placement constraints of the nodes that run container jobs, e.g. "
+        '`["node.labels.medhive==jobs"]`; Swarm picks one per attempt, and the job\'s data '
+        "travels there through a stager task. Empty: every job runs on the agent's own node.",
+    )
+    swarm_stager_image: str = Field(
+        "medhive/busybox:1",
+        min_length=1,
+        description="Image of the stager and uploader tasks on Swarm nodes (busybox: `sh`, "
+        "`wget`, `sha256sum`, `find`, `od`); present on every node that runs jobs.",
+    )
+    swarm_datacache_url: str | None = Field(
+        None,
+        description="The datacache's API as tasks on Swarm nodes reach it; default: "
+        "`datacache_url`.",
     )
     docker_url: str | None = Field(
         None, description="Docker daemon URL; default: aiodocker's (the local socket)."

@@ -19,6 +19,7 @@ from services.vmnode.runtimes.base import (
     WorkloadRefused,
 )
 from services.vmnode.settings import NodeSettings
+from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 
@@ -32,6 +33,10 @@ class ByKind:
 
     def _for(self, workload: Workload) -> Runtime:
         return self._of[workload.kind]
+
+    def brings_data(self, run: NodeRun) -> bool:
+        runtime = self._of.get(run.spec.kind)
+        return runtime is not None and runtime.brings_data(run)
 
     async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         runtime = self._of.get(run.spec.kind)
@@ -59,6 +64,9 @@ class ByKind:
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         await self._for(workload).export_outputs(workload, into)
+
+    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
+        return await self._for(workload).stored_outputs(workload)
 
     async def remove(self, workload: Workload) -> None:
         await self._for(workload).remove(workload)

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
+from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 State = Literal["created", "running", "exited", "other"]
@@ -51,7 +52,8 @@ class Mount:
 class ExitInfo:
     """How a workload ended."""
 
-    exit_code: int
+    #: None when it is not known (a Swarm task stopped on another node goes with it).
+    exit_code: int | None
     oom_killed: bool
     memory_limit_mb: int | None = None
     #: When it ended, as the engine recorded it (the same on every read), if known.
@@ -90,6 +92,11 @@ class Runtime(Protocol):
     #: The job kinds it runs (announced in heartbeats, so only fitting jobs come here).
     kinds: tuple[str, ...]
 
+    def brings_data(self, run: NodeRun) -> bool:
+        """Whether this runtime brings the job's inputs to where it runs, and its
+        results back, itself (Swarm tasks on other nodes); if not, the agent places
+        them on this host (jobdata.py) and hands the runtime their `mounts`."""
+
     async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         """Create the workload of `run` with `mounts`, or return the one that already exists.
 
@@ -119,6 +126,10 @@ class Runtime(Protocol):
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         """Put the results of an exited workload into `into`, where the agent collects
         them (nothing to do where `/outputs` is a host directory already)."""
+
+    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
+        """The results the runtime stored in the datacache itself (where it brings the
+        data, see `brings_data`); None where the agent collects them from this host."""
 
     async def remove(self, workload: Workload) -> None:
         """Delete the workload and what it printed; a missing one is not an error."""

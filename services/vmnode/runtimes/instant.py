@@ -12,6 +12,7 @@ from pathlib import Path
 
 from services.vmnode.runtimes.base import ExitInfo, Mount, Output, Workload
 from services.vmnode.settings import NodeSettings
+from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 
@@ -50,6 +51,12 @@ class InstantRuntime:
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports
+
+    def brings_data(self, run: NodeRun) -> bool:
+        return False  # the agent places the data on this host
+
+    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
+        return None  # the agent collects /outputs from this host
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         return None  # /outputs is a host directory mounted into the container

@@ -53,6 +53,7 @@ from services.vmnode.settings import NodeSettings
 from services.vmnode.vmdisks import make_disk, make_iso, make_overlay, read_outputs
 from shared.bus import NoReply
 from shared.envelope import utcnow
+from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 log = structlog.get_logger("medhive.vmnode.libvirt")
@@ -265,6 +266,12 @@ class LibvirtRuntime:
                 workload.job_id, workload.attempt, workload.tenant, name, port, workload.deadline
             )
         return endpoints
+
+    def brings_data(self, run: NodeRun) -> bool:
+        return False  # the agent places the data on this host
+
+    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
+        return None  # the agent collects /outputs from this host
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         """Copy `outputs/` of the writable disk (the guest has stopped) into `into`."""

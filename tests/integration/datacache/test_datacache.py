@@ -22,12 +22,15 @@ from services.datacache.app import EVICTOR, STAGER
 from services.datacache.settings import DatacacheSettings
 from services.vmnode.jobdata import DataUnavailable, JobData
 from services.vmnode.settings import NodeSettings
+from shared.auth import TokenStore
 from shared.envelope import utcnow
 from shared.messages.data import InputSpec
 from shared.messages.jobs import JobSpec, NodeRun
+from shared.mongo import connect
 from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, Opener, read_header
 from shared.service import MONGO
-from tests.helpers import lease_renewed
+from shared.settings import MongoSettings
+from tests.helpers import bearer, lease_renewed
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
 
@@ -180,6 +183,55 @@ async def test_reads_without_a_live_grant_are_refused_and_recorded(
     denials = [m for m in harness.events.messages if m["type"] == "data.denied"]
     assert len(denials) == 7
     assert all(d["payload"]["reason"] for d in denials)
+
+
+async def test_a_delegated_token_reaches_its_grant_only_and_dies_with_it(
+    harness: Harness, origin: Origin, mongo_settings: MongoSettings
+) -> None:
+    """What a node hands to a task it runs on another host (a Swarm stager): its access
+    to one grant, nothing more, for no longer than the grant."""
+    data, other = os.urandom(1000), os.urandom(1000)
+    origin.files["d.bin"], origin.files["e.bin"] = data, other
+    await _staged_ok(harness, "job-d", f"{origin.url}/d.bin")
+    await _staged_ok(harness, "job-e", f"{origin.url}/e.bin")
+    await harness.grant("job-d")
+    await harness.grant("job-e")  # the same node holds another job's grant
+    made = await harness.client.post("/v1/jobs/job-d/delegates", headers=harness.node_auth)
+    assert made.status == 201
+    view = await made.json()
+    assert view["grant"] == "job-d:1" and view["token"].startswith("mhd_")
+    delegate = bearer(view["token"])
+
+    assert (await harness.inputs("job-d", delegate)).status == 200
+    read = await harness.read("job-d", _sha(data), delegate)
+    assert read.status == 200 and await read.read() == data
+    stored = await harness.client.post(
+        "/v1/jobs/job-d/outputs/out.txt", data=b"a result", headers=delegate
+    )
+    assert stored.status == 201 and (await stored.json())["sha256"] == _sha(b"a result")
+    written = await harness.events.wait_for(
+        lambda m: m["type"] == "data.accessed" and m["payload"].get("operation") == "write"
+    )
+    assert written["payload"]["node_id"] == "node-1" and written["correlation_id"] == "job-d"
+
+    refusals = [
+        (await harness.read("job-e", _sha(other), delegate), "reaches grant job-d:1 only"),
+        (await harness.inputs("job-e", delegate), "reaches grant job-d:1 only"),
+        (await harness.client.post("/v1/jobs/job-d/delegates", headers=delegate), "cannot"),
+    ]
+    for response, reason in refusals:
+        assert response.status == 403
+        assert reason in (await response.json())["error"]["detail"]
+    async with connect(mongo_settings) as client:  # unknown to every other service
+        assert await TokenStore(client[mongo_settings.identity_db]).verify(view["token"]) is None
+
+    await harness.grant("job-d", attempt=2)  # a new attempt supersedes the token's grant
+    response = await harness.inputs("job-d", delegate)
+    assert response.status == 403
+    assert "reaches grant job-d:1 only" in (await response.json())["error"]["detail"]
+    await harness.release("job-d")
+    response = await harness.inputs("job-d", delegate)
+    assert response.status == 403 and "revoked" in (await response.json())["error"]["detail"]
 
 
 async def _granted_input(harness: Harness, origin: Origin, size: int) -> bytes:

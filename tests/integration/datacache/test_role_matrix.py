@@ -28,6 +28,8 @@ TABLE = {
     # The object is sound: the report is checked and answered, nothing is quarantined.
     ("POST", "/v1/jobs/{job_id}/objects/{sha256}/damaged"): NODE_ROUTE,
     ("PUT", "/v1/jobs/{job_id}/outputs/{path}"): {**NODE_ROUTE, "node": 201},
+    ("POST", "/v1/jobs/{job_id}/outputs/{path}"): {**NODE_ROUTE, "node": 201},
+    ("POST", "/v1/jobs/{job_id}/delegates"): {**NODE_ROUTE, "node": 201},
     # Another tenant's listing is empty, not an error: nothing of the job shows.
     ("GET", "/v1/jobs/{job_id}/outputs"): {**AUTH, "user": 200, "other_user": 200,
                                            "operator": 200, "node": 403, "other_node": 403},
@@ -68,6 +70,6 @@ async def test_each_caller_gets_what_the_table_says_on_every_route(
         )
 
     def body(method: str, _: str) -> dict[str, Any]:
-        return {"data": b"a result"} if method == "PUT" else {}
+        return {"data": b"a result"} if "outputs" in _ else {}
 
     await check_role_matrix(harness.client, TABLE, headers, fill, body)

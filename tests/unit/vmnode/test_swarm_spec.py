@@ -29,8 +29,8 @@ def _run(job_id: str = "job-1", **spec: object) -> NodeRun:
 def _spec(run: NodeRun, mounts: list[Mount] | None = None) -> dict[str, Any]:
     settings = NodeSettings.model_validate({"node_id": "n1", "cpus": 2, "memory_mb": 4096})
     return service_spec(
-        run, settings, name="s", image_id="sha256:abc", network_id="net1", swarm_node="sw1",
-        mounts=mounts or [],
+        run, settings, name="s", image_id="sha256:abc", network_id="net1",
+        constraints=["node.id==sw1"], mounts=mounts or [],
     )  # fmt: skip
 
 
