@@ -49,14 +49,23 @@ POLL_S = 0.02
 JOB_TIMEOUT_S = 120.0
 WARMUP = 2
 DOCKER_RUN = ["docker", "run", "--rm", "--network", "none", IMAGE, "true"]
-#: The reference of `--runtime swarm`: the same image as a one-task job service on this
-#: engine's own Swarm node, created, waited for (the CLI waits for a job) and removed.
-SWARM_RUN = [
-    "sh", "-c",
-    "id=$(docker service create -q --detach=false --mode replicated-job --restart-condition none"
-    " --constraint node.id==$(docker info -f '{{.Swarm.NodeID}}') " + IMAGE + " true) && "
-    "docker service rm \"$id\" >/dev/null",
-]  # fmt: skip
+#: The node a Swarm reference task runs on when no constraint is given: this engine's.
+OWN_NODE = "node.id==$(docker info -f '{{.Swarm.NodeID}}')"
+
+
+def swarm_run(constraints: list[str]) -> list[str]:
+    """The reference of `--runtime swarm`: the same image as a one-task job service,
+    placed as the agent places its jobs, created, waited for (the CLI waits for a job)
+    and removed."""
+    placed = " ".join(f"--constraint '{c}'" for c in constraints) or f"--constraint {OWN_NODE}"
+    return [
+        "sh", "-c",
+        "id=$(docker service create -q --detach=false --mode replicated-job"
+        f" --restart-condition none {placed} {IMAGE} true) && "
+        "docker service rm \"$id\" >/dev/null",
+    ]  # fmt: skip
+
+
 #: The events that end a job.
 ENDS = {f"job.{state.value}" for state in JobState if state.terminal}
 
@@ -234,10 +243,16 @@ def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
 
 
-async def main(n: int, runtime: str = "docker") -> dict[str, Any]:
+async def main(
+    n: int, runtime: str = "docker", constraints: list[str] | None = None
+) -> dict[str, Any]:
     # Settings as a small real installation would have them (the node's own capacity).
-    async with bench_stack(nodes=1, node_env={"MEDHIVE_VMNODE_RUNTIME": runtime}) as stack:
-        return await bench(stack, n, SWARM_RUN if runtime == "swarm" else DOCKER_RUN)
+    node_env = {"MEDHIVE_VMNODE_RUNTIME": runtime}
+    if constraints:
+        node_env["MEDHIVE_VMNODE_SWARM_CONSTRAINTS"] = json.dumps(constraints)
+    async with bench_stack(nodes=1, node_env=node_env) as stack:
+        reference = swarm_run(constraints or []) if runtime == "swarm" else DOCKER_RUN
+        return await bench(stack, n, reference)
 
 
 async def main_parallel(jobs: int, parallel: int, rounds: int) -> dict[str, Any]:
@@ -256,13 +271,18 @@ def cli() -> None:
         "--runtime", choices=["docker", "swarm"], default="docker",
         help="the node agent's runtime; swarm's reference is a replicated-job service",
     )  # fmt: skip
+    parser.add_argument(
+        "--swarm-constraint", action="append", default=[], metavar="EXPR",
+        help="(swarm) run the jobs, and the reference, on the Swarm nodes this names "
+        "(e.g. node.labels.medhive.test-worker==1 with scripts/swarm-worker.sh started)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.n < 1 or args.parallel < 0 or args.jobs < 1 or args.rounds < 1:
         parser.error("--n, --jobs and --rounds must be at least 1")
     if args.parallel:
         result = asyncio.run(main_parallel(args.jobs, args.parallel, args.rounds))
     else:
-        result = asyncio.run(main(args.n, args.runtime))
+        result = asyncio.run(main(args.n, args.runtime, args.swarm_constraint))
     print(json.dumps(result), flush=True)
 
 

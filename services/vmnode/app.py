@@ -45,7 +45,10 @@ def create_app(settings: NodeSettings) -> web.Application:
         await app[AGENT].data.close()
 
     async def heartbeat(app: web.Application) -> AsyncIterator[None]:
-        app[HEARTBEAT] = Heartbeat(app[BUS], settings, app[AGENT].running, list(app[RUNTIME].kinds))
+        runtime = app[RUNTIME]
+        app[HEARTBEAT] = Heartbeat(
+            app[BUS], settings, app[AGENT].running, list(runtime.kinds), runtime.capacity
+        )
         await app[HEARTBEAT].start()
         yield
         await app[HEARTBEAT].stop()

@@ -6,7 +6,7 @@ when its heartbeats stop, so they run on their own timer, apart from any job.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import structlog
@@ -32,19 +32,24 @@ class Heartbeat(PeriodicLoop):
         settings: NodeSettings,
         running: Callable[[], list[str]],
         kinds: list[str],
+        capacity: Callable[[], Awaitable[tuple[float, int] | None]] | None = None,
     ) -> None:
         super().__init__(settings.heartbeat_s)
         self.bus = bus
         self.settings = settings
         self.running = running
         self.kinds = kinds
+        #: Where the capacity comes from when the engine knows it (a Swarm's nodes).
+        self.capacity = capacity
+        self.offered: tuple[float, int] = (settings.cpus, settings.memory_mb)
         self.started_at: datetime = utcnow()
 
     def status(self) -> NodeStatus:
+        cpus, memory_mb = self.offered
         return NodeStatus(
             node_id=self.settings.node_id,
-            cpus=self.settings.cpus,
-            memory_mb=self.settings.memory_mb,
+            cpus=cpus,
+            memory_mb=memory_mb,
             running=self.running(),
             runtimes=list(self.kinds),
             heartbeat_s=self.settings.heartbeat_s,
@@ -64,4 +69,9 @@ class Heartbeat(PeriodicLoop):
         await self._emit("node.heartbeat")
 
     async def _emit(self, type_: str) -> None:
+        if self.capacity is not None and type_ != "node.offline":
+            try:
+                self.offered = await self.capacity() or self.offered
+            except Exception as exc:  # the engine away: the last known capacity stands
+                log.warning("capacity_unknown", reason=str(exc))
         await self.bus.emit(type_, self.status(), actor=self.settings.node_id)

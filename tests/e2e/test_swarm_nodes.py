@@ -10,6 +10,7 @@ back through its uploader; the workload itself has no network.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,9 @@ from typing import Any
 import aiodocker
 import pytest
 
+from services.vmnode.runtimes.docker import MIB
+from services.vmnode.runtimes.swarm import SwarmRuntime
+from services.vmnode.settings import NodeSettings
 from tests.e2e.support import client, spec, wait_state
 from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
@@ -83,6 +87,16 @@ async def remote_stack(on_the_worker: None, stack: Stack) -> AsyncIterator[Stack
         await remove_everything_of(docker, stack.node_id)
 
 
+@contextlib.asynccontextmanager
+async def origin_of(stack: Stack, files: dict[str, bytes]) -> AsyncIterator[Origin]:
+    """An HTTP source serving `files`, configured in the stack's datacache."""
+    async with serve_origin(Origin(files=files, token="s3cret")) as origin:
+        await stack.configure_sources(
+            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
+        )
+        yield origin
+
+
 async def running_task(docker: aiodocker.Docker, job_id: str) -> dict[str, Any]:
     """The job's workload task (not a stager's or uploader's), once it runs."""
     labels = {"label": [f"medhive.job_id={job_id}"]}
@@ -112,14 +126,11 @@ async def test_a_job_with_inputs_runs_on_another_swarm_node_and_its_results_come
     data = os.urandom(1024 * 1024 + 7)
     sha = hashlib.sha256(data).hexdigest()
     async with (
-        serve_origin(Origin(files={"ct.bin": data}, token="s3cret")) as origin,
+        origin_of(stack, {"ct.bin": data}) as origin,
         aiodocker.Docker() as docker,
         aiodocker.Docker(url=WORKER_ENGINE) as worker,
         client(stack, user_token) as api,
     ):
-        await stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
         datacache = stack.env["MEDHIVE_VMNODE_SWARM_DATACACHE_URL"]
         job = await api.submit(
             spec(
@@ -172,14 +183,11 @@ async def test_cancel_and_walltime_end_jobs_on_another_swarm_node(
 ) -> None:
     stack = remote_stack
     async with (
-        serve_origin(Origin(files={"in.bin": b"input"}, token="s3cret")) as origin,
+        origin_of(stack, {"in.bin": b"input"}) as origin,
         aiodocker.Docker() as docker,
         aiodocker.Docker(url=WORKER_ENGINE) as worker,
         client(stack, user_token) as api,
     ):
-        await stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
         too_long = await api.submit(spec("sleepy", "sleep", "600", walltime_s=4))
         cancelled = await api.submit(
             spec(
@@ -198,3 +206,71 @@ async def test_cancel_and_walltime_end_jobs_on_another_swarm_node(
         await nothing_left(docker, stack.node_id)
         for job in (too_long, cancelled):
             assert await running_here(worker, job["id"]) == []
+
+
+async def test_an_agent_killed_mid_job_adopts_its_job_on_another_node(
+    remote_stack: Stack, user_token: str, tmp_path: Path
+) -> None:
+    stack = remote_stack
+    gated = "while [ ! -e /tmp/go ]; do sleep 0.05; done; cat /data/in/in.bin > /outputs/out.txt"
+    async with (
+        origin_of(stack, {"in.bin": b"input"}) as origin,
+        aiodocker.Docker() as docker,
+        aiodocker.Docker(url=WORKER_ENGINE) as worker,
+        client(stack, user_token) as api,
+    ):
+        job = await api.submit(
+            spec(
+                "survivor", "sh", "-c", gated,
+                inputs=[{"name": "in", "source": f"{origin.url}/in.bin", "path": "/data/in"}],
+                outputs={"max_mb": 1},
+            )
+        )  # fmt: skip
+        task = await running_task(docker, job["id"])
+        stack.kill("vmnode")
+        await stack.restart("vmnode")
+        async with asyncio.timeout(30):
+            while "run_adopted" not in stack.log("vmnode"):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        gate = await worker.containers.container(
+            task["Status"]["ContainerStatus"]["ContainerID"]
+        ).exec(["touch", "/tmp/go"], user="65534:65534")
+        await gate.start(detach=True)
+
+        done = await wait_state(api, job["id"])
+        assert done["state"] == "succeeded", done["history"]
+        await api.download(job["id"], "out.txt", tmp_path / "out.txt")
+        assert (tmp_path / "out.txt").read_bytes() == b"input"
+        await nothing_left(docker, stack.node_id)
+        assert await running_here(worker, job["id"]) == []
+
+
+async def test_the_agent_offers_what_the_swarm_nodes_of_its_jobs_have(swarm_worker: str) -> None:
+    async with aiodocker.Docker() as docker:
+        nodes = {n["ID"]: n["Description"]["Resources"] for n in await docker.nodes.list()}
+    assert swarm_worker in nodes and len(nodes) == 2
+
+    def offered_by(*ids: str) -> tuple[float, int]:
+        return (
+            sum(nodes[i]["NanoCPUs"] for i in ids) / 1e9,
+            sum(nodes[i]["MemoryBytes"] for i in ids) // MIB,
+        )
+
+    cases = [
+        (json.loads(ON_THE_WORKER), offered_by(swarm_worker)),
+        (["node.platform.os==linux"], offered_by(*nodes)),  # both
+        ([], offered_by(*(i for i in nodes if i != swarm_worker))),  # its own node
+    ]
+    for constraints, expected in cases:
+        settings = NodeSettings.model_validate({"node_id": "n", "swarm_constraints": constraints})
+        runtime = SwarmRuntime(settings)
+        try:
+            assert await runtime.capacity() == expected, constraints
+        finally:
+            await runtime.close()
+    kept_back = NodeSettings.model_validate({"node_id": "n", "cpus": 1, "memory_mb": 512})
+    runtime = SwarmRuntime(kept_back)
+    try:
+        assert await runtime.capacity() is None, "the settings say"
+    finally:
+        await runtime.close()

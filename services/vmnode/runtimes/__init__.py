@@ -34,6 +34,13 @@ class ByKind:
     def _for(self, workload: Workload) -> Runtime:
         return self._of[workload.kind]
 
+    async def capacity(self) -> tuple[float, int] | None:
+        """The first runtime's that knows better than the settings (a Swarm's), if any."""
+        for runtime in self.runtimes:
+            if (offered := await runtime.capacity()) is not None:
+                return offered
+        return None
+
     def brings_data(self, run: NodeRun) -> bool:
         runtime = self._of.get(run.spec.kind)
         return runtime is not None and runtime.brings_data(run)

@@ -97,6 +97,10 @@ class Runtime(Protocol):
         results back, itself (Swarm tasks on other nodes); if not, the agent places
         them on this host (jobdata.py) and hands the runtime their `mounts`."""
 
+    async def capacity(self) -> tuple[float, int] | None:
+        """(cpus, memory MiB) the engine offers to jobs, where it knows better than the
+        agent's settings (the Swarm nodes that run its jobs); None: the settings say."""
+
     async def prepare(self, run: NodeRun, mounts: Sequence[Mount] = ()) -> Workload:
         """Create the workload of `run` with `mounts`, or return the one that already exists.
 

@@ -55,6 +55,9 @@ class InstantRuntime:
     def brings_data(self, run: NodeRun) -> bool:
         return False  # the agent places the data on this host
 
+    async def capacity(self) -> tuple[float, int] | None:
+        return None  # this host's: the agent's settings say
+
     async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
         return None  # the agent collects /outputs from this host
 

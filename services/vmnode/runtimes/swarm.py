@@ -112,10 +112,12 @@ from services.vmnode.runtimes.swarmspec import (
     NEVER_RAN,
     OUTPUTS_LABEL,
     PART_LABEL,
+    check_constraints,
     is_retirement,
     network_spec,
     part_name,
     retired_spec,
+    runs_jobs,
     service_name,
     service_spec,
     stager_spec,
@@ -159,6 +161,7 @@ class SwarmRuntime:
         self.data = data or JobData(settings)
         #: Jobs go to the Swarm nodes the constraints name, their data through a stager.
         self.remote = bool(settings.swarm_constraints)
+        check_constraints(settings.swarm_constraints)
         self._docker: aiodocker.Docker | None = None
         self._swarm_node: str | None = None
         #: What tasks stopped on another node printed, read before they were stopped:
@@ -189,6 +192,24 @@ class SwarmRuntime:
 
     def brings_data(self, run: NodeRun) -> bool:
         return self.remote
+
+    async def capacity(self) -> tuple[float, int] | None:
+        """What the Swarm nodes that run its jobs have, together: the agent's own node,
+        or every ready, active node the constraints name. Capacity set in the agent's
+        settings (`MEDHIVE_VMNODE_CPUS`, `_MEMORY_MB`) wins: a site may keep some back."""
+        if {"cpus", "memory_mb"} <= self.settings.model_fields_set:
+            return None
+        own = await self.swarm_node()
+        constraints = self.settings.swarm_constraints or [f"node.id=={own}"]
+        nodes = [n for n in await self.docker.nodes.list() if runs_jobs(n, constraints)]
+        resources = [n["Description"]["Resources"] for n in nodes]
+        cpus = sum(r.get("NanoCPUs", 0) for r in resources) / 1e9
+        memory_mb = sum(r.get("MemoryBytes", 0) for r in resources) // MIB
+        given = self.settings.model_fields_set
+        return (
+            self.settings.cpus if "cpus" in given else cpus,
+            self.settings.memory_mb if "memory_mb" in given else memory_mb,
+        )
 
     @property
     def _datacache_url(self) -> str:
