@@ -56,12 +56,14 @@ OWN_NODE = "node.id==$(docker info -f '{{.Swarm.NodeID}}')"
 def swarm_run(constraints: list[str]) -> list[str]:
     """The reference of `--runtime swarm`: the same image as a one-task job service,
     placed as the agent places its jobs, created, waited for (the CLI waits for a job)
-    and removed."""
+    and removed. The image is named by its id, as the agent names it: by name, a node
+    other than the manager tries a registry first (20 s here, with none reachable)."""
     placed = " ".join(f"--constraint '{c}'" for c in constraints) or f"--constraint {OWN_NODE}"
     return [
         "sh", "-c",
         "id=$(docker service create -q --detach=false --mode replicated-job"
-        f" --restart-condition none {placed} {IMAGE} true) && "
+        f" --restart-condition none {placed}"
+        f" $(docker image inspect -f '{{{{.Id}}}}' {IMAGE}) true) && "
         "docker service rm \"$id\" >/dev/null",
     ]  # fmt: skip
 

@@ -188,7 +188,10 @@ async def test_cancel_and_walltime_end_jobs_on_another_swarm_node(
         aiodocker.Docker(url=WORKER_ENGINE) as worker,
         client(stack, user_token) as api,
     ):
-        too_long = await api.submit(spec("sleepy", "sleep", "600", walltime_s=4))
+        # Results but no inputs: a stager holding only the results' volume.
+        too_long = await api.submit(
+            spec("sleepy", "sleep", "600", walltime_s=4, outputs={"max_mb": 1})
+        )
         cancelled = await api.submit(
             spec(
                 "to-cancel", "sleep", "600",

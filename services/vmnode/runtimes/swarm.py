@@ -328,8 +328,9 @@ class SwarmRuntime:
             except aiodocker.DockerError as exc:
                 if exc.status != 404:
                     raise
-        # Swarm records the end a few milliseconds after the container's exit.
-        task = await self._until(workload.id, lambda t: t["Status"]["State"] in ENDED)
+        # Swarm records the end a few milliseconds after the container's exit; a task on
+        # another node is waited for here, for as long as it runs.
+        task = await self._until(workload.id, lambda t: False, patient=True)
         container = await self._container(task)
         status = task["Status"]
         code = status.get("ContainerStatus", {}).get("ExitCode")
@@ -618,17 +619,20 @@ class SwarmRuntime:
             raise WorkloadGone(f"service {service_id} was retired and its task has gone")
         return task
 
-    async def _until(self, service_id: str, done: Callable[[Task], bool]) -> Task:
+    async def _until(
+        self, service_id: str, done: Callable[[Task], bool], patient: bool = False
+    ) -> Task:
         """The task once `done(task)` holds or it ended; `WorkloadGone` if the service
-        goes first. Read every 0.1 s at first, then less often (up to every 2 s): a
-        task on another node is waited for this way for as long as it runs."""
+        goes first. Read every 0.1 s; `patient`ly, less and less often (up to every
+        2 s): a task on another node is waited for this way for as long as it runs."""
         pause = POLL_S
         while True:
             task = await self._task_or_gone(service_id)
             if task is not None and (done(task) or task["Status"]["State"] in ENDED):
                 return task
             await asyncio.sleep(pause)  # Swarm publishes no task events to wait on
-            pause = min(pause * 1.2, POLL_MAX_S)
+            if patient:
+                pause = min(pause * 1.2, POLL_MAX_S)
 
     async def _container(self, task: Task | None) -> Mapping[str, Any] | None:
         """The task's container as this engine shows it (None if it has none, or no longer)."""

@@ -69,7 +69,7 @@ while [ $# -ge 2 ]; do
   if [ "${sum%% *}" != "$1" ]; then echo "input $2 arrived with the wrong SHA-256" >&2; exit 65; fi
   shift 2
 done
-chmod -R a-w /in/*
+for input in /in/*; do [ -e "$input" ] && chmod -R a-w "$input"; done
 touch /tmp/ready
 left=$((MEDHIVE_UNTIL - $(date +%s)))
 if [ "$left" -gt 0 ]; then exec sleep "$left"; fi
