@@ -1,7 +1,8 @@
 """The interface between the node agent and a workload engine.
 
-The agent only ever talks to a `Runtime`: Docker (runtimes/docker.py), libvirt
-(runtimes/libvirt.py) and the benchmark runtime (runtimes/instant.py) implement it, and
+The agent only ever talks to a `Runtime`: Docker (runtimes/docker.py), Docker Swarm
+(runtimes/swarm.py), libvirt (runtimes/libvirt.py) and the benchmark runtime
+(runtimes/instant.py) implement it, and
 `ByKind` (runtimes/__init__.py) sends each job to the one for its kind. Every method is
 a coroutine that never blocks the loop. A workload's identity (job, attempt, tenant,
 deadline) lives in the engine itself (container labels, domain metadata), so a
@@ -84,6 +85,21 @@ class EngineUnavailable(Exception):
 
 class WorkloadRefused(Exception):
     """The engine refused to create or start the workload (bad command, workdir, ...)."""
+
+
+class OnThisHost:
+    """What a runtime whose workloads run on the agent's own host says of them: the
+    agent places their data and collects their results (jobdata.py), and its settings
+    say the capacity. Docker, libvirt and the benchmark runtime are such runtimes."""
+
+    def brings_data(self, run: NodeRun) -> bool:
+        return False
+
+    async def capacity(self) -> tuple[float, int] | None:
+        return None
+
+    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
+        return None
 
 
 class Runtime(Protocol):

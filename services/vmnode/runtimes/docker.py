@@ -27,6 +27,7 @@ from services.vmnode.runtimes.base import (
     ExitInfo,
     ImageMissing,
     Mount,
+    OnThisHost,
     Output,
     State,
     Workload,
@@ -35,7 +36,6 @@ from services.vmnode.runtimes.base import (
     keep_tail,
 )
 from services.vmnode.settings import NodeSettings
-from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 log = structlog.get_logger("medhive.vmnode.docker")
@@ -187,7 +187,7 @@ def engine_time(value: str | None) -> datetime | None:
     return datetime.fromisoformat(f"{whole}.{micros}+00:00")
 
 
-class DockerRuntime:
+class DockerRuntime(OnThisHost):
     """The `Runtime` over the local Docker engine. Never pulls an image."""
 
     kinds: tuple[str, ...] = ("container",)
@@ -281,15 +281,6 @@ class DockerRuntime:
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports
-
-    def brings_data(self, run: NodeRun) -> bool:
-        return False  # the agent places the data on this host
-
-    async def capacity(self) -> tuple[float, int] | None:
-        return None  # this host's: the agent's settings say
-
-    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
-        return None  # the agent collects /outputs from this host
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         return None  # /outputs is a host directory mounted into the container

@@ -10,13 +10,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from services.vmnode.runtimes.base import ExitInfo, Mount, Output, Workload
+from services.vmnode.runtimes.base import ExitInfo, Mount, OnThisHost, Output, Workload
 from services.vmnode.settings import NodeSettings
-from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 
-class InstantRuntime:
+class InstantRuntime(OnThisHost):
     """A `Runtime` whose workloads exist only in name."""
 
     kinds: tuple[str, ...] = ("container",)
@@ -51,15 +50,6 @@ class InstantRuntime:
 
     async def expose(self, workload: Workload) -> dict[str, str]:
         return {}  # containers have no network, let alone interactive ports
-
-    def brings_data(self, run: NodeRun) -> bool:
-        return False  # the agent places the data on this host
-
-    async def capacity(self) -> tuple[float, int] | None:
-        return None  # this host's: the agent's settings say
-
-    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
-        return None  # the agent collects /outputs from this host
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         return None  # /outputs is a host directory mounted into the container

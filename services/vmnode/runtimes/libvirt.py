@@ -42,6 +42,7 @@ from services.vmnode.runtimes.base import (
     ExitInfo,
     ImageMissing,
     Mount,
+    OnThisHost,
     Output,
     State,
     Workload,
@@ -53,7 +54,6 @@ from services.vmnode.settings import NodeSettings
 from services.vmnode.vmdisks import make_disk, make_iso, make_overlay, read_outputs
 from shared.bus import NoReply
 from shared.envelope import utcnow
-from shared.messages.data import StagedFile
 from shared.messages.jobs import NodeRun
 
 log = structlog.get_logger("medhive.vmnode.libvirt")
@@ -70,7 +70,7 @@ _GUEST_ENDED = {libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN, libvirt.VIR_DOMAIN_SHUTOFF_
 _FAILED = {libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, libvirt.VIR_DOMAIN_SHUTOFF_FAILED}
 
 
-class LibvirtRuntime:
+class LibvirtRuntime(OnThisHost):
     """A `Runtime` for `vm` jobs."""
 
     kinds: tuple[str, ...] = ("vm",)
@@ -266,15 +266,6 @@ class LibvirtRuntime:
                 workload.job_id, workload.attempt, workload.tenant, name, port, workload.deadline
             )
         return endpoints
-
-    def brings_data(self, run: NodeRun) -> bool:
-        return False  # the agent places the data on this host
-
-    async def capacity(self) -> tuple[float, int] | None:
-        return None  # this host's: the agent's settings say
-
-    async def stored_outputs(self, workload: Workload) -> list[StagedFile] | None:
-        return None  # the agent collects /outputs from this host
 
     async def export_outputs(self, workload: Workload, into: Path) -> None:
         """Copy `outputs/` of the writable disk (the guest has stopped) into `into`."""
