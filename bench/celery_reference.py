@@ -22,7 +22,8 @@ from pathlib import Path
 from celery import Celery
 from pymongo import AsyncMongoClient
 
-from bench.stack import Process, _spawn, progress
+from bench.stack import progress, start, stop
+from medhive.processes import Child
 
 DATABASE = "celery_reference"
 COLLECTION = "celery_taskmeta"
@@ -52,11 +53,11 @@ async def _successes(mongo_url: str) -> int:
         await client.close()
 
 
-async def _until_stored(mongo_url: str, count: int, worker: Process, within: float) -> None:
+async def _until_stored(mongo_url: str, count: int, worker: Child, within: float) -> None:
     """Poll the result backend until `count` tasks have their SUCCESS stored."""
     async with asyncio.timeout(within):
         while await _successes(mongo_url) < count:
-            if worker.process.returncode is not None:
+            if worker.poll() is not None:
                 raise RuntimeError(f"the Celery worker exited: see {worker.log}")
             await asyncio.sleep(POLL_S)
 
@@ -80,7 +81,7 @@ async def celery_per_s(
         "--pool", "threads", "--concurrency", str(THREADS), "--loglevel", "WARNING",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
-    worker = await _spawn("celery", argv, env, workdir / "celery.log")
+    worker = start("celery", argv, env, workdir / "celery.log")
     try:
         app.conf.broker_url, app.conf.result_backend = amqp_url, mongo_url
         progress("Celery: warm-up task")
@@ -92,4 +93,4 @@ async def celery_per_s(
         await _until_stored(mongo_url, tasks + 1, worker, within)
         return tasks / (time.perf_counter() - started)
     finally:
-        await worker.stop()
+        await stop(worker)

@@ -40,12 +40,12 @@ from datetime import datetime
 from typing import Any
 
 from bench.control_plane import audit_head, submit_all
+from bench.jobs import timed_job
 from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
-from medhive.client import TERMINAL, Client
+from medhive.client import Client
 from shared.messages.jobs import JobState
 
 IMAGE = "medhive/busybox:1"
-POLL_S = 0.02
 JOB_TIMEOUT_S = 120.0
 WARMUP = 2
 DOCKER_RUN = ["docker", "run", "--rm", "--network", "none", IMAGE, "true"]
@@ -73,18 +73,8 @@ ENDS = {f"job.{state.value}" for state in JobState if state.terminal}
 
 
 async def medhive_run(api: Client, name: str) -> tuple[float, dict[str, Any]]:
-    """Seconds from submit until the job API shows it terminal, and the final job."""
-    spec = {"name": name, "image": IMAGE, "command": ["true"]}
-    started = time.perf_counter()
-    job = await api.submit(spec)
-    async with asyncio.timeout(JOB_TIMEOUT_S):
-        while job["state"] not in TERMINAL:
-            await asyncio.sleep(POLL_S)
-            job = await api.job(job["id"])
-    elapsed = time.perf_counter() - started
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"job {job['id']} ended {job['state']}: {job.get('reason')}")
-    return elapsed, job
+    """The trivial job (`true` in `IMAGE`), timed from submit until terminal; its job."""
+    return await timed_job(api, {"name": name, "image": IMAGE, "command": ["true"]}, JOB_TIMEOUT_S)
 
 
 async def docker_run(reference: list[str] = DOCKER_RUN) -> float:
@@ -99,6 +89,20 @@ async def docker_run(reference: list[str] = DOCKER_RUN) -> float:
     if process.returncode != 0:
         raise RuntimeError(f"docker run failed ({process.returncode}): {err.decode()[-500:]}")
     return elapsed
+
+
+def _medians_and_ratio(
+    names: tuple[str, str, str], medhive: list[float], reference: list[float], digits: int
+) -> dict[str, float]:
+    """The median of medhive's samples and of the reference's, rounded to `digits`, under
+    the first two names, and the first median over the second (what a target names) under
+    the third."""
+    ours, theirs = statistics.median(medhive), statistics.median(reference)
+    return {
+        names[0]: round(ours, digits),
+        names[1]: round(theirs, digits),
+        names[2]: round(ours / theirs, 3),
+    }
 
 
 def phases_ms(job: dict[str, Any]) -> dict[str, float]:
@@ -134,13 +138,10 @@ async def bench(stack: Stack, n: int, reference: list[str] = DOCKER_RUN) -> dict
                 f"run {i + 1}/{n}: medhive {medhive_times[-1]:.3f} s, "
                 f"docker run {docker_times[-1]:.3f} s"
             )
-    medhive_median = statistics.median(medhive_times)
-    docker_median = statistics.median(docker_times)
     keys = sorted({key for p in phases for key in p})
+    medians = ("medhive_median_s", "docker_run_median_s", "ratio")
     return {
-        "medhive_median_s": round(medhive_median, 4),
-        "docker_run_median_s": round(docker_median, 4),
-        "ratio": round(medhive_median / docker_median, 3),
+        **_medians_and_ratio(medians, medhive_times, docker_times, digits=4),
         "n": n,
         "rss_mb": rss,
         "medhive_min_max_s": [round(min(medhive_times), 4), round(max(medhive_times), 4)],
@@ -224,11 +225,9 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
                 f"round {i + 1}/{rounds}: medhive {medhive_rates[-1]:.2f}/s, "
                 f"docker run {docker_rates[-1]:.2f}/s"
             )
-    medhive, docker = statistics.median(medhive_rates), statistics.median(docker_rates)
+    medians = ("medhive_per_s", "docker_per_s", "parallel_ratio")
     return {
-        "medhive_per_s": round(medhive, 2),
-        "docker_per_s": round(docker, 2),
-        "parallel_ratio": round(medhive / docker, 3),
+        **_medians_and_ratio(medians, medhive_rates, docker_rates, digits=2),
         "jobs": jobs,
         "parallel": parallel,
         "rounds": rounds,

@@ -51,6 +51,11 @@ The last line of stdout is one JSON object:
   `audit_records`, `p50/p99_end_to_end_ms` (submitted -> succeeded, from the history)
   and `cpu_s` (CPU seconds each process used during the run; `other` is the rest of
   the machine's busy time, mostly RabbitMQ).
+
+One module because it is one run whose numbers are only meaningful together: every phase
+uses the same stack, in an order that keeps one from loading the database the next
+measures, and the references (`db_ceiling`, which copies a job of the measured run;
+Celery on the same broker and database server) exist to be divided into `jobs_per_s`.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from bench.celery_reference import celery_per_s
 from bench.stack import Stack, _vhost, bench_stack, cpu_used, progress, rabbit_get
 from medhive.client import Client
 from services.audit.store import AuditStore, RecordQuery
+from services.scheduler.nodes import NodeStore
 from services.scheduler.placement import Placer, Room
 from services.scheduler.store import JobStore, dedup_keys
 from services.scheduler.tenants import TenantBook
@@ -383,7 +389,7 @@ def placement_pass_cpu_ms(queued: int = PASS_QUEUED) -> dict[str, float]:
     when ten nodes have room for a whole batch, and when none has room for anything.
     In this process, on the scheduler's own code; no database is touched."""
     unused = AsyncMongoClient("mongodb://127.0.0.1:1/", connect=False)["unused"]
-    placer = Placer(JobStore(unused), 20.0, TenantBook(unused, 86400.0, 4096))
+    placer = Placer(JobStore(unused), NodeStore(unused), 20.0, TenantBook(unused, 86400.0, 4096))
     for i in range(queued):
         cpus, memory_mb = PASS_SHAPES[i % len(PASS_SHAPES)]
         resources = {"cpus": cpus, "memory_mb": memory_mb}

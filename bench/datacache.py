@@ -54,6 +54,11 @@ onto a node by the node agent's code, as a job of its own would get it
 The last line of stdout is one JSON object with those keys, the medians' inputs, and
 `rss_mb` (the datacache's idle RSS). Needs root (the namespace) and the test extras
 (the study generator).
+
+One module because every case measures the same datacache process, which `_services`
+starts once with both sources (the origin and the Orthanc PACS), and the cases build on
+each other: the serve and node cases read the object that the staging case's second job
+left in the cache, under the grant `_grant` gave the bench's node.
 """
 
 from __future__ import annotations
@@ -80,17 +85,18 @@ from pydantic import SecretStr
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
 from bench.stack import (
-    _spawn,
-    _until_healthy,
-    _until_port,
+    STARTUP_TIMEOUT_S,
     _vhost,
     free_port,
     process_cpu_s,
     process_rss_mb,
     progress,
+    start,
+    stop,
 )
 from medhive import localdb
 from medhive.localpacs import running_orthanc
+from medhive.processes import until_healthy, until_port
 from services.datacache.sources.dicomweb import DICOM_PARTS
 from services.vmnode.jobdata import JobData
 from services.vmnode.runtimes.base import Mount
@@ -230,14 +236,14 @@ async def _services(
         run = os.urandom(4).hex()
         amqp_url = await cleanup.enter_async_context(_vhost(f"bench-dc-{run}"))
         db_port, origin_port, port = free_port(), free_port(), free_port()
-        db = await _spawn(
+        db = start(
             "secantus",
             localdb.argv("127.0.0.1", db_port, str(workdir / "db")),
             os.environ,
             workdir / "secantus.log",
         )
-        cleanup.push_async_callback(db.stop)
-        await _until_port(db, db_port)
+        cleanup.push_async_callback(stop, db)
+        await until_port(db, db_port, within=STARTUP_TIMEOUT_S)
         mongo = MongoSettings(
             url=SecretStr(f"mongodb://127.0.0.1:{db_port}/"), identity_db=f"bench{run}_identity"
         )
@@ -251,14 +257,14 @@ async def _services(
         files.mkdir()
         progress(f"writing a {size_mb} MiB source file")
         await asyncio.to_thread(_write_source, files / "scan.bin", size_mb * MIB)
-        origin = await _spawn(
+        origin = start(
             "origin",
             [sys.executable, "-m", "bench.origin", str(files), str(origin_port)],
             os.environ,
             workdir / "origin.log",
         )
-        cleanup.push_async_callback(origin.stop)
-        await _until_port(origin, origin_port)
+        cleanup.push_async_callback(stop, origin)
+        await until_port(origin, origin_port, within=STARTUP_TIMEOUT_S)
         origin_url = f"http://127.0.0.1:{origin_port}"
 
         pacs = cleanup.enter_context(running_orthanc(workdir / "orthanc"))
@@ -287,16 +293,15 @@ async def _services(
             "MEDHIVE_DATACACHE_MASTER_KEY": f"k1:{key}",
             "MEDHIVE_DATACACHE_SOURCES_FILE": str(sources),
         }
-        datacache = await _spawn(
+        datacache = start(
             "datacache",
             [sys.executable, "-m", "services.datacache"],
             env,
             workdir / "datacache.log",
         )
-        datacache.port = port
-        cleanup.push_async_callback(datacache.stop)
-        async with aiohttp.ClientSession() as session:
-            await _until_healthy(datacache, session)
+        cleanup.push_async_callback(stop, datacache)
+        health = f"http://127.0.0.1:{port}/healthz"
+        await until_healthy(datacache, health, within=STARTUP_TIMEOUT_S)
         amqp = AmqpSettings(url=SecretStr(amqp_url))
         bus = Bus(amqp, "scheduler@bench")
         await bus.connect()

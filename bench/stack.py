@@ -12,6 +12,11 @@ On exit the services are stopped gracefully (SIGTERM) in reverse start order, th
 containers labelled `medhive.node=<node id>` are removed, the database server stopped,
 the vhost deleted and the temporary directory removed (kept with `MEDHIVE_BENCH_KEEP=1`).
 When set-up or the bench fails, the end of every service's log goes to stderr.
+
+One module because `bench_stack` makes the parts of one installation in an order its
+teardown must reverse (vhost, database, tokens, services, containers), and the
+measurements every bench takes (`process_cpu_s`, `process_rss_mb`, `cpu_used`) read the
+processes of that same `Stack`.
 """
 
 from __future__ import annotations
@@ -21,19 +26,21 @@ import contextlib
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 from pydantic import SecretStr
 
 from medhive import localdb
 from medhive.client import Client
+from medhive.processes import Child, spawn, until_healthy, until_port
 from shared.auth import Role, TokenStore
 from shared.mongo import connect
 from shared.settings import MongoSettings
@@ -89,45 +96,6 @@ def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, flo
     return delta
 
 
-def _open_log(path: Path) -> IO[bytes]:
-    return path.open("ab")
-
-
-def _tail(path: Path, chars: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
-
-
-@dataclass
-class Process:
-    """One child process of the stack and where its output goes."""
-
-    name: str
-    process: asyncio.subprocess.Process
-    log: Path
-    port: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    async def stop(self) -> None:
-        """SIGTERM (the services shut down gracefully on it), SIGKILL after a timeout."""
-        if self.process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
-        except TimeoutError:
-            progress(f"{self.name} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-
-
 @dataclass
 class Stack:
     """A running installation: where its APIs are and who may call them."""
@@ -142,7 +110,7 @@ class Stack:
     db_prefix: str  # the services' databases are <db_prefix>_<service>
     node_ids: list[str]
     workdir: Path
-    processes: dict[str, Process] = field(default_factory=dict)
+    processes: dict[str, Child] = field(default_factory=dict)
     #: one user token per tenant (`bench_stack(tenants=N)`); the first is `user_token`
     user_tokens: list[str] = field(default_factory=list)
 
@@ -172,13 +140,13 @@ class Stack:
     def check_alive(self) -> None:
         """Raise if a service died (a bench would otherwise wait for it forever)."""
         for name, process in self.processes.items():
-            if process.process.returncode is not None:
-                raise RuntimeError(f"{name} exited with {process.process.returncode}")
+            if (status := process.poll()) is not None:
+                raise RuntimeError(f"{name} exited with {status}")
 
     def dump_logs(self) -> None:
         for process in self.processes.values():
             print(f"----- {process.name} ({process.log}) -----", file=sys.stderr)
-            print(_tail(process.log), file=sys.stderr, flush=True)
+            print(process.tail(4000), file=sys.stderr, flush=True)
 
 
 # -- RabbitMQ ------------------------------------------------------------------------
@@ -221,47 +189,15 @@ async def _vhost(name: str) -> AsyncIterator[str]:
 # -- processes -----------------------------------------------------------------------
 
 
-async def _spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path) -> Process:
-    handle = _open_log(log)
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv, env=dict(env), cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=handle,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    finally:
-        handle.close()  # the child has its own descriptor
-    return Process(name, process, log)
+def start(name: str, argv: list[str], env: Mapping[str, str], log: Path) -> Child:
+    """Start a process of the stack in the repository root, its output appended to `log`."""
+    return spawn(name, argv, env=env, log=log, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
-async def _until_port(process: Process, port: int) -> None:
-    """Wait until something accepts connections on the port (the server's only sign)."""
-    async with asyncio.timeout(STARTUP_TIMEOUT_S):
-        while True:
-            if process.process.returncode is not None:
-                raise RuntimeError(f"{process.name} exited:\n{_tail(process.log)}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.1)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
-
-
-async def _until_healthy(process: Process, session: aiohttp.ClientSession) -> None:
-    url = f"http://127.0.0.1:{process.port}/healthz"
-    async with asyncio.timeout(STARTUP_TIMEOUT_S):
-        while True:
-            if process.process.returncode is not None:
-                raise RuntimeError(f"{process.name} exited:\n{_tail(process.log)}")
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
+async def stop(process: Child) -> None:
+    """SIGTERM (the services shut down gracefully on it), SIGKILL after a timeout."""
+    if await process.stop_async(STOP_TIMEOUT_S):
+        progress(f"{process.name} did not stop in {STOP_TIMEOUT_S:.0f} s; killed it")
 
 
 async def _remove_containers(node_id: str) -> None:
@@ -339,9 +275,9 @@ async def bench_stack(
 
             db_port = free_port()
             argv = localdb.argv("127.0.0.1", db_port, str(workdir / "db"))
-            db = await _spawn("secantus", argv, os.environ, workdir / "secantus.log")
-            cleanup.push_async_callback(db.stop)
-            await _until_port(db, db_port)
+            db = start("secantus", argv, os.environ, workdir / "secantus.log")
+            cleanup.push_async_callback(stop, db)
+            await until_port(db, db_port, within=STARTUP_TIMEOUT_S)
             mongo_url = f"mongodb://127.0.0.1:{db_port}/"
             progress(f"SecantusDB on port {db_port}")
 
@@ -409,17 +345,17 @@ async def bench_stack(
             async with aiohttp.ClientSession() as session:
                 for name, module, env, port in services:
                     argv = [sys.executable, "-m", f"services.{module}"]
-                    process = await _spawn(name, argv, {**base, **env}, workdir / f"{name}.log")
-                    process.port = port
+                    process = start(name, argv, {**base, **env}, workdir / f"{name}.log")
                     stack.processes[name] = process
-                    cleanup.push_async_callback(process.stop)
-                    await _until_healthy(process, session)
+                    cleanup.push_async_callback(stop, process)
+                    health = f"http://127.0.0.1:{port}/healthz"
+                    await until_healthy(process, health, within=STARTUP_TIMEOUT_S)
                     progress(f"{name} healthy (pid {process.pid}, port {port})")
                 for name, module, env, _ in standbys:
                     argv = [sys.executable, "-m", f"services.{module}"]
-                    process = await _spawn(name, argv, {**base, **env}, workdir / f"{name}.log")
+                    process = start(name, argv, {**base, **env}, workdir / f"{name}.log")
                     stack.processes[name] = process
-                    cleanup.push_async_callback(process.stop)
+                    cleanup.push_async_callback(stop, process)
                     progress(f"{name} started as a standby (pid {process.pid})")
                 await _nodes_online(stack, session)
             progress(f"{nodes} node(s) online")

@@ -46,17 +46,17 @@ import libvirtaio
 from pydantic import SecretStr
 
 from bench.bare_rpc import BareClient, start_responder
+from bench.jobs import timed_job
 from bench.stack import Stack, bench_stack, progress
-from medhive.client import TERMINAL, Client
+from medhive.client import Client
 from shared.bus import Bus
 from shared.envelope import utcnow
-from shared.messages.net import NetForward, NetLease, NetRelease
+from shared.messages.net import NetForward, NetForwarded, NetLease, NetLeased, NetRelease
 from shared.settings import AmqpSettings
 from tests.fixtures.vmnet import BANNER_SERVER, VmNet, build_vmnet, sh
 
 GUEST_DIR = Path(os.environ.get("MEDHIVE_TEST_GUEST_DIR", "/var/lib/medhive/guest"))
 URI = "qemu:///system"
-POLL_S = 0.02
 JOB_TIMEOUT_S = 180.0
 WARMUP = 1
 GUEST_PORT = 2222
@@ -86,15 +86,7 @@ async def medhive_vm(api: Client, base: Path, name: str) -> float:
         "resources": {"cpus": 1, "memory_mb": 256},
         "vm": {"kernel": str(GUEST_DIR / "vmlinuz"), "initrd": str(GUEST_DIR / "initrd.img")},
     }
-    started = time.perf_counter()
-    job = await api.submit(spec)
-    async with asyncio.timeout(JOB_TIMEOUT_S):
-        while job["state"] not in TERMINAL:
-            await asyncio.sleep(POLL_S)
-            job = await api.job(job["id"])
-    elapsed = time.perf_counter() - started
-    if job["state"] != "succeeded":
-        raise RuntimeError(f"job {job['id']} ended {job['state']}: {job.get('reason')}")
+    elapsed, _ = await timed_job(api, spec, JOB_TIMEOUT_S)
     return elapsed
 
 
@@ -222,8 +214,8 @@ async def lease_forward(stack: Stack, n: int) -> dict[str, Any]:
                 NetForward(job_id=job, attempt=1, name="ssh", port=GUEST_PORT, wait_s=5),
             )
             elapsed = time.perf_counter() - started
-            if (leased.type, forwarded.type) != ("net.leased", "net.forwarded"):
-                raise RuntimeError(f"{leased.payload} / {forwarded.payload}")
+            if not (isinstance(leased, NetLeased) and isinstance(forwarded, NetForwarded)):
+                raise RuntimeError(f"{leased!r} / {forwarded!r}")
             await bus.request("net.release", NetRelease(job_id=job, attempt=1))
             # The reference: a request netgw answers from memory (a release of nothing),
             # i.e. the broker round trip and the consume wrapper, nothing of netgw's own.

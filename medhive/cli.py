@@ -4,6 +4,12 @@ Talks to the job API (`MEDHIVE_API_URL`) and the audit API (`MEDHIVE_AUDIT_URL`)
 the token in `MEDHIVE_TOKEN` (or the file `token create --save` wrote). `token`,
 `amqp-user`, `dead` (medhive/admin.py) and `up` are the administrator's tools and run
 on the server itself.
+
+One module because the commands here (but `schema export` and `up`, which only call
+other modules) are a few lines each over the one `Client` that `_client` builds from
+the global `--api-url`, `--audit-url` and `--token` options, and `parser()` names each
+command function beside its arguments; the commands that talk to the database and
+RabbitMQ directly are in medhive/admin.py.
 """
 
 from __future__ import annotations

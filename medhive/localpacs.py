@@ -10,18 +10,12 @@ Two lifetimes share this code: `running_orthanc`, a throw-away server for a test
 benchmark (a fresh namespace, removed afterwards), and `ensure_orthanc`, the demo's
 server that stays up between runs (`scripts/demo.sh`; started again if it stopped).
 
-Studies are made instance by instance with `make_instance`, in the transfer syntaxes
-archives hold: native (explicit VR, deflated) and compressed (RLE, JPEG baseline,
-JPEG-LS and JPEG 2000 lossless), single- and multi-frame. The pixels are seeded by each
-instance's UID (`synthetic_pixels`), so whoever reads one back knows what to expect.
-This module needs the test extra (numpy, Pillow and the pydicom encoders).
+The studies to fill it are made by `medhive.synthetic`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -35,23 +29,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.encaps import encapsulate
-from pydicom.uid import (
-    UID,
-    CTImageStorage,
-    ExplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGLSLossless,
-    RLELossless,
-    generate_uid,
-)
-
 from medhive.localnet import present, sh
+from medhive.processes import Child, spawn
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -64,16 +43,7 @@ MOVE_PORT = 11112
 #: Throw-away servers take 169.254.1-249.x; the demo's server has this subnet.
 DEMO_OCTET = 251
 READY_WITHIN_S = 60
-
-#: Rows and columns of every synthetic image: small, so a study of hundreds is quick.
-SIZE = 32
-#: The pydicom encoding plugin for each compressed syntax it can write; JPEG baseline has
-#: none in pydicom (only decoders), so Pillow encodes it (`_jpeg_baseline`).
-ENCODERS: dict[str, str] = {
-    RLELossless: "pydicom",
-    JPEGLSLossless: "pyjpegls",
-    JPEG2000Lossless: "pylibjpeg",
-}
+STOP_WITHIN_S = 15
 
 
 @dataclass
@@ -180,22 +150,21 @@ def _configure(work: Path, link: Link, password: str) -> Path:
     return path
 
 
-def _start(work: Path, link: Link, password: str, detach: bool) -> subprocess.Popen[bytes]:
+def _start(work: Path, link: Link, password: str, detach: bool) -> Child:
     config = _configure(work, link, password)
-    with (work / "orthanc.log").open("ab") as log:
-        return subprocess.Popen(
-            ["ip", "netns", "exec", link.netns, ORTHANC, str(config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=detach,  # the demo's server outlives the script that started it
-        )
+    return spawn(
+        "orthanc",
+        ["ip", "netns", "exec", link.netns, ORTHANC, str(config)],
+        log=work / "orthanc.log",
+        new_session=detach,  # the demo's server outlives the script that started it
+    )
 
 
-def _wait_ready(server: Orthanc, process: subprocess.Popen[bytes], work: Path) -> None:
+def _wait_ready(server: Orthanc, process: Child) -> None:
     deadline = time.monotonic() + READY_WITHIN_S
     while not server.answers():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError((work / "orthanc.log").read_text()[-4000:])
+            raise RuntimeError(process.tail(4000))
         time.sleep(0.05)  # polling a port: Orthanc gives no other sign of readiness
 
 
@@ -206,20 +175,15 @@ def running_orthanc(work: Path) -> Iterator[Orthanc]:
     tag = uuid.uuid4().hex[:6]
     link = Link(f"mh-pacs-{tag}", f"mhp{tag}a", f"mhp{tag}b", int(tag[:2], 16) % 249 + 1)
     link.create()
-    process: subprocess.Popen[bytes] | None = None
+    process: Child | None = None
     try:
         server = Orthanc(host=link.theirs, password=uuid.uuid4().hex)
         process = _start(work, link, server.password, detach=False)
-        _wait_ready(server, process, work)
+        _wait_ready(server, process)
         yield server
     finally:
         if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.stop(STOP_WITHIN_S)
         link.remove()
 
 
@@ -242,7 +206,7 @@ def ensure_orthanc(work: Path) -> Orthanc:
     _stop_previous(work)
     process = _start(work, DEMO_LINK, server.password, detach=True)
     (work / "orthanc.pid").write_text(str(process.pid))
-    _wait_ready(server, process, work)
+    _wait_ready(server, process)
     return server
 
 
@@ -253,84 +217,3 @@ def _stop_previous(work: Path) -> None:
         with suppress(ProcessLookupError, PermissionError, ValueError):
             os.killpg(int(pid_file.read_text()), 9)
         pid_file.unlink()
-
-
-def synthetic_pixels(sop_uid: str, syntax: str, frames: int = 1, size: int = SIZE) -> np.ndarray:
-    """The pixels `make_instance` gives instance `sop_uid` (as `pixel_array` shapes them):
-    seeded by the UID, so a reader knows what a decoder must give back without keeping
-    each image. Random 16-bit words where the syntax is lossless (nothing to gain from
-    structure); for JPEG baseline, 8-bit (all it takes) smooth ramps with a little noise,
-    which a lossy encoder keeps close where white noise would be smeared."""
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(sop_uid.encode()).digest()[:8]))
-    shape = (frames, size, size)
-    if syntax == JPEGBaseline8Bit:
-        ramp = np.add.outer(np.arange(size), np.arange(size)) * 3 % 200
-        offsets = np.arange(frames).reshape(-1, 1, 1) * 20
-        pixels = (ramp + offsets + rng.integers(0, 16, size=shape)).astype(np.uint8)
-    else:
-        pixels = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
-    return pixels if frames > 1 else pixels[0]
-
-
-def _jpeg_baseline(frame: np.ndarray) -> bytes:
-    """One 8-bit grayscale frame as a JPEG baseline (ISO 10918-1, process 1) codestream."""
-    out = io.BytesIO()
-    Image.fromarray(frame).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def _encode(ds: Dataset, pixels: np.ndarray, syntax: str) -> None:
-    """Put `pixels` into `ds` in transfer `syntax`; an encapsulated syntax gets one
-    fragment per frame, as pydicom's encoders and most modalities write them."""
-    frames = pixels.reshape(-1, *pixels.shape[-2:])
-    if syntax == JPEGBaseline8Bit:
-        ds.PixelData = encapsulate([_jpeg_baseline(frame) for frame in frames])
-        ds["PixelData"].VR = "OB"
-        ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
-    elif syntax in ENCODERS:
-        # a lossless re-encoding is the same image: it keeps its SOP Instance UID
-        ds.compress(syntax, pixels, encoding_plugin=ENCODERS[syntax], generate_instance_uid=False)
-    else:
-        ds.PixelData = pixels.tobytes()  # native; a deflated syntax is deflated on saving
-        ds.file_meta.TransferSyntaxUID = UID(syntax)
-
-
-def make_instance(
-    patient_id: str,
-    study_uid: str,
-    series_uid: str,
-    number: int,
-    syntax: str = ExplicitVRLittleEndian,
-    sop_class: str = CTImageStorage,
-    frames: int = 1,
-    size: int = SIZE,
-) -> bytes:
-    """One small image of `sop_class` with `frames` frames of `synthetic_pixels`, as a DICOM
-    file in transfer `syntax`. Only the attributes Orthanc indexes and the image pixel
-    module are there: a PACS stores any storage SOP class without checking its IOD."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientID, ds.PatientName = patient_id, f"TEST^{patient_id}"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.Modality = "CT" if sop_class == CTImageStorage else "OT"
-    ds.InstanceNumber, ds.SeriesNumber = number, 1
-    ds.StudyDate, ds.StudyTime = "20260101", "120000"
-    pixels = synthetic_pixels(ds.SOPInstanceUID, syntax, frames, size)
-    ds.Rows = ds.Columns = size
-    bits = pixels.itemsize * 8
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.SamplesPerPixel, ds.PixelRepresentation = 1, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    _encode(ds, pixels, syntax)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()

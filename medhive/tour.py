@@ -23,6 +23,10 @@ tour stops with exit code 1 at the first step whose outcome is not seen.
 2. a VM job with an interactive port: the lease and the forward, a connection through
    the gateway to the guest's banner, the job cancelled, the port refused afterwards;
 3. the audit of it all, then the chain's verification.
+
+One module because `run` checks exactly what `prepare` made: the study's SHA-256s that
+`_study` saved in `study.json`, the job files `_jobs` wrote, and the guest's port and
+banner; the two halves share those files and constants and change together.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from medhive import localpacs
 from medhive.client import Client, default_token
 from medhive.localnet import CLIENT_IP, DEMO
 from medhive.localpacs import Orthanc
+from medhive.synthetic import make_instance
 
 STATE = Path(os.environ.get("MEDHIVE_STATE_DIR", "/var/lib/medhive"))
 DEMO_DIR = STATE / "demo"
@@ -94,7 +99,7 @@ def _study(server: Orthanc) -> dict[str, Any]:
     for description, syntax, count in SERIES:
         series_uid = generate_uid()
         for number in range(1, count + 1):
-            raw = localpacs.make_instance("DEMO-0001", uid, series_uid, number, syntax)
+            raw = make_instance("DEMO-0001", uid, series_uid, number, syntax)
             stored = json.loads(server.request("POST", "/instances", raw))
             served = server.request("GET", f"/instances/{stored['ID']}/file")
             sha256[stored["ID"]] = {
@@ -358,7 +363,13 @@ async def run(operator_token: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m medhive.tour", description=__doc__)
+    # The docstring up to its note on the module's shape, which is for its readers.
+    usage = (__doc__ or "").partition("\nOne module because")[0]
+    parser = argparse.ArgumentParser(
+        prog="python -m medhive.tour",
+        description=usage,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="step", required=True)
     sub.add_parser("prepare", help="the PACS, its study, the sources file, the VM network")
     run_parser = sub.add_parser("run", help="the three steps (the services must run)")

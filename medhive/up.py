@@ -15,7 +15,6 @@ VMs too when libvirt answers. The datacache takes its sources from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sys
@@ -26,44 +25,41 @@ from yarl import URL
 
 from medhive import localdb
 from medhive.localnet import DEMO, VmNetwork
+from medhive.processes import Child, answers, spawn, until_port
 
 #: Every service, in start order (netgw before the node agents that ask it for leases).
 SERVICES = ["scheduler", "audit", "datacache", "netgw", "vmnode"]
 LIBVIRT_URI = "qemu:///system"
 
 COLOURS = ["36", "35", "33", "32", "34", "31"]
+#: Seconds the local database gets to answer; a service, to exit after SIGTERM.
+DB_READY_WITHIN_S, STOP_WITHIN_S = 60.0, 20.0
 
 
-async def _answers(host: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
+def _mongo_address() -> tuple[str, int]:
+    url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
+    return url.host or "127.0.0.1", url.port or 27017
 
 
-async def _pump(name: str, colour: str, stream: asyncio.StreamReader) -> None:
+async def _pump(name: str, colour: str, child: Child) -> None:
     prefix = f"\033[{colour}m{name:>9} |\033[0m " if sys.stdout.isatty() else f"{name:>9} | "
+    stream = await child.output()
     while line := await stream.readline():
         sys.stdout.write(prefix + line.decode(errors="replace"))
         sys.stdout.flush()
 
 
-async def _start(name: str, argv: list[str], colour: str) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=os.environ
-    )
-    assert process.stdout is not None
-    asyncio.get_running_loop().create_task(_pump(name, colour, process.stdout))
-    return process
+def _start(name: str, argv: list[str], colour: str) -> Child:
+    """Start a child whose lines are printed with its name in front."""
+    child = spawn(name, argv, env=os.environ)
+    asyncio.get_running_loop().create_task(_pump(name, colour, child))
+    return child
 
 
 async def _database(db_path: str) -> list[str] | None:
     """The command that starts a local database, or None when one answers already."""
-    url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
-    host, port = url.host or "127.0.0.1", url.port or 27017
-    if await _answers(host, port):
+    host, port = _mongo_address()
+    if await answers(host, port):
         return None
     if host not in ("127.0.0.1", "localhost") or not localdb.available():
         raise SystemExit(f"medhive up: no MongoDB answers at {host}:{port}")
@@ -168,7 +164,7 @@ async def run_stack(services: list[str] | None, db_path: str, state_dir: Path | 
             print(f"medhive up: starting {name}: {what}", flush=True)
         for line in left_out:
             print(f"medhive up: left out {line}", flush=True)
-    processes: list[tuple[str, asyncio.subprocess.Process]] = []
+    children: list[Child] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -176,16 +172,14 @@ async def run_stack(services: list[str] | None, db_path: str, state_dir: Path | 
     try:
         db = await _database(db_path)
         if db is not None:
-            processes.append(("db", await _start("db", db, COLOURS[-1])))
-            url = URL(os.environ.get("MEDHIVE_MONGO_URL", "mongodb://127.0.0.1:27017/"))
-            async with asyncio.timeout(60):
-                while not await _answers(url.host or "127.0.0.1", url.port or 27017):  # noqa: ASYNC110
-                    await asyncio.sleep(0.1)  # the server gives no other sign of readiness
+            children.append(_start("db", db, COLOURS[-1]))
+            host, port = _mongo_address()
+            await until_port(children[-1], port, host=host, within=DB_READY_WITHIN_S)
         await _service_credentials(services, state_dir)
         for i, name in enumerate(services):
             argv = [sys.executable, "-m", f"services.{name}"]
-            processes.append((name, await _start(name, argv, COLOURS[i % len(COLOURS)])))
-        waits = {asyncio.ensure_future(p.wait()): n for n, p in processes}
+            children.append(_start(name, argv, COLOURS[i % len(COLOURS)]))
+        waits = {asyncio.ensure_future(child.wait()): child.name for child in children}
         stopper = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
         exited = [waits[t] for t in done if t in waits]
@@ -194,11 +188,5 @@ async def run_stack(services: list[str] | None, db_path: str, state_dir: Path | 
         stopper.cancel()
         return 1 if exited else 0
     finally:
-        for _, process in reversed(processes):
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), 20)
-                except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        process.kill()
+        for child in reversed(children):
+            await child.stop_async(STOP_WITHIN_S)

@@ -2,14 +2,21 @@
 
 Every service talks to RabbitMQ through `Bus`. Publishing waits for the broker's
 confirm and retries across a reconnect, so a returned `publish` means the message is
-stored. Consuming goes through `Bus.consume`, which runs the one consume wrapper of
-`shared.consume`.
+stored. Consuming goes through `Bus.consume`, which starts the one consume wrapper of
+`shared.consume` on a service's handler table (`shared.handlers`); the wrapper gets a
+channel, its limits and `Bus.refuse`, and knows nothing else of the bus.
+
+One module because publishing, request and reply, dead-lettering and consuming all run
+on the one connection and its one confirmed publishing channel, which `_renew_channel`
+may replace under any of them; the reply queue, the waiting requests and the started
+consumers live on that connection and are closed with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from typing import Any
@@ -28,22 +35,26 @@ from yarl import URL
 
 from shared import broker
 from shared.backoff import Backoff
-from shared.consume import Authorizer, Consumer, Handler, Incoming, Rejected, Retry
-from shared.envelope import Envelope
+from shared.consume import Authorizer, Consumer, Incoming, Limits
+from shared.envelope import Envelope, derived_id
+from shared.handlers import H, HandlerTable
+from shared.identity import Sender
 from shared.messages.base import Payload
 from shared.messages.catalog import CATALOG, COMMANDS, DEAD
+from shared.messages.system import CommandRejected, MessageRejected
 from shared.settings import AmqpSettings
 from shared.topology import declare_exchanges
 
 log = structlog.get_logger("medhive.bus")
 
 
+#: Failures of a publish that pass with time (a reconnect, a new channel). Not any
+#: `RuntimeError`: that is how a bug shows, and retrying it would hide it for a minute.
 _PUBLISH_ERRORS = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     asyncio.TimeoutError,
-    RuntimeError,
 )
 
 
@@ -127,7 +138,13 @@ class Bus:
             if refused is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(refused.close(), 5)
-            await self._open_channel()
+            try:
+                await self._open_channel()
+            except RuntimeError:
+                # aio-pika's "Connection was not opened" while it reconnects: the next
+                # try renews the channel again. While connected it is a bug.
+                if self.connection.connected.is_set():
+                    raise
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop consumers (letting handlers finish), then close; bounded when the
@@ -235,8 +252,9 @@ class Bus:
 
     async def request(
         self, type_: str, payload: Payload, *, timeout_s: float = 30.0, **fields: Any
-    ) -> Envelope:
-        """Send a request command and wait for its reply (matched by causation id).
+    ) -> Payload:
+        """Send a request command and wait for its reply (matched by causation id);
+        returns the reply's payload, validated into its catalog model.
 
         Raises `NoReply` after `timeout_s`. Requests are idempotent by contract, so the
         caller may simply ask again.
@@ -247,13 +265,14 @@ class Bus:
         self._waiting[str(envelope.id)] = future
         try:
             await self.publish(envelope, reply_to=queue.name)
-            return await asyncio.wait_for(future, timeout_s)
+            reply = await asyncio.wait_for(future, timeout_s)
         except TimeoutError:
             raise NoReply(f"no reply to {type_} within {timeout_s:g} s") from None
         finally:
             self._waiting.pop(str(envelope.id), None)
+        return CATALOG[reply.type].model.model_validate(reply.payload)
 
-    async def reply(self, request: Incoming, envelope: Envelope) -> None:
+    async def reply(self, request: Incoming[Payload], envelope: Envelope) -> None:
         """Send `envelope` (caused by `request`) to the requester's reply queue, if any."""
         if request.reply_to:
             await self.publish(envelope, routing_key=request.reply_to, exchange="")
@@ -279,6 +298,9 @@ class Bus:
             log.warning("reply_undecodable", message_id=message.message_id)
             return
         future = self._waiting.get(str(envelope.causation_id))
+        if envelope.type not in CATALOG:
+            log.warning("reply_of_unknown_type", message_id=message.message_id)
+            return
         if future is not None and not future.done():
             future.set_result(envelope)
 
@@ -308,31 +330,80 @@ class Bus:
             copy.user_id = None
             await self._publish_raw(DEAD, message.routing_key or "", copy, 60.0)
 
+    async def refuse(
+        self, message: AbstractIncomingMessage, queue: str, reason: str, sender: Sender
+    ) -> None:
+        """Dead-letter a wrong delivery of `queue` with the reason, and announce it.
+
+        The announcements have ids derived from the message, so a crash before the
+        consumer's ack (which makes the broker deliver the message again) repeats them
+        under the same ids rather than adding new ones.
+        """
+        await self.dead_letter(message, queue, reason)
+        seen_as = message.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()
+        rejected = MessageRejected(
+            queue=queue,
+            reason=reason,
+            message_id=message.message_id,
+            message_type=message.type,
+            routing_key=message.routing_key,
+            user_id=message.user_id,
+            body_excerpt=message.body[:512].decode("utf-8", "replace"),
+        )
+        # No tenant: the body's claims are unverified, so only operators see it.
+        await self.emit(
+            "message.rejected",
+            rejected,
+            id=derived_id("message.rejected", queue, seen_as),
+            causation_id=message.message_id,
+            actor=message.user_id,
+        )
+        if sender.tenant is not None:
+            refused = CommandRejected(
+                reason=reason,
+                message_id=message.message_id,
+                message_type=message.type,
+                user_id=sender.user,
+            )
+            await self.emit(
+                "command.rejected",
+                refused,
+                id=derived_id("command.rejected", queue, seen_as),
+                causation_id=message.message_id,
+                tenant=sender.tenant,
+                actor=sender.user,
+            )
+
     # -- consuming ----------------------------------------------------------------
 
     async def consume(
         self,
-        queue: str,
-        bindings: list[tuple[str, str]],
-        handlers: dict[str, Handler],
+        table: HandlerTable[H],
+        target: H,
         *,
         authorize: Authorizer | None = None,
         prefetch: int | None = None,
+        node_id: str | None = None,
+        bindings: list[tuple[str, str]] | None = None,
     ) -> Consumer:
-        """Start consuming `queue` (declared and bound here) with a handler per type."""
-        consumer = Consumer(self, queue, handlers, authorize)
-        await consumer.start(bindings, prefetch or self.settings.prefetch)
+        """Start consuming `table`'s queue with its handlers bound to `target`.
+
+        The queue is declared and bound here: to every type of the table (`node_id`
+        fills the node's queue name and keys), or to `bindings` for a queue whose
+        routes change while it runs (one tenant's events at a time).
+        """
+        consumer = Consumer(
+            table.queue_name(node_id),
+            table.bind(target),
+            authorize,
+            Limits(self.settings.max_message_bytes, self.settings.delivery_limit),
+            self.refuse,
+        )
+        routes = table.bindings(node_id) if bindings is None else bindings
+        channel = await self.connection.channel()
+        await consumer.start(channel, routes, prefetch or self.settings.prefetch)
         self._consumers.append(consumer)
         return consumer
 
 
-__all__ = [
-    "Bus",
-    "Consumer",
-    "Handler",
-    "Incoming",
-    "NoReply",
-    "Rejected",
-    "Retry",
-    "Unroutable",
-]
+__all__ = ["Bus", "NoReply", "Unroutable", "copy_of"]

@@ -14,36 +14,36 @@ fails every time.
 Each consumer counts what it handled, by type and outcome, in a plain dict (`tally`)
 that `/metrics` reads when scraped (`shared.metrics`): a few hundred nanoseconds a
 delivery.
+
+One module because identifying, bounding, decoding, validating, running the handler and
+settling are the steps of one delivery in `Consumer._handle`, each deciding whether the
+next runs and how the delivery ends (ack, requeue after `_backoff`, or `Rejected`), under
+the per-job lock of `KeyedLocks` and counted in the same `tally`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Generic, TypeVar
 
 import aiormq
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from shared.backoff import Backoff
-from shared.envelope import Envelope, derived_id
+from shared.envelope import Envelope
 from shared.identity import Sender
 from shared.messages.base import Payload
 from shared.messages.catalog import CATALOG
-from shared.messages.system import CommandRejected, MessageRejected
 from shared.topology import declare_exchanges, declare_queue
-
-if TYPE_CHECKING:
-    from shared.bus import Bus
 
 log = structlog.get_logger("medhive.consume")
 
@@ -56,22 +56,38 @@ class Retry(Exception):
     """A transient failure: return the message to the queue to be tried again."""
 
 
+#: A message's payload model; `Incoming[JobSubmit]` is a delivery of `job.submit`.
+P = TypeVar("P", bound=Payload, covariant=True)
+
+
 @dataclass(frozen=True)
-class Incoming:
-    """A delivery that passed identification, decoding and validation."""
+class Incoming(Generic[P]):
+    """A delivery that passed identification, decoding and validation, its payload
+    validated into the catalog's model for its type."""
 
     envelope: Envelope
-    payload: Payload
+    payload: P
     sender: Sender
     routing_key: str
     redelivered: bool
     reply_to: str | None = None  # where a request's answer goes (net.* requests)
 
 
-Handler = Callable[[Incoming], Awaitable[None]]
+Handler = Callable[[Incoming[Any]], Awaitable[None]]
 #: Decides who sent a delivery from its proven AMQP user, before anything of the body
 #: is believed; raises `Rejected` for a sender the queue does not take commands from.
 Authorizer = Callable[[str | None], Awaitable[Sender]]
+#: Dead-letters a wrong delivery and announces it: (delivery, queue, reason, sender).
+#: The consumer acks the delivery once it returns.
+Refusal = Callable[[AbstractIncomingMessage, str, str, Sender], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a consumer enforces on every delivery."""
+
+    max_bytes: int  # a larger body is rejected unread
+    delivery_limit: int  # the queue's, after which RabbitMQ dead-letters a message
 
 
 def trusted_senders(users: AbstractSet[str]) -> Authorizer:
@@ -89,12 +105,18 @@ class Consumer:
     """Runs handlers for one queue; messages of one job are handled in order."""
 
     def __init__(
-        self, bus: Bus, queue: str, handlers: dict[str, Handler], authorize: Authorizer | None
+        self,
+        queue: str,
+        handlers: dict[str, Handler],
+        authorize: Authorizer | None,
+        limits: Limits,
+        refuse: Refusal,
     ) -> None:
-        self.bus = bus
         self.queue_name = queue
         self.handlers = handlers
         self.authorize = authorize
+        self.limits = limits
+        self.refuse = refuse
         self._queue: AbstractQueue | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._tag: str | None = None
@@ -107,16 +129,14 @@ class Consumer:
         #: Deliveries copied to the dead-letter exchange.
         self.dead_letters = 0
 
-    @property
-    def max_bytes(self) -> int:
-        return self.bus.settings.max_message_bytes
-
-    async def start(self, bindings: list[tuple[str, str]], prefetch: int) -> None:
-        channel = await self.bus.connection.channel()
+    async def start(
+        self, channel: AbstractChannel, bindings: list[tuple[str, str]], prefetch: int
+    ) -> None:
+        """Declare and bind the queue on `channel` (this consumer's own), then consume."""
         await channel.set_qos(prefetch_count=prefetch)
         self._exchanges = await declare_exchanges(channel)
         self._queue = await declare_queue(
-            channel, self.queue_name, bindings, self._exchanges, self.bus.settings.delivery_limit
+            channel, self.queue_name, bindings, self._exchanges, self.limits.delivery_limit
         )
         self._tag = await self._queue.consume(self._on_message)
 
@@ -168,11 +188,9 @@ class Consumer:
             return Sender(message.user_id)
         return await self.authorize(message.user_id)
 
-    def _decode(self, message: AbstractIncomingMessage, sender: Sender) -> Incoming:
-        if len(message.body) > self.max_bytes:
-            raise Rejected(
-                f"message of {len(message.body)} bytes is over the limit of {self.max_bytes}"
-            )
+    def _decode(self, message: AbstractIncomingMessage, sender: Sender) -> Incoming[Payload]:
+        if len(message.body) > (most := self.limits.max_bytes):
+            raise Rejected(f"message of {len(message.body)} bytes is over the limit of {most}")
         try:
             envelope = Envelope.model_validate_json(message.body)
         except ValidationError as exc:
@@ -265,48 +283,10 @@ class Consumer:
             log.warning("ack_failed", queue=self.queue_name, error=repr(exc))
 
     async def _reject(self, message: AbstractIncomingMessage, reason: str, sender: Sender) -> None:
-        """Dead-letter with the reason, announce it, then ack the original.
-
-        The announcements have ids derived from the message, so a crash before the ack
-        (which makes the broker deliver the message again) repeats them under the same
-        ids rather than adding new ones.
-        """
+        """Dead-letter with the reason and announce it (`refuse`), then ack the original."""
         log.warning("message_rejected", queue=self.queue_name, reason=reason)
-        await self.bus.dead_letter(message, self.queue_name, reason)
+        await self.refuse(message, self.queue_name, reason, sender)
         self.dead_letters += 1
-        seen_as = message.message_id or "sha256:" + hashlib.sha256(message.body).hexdigest()
-        rejected = MessageRejected(
-            queue=self.queue_name,
-            reason=reason,
-            message_id=message.message_id,
-            message_type=message.type,
-            routing_key=message.routing_key,
-            user_id=message.user_id,
-            body_excerpt=message.body[:512].decode("utf-8", "replace"),
-        )
-        # No tenant: the body's claims are unverified, so only operators see it.
-        await self.bus.emit(
-            "message.rejected",
-            rejected,
-            id=derived_id("message.rejected", self.queue_name, seen_as),
-            causation_id=message.message_id,
-            actor=message.user_id,
-        )
-        if sender.tenant is not None:
-            refused = CommandRejected(
-                reason=reason,
-                message_id=message.message_id,
-                message_type=message.type,
-                user_id=sender.user,
-            )
-            await self.bus.emit(
-                "command.rejected",
-                refused,
-                id=derived_id("command.rejected", self.queue_name, seen_as),
-                causation_id=message.message_id,
-                tenant=sender.tenant,
-                actor=sender.user,
-            )
         await message.ack()
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from typing import TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -26,6 +27,17 @@ from prometheus_client.registry import Collector
 from shared.auth import Role
 from shared.bus import Bus
 from shared.http import roles
+
+#: A metric counted as it happens, with one label.
+Counted = TypeVar("Counted", Counter, Histogram)
+
+
+def with_series(metric: Counted, *values: str) -> Counted:
+    """`metric` with the series of each label value made at once: a series that exists
+    from the start has a `rate()` from the start, rather than from its first event."""
+    for value in values:
+        metric.labels(value)
+    return metric
 
 
 class StateCollector(ABC):

@@ -14,6 +14,11 @@ reads:
 
 Everything is generated from the pydantic models and `CATALOG`, so the published
 contract cannot drift from what the consumers validate.
+
+One module because the per-type JSON Schema files and the AsyncAPI document are two
+renderings of the same catalog entries and must narrow the envelope to a type the same
+way (`type` and `version` as constants, `_payload_required`), so that a sender's tooling
+gets one verdict from either.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""RabbitMQ topology, declared in one place: exchanges, queue arguments, queue names."""
+"""RabbitMQ topology, declared in one place: exchanges, queue arguments, queue names.
+
+What each queue takes is its service's handler table (`shared.handlers`); its name is
+here, so that every queue of the system can be read in one list.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +26,19 @@ DEAD_LETTER_BOUNDS: dict[str, Any] = {
 }
 
 
+#: The consumer queues, by the service that consumes them.
+SCHEDULER_COMMANDS = "scheduler.commands"  # job.submit and job.cancel, from other systems
+SCHEDULER_REPORTS = "scheduler.reports"  # what node agents and the datacache report
+SCHEDULER_WEBHOOKS = "scheduler.webhooks"  # job events of tenants that have webhooks
+DATACACHE_COMMANDS = "datacache.commands"
+NETGW_REQUESTS = "netgw.requests"
+NODE_COMMANDS = "node.{node_id}"  # one per node agent
+AUDIT_ALL = "audit.all"  # every message of every exchange, to be recorded
+
+
 def node_queue(node_id: str) -> str:
     """The queue of one node agent."""
-    return f"node.{node_id}"
+    return NODE_COMMANDS.format(node_id=node_id)
 
 
 async def declare_exchanges(channel: AbstractChannel) -> dict[str, AbstractExchange]:
@@ -72,10 +86,17 @@ async def declare_queue(
 
 
 __all__ = [
+    "AUDIT_ALL",
     "COMMANDS",
+    "DATACACHE_COMMANDS",
     "DEAD",
     "DEAD_LETTER_QUEUE",
     "EVENTS",
+    "NETGW_REQUESTS",
+    "NODE_COMMANDS",
+    "SCHEDULER_COMMANDS",
+    "SCHEDULER_REPORTS",
+    "SCHEDULER_WEBHOOKS",
     "TENANTS",
     "declare_exchanges",
     "node_queue",

@@ -27,9 +27,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 from yarl import URL
 
 from medhive import integrators, localdb
+from shared.bus import Bus
 from shared.identity import AmqpUsers
 from shared.mongo import Document, connect
 from shared.settings import AmqpSettings, MongoSettings
+from tests.helpers import connected_bus
 
 #: Fixtures of the stand-in XNAT server and the real PACS (Orthanc), for every test tree.
 pytest_plugins = ["tests.fixtures.xnat", "tests.fixtures.orthanc", "tests.fixtures.vmnet"]
@@ -187,3 +189,11 @@ async def database(
     client = connect(mongo_settings)
     yield client[f"{db_prefix}store"]
     await client.close()
+
+
+@pytest.fixture
+async def bus(amqp_settings: AmqpSettings) -> AsyncIterator[Bus]:
+    """A bus on the test's vhost, as the service account (the one the services trust),
+    for the side of the protocol the test plays: a node, the scheduler, any publisher."""
+    async with connected_bus(amqp_settings, "test@here") as bus:
+        yield bus

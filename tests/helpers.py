@@ -10,8 +10,11 @@ from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from shared.auth import Role, TokenStore
+from shared.bus import Bus
 from shared.http import METRICS_PATH
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.mongo import connect
@@ -173,3 +176,39 @@ async def lease_renewed(leases: Any, name: str, times: int = 2, within: float = 
         return len(seen) > times
 
     await eventually(moved, within)
+
+
+@asynccontextmanager
+async def connected_bus(amqp: AmqpSettings, source: str) -> AsyncIterator[Bus]:
+    """A connected bus whose messages name `source` (`service@host`); closed afterwards."""
+    bus = Bus(amqp, source)
+    await bus.connect()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` served on a free loopback port; its base URL, without a trailing slash."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@asynccontextmanager
+async def host_listener() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A TCP server on every host address; what connected to it, if anything did."""
+    got: list[bytes] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.append(await reader.read(100))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "0.0.0.0", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], got

@@ -3,15 +3,15 @@ each with its own log file, killable and restartable by a test."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-import aiohttp
+from medhive.processes import Child, spawn, tail, until_healthy
+
+#: Seconds a service gets to exit after SIGTERM (or to be gone after SIGKILL).
+STOP_WITHIN_S = 30
 
 
 class Stack:
@@ -22,22 +22,26 @@ class Stack:
         self.env = env
         self.node_id = node_id
         self.logs = logs
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.processes: dict[str, Child] = {}
         self.ports: dict[str, str] = {}
         self.envs: dict[str, dict[str, str]] = {}
         self.modules: dict[str, str] = {}
 
+    def url(self, service: str) -> str:
+        """Where `service`'s HTTP API answers, as the shared environment sets its port."""
+        return f"http://127.0.0.1:{self.env[f'MEDHIVE_{service.upper()}_PORT']}"
+
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.env['MEDHIVE_SCHEDULER_PORT']}"
+        return self.url("scheduler")
 
     @property
     def audit(self) -> str:
-        return f"http://127.0.0.1:{self.env['MEDHIVE_AUDIT_PORT']}"
+        return self.url("audit")
 
     @property
     def datacache(self) -> str:
-        return f"http://127.0.0.1:{self.env['MEDHIVE_DATACACHE_PORT']}"
+        return self.url("datacache")
 
     @property
     def work_dir(self) -> Path:
@@ -64,30 +68,16 @@ class Stack:
 
     async def _spawn(self, name: str, module: str, healthy: bool = True) -> None:
         self.modules[name] = module
-        with (self.logs / f"{name}.log").open("ab") as log:
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", f"services.{module}"],
-                env=self.envs[name], stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        argv = [sys.executable, "-m", f"services.{module}"]
+        log = self.logs / f"{name}.log"
+        self.processes[name] = spawn(name, argv, env=self.envs[name], log=log)
         if healthy:
             await self.healthy(name)
 
     async def healthy(self, name: str) -> None:
         """Wait until the service answers its health check."""
-        await self._healthy(name, f"http://127.0.0.1:{self.ports[name]}/healthz")
-
-    async def _healthy(self, name: str, url: str) -> None:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(60):
-            while True:
-                if self.processes[name].poll() is not None:
-                    raise RuntimeError(f"{name} exited:\n{self.log(name)}")
-                try:
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+        url = f"http://127.0.0.1:{self.ports[name]}/healthz"
+        await until_healthy(self.processes[name], url)
 
     async def configure_sources(self, sources: list[dict[str, Any]]) -> None:
         """Give the datacache these sources (tenant, match, credentials) and restart it."""
@@ -98,18 +88,11 @@ class Stack:
 
     def kill(self, name: str) -> None:
         """SIGKILL: no graceful shutdown, as when a host loses power."""
-        process = self.processes.pop(name)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        self.processes.pop(name).kill(STOP_WITHIN_S)
 
     def stop(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        """SIGTERM, the graceful shutdown; SIGKILL if it takes too long."""
+        self.processes.pop(name).stop(STOP_WITHIN_S)
 
     def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-20000:]
+        return tail(self.logs / f"{name}.log", 20000)

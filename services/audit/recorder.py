@@ -10,6 +10,11 @@ Crash safety: a batch is stored before any of it is acknowledged. A crash in bet
 makes the broker redeliver it, and records are keyed by message id, so the redelivery
 is recognised and only acknowledged. One recorder writes at a time; if a second one
 ever does, the unique `seq` index refuses one of them, which reloads and goes on.
+
+One module because consuming, batching, storing and acknowledging all turn on the one
+chain head and the one channel of `Recorder`: a batch is acked only after `_append` has
+moved `_head` past it, and acking it with one `multiple` frame is right only because the
+same writer task takes and settles the batches in delivery order.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.identity import AmqpUsers, Sender
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
-from shared.topology import declare_exchanges, declare_queue
+from shared.metrics import with_series
+from shared.topology import AUDIT_ALL, declare_exchanges, declare_queue
 
 log = structlog.get_logger("medhive.audit")
 
-QUEUE = "audit.all"
+#: Everything on every exchange: the recorder takes no handler table, it keeps all.
 BINDINGS = [(COMMANDS, "#"), (EVENTS, "#"), (TENANTS, "#")]
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
@@ -108,15 +114,17 @@ class Recorder:
         self._tag: str | None = None
         self._writer: asyncio.Task[None] | None = None
         # Added to the app's /metrics by the app (services/audit/metrics.py).
-        self.stored = Counter(
-            "medhive_audit_records_stored",
-            "Records appended to the audit chain, by whether the message was valid "
-            "(a redelivery of a stored message is recognised and not stored again).",
-            ["valid"],
-            registry=None,
+        self.stored = with_series(
+            Counter(
+                "medhive_audit_records_stored",
+                "Records appended to the audit chain, by whether the message was valid "
+                "(a redelivery of a stored message is recognised and not stored again).",
+                ["valid"],
+                registry=None,
+            ),
+            "true",
+            "false",
         )
-        for valid in ("true", "false"):  # both series from the start, for rate()
-            self.stored.labels(valid)
         self.ingest_lag = Histogram(
             "medhive_audit_ingest_lag_seconds",
             "From the time a message gives for itself to its record being stored.",
@@ -137,7 +145,7 @@ class Recorder:
         await self._channel.set_qos(prefetch_count=2 * self.batch_size)
         exchanges = await declare_exchanges(self._channel)
         self._queue = await declare_queue(
-            self._channel, QUEUE, BINDINGS, exchanges, AUDIT_DELIVERY_LIMIT
+            self._channel, AUDIT_ALL, BINDINGS, exchanges, AUDIT_DELIVERY_LIMIT
         )
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
         self._tag = await self._queue.consume(self._on_message)

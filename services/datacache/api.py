@@ -18,6 +18,11 @@ own jobs' results only):
 - `GET /v1/jobs/{job_id}/outputs` and `GET /v1/jobs/{job_id}/outputs/{path}`.
 
 Every byte served or stored is a `data.accessed` event; every refusal `data.denied`.
+
+One module because the node and tenant routes serve the same encrypted objects through
+the same code: `_stream_object` with its `Range` handling, the quarantine of an object
+that fails its integrity check, and the `data.denied` and `data.accessed` events that
+every route must emit alike.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from services.datacache.blobs import BlobStore
 from services.datacache.crypto import KeyProvider, LocalKeyProvider
 from services.datacache.eviction import Evictor
 from services.datacache.grants import GrantService
+from services.datacache.handlers import COMMANDS, CommandHandlers
 from services.datacache.metrics import SERVED_BYTES, CacheCollector, served_bytes
 from services.datacache.outputs import ResultUploader
 from services.datacache.settings import DatacacheSettings
@@ -21,16 +22,12 @@ from services.datacache.sources.registry import SourceDirectory
 from services.datacache.sources.storescp import StorageReceiver
 from services.datacache.staging import Stager
 from services.datacache.store import CacheStore
-from shared.bus import Incoming
 from shared.consume import trusted_senders
 from shared.http import TOKENS
 from shared.lease import leadership
-from shared.messages.catalog import COMMANDS
-from shared.messages.data import DataGrant, DataRelease, DataStage
 from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
 
-COMMAND_QUEUE = "datacache.commands"
 STAGER = web.AppKey("stager", Stager)
 EVICTOR = web.AppKey("evictor", Evictor)
 
@@ -93,26 +90,12 @@ def create_app(settings: DatacacheSettings) -> web.Application:
                 stager.staging_seconds,
             )
 
-            async def stage(msg: Incoming) -> None:
-                assert isinstance(msg.payload, DataStage)
-                await stager.stage(msg.envelope, msg.payload)
-
-            async def grant(msg: Incoming) -> None:
-                assert isinstance(msg.payload, DataGrant)
-                await grants.grant(msg.envelope, msg.payload)
-
-            async def release(msg: Incoming) -> None:
-                assert isinstance(msg.payload, DataRelease)
-                await grants.release(msg.envelope, msg.payload)
-                await uploader.job_ended(msg.envelope, msg.payload)
-
             await stager.start()
             await uploader.start()
             await evictor.start()
             consumer = await app[BUS].consume(
-                COMMAND_QUEUE,
-                [(COMMANDS, key) for key in ("data.stage", "data.grant", "data.release")],
-                {"data.stage": stage, "data.grant": grant, "data.release": release},
+                COMMANDS,
+                CommandHandlers(stager, grants, uploader),
                 authorize=trusted_senders(settings.amqp.service_users(settings.trusted_users)),
             )
             yield

@@ -4,6 +4,11 @@ A blob id is random, not derived from the content, so the names on disk say noth
 about the data. Writes go to `tmp/` and are renamed into place when complete; a crash
 leaves only a tmp file, removed at the next start. Crypto and file I/O run in worker
 threads, a few MiB per hop, so the event loop keeps serving while a GiB streams through.
+
+One module because writing, reading and quarantining share one on-disk format: the
+`objects/`, `tmp/` and `quarantine/` directories and a blob's header followed by sealed
+segments, which `_SealedFile` writes and `read`, `sealed` and `SealedBlob.plaintext_in`
+take apart; a change to one side must be made on the other.
 """
 
 from __future__ import annotations

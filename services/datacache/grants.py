@@ -23,12 +23,13 @@ from datetime import datetime
 
 import structlog
 
+from services.datacache.documents import Deadline, GrantDoc, ObjectDoc
 from services.datacache.store import CacheStore
 from shared.auth import DELEGATED_PREFIX, Principal, Role, token_digest
-from shared.bus import Bus, Rejected
+from shared.bus import Bus
+from shared.consume import Rejected
 from shared.envelope import Envelope, utcnow
 from shared.messages.data import DataFailed, DataGrant, DataGranted, DataRelease, DataReleased
-from shared.mongo import Document
 
 log = structlog.get_logger("medhive.datacache.grants")
 
@@ -46,9 +47,9 @@ class Denied(Exception):
 class Access:
     """A checked access: the grant that allows it, and the object it is to, if one."""
 
-    grant: Document
+    grant: GrantDoc
     node_id: str
-    object: Document | None = None
+    object: ObjectDoc | None = None
 
 
 #: Seconds a grant looked up for a node's read is used again for its next reads. Grants
@@ -63,7 +64,7 @@ class GrantService:
         self.bus = bus
         #: (job, node, deadline field) -> (reusable until, grant): a node reading a
         #: study asks once per instance, thousands of times in a few seconds.
-        self._recent: dict[tuple[str, str, str], tuple[float, Document]] = {}
+        self._recent: dict[tuple[str, str, Deadline], tuple[float, GrantDoc]] = {}
 
     async def grant(self, envelope: Envelope, command: DataGrant) -> None:
         """Handle `data.grant`: record the grant, announce `data.granted` (or `data.failed`)."""
@@ -133,7 +134,11 @@ class GrantService:
         return revoked
 
     async def check(
-        self, principal: Principal, job_id: str, deadline_field: str, sha256: str | None = None
+        self,
+        principal: Principal,
+        job_id: str,
+        deadline_field: Deadline,
+        sha256: str | None = None,
     ) -> Access:
         """Allow a node's access to a job's data (one object, or the job as a whole)."""
         if principal.role != Role.node:
@@ -155,7 +160,7 @@ class GrantService:
             return Access(grant=grant, node_id=principal.name, object=obj)
         return Access(grant=grant, node_id=principal.name)
 
-    async def delegate(self, principal: Principal, job_id: str) -> tuple[str, Document]:
+    async def delegate(self, principal: Principal, job_id: str) -> tuple[str, GrantDoc]:
         """A new token standing for the node on its live grant of `job_id`; the grant."""
         if principal.grant is not None:
             raise Denied(403, "a delegated token cannot delegate")
@@ -175,8 +180,8 @@ class GrantService:
         )
 
     async def _live_grant(
-        self, job_id: str, node_id: str, now: datetime, field: str
-    ) -> Document | None:
+        self, job_id: str, node_id: str, now: datetime, field: Deadline
+    ) -> GrantDoc | None:
         key = (job_id, node_id, field)
         recent = self._recent.get(key)
         if recent is not None and recent[0] > time.monotonic() and recent[1][field] > now:
@@ -193,7 +198,7 @@ class GrantService:
         for key in [key for key in self._recent if key[0] == job_id]:
             del self._recent[key]
 
-    async def _why_not(self, job_id: str, node_id: str, now: datetime, field: str) -> str:
+    async def _why_not(self, job_id: str, node_id: str, now: datetime, field: Deadline) -> str:
         grant = await self.store.any_grant(job_id)
         if grant is None:
             return f"no grant for job {job_id}"

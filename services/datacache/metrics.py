@@ -11,7 +11,7 @@ from prometheus_client import Counter
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from services.datacache.eviction import MIB, Evictor
-from shared.metrics import StateCollector
+from shared.metrics import StateCollector, with_series
 
 
 def served_bytes() -> Counter:
@@ -23,9 +23,7 @@ def served_bytes() -> Counter:
         ["to"],
         registry=None,
     )
-    for to in ("node", "tenant"):  # both series from the start, for rate()
-        served.labels(to)
-    return served
+    return with_series(served, "node", "tenant")
 
 
 SERVED_BYTES = web.AppKey("served_bytes", Counter)

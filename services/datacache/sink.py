@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 
 from services.datacache.blobs import BlobStore, StoredBlob
+from services.datacache.documents import FileEntry
 from services.datacache.sources.base import FileSink, SourceRefused
 from services.datacache.store import CacheStore
 from shared.bus import Bus
@@ -58,7 +59,7 @@ class CacheSink(FileSink):
     ) -> None:
         self.blobs, self.store, self.tenant, self.source = blobs, store, tenant, source
         self.progress = progress
-        self.files: list[Document] = []
+        self.files: list[FileEntry] = []
         self.bytes = 0
         self._paths: set[str] = set()
         self._unrecorded: list[StoredBlob] = []

@@ -6,6 +6,11 @@ fetches, and concurrent misses on the same key share one fetch. A fetch that fai
 with `SourceUnavailable` is tried again with doubling waits; `SourceRefused` fails at
 once. Everything a staging decides is stored before it is announced, and a restarted
 datacache resumes stagings that were under way: the job still gets its data.
+
+One module because it is the one `Stager`, whose per-job tasks, shared fetches in
+flight (`_inflight`), fetch slots and `in_use` objects (which eviction reads) all belong
+to the stagings under way; the cache lookup, the shared fetch and the announcement are
+steps of one staging over that state.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from services.datacache.blobs import BlobStore
+from services.datacache.documents import ManifestEntry, StagingDoc
 from services.datacache.retries import with_retries
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sink import CacheSink, Progress
@@ -39,6 +45,7 @@ from shared.messages.data import (
     InputSpec,
     StagedInput,
 )
+from shared.metrics import with_series
 from shared.mongo import Document
 
 log = structlog.get_logger("medhive.datacache.staging")
@@ -79,15 +86,17 @@ class Stager:
             "Inputs staging had to fetch from their source.",
             registry=None,
         )
-        self.staging_seconds = Histogram(
-            "medhive_datacache_staging_seconds",
-            "How long staging a job's inputs took, by outcome (staged or failed).",
-            ["outcome"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
-            registry=None,
+        self.staging_seconds = with_series(
+            Histogram(
+                "medhive_datacache_staging_seconds",
+                "How long staging a job's inputs took, by outcome (staged or failed).",
+                ["outcome"],
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+                registry=None,
+            ),
+            "staged",
+            "failed",
         )
-        for outcome in ("staged", "failed"):  # both series from the start, for rate()
-            self.staging_seconds.labels(outcome)
 
     async def start(self) -> None:
         """Resume whatever a previous run of the datacache left unfinished."""
@@ -127,11 +136,11 @@ class Stager:
             if not staging.get("announced"):
                 await self._announce(staging)
 
-    async def _stage_all(self, staging: Document) -> None:
+    async def _stage_all(self, staging: StagingDoc) -> None:
         job_id, tenant = staging["_id"], staging["tenant"]
         progress = Progress(job_id, _fields(staging), self.bus, self.settings.progress_interval_s)
         staged: list[Document] = []
-        manifest: list[Document] = []
+        manifest: list[ManifestEntry] = []
         objects: set[str] = set()
         cached = 0
         item: InputSpec | None = None
@@ -186,7 +195,7 @@ class Stager:
         self.staging_seconds.labels("staged").observe(time.monotonic() - started)
         log.info("staging_done", inputs=len(staged), cached=cached, bytes=progress.bytes)
 
-    async def _announce(self, staging: Document) -> None:
+    async def _announce(self, staging: StagingDoc) -> None:
         job_id = staging["_id"]
         if staging["state"] == "failed":
             await self.bus.emit(
@@ -308,7 +317,7 @@ class Stager:
         }
 
 
-def _fields(staging: Document) -> Document:
+def _fields(staging: StagingDoc) -> Document:
     """Envelope fields of a staging's events: the job, its tenant, who submitted it."""
     return {
         "correlation_id": staging["_id"],

@@ -9,18 +9,22 @@
 - `grants`: one per job attempt: which node may read which objects, until when.
 - `results`: the files a job's node stored from /outputs.
 - `uploads`: a job's results on their way to the destination the job named.
+
+The shapes of objects, stagings, grants and results are in `documents.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pymongo import ASCENDING
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from services.datacache.documents import Deadline, GrantDoc, ObjectDoc, ResultDoc, StagingDoc
 from shared.envelope import utcnow
 from shared.mongo import ADVISORY, Document
 
@@ -34,11 +38,13 @@ def source_key(tenant: str, canonical: str, version: str | None) -> str:
 
 class CacheStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
-        self.objects = db["objects"]
+        # pymongo returns the stored dicts as they are; these collections hold only
+        # what this class writes, so their documents are typed as written, here once.
+        self.objects = cast("AsyncCollection[ObjectDoc]", db["objects"])
         self.sources = db["sources"]
-        self.stagings = db["stagings"]
-        self.grants = db["grants"]
-        self.results = db["results"]
+        self.stagings = cast("AsyncCollection[StagingDoc]", db["stagings"])
+        self.grants = cast("AsyncCollection[GrantDoc]", db["grants"])
+        self.results = cast("AsyncCollection[ResultDoc]", db["results"])
         self.uploads = db["uploads"]
 
     async def create_indexes(self) -> None:
@@ -65,7 +71,7 @@ class CacheStore:
         replaced by the fresh one."""
         now = utcnow()
         holders = {sha256: blob_id for sha256, blob_id, _ in reversed(blobs)}  # first wins
-        docs = [
+        docs: list[ObjectDoc] = [
             {"_id": sha256, "blob": blob_id, "size": size, "tenants": [tenant],
              "created_at": now, "last_access": now, "quarantined": False}
             for sha256, blob_id, size in blobs
@@ -101,7 +107,7 @@ class CacheStore:
             )  # fmt: skip
         return holders
 
-    async def get_object(self, sha256: str) -> Document | None:
+    async def get_object(self, sha256: str) -> ObjectDoc | None:
         return await self.objects.find_one({"_id": sha256})
 
     async def touch(self, sha256s: list[str]) -> None:
@@ -115,7 +121,7 @@ class CacheStore:
         await self.objects.update_one({"_id": sha256}, {"$set": {"quarantined": True}})
         await self.sources.delete_many({"files.sha256": sha256})
 
-    async def lru(self, limit: int) -> list[Document]:
+    async def lru(self, limit: int) -> list[ObjectDoc]:
         return await self.objects.find().sort("last_access", ASCENDING).limit(limit).to_list()
 
     async def forget_object(self, sha256: str) -> None:
@@ -125,13 +131,14 @@ class CacheStore:
     async def pinned(self, now: datetime) -> set[str]:
         """Objects a live staging or grant names: eviction never touches these."""
         pins: set[str] = set()
-        async for doc in self.stagings.find({"state": {"$ne": "released"}}, {"objects": 1}):
-            pins.update(doc.get("objects", []))
+        # Projected: these documents hold their `_id` and the field asked for, no more.
+        async for staging in self.stagings.find({"state": {"$ne": "released"}}, {"objects": 1}):
+            pins.update(staging.get("objects", []))
         live = {"revoked_at": None, "upload_until": {"$gt": now}}
-        async for doc in self.grants.find(live, {"objects": 1}):
-            pins.update(doc.get("objects", []))
-        async for doc in self.results.find({}, {"sha256": 1}):
-            pins.add(doc["sha256"])  # results are the tenant's until they are deleted
+        async for grant in self.grants.find(live, {"objects": 1}):
+            pins.update(grant.get("objects", []))
+        async for result in self.results.find({}, {"sha256": 1}):
+            pins.add(result["sha256"])  # results are the tenant's until they are deleted
         return pins
 
     # -- sources ----------------------------------------------------------------------
@@ -166,10 +173,10 @@ class CacheStore:
         except DuplicateKeyError:
             return False
 
-    async def get_staging(self, job_id: str) -> Document | None:
+    async def get_staging(self, job_id: str) -> StagingDoc | None:
         return await self.stagings.find_one({"_id": job_id})
 
-    async def unfinished_stagings(self) -> list[Document]:
+    async def unfinished_stagings(self) -> list[StagingDoc]:
         """Stagings a previous run of the datacache left running or unannounced."""
         return await self.stagings.find(
             {"$or": [{"state": "staging"}, {"announced": False}]}
@@ -190,12 +197,12 @@ class CacheStore:
 
     # -- grants -----------------------------------------------------------------------
 
-    async def put_grant(self, grant: Document) -> None:
+    async def put_grant(self, grant: GrantDoc) -> None:
         await self.grants.replace_one({"_id": grant["_id"]}, grant, upsert=True)
 
     async def live_grant(
-        self, job_id: str, node_id: str, now: datetime, field: str
-    ) -> Document | None:
+        self, job_id: str, node_id: str, now: datetime, field: Deadline
+    ) -> GrantDoc | None:
         """The unrevoked grant of `job_id` for `node_id` whose `field` deadline is ahead."""
         return await self.grants.find_one(
             {"job_id": job_id, "node_id": node_id, "revoked_at": None, field: {"$gt": now}},
@@ -205,11 +212,11 @@ class CacheStore:
     async def add_delegate(self, grant_id: str, digest: str) -> None:
         await self.grants.update_one({"_id": grant_id}, {"$addToSet": {"delegates": digest}})
 
-    async def delegated_grant(self, digest: str) -> Document | None:
+    async def delegated_grant(self, digest: str) -> GrantDoc | None:
         """The grant a delegated token (by its digest) was issued under."""
         return await self.grants.find_one({"delegates": digest})
 
-    async def any_grant(self, job_id: str) -> Document | None:
+    async def any_grant(self, job_id: str) -> GrantDoc | None:
         """The latest grant of a job whatever its state (to explain a refusal)."""
         return await self.grants.find_one({"job_id": job_id}, sort=[("attempt", -1)])
 
@@ -226,21 +233,18 @@ class CacheStore:
     async def put_result(
         self, job_id: str, attempt: int, tenant: str, path: str, sha256: str, size: int
     ) -> None:
-        await self.results.replace_one(
-            {"job_id": job_id, "path": path},
-            {
-                "job_id": job_id,
-                "attempt": attempt,
-                "tenant": tenant,
-                "path": path,
-                "sha256": sha256,
-                "size": size,
-                "stored_at": utcnow(),
-            },
-            upsert=True,
-        )
+        result: ResultDoc = {
+            "job_id": job_id,
+            "attempt": attempt,
+            "tenant": tenant,
+            "path": path,
+            "sha256": sha256,
+            "size": size,
+            "stored_at": utcnow(),
+        }
+        await self.results.replace_one({"job_id": job_id, "path": path}, result, upsert=True)
 
-    async def job_results(self, job_id: str, tenant: str | None = None) -> list[Document]:
+    async def job_results(self, job_id: str, tenant: str | None = None) -> list[ResultDoc]:
         query: Document = {"job_id": job_id}
         if tenant is not None:
             query["tenant"] = tenant

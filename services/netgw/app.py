@@ -14,10 +14,12 @@ from aiohttp import web
 from services.netgw.dhcp import Dhcp
 from services.netgw.firewall import Firewall
 from services.netgw.gateway import Gateway, Sweeper
+from services.netgw.handlers import REQUESTS, RequestHandlers
 from services.netgw.metrics import PoolCollector
 from services.netgw.netns import Namespace
 from services.netgw.settings import NetgwSettings
 from services.netgw.store import NetStore
+from shared.consume import trusted_senders
 from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
 
@@ -41,13 +43,17 @@ def create_app(settings: NetgwSettings) -> web.Application:
         )
         gw = Gateway(app[BUS], store, settings, namespace, firewall, Dhcp(settings, namespace))
         await gw.start()
-        await gw.start_consuming()
+        service_users = settings.amqp.service_users(settings.trusted_users)
+        consumer = await app[BUS].consume(
+            REQUESTS, RequestHandlers(gw, app[BUS]), authorize=trusted_senders(service_users)
+        )
         sweeper = Sweeper(gw, settings.sweep_s)
         await sweeper.start()
         app[GATEWAY] = gw
         app[METRICS].add(PoolCollector(store))
         yield
         await sweeper.stop()
+        await consumer.stop()
         await gw.stop()
         namespace.close()
 

@@ -1,5 +1,6 @@
-"""The gateway: answers lease, forward and release requests, and keeps the data plane
-(dnsmasq's bindings, nftables' forwards) equal to its store.
+"""The gateway: leases, forwards and releases, with the data plane (dnsmasq's bindings,
+nftables' forwards) kept equal to its store. The requests that ask for them arrive
+through `handlers.py`.
 
 A new lease is bound in dnsmasq's hosts file and stored; a new forward is stored while
 the guest is probed, and its rule goes in once the guest answers. Either is answered
@@ -10,8 +11,6 @@ removed, what is missing is restored. Nothing live is lost and nothing stale sta
 open. Leases expire with their job (plus a grace period): the sweeper releases what
 outlived its job, say because the node that held it died.
 
-Each request is answered with the event that records its outcome, published for audit
-and sent to the requester's reply queue.
 """
 
 from __future__ import annotations
@@ -23,40 +22,35 @@ from datetime import timedelta
 import structlog
 
 from services.netgw.dhcp import Dhcp
+from services.netgw.documents import ForwardDoc, LeaseDoc
 from services.netgw.firewall import Firewall, Rule
 from services.netgw.netns import Namespace
 from services.netgw.settings import NetgwSettings
 from services.netgw.store import NetStore, PoolExhausted, lease_id
-from shared.bus import Bus, Consumer, Incoming
-from shared.consume import trusted_senders
+from shared.bus import Bus
 from shared.envelope import utcnow
-from shared.messages.base import Payload
-from shared.messages.catalog import COMMANDS
-from shared.messages.net import (
-    NetFailed,
-    NetForward,
-    NetForwarded,
-    NetLease,
-    NetLeased,
-    NetRelease,
-    NetReleased,
-)
-from shared.mongo import Document
+from shared.messages.net import NetForward, NetLease, NetReleased
 from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.netgw")
 
-REQUESTS = "netgw.requests"
+
+class Refused(Exception):
+    """A request the gateway cannot meet now; `retryable`: asking again may succeed."""
+
+    def __init__(self, reason: str, *, retryable: bool) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
 
 
-def _rule(forward: Document) -> Rule:
+def _rule(forward: ForwardDoc) -> Rule:
     return Rule(
         forward["_id"], forward["external_port"], forward["guest_ip"], forward["guest_port"]
     )
 
 
 class Gateway:
-    """netgw's request handlers, start-up reconciliation and release logic."""
+    """Leases, forwards and releases; start-up reconciliation and the sweep."""
 
     def __init__(
         self,
@@ -73,7 +67,6 @@ class Gateway:
         self.ns = namespace
         self.firewall = firewall
         self.dhcp = dhcp
-        self._consumer: Consumer | None = None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -85,96 +78,59 @@ class Gateway:
         await self.firewall.reconcile([_rule(f) for f in forwards])
         await self.dhcp.start((lease["mac"], lease["ip"]) for lease in leases)
 
-    async def start_consuming(self) -> None:
-        self._consumer = await self.bus.consume(
-            REQUESTS,
-            [(COMMANDS, "net.lease"), (COMMANDS, "net.forward"), (COMMANDS, "net.release")],
-            {
-                "net.lease": self.on_lease,
-                "net.forward": self.on_forward,
-                "net.release": self.on_release,
-            },
-            authorize=trusted_senders(
-                self.settings.amqp.service_users(self.settings.trusted_users)
-            ),
-        )
-
     async def stop(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
         await self.dhcp.stop()
 
-    # -- requests -------------------------------------------------------------------
+    # -- leases and forwards --------------------------------------------------------
 
-    async def on_lease(self, incoming: Incoming) -> None:
-        req = incoming.payload
-        assert isinstance(req, NetLease)
+    async def lease(self, req: NetLease, tenant: str | None) -> LeaseDoc:
+        """The attempt's lease, claimed, bound and stored if it is new."""
         expires_at = req.expires_at + timedelta(seconds=self.settings.lease_grace_s)
         try:
             lease, created = self.store.claim_lease(
-                req.job_id, req.attempt, req.node_id, incoming.envelope.tenant, expires_at
+                req.job_id, req.attempt, req.node_id, tenant, expires_at
             )
         except PoolExhausted as exc:
-            await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
-            return
+            raise Refused(str(exc), retryable=True) from exc
         if created:
             lease = await self._store_lease(lease)
             log.info("leased", mac=lease["mac"], ip=lease["ip"])
-        answer = NetLeased(
-            job_id=req.job_id,
-            attempt=req.attempt,
-            mac=lease["mac"],
-            ip=lease["ip"],
-            expires_at=lease["expires_at"],
-        )
-        await self._answer(incoming, "net.leased", answer)
+        return lease
 
-    async def on_forward(self, incoming: Incoming) -> None:
-        req = incoming.payload
-        assert isinstance(req, NetForward)
+    async def forward(self, req: NetForward) -> tuple[LeaseDoc, str]:
+        """Forward a port of the attempt's guest once it answers; returns the lease and
+        the external address (host:port)."""
         lease = self.store.get_lease(req.job_id, req.attempt)
         if lease is None:
             why = f"attempt {req.attempt} of job {req.job_id} holds no lease"
-            await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
-            return
+            raise Refused(why, retryable=False)
         try:
             claim, created = self.store.claim_forward(lease, req.name, req.port)
         except PoolExhausted as exc:
-            await self._fail(incoming, req.job_id, req.attempt, str(exc), retryable=True)
-            return
+            raise Refused(str(exc), retryable=True) from exc
         forward = await self._open(claim, created, lease, req.port, req.wait_s)
         if forward is None:
             why = f"the guest does not answer on {lease['ip']}:{req.port} yet"
-            await self._fail(incoming, req.job_id, req.attempt, why, retryable=True)
-            return
+            raise Refused(why, retryable=True)
         if self.store.get_lease(req.job_id, req.attempt) is not lease:
             # Swept while the guest was probed: the forward goes with its lease.
             await self.firewall.remove(forward["_id"])
             await self.store.drop_forward(forward)
             why = f"the lease of attempt {req.attempt} of job {req.job_id} was released"
-            await self._fail(incoming, req.job_id, req.attempt, why, retryable=False)
-            return
+            raise Refused(why, retryable=False)
+        external = f"{self.settings.external_address}:{forward['external_port']}"
         if forward is claim and created:
-            external = f"{self.settings.external_address}:{forward['external_port']}"
             log.info("forwarded", name=forward["name"], external=external)
-        answer = NetForwarded(
-            job_id=req.job_id,
-            attempt=req.attempt,
-            name=req.name,
-            guest=f"{lease['ip']}:{req.port}",
-            external=f"{self.settings.external_address}:{forward['external_port']}",
-        )
-        await self._answer(incoming, "net.forwarded", answer)
+        return lease, external
 
-    async def on_release(self, incoming: Incoming) -> None:
-        req = incoming.payload
-        assert isinstance(req, NetRelease)
-        lease = self.store.get_lease(req.job_id, req.attempt)
-        released = await self.release(lease, req.reason) if lease is not None else None
-        answer = released or NetReleased(job_id=req.job_id, attempt=req.attempt, reason=req.reason)
-        await self._answer(incoming, "net.released", answer)
+    async def release_attempt(self, job_id: str, attempt: int, reason: str) -> NetReleased:
+        """Release the attempt's lease and forwards; holding none is no error."""
+        lease = self.store.get_lease(job_id, attempt)
+        if lease is None:
+            return NetReleased(job_id=job_id, attempt=attempt, reason=reason)
+        return await self.release(lease, reason)
 
-    async def _store_lease(self, claim: Document) -> Document:
+    async def _store_lease(self, claim: LeaseDoc) -> LeaseDoc:
         """Bind a claimed lease in dnsmasq and store it; returns the lease as stored.
 
         Bound first: a leased guest may ask for its address as soon as it is answered,
@@ -195,8 +151,8 @@ class Gateway:
         return stored
 
     async def _open(
-        self, claim: Document, created: bool, lease: Document, port: int, wait_s: float
-    ) -> Document | None:
+        self, claim: ForwardDoc, created: bool, lease: LeaseDoc, port: int, wait_s: float
+    ) -> ForwardDoc | None:
         """Probe the guest, then put the forward's rule in place; returns the forward as
         stored, or None if the guest did not answer within `wait_s`.
 
@@ -239,7 +195,7 @@ class Gateway:
 
     # -- releasing ------------------------------------------------------------------
 
-    async def release(self, lease: Document, reason: str) -> NetReleased:
+    async def release(self, lease: LeaseDoc, reason: str) -> NetReleased:
         """Remove the lease's forwards from the data plane, then the lease from the store."""
         forwards = self.store.forwards_of(lease)
         for forward in forwards:
@@ -308,27 +264,6 @@ class Gateway:
         except FileNotFoundError:
             log.warning("conntrack_missing", why="established connections outlive the forward")
 
-    async def _answer(self, incoming: Incoming, type_: str, payload: Payload) -> None:
-        job_id = getattr(payload, "job_id", None)
-        envelope = self.bus.envelope(
-            type_, payload, **incoming.envelope.caused(correlation_id=job_id, actor="netgw")
-        )
-        # The reply and the record go out together (the reply first: a node waits on it).
-        await asyncio.gather(self.bus.reply(incoming, envelope), self.bus.publish(envelope))
-
-    async def _fail(
-        self, incoming: Incoming, job_id: str, attempt: int, reason: str, *, retryable: bool
-    ) -> None:
-        log.info("request_failed", request=incoming.envelope.type, reason=reason)
-        failed = NetFailed(
-            job_id=job_id,
-            attempt=attempt,
-            request=incoming.envelope.type,
-            reason=reason,
-            retryable=retryable,
-        )
-        await self._answer(incoming, "net.failed", failed)
-
 
 class Sweeper(PeriodicLoop):
     """Releases expired leases every `sweep_s`."""
@@ -343,4 +278,4 @@ class Sweeper(PeriodicLoop):
         await self.gateway.sweep()
 
 
-__all__ = ["Gateway", "Sweeper", "lease_id"]
+__all__ = ["Gateway", "Refused", "Sweeper", "lease_id"]

@@ -11,22 +11,27 @@ it wrote in memory as well, and reads are answered from memory. A new lease or f
 is claimed in memory first, so that requests handled meanwhile pass its slot by, then
 stored; the gateway binds the lease or probes the guest while the insert is in flight. A request
 then costs one database write, which keeps a lease and a forward within a few
-milliseconds.
+milliseconds. The documents' shapes are in `documents.py`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from datetime import datetime
+from typing import TypeVar, cast
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.netgw.documents import ForwardDoc, LeaseDoc
 from services.netgw.settings import NetgwSettings
 from shared.envelope import utcnow
 from shared.mongo import Document
+
+#: A lease or a forward: what `_save` stores either of.
+_Claim = TypeVar("_Claim", LeaseDoc, ForwardDoc)
 
 
 class PoolExhausted(Exception):
@@ -57,11 +62,13 @@ class NetStore:
     """The `leases` and `forwards` collections, and the pools they draw from."""
 
     def __init__(self, db: AsyncDatabase[Document], settings: NetgwSettings) -> None:
-        self.leases = db["leases"]
-        self.forwards = db["forwards"]
+        # pymongo returns the stored dicts as they are; these collections hold only
+        # what this class writes, so their documents are typed as written, here once.
+        self.leases = cast("AsyncCollection[LeaseDoc]", db["leases"])
+        self.forwards = cast("AsyncCollection[ForwardDoc]", db["forwards"])
         self.settings = settings
-        self._leases: dict[str, Document] = {}
-        self._forwards: dict[str, Document] = {}
+        self._leases: dict[str, LeaseDoc] = {}
+        self._forwards: dict[str, ForwardDoc] = {}
         self._next_slot = 0
         self._next_port = 0
 
@@ -90,7 +97,7 @@ class NetStore:
 
     def claim_lease(
         self, job_id: str, attempt: int, node_id: str, tenant: str | None, expires_at: datetime
-    ) -> tuple[Document, bool]:
+    ) -> tuple[LeaseDoc, bool]:
         """The attempt's lease, or a new one on the next free slot; and whether it is new.
 
         A new lease is held in memory at once, so that requests handled meanwhile pass
@@ -107,7 +114,7 @@ class NetStore:
         mac, ip = self.address(slot)
         # As stored: MongoDB keeps milliseconds, so a repeated answer is the same answer.
         expires_at = expires_at.replace(microsecond=expires_at.microsecond // 1000 * 1000)
-        doc = {
+        doc: LeaseDoc = {
             "_id": key, "job_id": job_id, "attempt": attempt, "node_id": node_id,
             "tenant": tenant, "slot": slot, "mac": mac, "ip": ip,
             "expires_at": expires_at, "created_at": utcnow(),
@@ -116,7 +123,7 @@ class NetStore:
         self._next_slot = slot + 1
         return doc, True
 
-    async def save_lease(self, lease: Document) -> Document:
+    async def save_lease(self, lease: LeaseDoc) -> LeaseDoc:
         """Store a claimed lease; returns the lease as stored.
 
         That is another one when the same request was stored already (a redelivery
@@ -125,15 +132,16 @@ class NetStore:
         """
         return await self._save(self.leases, self._leases, lease)
 
-    def withdraw(self, claim: Document) -> None:
+    def withdraw(self, claim: LeaseDoc | ForwardDoc) -> None:
         """Give back a claimed lease or forward that could not be stored."""
+        kept: dict[str, LeaseDoc] | dict[str, ForwardDoc]
         for kept in (self._leases, self._forwards):
             if kept.get(claim["_id"]) is claim:
                 del kept[claim["_id"]]
 
     async def _save(
-        self, collection: AsyncCollection[Document], kept: dict[str, Document], claim: Document
-    ) -> Document:
+        self, collection: AsyncCollection[_Claim], kept: dict[str, _Claim], claim: _Claim
+    ) -> _Claim:
         try:
             await collection.insert_one(claim)
         except DuplicateKeyError:
@@ -143,16 +151,16 @@ class NetStore:
             return existing
         return claim
 
-    def get_lease(self, job_id: str, attempt: int) -> Document | None:
+    def get_lease(self, job_id: str, attempt: int) -> LeaseDoc | None:
         return self._leases.get(lease_id(job_id, attempt))
 
-    def live_leases(self) -> list[Document]:
+    def live_leases(self) -> list[LeaseDoc]:
         return list(self._leases.values())
 
-    def expired_leases(self, now: datetime) -> list[Document]:
+    def expired_leases(self, now: datetime) -> list[LeaseDoc]:
         return [doc for doc in self._leases.values() if doc["expires_at"] < now]
 
-    async def drop_lease(self, lease: Document) -> None:
+    async def drop_lease(self, lease: LeaseDoc) -> None:
         await self.forwards.delete_many({"lease_id": lease["_id"]})
         await self.leases.delete_one({"_id": lease["_id"]})
         for forward in self.forwards_of(lease):
@@ -161,7 +169,7 @@ class NetStore:
 
     # -- forwards -----------------------------------------------------------------
 
-    def claim_forward(self, lease: Document, name: str, guest_port: int) -> tuple[Document, bool]:
+    def claim_forward(self, lease: LeaseDoc, name: str, guest_port: int) -> tuple[ForwardDoc, bool]:
         """The lease's forward called `name`, or a new one on the next free port; and
         whether it is new. Held in memory like a claimed lease, until `save_forward`."""
         key = forward_id(lease["job_id"], lease["attempt"], name)
@@ -173,7 +181,7 @@ class NetStore:
         offset = _next_free(self._next_port, size, used)
         if offset is None:
             raise PoolExhausted(f"all {size} external ports are forwarded")
-        doc = {
+        doc: ForwardDoc = {
             "_id": key, "lease_id": lease["_id"], "job_id": lease["job_id"],
             "attempt": lease["attempt"], "name": name, "external_port": low + offset,
             "guest_ip": lease["ip"], "guest_port": guest_port,
@@ -183,17 +191,17 @@ class NetStore:
         self._next_port = offset + 1
         return doc, True
 
-    async def save_forward(self, forward: Document) -> Document:
+    async def save_forward(self, forward: ForwardDoc) -> ForwardDoc:
         """Store a claimed forward; as `save_lease`."""
         return await self._save(self.forwards, self._forwards, forward)
 
-    async def drop_forward(self, forward: Document) -> None:
+    async def drop_forward(self, forward: ForwardDoc) -> None:
         """Forget a forward that was never answered (its guest did not answer)."""
         self._forwards.pop(forward["_id"], None)
         await self.forwards.delete_one({"_id": forward["_id"]})
 
-    def forwards_of(self, lease: Document) -> list[Document]:
+    def forwards_of(self, lease: LeaseDoc) -> list[ForwardDoc]:
         return [doc for doc in self._forwards.values() if doc["lease_id"] == lease["_id"]]
 
-    def live_forwards(self) -> list[Document]:
+    def live_forwards(self) -> list[ForwardDoc]:
         return list(self._forwards.values())

@@ -1,5 +1,11 @@
 """The job gateway API. Every route is scoped to the caller's tenant: another
-tenant's job is indistinguishable from a job that does not exist (404)."""
+tenant's job is indistinguishable from a job that does not exist (404).
+
+One module because its routes share that scoping (`_tenant_job`, `_listed_tenant`), the
+one public shape of a job (`public_job`), and the `Placer`'s in-memory view of what
+waits and what is placed, which the job, tenant and node routes all read; the webhook
+routes, which share none of it, are in webhook_api.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,10 @@ from aiohttp import web
 from pydantic import Field
 from yarl import URL
 
+from services.scheduler.documents import JobCommand, JobDocument
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
+from services.scheduler.nodes import NodeStore
+from services.scheduler.output import OutputStore
 from services.scheduler.placement import Held, Placed, Placer
 from services.scheduler.store import INTERNAL_FIELDS, IdempotencyConflict, JobStore
 from services.scheduler.tenants import QueueFull, TenantBook, TenantPolicy
@@ -44,6 +53,8 @@ from shared.openapi import endpoint
 
 JOBS = web.AppKey("jobs", JobService)
 STORE = web.AppKey("store", JobStore)
+NODES = web.AppKey("nodes", NodeStore)
+OUTPUT = web.AppKey("output", OutputStore)
 PLACER = web.AppKey("placer", Placer)
 TENANTS = web.AppKey("tenants", TenantBook)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
@@ -68,7 +79,7 @@ def _json(value: Any) -> Any:
     return value
 
 
-def public_job(doc: Document) -> Document:
+def public_job(doc: JobDocument) -> Document:
     """A job as clients see it: no internal fields, `id` instead of `_id`."""
     hidden = INTERNAL_FIELDS | {"priority", "idempotency_key"}
     out = {"id": doc["_id"], **{k: v for k, v in doc.items() if k not in hidden}}
@@ -122,7 +133,7 @@ async def _submit(request: web.Request, spec: JobSpec) -> tuple[int, Document]:
     """One job for the caller's tenant: (201 or 200, the job) or (409, why)."""
     principal = request[PRINCIPAL]
     # Each job is a command of its own; the idempotency key is how a client repeats.
-    command = {"id": str(uuid.uuid4()), "sender": principal.name}
+    command: JobCommand = {"id": str(uuid.uuid4()), "sender": principal.name}
     try:
         submission = await request.app[JOBS].submit(principal.tenant, principal.name, spec, command)
     except IdempotencyConflict as exc:
@@ -269,11 +280,10 @@ async def cancel(request: web.Request) -> web.Response:
     summary="What the job printed (the last bytes).", query=LogsQuery, response=Logs, errors=(404,)
 )
 async def logs(request: web.Request) -> web.Response:
-    store = request.app[STORE]
     job = await _tenant_job(request)
     chosen = read_query(request, LogsQuery).attempt
     attempt = job["attempt"] if chosen is None else chosen
-    streams = await store.get_output(job["_id"], attempt)
+    streams = await request.app[OUTPUT].get_output(job["_id"], attempt)
     body = {"job_id": job["_id"], "attempt": attempt, "state": job["state"]}
     for name in ("stdout", "stderr"):
         doc = streams.get(name)
@@ -282,7 +292,7 @@ async def logs(request: web.Request) -> web.Response:
     return web.json_response(body)
 
 
-async def _tenant_job(request: web.Request) -> Document:
+async def _tenant_job(request: web.Request) -> JobDocument:
     job = await request.app[STORE].get(_job_id(request), request[PRINCIPAL].tenant)
     if job is None:
         raise ApiError(404, f"no job {_job_id(request)}")
@@ -318,7 +328,8 @@ async def download_output(request: web.Request) -> web.StreamResponse:
     path = request.match_info["path"]
     # Only a file the job's listing names goes on to the datacache, and as one
     # encoded path: no `..` or encoded slash can make the request another route.
-    if path not in {item["path"] for item in (job.get("outputs") or {}).get("files", [])}:
+    listed = job.get("outputs")
+    if path not in {item["path"] for item in (listed["files"] if listed else [])}:
         raise ApiError(404, f"job {job['_id']} has no output {path!r}")
     base = URL(request.app[DATACACHE_URL])
     url = base.with_path(
@@ -370,7 +381,7 @@ async def nodes(request: web.Request) -> web.Response:
     for job in placer.view.holding.values():
         placed.setdefault(job.node_id, []).append(job)
     out = []
-    for node in await request.app[STORE].all_nodes():
+    for node in await request.app[NODES].all_nodes():
         room = free.get(node["_id"])
         there = placed.get(node["_id"], [])
         everyone = principal.role == Role.operator

@@ -8,13 +8,30 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from services.scheduler.api import DATACACHE_URL, HTTP, JOBS, PLACER, STORE, TENANTS, routes
+from services.scheduler.api import (
+    DATACACHE_URL,
+    HTTP,
+    JOBS,
+    NODES,
+    OUTPUT,
+    PLACER,
+    STORE,
+    TENANTS,
+    routes,
+)
 from services.scheduler.console import add_console
-from services.scheduler.data import DATA_REPORTS, DataHandlers
-from services.scheduler.handlers import CommandHandlers, NodeHandlers, integrators
+from services.scheduler.handlers import (
+    COMMANDS,
+    REPORTS,
+    CommandHandlers,
+    ReportHandlers,
+    integrators,
+)
 from services.scheduler.jobs import JobService
 from services.scheduler.metrics import JobFlow, SchedulerCollector
+from services.scheduler.nodes import NodeStore
 from services.scheduler.outbox import OutboxRelay
+from services.scheduler.output import OutputStore
 from services.scheduler.placement import Placer
 from services.scheduler.settings import SchedulerSettings
 from services.scheduler.store import JobStore
@@ -25,14 +42,8 @@ from shared.consume import trusted_senders
 from shared.http import TOKENS
 from shared.identity import AmqpUsers
 from shared.lease import leadership
-from shared.messages.catalog import COMMANDS, EVENTS
 from shared.metrics import METRICS
 from shared.service import BUS, MONGO, create_service_app
-
-COMMAND_QUEUE = "scheduler.commands"
-REPORT_QUEUE = "scheduler.reports"
-REPORT_TYPES = ["run.started", "run.interactive", "run.output", "run.finished", "node.online",
-                "node.heartbeat", "node.offline"]  # fmt: skip
 
 
 def create_app(settings: SchedulerSettings) -> web.Application:
@@ -47,24 +58,27 @@ def create_app(settings: SchedulerSettings) -> web.Application:
             yield
 
     async def core(app: web.Application) -> AsyncIterator[None]:
-        store = JobStore(app[MONGO][settings.database])
+        db = app[MONGO][settings.database]
+        store, nodes, output = JobStore(db), NodeStore(db), OutputStore(db)
         await store.create_indexes()
+        await output.create_indexes()
         book = TenantBook(
-            app[MONGO][settings.database],
+            db,
             settings.fair_share_half_life_s,
             settings.memory_mb_per_cpu,
         )
         await book.load()
-        placer = Placer(store, settings.node_timeout_s, book)
+        placer = Placer(store, nodes, settings.node_timeout_s, book)
         relay = OutboxRelay(store, app[BUS])
         jobs = JobService(store, app[BUS], relay, placer.wake, settings.upload_grace_s)
         placer.jobs = jobs
         jobs.admission = Admission(book, lambda tenant: len(placer.view.unplaced.get(tenant, ())))
         app[STORE], app[PLACER], app[JOBS], app[TENANTS] = store, placer, jobs, book
+        app[NODES], app[OUTPUT] = nodes, output
         placer.view.moves.append(JobFlow(app[METRICS].registry).moved)
-        app[METRICS].add(SchedulerCollector(placer, store), placer.pass_seconds)
+        app[METRICS].add(SchedulerCollector(placer, nodes), placer.pass_seconds)
         watchdog = Watchdog(
-            store, jobs, placer.view, app[BUS], settings.watchdog_interval_s,
+            store, nodes, jobs, placer.view, app[BUS], settings.watchdog_interval_s,
             settings.walltime_grace_s, settings.node_timeout_s,
         )  # fmt: skip
         await relay.start()
@@ -78,34 +92,18 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         await relay.stop()
 
     async def consumers(app: web.Application) -> AsyncIterator[None]:
-        bus, jobs, store = app[BUS], app[JOBS], app[STORE]
+        bus, jobs = app[BUS], app[JOBS]
         commands = CommandHandlers(jobs, bus)
-        reports = NodeHandlers(jobs, store, settings.log_limit_bytes, app[PLACER].wake)
-        data = DataHandlers(jobs, app[PLACER].wake)
+        reports = ReportHandlers(
+            jobs, app[NODES], app[OUTPUT], settings.log_limit_bytes, app[PLACER].wake
+        )
         service_users = settings.amqp.service_users(settings.trusted_users)
         # Integrators' users live beside the API tokens, in the identity database.
         amqp_users = AmqpUsers(app[TOKENS].tokens.database, service_users)
         await amqp_users.seed(settings.amqp_tenants)
-        command_consumer = await bus.consume(
-            COMMAND_QUEUE,
-            [(COMMANDS, "job.submit"), (COMMANDS, "job.cancel")],
-            {"job.submit": commands.submit, "job.cancel": commands.cancel},
-            authorize=integrators(amqp_users),
-        )
+        command_consumer = await bus.consume(COMMANDS, commands, authorize=integrators(amqp_users))
         report_consumer = await bus.consume(
-            REPORT_QUEUE,
-            [(EVENTS, key) for key in REPORT_TYPES + DATA_REPORTS],
-            {
-                "run.started": reports.started,
-                "run.interactive": reports.interactive,
-                "run.output": reports.output,
-                "run.finished": reports.finished,
-                "node.online": reports.status,
-                "node.heartbeat": reports.status,
-                "node.offline": reports.status,
-                **data.handlers(),
-            },
-            authorize=trusted_senders(service_users),
+            REPORTS, reports, authorize=trusted_senders(service_users)
         )
         yield
         await command_consumer.stop()

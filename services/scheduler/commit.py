@@ -34,12 +34,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, OperationFailure
 
+from services.scheduler.documents import JobDocument
 from shared.mongo import Document
 
 #: Most writes in one batch.
@@ -80,9 +81,10 @@ class GroupCommit:
         self._pending: list[_Write] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def insert(self, doc: Document) -> bool:
+    async def insert(self, doc: JobDocument) -> bool:
         """Insert `doc`; False when a unique key already names another document."""
-        return await self._add(_Write(InsertOne(doc), self._future()))
+        # The collection is untyped (`Document`); a JobDocument is that dict as it is.
+        return await self._add(_Write(InsertOne(cast(Document, doc)), self._future()))
 
     async def update(
         self, job_id: str, fields: Document, *, when: Document | None = None, tracked: bool = True

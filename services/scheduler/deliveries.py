@@ -30,8 +30,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError
 
 from services.scheduler.webhooks import TEST_EVENT, Webhooks
-from shared.bus import Incoming
+from shared.consume import Incoming
 from shared.envelope import derived_id, utcnow
+from shared.messages.base import Payload
 from shared.mongo import Document
 
 log = structlog.get_logger("medhive.scheduler.deliveries")
@@ -136,7 +137,7 @@ class Deliveries:
         #: Called when deliveries were queued (the sender's wake-up).
         self.queued: Callable[[], None] = lambda: None
 
-    async def job_event(self, msg: Incoming) -> None:
+    async def job_event(self, msg: Incoming[Payload]) -> None:
         """Handler of the job events: a delivery for each webhook that wants it."""
         envelope = msg.envelope
         if envelope.tenant is None:  # a job event always names its tenant

@@ -12,6 +12,11 @@ would come later than `webhook_max_age_s` after it was queued: then it is given 
 Every outcome is published as an event with the tenant set (`webhook.delivered`,
 `webhook.failed`, `webhook.given_up`), which the audit records; each event's id is
 derived from the delivery (and the try), so one published twice is recorded once.
+
+One module because the sweep finishes what the sender starts: it publishes the outcome
+events that `DeliveryWorker._try` stored in a delivery's `announce` but could not
+publish, and it leaves alone those younger than twice `PUBLISH_DEADLINE_S`, which the
+sender may be publishing right then.
 """
 
 from __future__ import annotations

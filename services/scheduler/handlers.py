@@ -1,4 +1,14 @@
-"""Message handlers: commands from other systems, and the reports of node agents."""
+"""What the scheduler consumes: commands from other systems, the reports of node agents
+and the datacache, and its tenants' job events for their webhooks.
+
+The three tables at the end are the only place the scheduler names the message types
+it takes (`shared.handlers`).
+
+Of the datacache's reports, `data.staged` makes a staging job eligible for placement;
+`data.granted` releases the job to its node; `data.failed` ends the job with the
+reason. Progress, results and uploads are recorded on the job for the API, without
+changing its state.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +16,29 @@ from collections.abc import Callable
 
 import structlog
 
+from services.scheduler.deliveries import Deliveries
+from services.scheduler.documents import HistoryNote, JobCommand
 from services.scheduler.jobs import JobFinished, JobNotFound, JobService
-from services.scheduler.store import IdempotencyConflict, JobStore, Submission
+from services.scheduler.nodes import NodeStore
+from services.scheduler.output import OutputStore
+from services.scheduler.store import IdempotencyConflict, Submission
 from services.scheduler.tenants import QueueFull
-from shared.bus import Bus, Incoming, Rejected
-from shared.consume import Authorizer
+from services.scheduler.webhooks import JOB_EVENTS
+from shared import topology
+from shared.bus import Bus
+from shared.consume import Authorizer, Incoming, Rejected
 from shared.envelope import derived_id
+from shared.handlers import HandlerTable, on
 from shared.identity import AmqpUsers, Sender
+from shared.messages.catalog import CATALOG
+from shared.messages.data import (
+    DataFailed,
+    DataGranted,
+    DataOutputs,
+    DataProgress,
+    DataStaged,
+    DataUploaded,
+)
 from shared.messages.jobs import JobCancel, JobDuplicate, JobState, JobSubmit
 from shared.messages.nodes import NodeStatus, RunFinished, RunInteractive, RunOutput, RunStarted
 
@@ -42,9 +68,10 @@ class CommandHandlers:
         self.jobs = jobs
         self.bus = bus
 
-    async def submit(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, JobSubmit) and msg.envelope.tenant is not None
-        command = {"id": str(msg.envelope.id), "sender": msg.sender.user}
+    async def submit(self, msg: Incoming[JobSubmit]) -> None:
+        # Both set by `integrators`, which refuses a message without a user id.
+        assert msg.envelope.tenant is not None and msg.sender.user is not None
+        command: JobCommand = {"id": str(msg.envelope.id), "sender": msg.sender.user}
         try:
             submission = await self.jobs.submit(
                 msg.envelope.tenant, msg.envelope.actor, msg.payload.spec, command
@@ -64,7 +91,7 @@ class CommandHandlers:
         if not submission.created:
             await self._answer_repeat(msg, submission)
 
-    async def _answer_repeat(self, msg: Incoming, submission: Submission) -> None:
+    async def _answer_repeat(self, msg: Incoming[JobSubmit], submission: Submission) -> None:
         """Tell the sender which job its repeated command made (on its tenant's channel)."""
         job = submission.job
         assert submission.matched_by in ("message_id", "idempotency_key")
@@ -82,8 +109,8 @@ class CommandHandlers:
             actor=msg.envelope.actor,
         )
 
-    async def cancel(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, JobCancel) and msg.envelope.tenant is not None
+    async def cancel(self, msg: Incoming[JobCancel]) -> None:
+        assert msg.envelope.tenant is not None  # the integrator's, set by `integrators`
         try:
             await self.jobs.cancel(
                 msg.payload.job_id, msg.envelope.tenant, msg.payload.reason, str(msg.envelope.id)
@@ -94,38 +121,114 @@ class CommandHandlers:
             return  # cancelling a finished job changes nothing; not an error worth a letter
 
 
-class NodeHandlers:
-    def __init__(self, jobs: JobService, store: JobStore, log_limit: int, wake: Callable[[], None]):
+class ReportHandlers:
+    """Node agents' reports and the datacache's; `wake` starts a placement pass."""
+
+    def __init__(
+        self,
+        jobs: JobService,
+        nodes: NodeStore,
+        logs: OutputStore,
+        log_limit: int,
+        wake: Callable[[], None],
+    ) -> None:
         self.jobs = jobs
-        self.store = store
+        self.nodes = nodes
+        self.logs = logs
         self.log_limit = log_limit
         self.wake = wake
 
-    async def status(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, NodeStatus)
+    async def status(self, msg: Incoming[NodeStatus]) -> None:
         online = msg.envelope.type != "node.offline"
-        await self.store.node_seen(msg.payload.node_id, msg.payload.model_dump(), online)
+        await self.nodes.node_seen(msg.payload.node_id, msg.payload.model_dump(), online)
         if msg.envelope.type != "node.heartbeat":
             log.info(msg.envelope.type.replace(".", "_"), node_id=msg.payload.node_id,
                      cpus=msg.payload.cpus, memory_mb=msg.payload.memory_mb)  # fmt: skip
         if msg.envelope.type == "node.online" or (online and not msg.redelivered):
             self.wake()
 
-    async def started(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, RunStarted)
+    async def started(self, msg: Incoming[RunStarted]) -> None:
         await self.jobs.run_started(msg.payload, str(msg.envelope.id))
 
-    async def interactive(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, RunInteractive)
+    async def interactive(self, msg: Incoming[RunInteractive]) -> None:
         await self.jobs.run_interactive(msg.payload, str(msg.envelope.id))
 
-    async def output(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, RunOutput)
+    async def output(self, msg: Incoming[RunOutput]) -> None:
         p = msg.payload
-        await self.store.save_output(
+        await self.logs.save_output(
             p.job_id, p.attempt, p.stream, p.data, p.truncated, self.log_limit
         )
 
-    async def finished(self, msg: Incoming) -> None:
-        assert isinstance(msg.payload, RunFinished)
+    async def finished(self, msg: Incoming[RunFinished]) -> None:
         await self.jobs.run_finished(msg.payload, str(msg.envelope.id))
+
+    async def staged(self, msg: Incoming[DataStaged]) -> None:
+        p = msg.payload
+        fields = {
+            "inputs_staged": True,
+            "staged_inputs": [item.model_dump(mode="json") for item in p.inputs],
+            "staging_progress.done": True,
+        }
+        if await self.jobs.annotate(p.job_id, fields, expect={"state": JobState.staging.value}):
+            self.wake()
+
+    async def data_failed(self, msg: Incoming[DataFailed]) -> None:
+        await self.jobs.fail(msg.payload.job_id, msg.payload.reason, str(msg.envelope.id))
+
+    async def progress(self, msg: Incoming[DataProgress]) -> None:
+        p = msg.payload
+        # Reports of one job are handled in order (the consumer locks per job), so the
+        # latest always wins.
+        progress = {"input": p.input, "files": p.files, "bytes": p.bytes, "done": False}
+        await self.jobs.annotate(
+            p.job_id, {"staging_progress": progress}, expect={"state": JobState.staging.value}
+        )
+
+    async def granted(self, msg: Incoming[DataGranted]) -> None:
+        p = msg.payload
+        await self.jobs.granted(p.job_id, p.attempt, p.node_id)
+
+    async def outputs(self, msg: Incoming[DataOutputs]) -> None:
+        p = msg.payload
+        files = [item.model_dump(mode="json") for item in p.files]
+        outputs = {"attempt": p.attempt, "files": files, "bytes": p.bytes}
+        await self.jobs.annotate(p.job_id, {"outputs": outputs})
+
+    async def uploaded(self, msg: Incoming[DataUploaded]) -> None:
+        p = msg.payload
+        outcome = "uploaded" if p.ok else "upload failed"
+        note: HistoryNote = {"event": "data.uploaded", "reason": f"results {outcome}: {p.detail}"}
+        upload = {"destination": p.destination, "ok": p.ok, "detail": p.detail}
+        await self.jobs.annotate(p.job_id, {"outputs_upload": upload}, note=note)
+
+
+COMMANDS = HandlerTable(
+    topology.SCHEDULER_COMMANDS,
+    (
+        on("job.submit", JobSubmit, CommandHandlers.submit),
+        on("job.cancel", JobCancel, CommandHandlers.cancel),
+    ),
+)
+REPORTS = HandlerTable(
+    topology.SCHEDULER_REPORTS,
+    (
+        on("node.online", NodeStatus, ReportHandlers.status),
+        on("node.heartbeat", NodeStatus, ReportHandlers.status),
+        on("node.offline", NodeStatus, ReportHandlers.status),
+        on("run.started", RunStarted, ReportHandlers.started),
+        on("run.interactive", RunInteractive, ReportHandlers.interactive),
+        on("run.output", RunOutput, ReportHandlers.output),
+        on("run.finished", RunFinished, ReportHandlers.finished),
+        on("data.staged", DataStaged, ReportHandlers.staged),
+        on("data.failed", DataFailed, ReportHandlers.data_failed),
+        on("data.progress", DataProgress, ReportHandlers.progress),
+        on("data.granted", DataGranted, ReportHandlers.granted),
+        on("data.outputs", DataOutputs, ReportHandlers.outputs),
+        on("data.uploaded", DataUploaded, ReportHandlers.uploaded),
+    ),
+)
+#: Every job event a webhook may ask for; bound per tenant, for tenants with webhooks.
+WEBHOOK_EVENTS = HandlerTable(
+    topology.SCHEDULER_WEBHOOKS,
+    tuple(on(t, CATALOG[t].model, Deliveries.job_event) for t in JOB_EVENTS),
+)

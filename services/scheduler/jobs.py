@@ -5,20 +5,40 @@ take the job (the store's copy in memory, else a read), decide what to change, s
 with `JobStore.apply` (guarded by the job's revision, so a concurrent change makes it
 read again and decide again instead of overwrite), then have the outbox relay publish
 the announcing messages.
+
+One module because every change of a job, whoever asks for it (the API, a node's
+report, the datacache, the watchdog), is decided by `_transition` or `annotate` and
+stored by `_write`, with the messages `_job_event` and `_command` build; callers kept
+apart from that path could grow a second way of writing a job.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
 
 import structlog
 
+from services.scheduler.documents import (
+    HistoryEntry,
+    HistoryNote,
+    JobCommand,
+    JobDocument,
+    JobHead,
+    OutboxEntry,
+)
 from services.scheduler.ids import new_job_id
 from services.scheduler.outbox import OutboxRelay
-from services.scheduler.store import ALLOWED, Change, JobStore, Submission, outbox_entry
+from services.scheduler.store import (
+    ALLOWED,
+    Change,
+    JobStore,
+    Submission,
+    outbox_entry,
+    with_fields,
+)
 from services.scheduler.tenants import Admission
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -35,7 +55,6 @@ from shared.messages.jobs import (
     run_command_id,
 )
 from shared.messages.nodes import RunFinished, RunInteractive, RunStarted
-from shared.mongo import Document
 
 log = structlog.get_logger("medhive.scheduler.jobs")
 
@@ -78,12 +97,12 @@ class JobService:
 
     def _job_event(
         self,
-        job: Document,
+        job: JobHead,
         state: JobState,
         previous: JobState | None,
         reason: str | None,
         causation_id: str | None,
-    ) -> Document:
+    ) -> OutboxEntry:
         """The outbox entry of `job.<state>`; `job` already has the new fields merged."""
         event = JobEvent(
             job_id=job["_id"],
@@ -106,7 +125,7 @@ class JobService:
         )
         return outbox_entry(envelope)
 
-    def _command(self, job: Document, type_: str, payload: Payload, **fields: Any) -> Document:
+    def _command(self, job: JobHead, type_: str, payload: Payload, **fields: Any) -> OutboxEntry:
         """An outbox entry for a command about `job` (to its node, for node commands)."""
         envelope = self.bus.envelope(
             type_,
@@ -119,7 +138,9 @@ class JobService:
         node_id = job["node_id"] if type_.startswith("node.") else None
         return outbox_entry(envelope, node_id=node_id)
 
-    def _release_data(self, job: Document, to: JobState, reason: str | None) -> list[Document]:
+    def _release_data(
+        self, job: JobDocument, to: JobState, reason: str | None
+    ) -> list[OutboxEntry]:
         """`data.release` when a job that had data ends (results go on if it succeeded)."""
         spec = JobSpec.model_validate(job["spec"])
         if not spec.needs_data:
@@ -131,10 +152,10 @@ class JobService:
     async def _write(
         self,
         job_id: str,
-        decide: Callable[[Document], Change | None],
+        decide: Callable[[JobDocument], Change | None],
         *,
-        current: Document | None = None,
-    ) -> Document | None:
+        current: JobDocument | None = None,
+    ) -> JobDocument | None:
         """Decide on the job and store the change; returns the job as written, or None
         when `decide` declined (or the job is not there).
 
@@ -170,26 +191,26 @@ class JobService:
 
     def _transition(
         self,
-        job: Document,
+        job: JobDocument,
         to: JobState,
         reason: str | None,
         causation_id: str | None,
         set_fields: dict[str, Any] | None = None,
-        commands: Callable[[Document], list[Document]] | None = None,
+        commands: Callable[[JobDocument], list[OutboxEntry]] | None = None,
     ) -> Change | None:
         """The change that moves `job` to `to` with its event (and `commands`, and the
         release of its data if it ends), or None if its state may not move there."""
         previous = JobState(job["state"])
         if to not in ALLOWED[previous]:
             return None
-        merged = {**job, **(set_fields or {})}
+        merged = with_fields(job, set_fields or {})
         outbox = [self._job_event(merged, to, previous, reason, causation_id)]
         if commands is not None:
             outbox.extend(commands(merged))
         if to.terminal:
             outbox.extend(self._release_data(merged, to, reason))
         fields = {"state": to.value, **(set_fields or {})}
-        entry: Document = {"state": to.value, "at": utcnow(), "reason": reason}
+        entry: HistoryEntry = {"state": to.value, "at": utcnow(), "reason": reason}
         for key in ("attempt", "node_id", "exit_code"):
             if key in fields:
                 entry[key] = fields[key]
@@ -204,13 +225,13 @@ class JobService:
         causation_id: str | None = None,
         expect: dict[str, Any] | None = None,
         set_fields: dict[str, Any] | None = None,
-        commands: Callable[[Document], list[Document]] | None = None,
-        current: Document | None = None,
-    ) -> Document | None:
+        commands: Callable[[JobDocument], list[OutboxEntry]] | None = None,
+        current: JobDocument | None = None,
+    ) -> JobDocument | None:
         """Move a job from whatever state it is in now to `to`, if that is allowed and
         the job has the `expect`ed fields."""
 
-        def decide(job: Document) -> Change | None:
+        def decide(job: JobDocument) -> Change | None:
             if not _has(job, expect):
                 return None
             return self._transition(job, to, reason, causation_id, set_fields, commands)
@@ -223,17 +244,22 @@ class JobService:
         fields: dict[str, Any],
         *,
         expect: dict[str, Any] | None = None,
-        note: Document | None = None,
-        commands: Callable[[Document], list[Document]] | None = None,
-    ) -> Document | None:
+        note: HistoryNote | None = None,
+        commands: Callable[[JobDocument], list[OutboxEntry]] | None = None,
+    ) -> JobDocument | None:
         """Set fields of a job without changing its state (staging progress, a grant,
         a cancel request), with the messages that go with it and optionally a note in
         its history (`event` and `reason`; state and time are added here)."""
 
-        def decide(job: Document) -> Change | None:
+        def decide(job: JobDocument) -> Change | None:
             if not _has(job, expect):
                 return None
-            history = [{"state": job["state"], "at": utcnow(), **note}] if note else []
+            history: list[HistoryEntry] = []
+            if note:
+                event, why = note["event"], note["reason"]
+                history.append(
+                    {"state": job["state"], "at": utcnow(), "event": event, "reason": why}
+                )
             return Change(fields, history, commands(job) if commands else [])
 
         return await self._write(job_id, decide)
@@ -241,7 +267,7 @@ class JobService:
     # -- commands -----------------------------------------------------------------
 
     async def submit(
-        self, tenant: str, actor: str | None, spec: JobSpec, command: Document
+        self, tenant: str, actor: str | None, spec: JobSpec, command: JobCommand
     ) -> Submission:
         """Store a new job as queued, or find the one this command repeats.
 
@@ -250,9 +276,9 @@ class JobService:
         """
         job_id = new_job_id()
         now = utcnow()
-        stub = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0, "node_id": None,
-                "command": command}  # fmt: skip
-        history = [
+        stub: JobHead = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0,
+                         "node_id": None, "command": command}  # fmt: skip
+        history: list[HistoryEntry] = [
             {"state": JobState.submitted.value, "at": now, "reason": None},
             {"state": JobState.queued.value, "at": now, "reason": "waiting for a node"},
         ]
@@ -278,7 +304,7 @@ class JobService:
 
     async def cancel(
         self, job_id: str, tenant: str, reason: str, causation_id: str | None = None
-    ) -> Document:
+    ) -> JobDocument:
         """Cancel now if not yet placed; otherwise ask the node and let it report."""
         job = await self.store.current(job_id, fresh=True)
         if job is None or job["tenant"] != tenant:
@@ -302,7 +328,7 @@ class JobService:
             return job
         else:
 
-            def node_cancel(current: Document) -> list[Document]:
+            def node_cancel(current: JobDocument) -> list[OutboxEntry]:
                 cancel = NodeCancel(job_id=job_id, attempt=current["attempt"], reason=reason)
                 return [self._command(current, "node.cancel", cancel)]
 
@@ -319,7 +345,7 @@ class JobService:
     async def dispatch(self, job_id: str, node_id: str) -> bool:
         """Place a waiting job on a node and send it there; False if it no longer waits."""
 
-        def decide(job: Document) -> Change | None:
+        def decide(job: JobDocument) -> Change | None:
             state = JobState(job["state"])
             staged = state == JobState.staging and job.get("inputs_staged") is True
             if state != JobState.queued and not staged:
@@ -328,7 +354,7 @@ class JobService:
             deadline = utcnow() + timedelta(seconds=spec.walltime_s)
             attempt = job["attempt"] + 1
 
-            def first_command(merged: Document) -> list[Document]:
+            def first_command(merged: JobDocument) -> list[OutboxEntry]:
                 if spec.needs_data:  # the node gets the job once the datacache lets it read
                     grant = DataGrant(
                         job_id=job_id,
@@ -347,7 +373,7 @@ class JobService:
 
         return await self._write(job_id, decide) is not None
 
-    def _run_command(self, job: Document) -> Document:
+    def _run_command(self, job: JobDocument) -> OutboxEntry:
         run = NodeRun(
             job_id=job["_id"],
             attempt=job["attempt"],
@@ -382,7 +408,7 @@ class JobService:
     async def run_interactive(self, report: RunInteractive, causation_id: str) -> None:
         """The guest's ports are forwarded: store where to connect, announce it."""
 
-        def decide(job: Document) -> Change | None:
+        def decide(job: JobDocument) -> Change | None:
             if (job.get("attempt"), job.get("node_id")) != (report.attempt, report.node_id):
                 return None  # an older attempt's report
             if job["state"] != JobState.running.value or job.get("interactive") == report.endpoints:
@@ -398,14 +424,15 @@ class JobService:
                 tenant=job["tenant"],
             )
             connect = ", ".join(f"{name} {where}" for name, where in report.endpoints.items())
-            note = {"state": job["state"], "at": utcnow(), "event": "job.interactive_ready",
-                    "reason": f"connect to {connect}"}  # fmt: skip
+            note: HistoryEntry = {"state": job["state"], "at": utcnow(),
+                                  "event": "job.interactive_ready",
+                                  "reason": f"connect to {connect}"}  # fmt: skip
             return Change({"interactive": report.endpoints}, [note], [outbox_entry(envelope)])
 
         await self._write(report.job_id, decide)
 
     async def run_finished(self, report: RunFinished, causation_id: str) -> None:
-        def decide(job: Document) -> Change | None:
+        def decide(job: JobDocument) -> Change | None:
             if (job.get("attempt"), job.get("node_id")) != (report.attempt, report.node_id):
                 log.info("stale_run_report", job_id=report.job_id, attempt=report.attempt)
                 return None
@@ -437,7 +464,7 @@ class JobService:
 
     # -- the watchdog's decisions -------------------------------------------------
 
-    async def lose(self, job: Document, reason: str) -> None:
+    async def lose(self, job: JobDocument, reason: str) -> None:
         """The job's node is gone: mark it lost, then queue it again or end it."""
         lost = await self._move(
             job["_id"], JobState.lost, reason, expect={"attempt": job["attempt"]}
@@ -456,10 +483,10 @@ class JobService:
         else:
             await self._move(job["_id"], JobState.failed, f"{reason}; no retries left")
 
-    async def enforce_walltime(self, job: Document) -> None:
+    async def enforce_walltime(self, job: JobDocument) -> None:
         """Ask the node to stop a job past its deadline (the node normally does it)."""
 
-        def node_cancel(current: Document) -> list[Document]:
+        def node_cancel(current: JobDocument) -> list[OutboxEntry]:
             stop = NodeCancel(job_id=job["_id"], attempt=job["attempt"], reason="walltime exceeded")
             return [self._command(current, "node.cancel", stop)]
 
@@ -468,7 +495,7 @@ class JobService:
             job["_id"], {"walltime_enforced_at": utcnow()}, expect=expect, commands=node_cancel
         )
 
-    async def time_out(self, job: Document) -> None:
+    async def time_out(self, job: JobDocument) -> None:
         """The node did not confirm the stop in time: end the job here."""
         await self._move(
             job["_id"],
@@ -478,6 +505,6 @@ class JobService:
         )
 
 
-def _has(job: Document, expect: dict[str, Any] | None) -> bool:
+def _has(job: Mapping[str, Any], expect: dict[str, Any] | None) -> bool:
     """Whether the job has each of these (top-level) field values; missing is None."""
     return all(job.get(key) == value for key, value in (expect or {}).items())

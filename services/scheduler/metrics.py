@@ -15,12 +15,12 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
+from services.scheduler.documents import JobDocument, NodeDocument
+from services.scheduler.nodes import NodeStore
 from services.scheduler.placement import Placer, Room, placed_since
-from services.scheduler.store import JobStore
 from shared.envelope import utcnow
 from shared.messages.jobs import JobState
 from shared.metrics import StateCollector
-from shared.mongo import Document
 
 MIB = 1024 * 1024
 
@@ -48,7 +48,7 @@ class JobFlow:
             registry=registry,
         )
 
-    def moved(self, job: Document, before: JobState | None) -> None:
+    def moved(self, job: JobDocument, before: JobState | None) -> None:
         """A job's state changed; `before` is None for a job new to the view, whose
         earlier life is unknown (and so not counted)."""
         if before is None:
@@ -69,13 +69,13 @@ def _seconds_since(moment: datetime) -> float:
 class SchedulerCollector(StateCollector):
     """Jobs, queue and node capacity, as placement sees them now."""
 
-    def __init__(self, placer: Placer, store: JobStore) -> None:
+    def __init__(self, placer: Placer, nodes: NodeStore) -> None:
         self.placer = placer
-        self.store = store
-        self._nodes: list[Document] = []
+        self.nodes = nodes
+        self._nodes: list[NodeDocument] = []
 
     async def refresh(self) -> None:
-        self._nodes = await self.store.all_nodes()  # in memory after the first read
+        self._nodes = await self.nodes.all_nodes()  # in memory after the first read
 
     def collect(self) -> Iterator[Metric]:
         view = self.placer.view

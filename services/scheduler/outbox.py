@@ -26,10 +26,10 @@ from collections.abc import Iterable
 import structlog
 from pymongo.errors import PyMongoError
 
+from services.scheduler.documents import JobOutbox, OutboxEntry
 from services.scheduler.store import DROP_CHUNK, JobStore
 from shared.bus import Bus, Unroutable
 from shared.envelope import Envelope
-from shared.mongo import Document
 from shared.tasks import PeriodicLoop
 
 log = structlog.get_logger("medhive.scheduler.outbox")
@@ -86,7 +86,7 @@ class OutboxRelay(PeriodicLoop):
             self._published.pop(job_id, None)
             self._since.pop(job_id, None)
 
-    async def flush(self, job_id: str, entries: Iterable[Document], final: bool = False) -> None:
+    async def flush(self, job_id: str, entries: Iterable[OutboxEntry], final: bool = False) -> None:
         """Publish `entries` of one job right after the change that stored them (`final`:
         the job will not be written again).
 
@@ -100,14 +100,14 @@ class OutboxRelay(PeriodicLoop):
             log.warning("outbox_deferred", job_id=job_id, error=repr(exc)[:300])
 
     async def _publish(
-        self, job_id: str, entries: Iterable[Document], deadline_s: float, final: bool
+        self, job_id: str, entries: Iterable[OutboxEntry], deadline_s: float, final: bool
     ) -> None:
         """Publish `entries` of one job in order; they are dropped from its outbox by
         its next write, or here (at the next drop if `final`: the job will not be
         written; the drop comes sooner once a whole statement's worth of jobs waits)."""
         ids = []
         for entry in entries:
-            body: bytes | None = entry.get("body")
+            body = entry.get("body")
             if body is not None:
                 envelope = Envelope.model_validate_json(body)
             else:  # stored by an older version
@@ -148,7 +148,7 @@ class OutboxRelay(PeriodicLoop):
             self._stuck |= stuck  # the broker is away: all of them at the next tick
             raise
 
-    async def _republish(self, jobs: list[Document]) -> int:
+    async def _republish(self, jobs: list[JobOutbox]) -> int:
         done = 0
         for job in jobs:
             if not job["outbox"]:  # emptied by a drop that could not unmark it

@@ -21,6 +21,11 @@ it goes back among the others. A shape that no node has room for is passed over
 whole, so jobs that cannot run now never hold back one that can, and a shape larger
 than every node ever seen (or of a kind none runs) is never tried: `waiting_for`
 says so on the job.
+
+One module because the `Placer` works on the `PlacementView`'s per-tenant, per-shape
+heaps and its ledger directly: their layout exists for `decide` and `_pick`, which take
+jobs off the heaps, and `place_once`, which requeues those a dispatch did not take, so
+the view and the pass change together.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ from typing import NamedTuple
 import structlog
 from prometheus_client import Histogram
 
+from services.scheduler.documents import JobDocument
 from services.scheduler.jobs import JobService
+from services.scheduler.nodes import NodeStore
 from services.scheduler.store import JobStore
 from services.scheduler.tenants import Quota, TenantBook
 from shared.envelope import utcnow
 from shared.messages.jobs import JobState
-from shared.mongo import Document
 from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.placement")
@@ -57,7 +63,7 @@ class Room(NamedTuple):
     memory_mb: int
 
 
-def requirement(job: Document) -> Room:
+def requirement(job: JobDocument) -> Room:
     resources = job["spec"].get("resources") or {}
     return Room(float(resources.get("cpus", 1.0)), int(resources.get("memory_mb", 256)))
 
@@ -120,17 +126,17 @@ class Held:
     rate: float = 0.0  # cpu-equivalents (tenants.TenantBook.rate)
 
 
-def placed_since(job: Document) -> datetime:
+def placed_since(job: JobDocument) -> datetime:
     """When the job was placed: its deadline less its walltime (both set at dispatch)."""
     walltime = job["spec"].get("walltime_s")
     if job.get("deadline") is None or walltime is None:
         return utcnow()
-    return job["deadline"] - timedelta(seconds=walltime)  # type: ignore[no-any-return]
+    return job["deadline"] - timedelta(seconds=walltime)
 
 
 #: Told of a job whose state the view sees change: the job as stored, and the state
 #: it had (None for a job new to the view).
-Moved = Callable[[Document, JobState | None], None]
+Moved = Callable[[JobDocument, JobState | None], None]
 
 
 class PlacementView:
@@ -153,7 +159,7 @@ class PlacementView:
         self._rev: dict[str, int] = {}
         self._released = released
 
-    def observe(self, job: Document) -> None:
+    def observe(self, job: JobDocument) -> None:
         """Take in the job as stored (an older revision than one seen is ignored)."""
         job_id, rev = job["_id"], job.get("rev") or 0
         if rev < self._rev.get(job_id, -1):
@@ -179,13 +185,13 @@ class PlacementView:
             self.waiting[job_id] = waiting
             if waiting != was_waiting:
                 self.requeue(waiting)
-        elif state in (JobState.dispatched, JobState.running) and job.get("node_id"):
+        elif state in (JobState.dispatched, JobState.running) and (node_id := job.get("node_id")):
             attempt = job.get("attempt", 0)
             same = was_placed is not None and was_placed.attempt == attempt
             since = was_placed.since if same and was_placed else placed_since(job)
             clocks = job.get("deadline"), job.get("walltime_enforced_at")
             self.holding[job_id] = Placed(
-                job_id, tenant, attempt, job["node_id"], requirement(job), since, *clocks
+                job_id, tenant, attempt, node_id, requirement(job), since, *clocks
             )
         if not state.terminal:
             self._rev[job_id] = rev
@@ -252,9 +258,12 @@ def within(quota: Quota, held: Held, need: Room) -> bool:
 class Placer(BackgroundLoop):
     task_name = "placement"
 
-    def __init__(self, store: JobStore, node_timeout_s: float, book: TenantBook) -> None:
+    def __init__(
+        self, store: JobStore, nodes: NodeStore, node_timeout_s: float, book: TenantBook
+    ) -> None:
         super().__init__()
         self.store = store
+        self.nodes = nodes
         self.node_timeout_s = node_timeout_s
         self.book = book
         self.jobs: JobService | None = None  # set by the app: the two need each other
@@ -297,7 +306,7 @@ class Placer(BackgroundLoop):
 
     async def free_capacity(self) -> tuple[dict[str, Room], dict[str, list[str]]]:
         fresh_after = utcnow() - timedelta(seconds=self.node_timeout_s)
-        nodes = [n for n in await self.store.online_nodes() if n["last_seen"] > fresh_after]
+        nodes = [n for n in await self.nodes.online_nodes() if n["last_seen"] > fresh_after]
         free = {n["_id"]: Room(float(n["cpus"]), int(n["memory_mb"])) for n in nodes}
         runtimes = {n["_id"]: list(n.get("runtimes", [])) for n in nodes}
         for node, used in self.view.in_use().items():
@@ -394,7 +403,7 @@ class Placer(BackgroundLoop):
             return None
         need, kind = waiting.shape
         wants = f"{need.cpus:g} cpus and {need.memory_mb} MiB ({kind})"
-        nodes = await self.store.all_nodes()
+        nodes = await self.nodes.all_nodes()
         if not any(
             kind in n.get("runtimes", []) and n["cpus"] >= need.cpus
             and n["memory_mb"] >= need.memory_mb

@@ -1,4 +1,5 @@
-"""The scheduler's collections: jobs (with history and outbox), nodes, and job output.
+"""The scheduler's jobs, each with its history and outbox (the nodes are in nodes.py,
+what jobs print in output.py).
 
 Every write of a job goes through `JobStore.apply`: a single-document update that sets
 the job's fields, appends its history entries and puts the messages announcing the
@@ -13,6 +14,10 @@ without reading them back: a copy that is stale (another writer changed the job)
 its guard and is read again. The same write replaces the outbox with the entries not
 yet published plus the new ones, which drops what was published at no extra cost.
 Writes are sent in groups (commit.py).
+
+One module because every write and read of a job goes through the in-memory `recent`
+copies, the revision guard and the outbox layout kept here, and the `observers`
+(placement's view) must see each job document that path writes or reads.
 """
 
 from __future__ import annotations
@@ -20,15 +25,23 @@ from __future__ import annotations
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.scheduler.commit import REMOVE, GroupCommit, appended, literal, revision_is
+from services.scheduler.documents import (
+    HistoryEntry,
+    JobCommand,
+    JobDocument,
+    JobOutbox,
+    JobSpecDocument,
+    OutboxEntry,
+)
 from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobSpec, JobState
 from shared.mongo import Document
@@ -71,7 +84,7 @@ class IdempotencyConflict(Exception):
 class Submission:
     """What a submit command found: the job it made, or the one it repeats."""
 
-    job: Document
+    job: JobDocument
     created: bool
     #: For a repeat, what matched: "message_id" or "idempotency_key".
     matched_by: str | None = None
@@ -82,12 +95,12 @@ class Change:
     """What one write does to a job: fields it sets (dotted paths allowed), entries it
     appends to the history, and messages it adds to the outbox."""
 
-    fields: Document
-    history: list[Document]
-    outbox: list[Document]
+    fields: Document  # an update spec, not a document
+    history: list[HistoryEntry]
+    outbox: list[OutboxEntry]
 
 
-def dedup_keys(tenant: str, command: Document, idempotency_key: str | None) -> list[str]:
+def dedup_keys(tenant: str, command: JobCommand, idempotency_key: str | None) -> list[str]:
     """The keys no two jobs share: the command's sender and id, and the idempotency
     key within the tenant if there is one (JSON arrays, so that no two differ only in
     where one part ends)."""
@@ -103,7 +116,7 @@ def marker_for(outbox: Document) -> Document:
     return {"$cond": [{"$eq": [{"$size": outbox}, 0]}, REMOVE, "$outbox_at"]}
 
 
-def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
+def outbox_entry(envelope: Envelope, node_id: str | None = None) -> OutboxEntry:
     """An outbox item: the message as it is published (JSON bytes) and, for node
     commands, the node it goes to.
 
@@ -113,30 +126,30 @@ def outbox_entry(envelope: Envelope, node_id: str | None = None) -> Document:
     return {"id": str(envelope.id), "body": body, "node": node_id}
 
 
-def with_fields(doc: Document, fields: Document) -> Document:
-    """A copy of `doc` with `fields` set as `$set` sets them (dotted paths too)."""
+def with_fields(job: JobDocument, fields: Document) -> JobDocument:
+    """A copy of `job` with `fields` set as `$set` sets them (dotted paths too)."""
+    # An update spec is a plain dict, which mypy cannot check: the job it makes is a
+    # JobDocument as far as the spec's fields are the job's.
+    return cast(JobDocument, _set(job, fields))
+
+
+def _set(doc: Mapping[str, Any], fields: Document) -> Document:
     out = dict(doc)
     for key, value in fields.items():
         head, _, rest = key.partition(".")
-        out[head] = with_fields(out.get(head) or {}, {rest: value}) if rest else value
+        out[head] = _set(out.get(head) or {}, {rest: value}) if rest else value
     return out
 
 
 class JobStore:
     def __init__(self, db: AsyncDatabase[Document]) -> None:
         self.jobs = db["jobs"]
-        self.nodes = db["nodes"]
-        self.output = db["output"]
         self.commit = GroupCommit(self.jobs)
         #: Whole job documents as last written or read here, outbox included.
-        self.recent: OrderedDict[str, Document] = OrderedDict()
+        self.recent: OrderedDict[str, JobDocument] = OrderedDict()
         #: Told of every job document this store writes or reads whole (placement
         #: keeps its view of the queue and of the capacity in use this way).
-        self.observers: list[Callable[[Document], None]] = []
-        #: The nodes as this scheduler last wrote them, read from the store once. The
-        #: scheduler is their only writer, so placement and the watchdog read them here
-        #: instead of querying the store at every pass (a pass per job ending).
-        self._nodes: dict[str, Document] | None = None
+        self.observers: list[Callable[[JobDocument], None]] = []
 
     async def create_indexes(self) -> None:
         """Three indexes besides `_id`, each serving several reads: every index costs
@@ -163,9 +176,6 @@ class JobStore:
             )
         for name in RETIRED_INDEXES & set(present):
             await self.jobs.drop_index(name)
-        await self.output.create_index(
-            [("job_id", ASCENDING), ("attempt", ASCENDING), ("stream", ASCENDING)], unique=True
-        )
 
     # -- jobs ---------------------------------------------------------------------
 
@@ -182,9 +192,9 @@ class JobStore:
         tenant: str,
         actor: str | None,
         spec: JobSpec,
-        command: Document,
-        history: list[Document],
-        outbox: list[Document],
+        command: JobCommand,
+        history: list[HistoryEntry],
+        outbox: list[OutboxEntry],
     ) -> Submission:
         """Store a new job, or find the one this submission repeats.
 
@@ -194,12 +204,13 @@ class JobStore:
         conflict, not a repeat.
         """
         now = utcnow()
-        doc: Document = {
+        doc: JobDocument = {
             "_id": job_id,
             "tenant": tenant,
             "actor": actor,
             "name": spec.name,
-            "spec": spec.model_dump(mode="json"),
+            # model_dump is untyped: JobSpecDocument is JobSpec's JSON.
+            "spec": cast(JobSpecDocument, spec.model_dump(mode="json")),
             "priority": spec.priority,
             "state": history[-1]["state"],
             "history": history,
@@ -220,18 +231,20 @@ class JobStore:
             self._remember(doc)
             return Submission(doc, True)
         for matched_by, key in zip(("message_id", "idempotency_key"), doc["dedup"], strict=False):
-            existing = await self.jobs.find_one({"dedup": key}, {"outbox": 0})
+            found = await self.jobs.find_one({"dedup": key}, {"outbox": 0})
+            # What pymongo reads is untyped; every job in `jobs` is a JobDocument.
+            existing = cast(JobDocument | None, found)
             if existing is not None:
                 if existing["spec"] != doc["spec"] or existing["tenant"] != tenant:
                     raise IdempotencyConflict(existing["_id"], matched_by)
                 return Submission(existing, False, matched_by)
         raise RuntimeError(f"job {job_id} clashed with a job that cannot be found")
 
-    async def get(self, job_id: str, tenant: str | None = None) -> Document | None:
+    async def get(self, job_id: str, tenant: str | None = None) -> JobDocument | None:
         query: Document = {"_id": job_id}
         if tenant is not None:
             query["tenant"] = tenant
-        return await self.jobs.find_one(query, {"outbox": 0})
+        return cast(JobDocument | None, await self.jobs.find_one(query, {"outbox": 0}))
 
     async def page(
         self,
@@ -240,7 +253,7 @@ class JobStore:
         before: str | None,
         limit: int,
         name_prefix: str | None = None,
-    ) -> list[Document]:
+    ) -> list[JobDocument]:
         """Jobs newest first: a tenant's, or every tenant's (`tenant` None)."""
         # Every state when none is asked for: the index leads with the state.
         query: Document = {"state": state or {"$in": [s.value for s in JobState]}}
@@ -251,11 +264,11 @@ class JobStore:
         if before is not None:
             query["_id"] = {"$lt": before}
         cursor = self.jobs.find(query, {"outbox": 0, "history": 0}).sort("_id", DESCENDING)
-        return await cursor.limit(limit).to_list()
+        return cast(list[JobDocument], await cursor.limit(limit).to_list())
 
     # -- writing jobs ---------------------------------------------------------------
 
-    def _remember(self, job: Document) -> None:
+    def _remember(self, job: JobDocument) -> None:
         for observe in self.observers:
             observe(job)
         self.recent[job["_id"]] = job
@@ -264,8 +277,8 @@ class JobStore:
             self.recent.popitem(last=False)
 
     async def current(
-        self, job_id: str, *, fresh: bool = False, seen: Document | None = None
-    ) -> Document | None:
+        self, job_id: str, *, fresh: bool = False, seen: JobDocument | None = None
+    ) -> JobDocument | None:
         """The job to decide on: the copy in memory unless `fresh`; else `seen` (a
         document the caller just read, possibly without history and outbox); else a
         read. Whichever it is, the write's guard finds out if it is stale."""
@@ -276,14 +289,16 @@ class JobStore:
                 return known
             if seen is not None:
                 return seen
-        job = await self.jobs.find_one({"_id": job_id})
+        job = cast(JobDocument | None, await self.jobs.find_one({"_id": job_id}))
         if job is not None:
             self._remember(job)
         else:
             self.recent.pop(job_id, None)
         return job
 
-    async def apply(self, job: Document, change: Change, published: set[str]) -> Document | None:
+    async def apply(
+        self, job: JobDocument, change: Change, published: set[str]
+    ) -> JobDocument | None:
         """Store `change` if the job is still at the revision `job` has; returns the
         job as written, or None when it changed meanwhile (read it again).
 
@@ -297,8 +312,9 @@ class JobStore:
         # A dotted path sets its whole top-level field, as `job` has it with the change:
         # the guard makes sure the stored job is that one (only history and outbox are
         # ever left out of a job read here).
+        heads: Mapping[str, Any] = written  # by name, whichever fields the change sets
         update: dict[str, Any] = {
-            head: literal(written[head]) for head in {k.partition(".")[0] for k in fields}
+            head: literal(heads[head]) for head in {k.partition(".")[0] for k in fields}
         }
         if change.history:
             update["history"] = appended("history", change.history)
@@ -361,73 +377,22 @@ class JobStore:
         marker = marker_for({"$ifNull": ["$outbox", []]})
         await self.commit.update(job_id, {"outbox_at": marker}, tracked=False)
 
-    async def placeable(self) -> list[Document]:
+    async def placeable(self) -> list[JobDocument]:
         """Jobs waiting for a node or holding room on one (queued; staging; dispatched;
         running), without history and outbox: what placement starts from."""
         states = [JobState.queued, JobState.staging, JobState.dispatched, JobState.running]
         query = {"state": {"$in": [state.value for state in states]}}
-        return await self.jobs.find(query, {"outbox": 0, "history": 0}).to_list()
+        jobs = await self.jobs.find(query, {"outbox": 0, "history": 0}).to_list()
+        return cast(list[JobDocument], jobs)
 
-    async def outboxes(self, job_ids: set[str]) -> list[Document]:
+    async def outboxes(self, job_ids: set[str]) -> list[JobOutbox]:
         """The outboxes of these jobs."""
         cursor = self.jobs.find({"_id": {"$in": sorted(job_ids)}}, {"outbox": 1})
-        return await cursor.to_list()
+        return cast(list[JobOutbox], await cursor.to_list())
 
-    async def with_outbox(self, settled_s: float = 0.0, limit: int = 500) -> list[Document]:
+    async def with_outbox(self, settled_s: float = 0.0, limit: int = 500) -> list[JobOutbox]:
         """Jobs whose outbox was last written at least `settled_s` ago and may still
         hold messages (the writer itself publishes what is newer)."""
         before = utcnow() - timedelta(seconds=settled_s)
         cursor = self.jobs.find({"outbox_at": {"$lte": before}}, {"outbox": 1})
-        return await cursor.limit(limit).to_list()
-
-    # -- nodes --------------------------------------------------------------------
-
-    async def node_seen(self, node_id: str, status: Document, online: bool) -> None:
-        fields = {**status, "online": online, "last_seen": utcnow()}
-        view = await self._node_view()
-        view[node_id] = {**view.get(node_id, {"_id": node_id}), **fields}  # in arrival order
-        await self.nodes.update_one({"_id": node_id}, {"$set": fields}, upsert=True)
-
-    async def online_nodes(self) -> list[Document]:
-        return [dict(node) for node in (await self._node_view()).values() if node["online"]]
-
-    async def all_nodes(self) -> list[Document]:
-        view = await self._node_view()
-        return [dict(view[node_id]) for node_id in sorted(view)]
-
-    async def mark_offline(self, node_id: str, seen_before: datetime) -> bool:
-        """Mark a node offline if it has not been seen since `seen_before`."""
-        result = await self.nodes.update_one(
-            {"_id": node_id, "online": True, "last_seen": {"$lt": seen_before}},
-            {"$set": {"online": False}},
-        )
-        if result.modified_count != 1:
-            return False
-        view = await self._node_view()
-        if node_id in view and view[node_id]["last_seen"] < seen_before:
-            view[node_id] = {**view[node_id], "online": False}
-        return True
-
-    async def _node_view(self) -> dict[str, Document]:
-        if self._nodes is None:
-            nodes = {node["_id"]: node for node in await self.nodes.find().to_list()}
-            if self._nodes is None:  # no concurrent first read got there first
-                self._nodes = nodes
-        return self._nodes
-
-    # -- output -------------------------------------------------------------------
-
-    async def save_output(
-        self, job_id: str, attempt: int, stream: str, data: str, truncated: bool, limit: int
-    ) -> None:
-        if len(data) > limit:
-            data, truncated = data[-limit:], True
-        await self.output.update_one(
-            {"job_id": job_id, "attempt": attempt, "stream": stream},
-            {"$set": {"data": data, "truncated": truncated}},
-            upsert=True,
-        )
-
-    async def get_output(self, job_id: str, attempt: int) -> dict[str, Document]:
-        docs = await self.output.find({"job_id": job_id, "attempt": attempt}).to_list()
-        return {doc["stream"]: doc for doc in docs}
+        return cast(list[JobOutbox], await cursor.limit(limit).to_list())

@@ -32,12 +32,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import cast
 
 import structlog
 from pydantic import Field
 from pymongo import UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
+from services.scheduler.documents import TenantDocument
 from shared.envelope import utcnow
 from shared.messages.base import Payload
 from shared.mongo import Document
@@ -96,7 +98,8 @@ class TenantBook(PeriodicLoop):
         self._dirty: set[str] = set()
 
     async def load(self) -> None:
-        async for doc in self.collection.find({}):
+        async for found in self.collection.find({}):
+            doc = cast(TenantDocument, found)  # what pymongo reads is untyped
             if "policy" in doc:
                 self.policies[doc["_id"]] = TenantPolicy.model_validate(doc["policy"])
             if "usage" in doc:

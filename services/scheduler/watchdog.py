@@ -15,6 +15,7 @@ from datetime import timedelta
 import structlog
 
 from services.scheduler.jobs import JobService
+from services.scheduler.nodes import NodeStore
 from services.scheduler.placement import PlacementView
 from services.scheduler.store import JobStore
 from shared.bus import Bus
@@ -32,6 +33,7 @@ class Watchdog(PeriodicLoop):
     def __init__(
         self,
         store: JobStore,
+        nodes: NodeStore,
         jobs: JobService,
         view: PlacementView,
         bus: Bus,
@@ -41,6 +43,7 @@ class Watchdog(PeriodicLoop):
     ) -> None:
         super().__init__(interval_s)
         self.store = store
+        self.nodes = nodes
         self.jobs = jobs
         self.view = view
         self.bus = bus
@@ -53,13 +56,13 @@ class Watchdog(PeriodicLoop):
     async def check_once(self) -> None:
         now = utcnow()
         stale = now - self.node_timeout
-        nodes = {node["_id"]: node for node in await self.store.all_nodes()}
+        nodes = {node["_id"]: node for node in await self.nodes.all_nodes()}
         for node_id, node in nodes.items():
             stopped_answering = node["online"] and node["last_seen"] < stale
-            if stopped_answering and await self.store.mark_offline(node_id, stale):
+            if stopped_answering and await self.nodes.mark_offline(node_id, stale):
                 log.warning("node_offline", node_id=node_id)
                 status = NodeStatus.model_validate(
-                    {k: node[k] for k in NodeStatus.model_fields if k in node}
+                    {k: v for k, v in node.items() if k in NodeStatus.model_fields}
                 )
                 await self.bus.emit("node.offline", status)
         silent = int(self.node_timeout.total_seconds())

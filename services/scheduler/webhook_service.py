@@ -17,20 +17,17 @@ from services.scheduler.delivery_worker import (
     RetryPolicy,
 )
 from services.scheduler.egress import AllowList, Guard
+from services.scheduler.handlers import WEBHOOK_EVENTS
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.webhooks import JOB_EVENTS, WEBHOOKS, SecretBox, Webhooks
+from services.scheduler.webhooks import WEBHOOKS, SecretBox, Webhooks
 from shared.consume import trusted_senders
-from shared.messages.catalog import TENANTS
 from shared.service import BUS, MONGO
-
-#: The scheduler's own queue of job events, of the tenants that have a webhook.
-WEBHOOK_QUEUE = "scheduler.webhooks"
 
 
 def routes_of(tenant: str) -> list[tuple[str, str]]:
     """The bindings that bring a tenant's job events to the webhook queue. Only tenants
     with a webhook are bound, so the jobs of the others cost no delivery and no query."""
-    return [(TENANTS, f"{tenant}.{event}") for event in JOB_EVENTS]
+    return WEBHOOK_EVENTS.bindings(tenants=[tenant])
 
 
 def webhook_context(
@@ -63,9 +60,9 @@ def webhook_context(
             await sweep.start()
             await sender.start()
             consumer = await bus.consume(
-                WEBHOOK_QUEUE,
-                [route for tenant in await endpoints.tenants() for route in routes_of(tenant)],
-                dict.fromkeys(JOB_EVENTS, deliveries.job_event),
+                WEBHOOK_EVENTS,
+                deliveries,
+                bindings=WEBHOOK_EVENTS.bindings(tenants=await endpoints.tenants()),
                 authorize=trusted_senders(settings.amqp.service_users(settings.trusted_users)),
             )
             endpoints.routed = lambda tenant: consumer.bind(routes_of(tenant))

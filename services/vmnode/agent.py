@@ -16,6 +16,11 @@ Message flow for one attempt:
 The agent keeps no store: the workloads' labels in the engine are its record. On
 start it adopts whatever this node's previous agent left: running workloads get a
 watcher again, exited ones are reported and removed.
+
+One module because adopting, `on_run`, `on_cancel` and the watchers all work on the
+agent's two tables of attempts, `_watches` and `_finished`: whether a command starts a
+workload, repeats an announcement or does nothing is read from them, and a watcher
+updates them when it reports.
 """
 
 from __future__ import annotations
@@ -45,13 +50,12 @@ from services.vmnode.runtimes.base import (
 from services.vmnode.settings import NodeSettings
 from services.vmnode.watch import Watch, run_finished
 from shared.backoff import Backoff
-from shared.bus import Bus, Consumer, Incoming, Rejected, Retry
+from shared.bus import Bus
+from shared.consume import Incoming, Rejected, Retry
 from shared.envelope import derived_id, utcnow
 from shared.identity import Sender
-from shared.messages.catalog import COMMANDS
 from shared.messages.jobs import NodeCancel, NodeRun, Resources, run_command_id
 from shared.messages.nodes import RunFinished, RunInteractive, RunOutcome, RunOutput, RunStarted
-from shared.topology import node_queue
 
 log = structlog.get_logger("medhive.vmnode")
 
@@ -73,7 +77,6 @@ class Agent:
         self.data = data or JobData(settings)
         self._watches: dict[tuple[str, int], Watch] = {}
         self._finished: OrderedDict[tuple[str, int], RunOutcome] = OrderedDict()
-        self._consumer: Consumer | None = None
 
     def running(self) -> list[str]:
         """Job ids of the attempts running here (for heartbeats)."""
@@ -114,19 +117,6 @@ class Agent:
                 self._watch(workload)
         await self.data.wipe_orphans(set(self._watches))
 
-    async def start_consuming(self) -> None:
-        node = self.settings.node_id
-        self._consumer = await self.bus.consume(
-            node_queue(node),
-            [(COMMANDS, f"node.{node}.run"), (COMMANDS, f"node.{node}.cancel")],
-            {"node.run": self.on_run, "node.cancel": self.on_cancel},
-            authorize=self.authorize,
-        )
-
-    async def stop_consuming(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop(grace_s=self.settings.stop_grace_s + CANCEL_REPORT_S)
-
     async def detach(self) -> None:
         """Stop watching; the workloads keep running for the next agent to adopt."""
         tasks = [w.task for w in self._watches.values() if w.task is not None]
@@ -143,9 +133,8 @@ class Agent:
             raise Rejected(f"node commands are accepted from the scheduler only, not {user_id!r}")
         return Sender(user_id, service=True)
 
-    async def on_run(self, incoming: Incoming) -> None:
+    async def on_run(self, incoming: Incoming[NodeRun]) -> None:
         run = incoming.payload
-        assert isinstance(run, NodeRun)
         key = (run.job_id, run.attempt)
         if key in self._finished:
             log.info("run_already_finished", attempt=run.attempt, outcome=self._finished[key])
@@ -187,9 +176,8 @@ class Agent:
         # Watched even when the announcement fails (the redelivery announces it then).
         await self._announce(self._watch(workload, run.spec.resources))
 
-    async def on_cancel(self, incoming: Incoming) -> None:
+    async def on_cancel(self, incoming: Incoming[NodeCancel]) -> None:
         cancel = incoming.payload
-        assert isinstance(cancel, NodeCancel)
         watch = self._watches.get((cancel.job_id, cancel.attempt))
         if watch is None or watch.task is None:
             log.info("cancel_ignored", attempt=cancel.attempt, why="no such run on this node")

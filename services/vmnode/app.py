@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.vmnode.agent import Agent
+from services.vmnode.agent import CANCEL_REPORT_S, Agent
 from services.vmnode.guestnet import GuestNetwork
+from services.vmnode.handlers import COMMANDS
 from services.vmnode.heartbeat import Heartbeat
 from services.vmnode.metrics import NodeCollector
 from services.vmnode.runtimes import Runtime, create_runtime
@@ -54,9 +55,13 @@ def create_app(settings: NodeSettings) -> web.Application:
         await app[HEARTBEAT].stop()
 
     async def consumer(app: web.Application) -> AsyncIterator[None]:
-        await app[AGENT].start_consuming()
+        agent = app[AGENT]
+        consumer = await app[BUS].consume(
+            COMMANDS, agent, authorize=agent.authorize, node_id=settings.node_id
+        )
         yield
-        await app[AGENT].stop_consuming()
+        # Bounded by what a `node.cancel` in hand may take to stop its run and report.
+        await consumer.stop(grace_s=settings.stop_grace_s + CANCEL_REPORT_S)
 
     app.cleanup_ctx.extend([runtime, agent, consumer, heartbeat])
     return app

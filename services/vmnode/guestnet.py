@@ -13,9 +13,16 @@ from datetime import datetime
 import structlog
 
 from shared.bus import Bus, NoReply
-from shared.envelope import Envelope, utcnow
+from shared.envelope import utcnow
 from shared.messages.base import Payload
-from shared.messages.net import NetForward, NetLease, NetRelease
+from shared.messages.net import (
+    NetFailed,
+    NetForward,
+    NetForwarded,
+    NetLease,
+    NetLeased,
+    NetRelease,
+)
 
 log = structlog.get_logger("medhive.vmnode.guestnet")
 
@@ -41,9 +48,9 @@ class GuestNetwork:
         """The attempt's (mac, ip); raises `NetworkRefused` or `NoReply`."""
         request = NetLease(job_id=job_id, attempt=attempt, node_id=self.node_id, expires_at=until)
         reply = await self._ask("net.lease", request, job_id, tenant)
-        if reply.type != "net.leased":
-            raise NetworkRefused(f"no network address for the guest: {reply.payload['reason']}")
-        return str(reply.payload["mac"]), str(reply.payload["ip"])
+        if not isinstance(reply, NetLeased):
+            raise NetworkRefused(f"no network address for the guest: {_reason(reply)}")
+        return reply.mac, reply.ip
 
     async def forward(
         self, job_id: str, attempt: int, tenant: str, name: str, port: int, until: datetime
@@ -57,10 +64,10 @@ class GuestNetwork:
                 reply = await self._ask("net.forward", request, job_id, tenant, FORWARD_WAIT_S)
             except NoReply:
                 reply = None
-            if reply is not None and reply.type == "net.forwarded":
-                return str(reply.payload["external"])
-            if reply is not None and not reply.payload.get("retryable", False):
-                raise NetworkRefused(str(reply.payload["reason"]))
+            if isinstance(reply, NetForwarded):
+                return reply.external
+            if reply is not None and not (isinstance(reply, NetFailed) and reply.retryable):
+                raise NetworkRefused(_reason(reply))
             if utcnow() >= until:
                 raise NetworkRefused(f"the guest never answered on port {port} ({name})")
             await asyncio.sleep(1.0)  # netgw restarting or the pool full: ask again soon
@@ -72,7 +79,7 @@ class GuestNetwork:
 
     async def _ask(
         self, type_: str, request: Payload, job_id: str, tenant: str, extra_s: float = 0.0
-    ) -> Envelope:
+    ) -> Payload:
         """One request; the job's tenant travels in the envelope, so the answers (and
         their audit records) are the tenant's to see."""
         return await self.bus.request(
@@ -83,3 +90,10 @@ class GuestNetwork:
             tenant=tenant,
             actor=self.node_id,
         )
+
+
+def _reason(reply: Payload) -> str:
+    """Why netgw did not do what was asked (a `net.failed`, or an unexpected answer)."""
+    if isinstance(reply, NetFailed):
+        return reply.reason
+    return f"netgw answered with {type(reply).__name__}"

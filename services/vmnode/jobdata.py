@@ -7,6 +7,11 @@ read-only; the container sees each input read-only at its path. `/outputs` is a 
 of the size the job asked for, so a runaway job fills its own bound, not the node's
 disk. After the run its regular files (never symlinks) are stored in the datacache,
 and the directory is unmounted and removed whatever happened.
+
+One module because `prepare`, `collect` and `wipe` work on the same attempt directory
+(its layout, the `READY` and `job.json` files, the tmpfs mounts owned by the workload's
+uid), and after an agent restart `collect` and `wipe_orphans` rely on what `prepare`
+left there; inputs and results go through the one authenticated datacache session.
 """
 
 from __future__ import annotations

@@ -74,6 +74,10 @@ class MessageType:
     exchange: Literal["medhive.commands", "medhive.events", "medhive.tenants"]
     summary: str
     routing_key: str = ""  # defaults to the name; `{node_id}` is filled in by the sender
+    #: Whether a medhive service acts on it (its handler table takes it). False for
+    #: what only the audit, tenants' own systems and operators read, and for replies,
+    #: which go to the requester's reply queue.
+    consumed: bool = True
 
     @property
     def key_pattern(self) -> str:
@@ -101,41 +105,81 @@ _ENTRIES = [
         "job.interactive_ready", JobInteractive, TENANTS, "The guest answers; where to connect."
     ),
     MessageType(
-        "job.duplicate", JobDuplicate, TENANTS, "A job.submit repeated an earlier one: its job."
+        "job.duplicate",
+        JobDuplicate,
+        TENANTS,
+        "A job.submit repeated an earlier one: its job.",
+        consumed=False,
     ),
     MessageType(
-        "command.rejected", CommandRejected, TENANTS, "A command of this tenant was refused."
+        "command.rejected",
+        CommandRejected,
+        TENANTS,
+        "A command of this tenant was refused.",
+        consumed=False,
     ),
     MessageType(
-        "webhook.delivered", WebhookDelivered, TENANTS, "A webhook's receiver accepted it (2xx)."
+        "webhook.delivered",
+        WebhookDelivered,
+        TENANTS,
+        "A webhook's receiver accepted it (2xx).",
+        consumed=False,
     ),
     MessageType(
-        "webhook.failed", WebhookFailed, TENANTS, "A try of a webhook failed; another follows."
+        "webhook.failed",
+        WebhookFailed,
+        TENANTS,
+        "A try of a webhook failed; another follows.",
+        consumed=False,
     ),
     MessageType(
-        "webhook.given_up", WebhookGivenUp, TENANTS, "A webhook failed until its maximum age."
+        "webhook.given_up",
+        WebhookGivenUp,
+        TENANTS,
+        "A webhook failed until its maximum age.",
+        consumed=False,
     ),
     MessageType("data.stage", DataStage, COMMANDS, "Stage a job's inputs in the datacache."),
     MessageType("data.grant", DataGrant, COMMANDS, "Let a node read a job's data."),
     MessageType("data.release", DataRelease, COMMANDS, "The job ended: revoke and unpin."),
     MessageType("data.progress", DataProgress, EVENTS, "Staging progress of a job."),
-    MessageType("data.fetched", DataFetched, EVENTS, "An input was fetched from its source."),
+    MessageType(
+        "data.fetched", DataFetched, EVENTS, "An input was fetched from its source.", consumed=False
+    ),
     MessageType("data.staged", DataStaged, EVENTS, "Every input of a job is staged."),
     MessageType("data.failed", DataFailed, EVENTS, "Staging or granting failed."),
     MessageType("data.granted", DataGranted, EVENTS, "A node may read a job's data."),
-    MessageType("data.accessed", DataAccessed, EVENTS, "An object was read or written."),
-    MessageType("data.denied", DataDenied, EVENTS, "An access was refused."),
-    MessageType("data.quarantined", DataQuarantined, EVENTS, "An object failed its check."),
-    MessageType("data.released", DataReleased, EVENTS, "A job's grants were revoked."),
+    MessageType(
+        "data.accessed", DataAccessed, EVENTS, "An object was read or written.", consumed=False
+    ),
+    MessageType("data.denied", DataDenied, EVENTS, "An access was refused.", consumed=False),
+    MessageType(
+        "data.quarantined", DataQuarantined, EVENTS, "An object failed its check.", consumed=False
+    ),
+    MessageType(
+        "data.released", DataReleased, EVENTS, "A job's grants were revoked.", consumed=False
+    ),
     MessageType("data.outputs", DataOutputs, EVENTS, "A job's results are stored."),
     MessageType("data.uploaded", DataUploaded, EVENTS, "Results sent to their destination."),
     MessageType("net.lease", NetLease, COMMANDS, "Lease a MAC and IP for a VM (request)."),
     MessageType("net.forward", NetForward, COMMANDS, "Forward a port to a VM (request)."),
     MessageType("net.release", NetRelease, COMMANDS, "Free a VM's lease and forwards (request)."),
-    MessageType("net.leased", NetLeased, EVENTS, "A MAC and IP are leased; reply to net.lease."),
-    MessageType("net.forwarded", NetForwarded, EVENTS, "A port is forwarded to a guest."),
-    MessageType("net.released", NetReleased, EVENTS, "A lease and its forwards are freed."),
-    MessageType("net.failed", NetFailed, EVENTS, "A network request could not be met."),
+    MessageType(
+        "net.leased",
+        NetLeased,
+        EVENTS,
+        "A MAC and IP are leased; reply to net.lease.",
+        consumed=False,
+    ),
+    MessageType(
+        "net.forwarded", NetForwarded, EVENTS, "A port is forwarded to a guest.", consumed=False
+    ),
+    MessageType(
+        "net.released", NetReleased, EVENTS, "A lease and its forwards are freed.", consumed=False
+    ),
+    MessageType(
+        "net.failed", NetFailed, EVENTS, "A network request could not be met.", consumed=False
+    ),
     MessageType("node.online", NodeStatus, EVENTS, "A node agent started."),
     MessageType("node.heartbeat", NodeStatus, EVENTS, "A node agent is alive; its capacity."),
     MessageType("node.offline", NodeStatus, EVENTS, "A node agent stopped or was lost."),
@@ -144,7 +188,11 @@ _ENTRIES = [
     MessageType("run.output", RunOutput, EVENTS, "Output a workload printed."),
     MessageType("run.finished", RunFinished, EVENTS, "A workload ended on a node."),
     MessageType(
-        "message.rejected", MessageRejected, EVENTS, "A message was dead-lettered, with why."
+        "message.rejected",
+        MessageRejected,
+        EVENTS,
+        "A message was dead-lettered, with why.",
+        consumed=False,
     ),
 ]
 

@@ -92,7 +92,9 @@ class VmSpec(Payload):
         description="`iso`: inputs on a read-only CD-ROM, results on a writable disk; "
         "`disk`: inputs and results on one writable disk.",
     )
-    disk_size_mb: int = Field(64, ge=1, le=1024 * 1024, description="Writable disk size.")
+    disk_size_mb: int = Field(
+        64, ge=1, le=1024 * 1024, description="Size of the writable disk in MiB."
+    )
     filesystem: Literal["ext4", "fat32"] = Field("ext4", description="The writable disk's.")
     interactive: list[InteractivePort] = Field(
         default_factory=list, max_length=8, description="Ports forwarded while the job runs."
@@ -135,8 +137,12 @@ class JobSpec(Payload):
     workdir: WorkPath | None = Field(
         None, description="Working directory inside the workload (absolute)."
     )
-    resources: Resources = Field(default_factory=Resources)
-    walltime_s: int = Field(3600, ge=1, le=30 * 86400, description="Maximum run time.")
+    resources: Resources = Field(
+        default_factory=Resources, description="CPUs, memory and processes the job needs."
+    )
+    walltime_s: int = Field(
+        3600, ge=1, le=30 * 86400, description="Maximum run time in seconds; then it is stopped."
+    )
     priority: int = Field(0, ge=-100, le=100, description="Higher runs first.")
     retries: int = Field(0, ge=0, le=10, description="Times a lost job is queued again.")
     idempotency_key: str | None = Field(
@@ -195,14 +201,18 @@ class JobSpec(Payload):
 class JobSubmit(Payload):
     """Command `job.submit`: run this job for the sender's tenant."""
 
-    spec: JobSpec
+    spec: JobSpec = Field(description="The job to run.")
 
 
 class JobCancel(Payload):
     """Command `job.cancel`."""
 
     job_id: str = Field(max_length=64, description="The job to cancel, of the sender's tenant.")
-    reason: str = Field("cancelled by user", max_length=500)
+    reason: str = Field(
+        "cancelled by user",
+        max_length=500,
+        description="Why; it becomes the reason of the job's `job.cancelled` event.",
+    )
 
 
 class JobDuplicate(Payload):
@@ -220,20 +230,32 @@ class JobDuplicate(Payload):
 class JobEvent(Payload):
     """Event `job.<state>`: the job entered `state` (stored before it is published)."""
 
-    job_id: str
-    state: JobState
-    previous_state: JobState | None = None
-    reason: str | None = None
-    attempt: int = 0
-    node_id: str | None = None
-    exit_code: int | None = None
+    job_id: str = Field(description="The job's id.")
+    state: JobState = Field(description="The state the job entered.")
+    previous_state: JobState | None = Field(
+        None, description="The state it left (absent for `submitted`, its first)."
+    )
+    reason: str | None = Field(
+        None, description="Why it moved, in words (e.g. `placed on node-1`); absent if none."
+    )
+    attempt: int = Field(
+        0, description="Its latest attempt on a node, counted from 1; 0 until first placed."
+    )
+    node_id: str | None = Field(
+        None, description="The node of its latest attempt; absent until first placed."
+    )
+    exit_code: int | None = Field(
+        None,
+        description="The workload's exit code, in a final state only; absent when it never "
+        "ran or its exit is not known.",
+    )
 
 
 class JobInteractive(Payload):
     """Event `job.interactive_ready`: the guest answers; where a user connects to it."""
 
-    job_id: str
-    attempt: int
+    job_id: str = Field(description="The job's id.")
+    attempt: int = Field(description="The attempt whose guest answers (counted from 1).")
     endpoints: dict[str, str] = Field(description="Port name to host:port on the gateway.")
 
 
@@ -244,10 +266,10 @@ class NodeRun(Payload):
     this node access, so the node can fetch the inputs at once.
     """
 
-    job_id: str
-    attempt: int
-    tenant: str
-    spec: JobSpec
+    job_id: str = Field(description="The job's id.")
+    attempt: int = Field(description="Which attempt of the job this is, counted from 1.")
+    tenant: str = Field(description="The job's tenant; the node's reports about it carry it.")
+    spec: JobSpec = Field(description="The job as it was submitted.")
     deadline: AwareDatetime = Field(description="Walltime end; the node stops the job then.")
 
 
@@ -260,6 +282,6 @@ def run_command_id(job_id: str, attempt: int) -> uuid.UUID:
 class NodeCancel(Payload):
     """Command `node.cancel` (routing key `node.<node_id>.cancel`)."""
 
-    job_id: str
-    attempt: int
-    reason: str
+    job_id: str = Field(description="The job's id.")
+    attempt: int = Field(description="The attempt to stop; any other attempt is left alone.")
+    reason: str = Field(description="Why; the run's `run.finished` reports it.")

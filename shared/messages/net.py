@@ -23,9 +23,9 @@ Mac = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$"
 class NetLease(Payload):
     """Request `net.lease`: a MAC address with an IP bound to it by DHCP, for one attempt."""
 
-    job_id: str
-    attempt: int
-    node_id: str
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt the lease is for, counted from 1.")
+    node_id: str = Field(description="The node that runs the VM and asks.")
     expires_at: AwareDatetime = Field(description="The job's walltime end; released after it.")
 
 
@@ -36,57 +36,64 @@ class NetForward(Payload):
     `wait_s`; a guest still booting gets `net.failed` with `retryable` set.
     """
 
-    job_id: str
-    attempt: int
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt whose leased guest it is.")
     name: PortName = Field(description="The interactive port's name (rdp, ssh, ...).")
     port: Port = Field(description="The guest's TCP port.")
-    wait_s: float = Field(10.0, ge=0, le=120, description="How long to wait for the guest.")
+    wait_s: float = Field(
+        10.0, ge=0, le=120, description="How long to wait for the guest to answer, in seconds."
+    )
 
 
 class NetRelease(Payload):
     """Request `net.release`: remove the attempt's forwards and free its lease."""
 
-    job_id: str
-    attempt: int
-    reason: str = Field("the job ended", max_length=500)
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt whose lease and forwards to free.")
+    reason: str = Field("the job ended", max_length=500, description="Why, in words.")
 
 
 class NetLeased(Payload):
     """Event `net.leased`: the attempt holds this MAC and IP until `expires_at`."""
 
-    job_id: str
-    attempt: int
-    mac: Mac
-    ip: str
-    expires_at: AwareDatetime
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt that holds the lease.")
+    mac: Mac = Field(description="The MAC address to give the guest's network interface.")
+    ip: str = Field(description="The IPv4 address DHCP gives that MAC.")
+    expires_at: AwareDatetime = Field(
+        description="When the lease is released unless freed before: the job's walltime end "
+        "plus netgw's grace period."
+    )
 
 
 class NetForwarded(Payload):
     """Event `net.forwarded`: `external` (host:port) now reaches `guest` (ip:port)."""
 
-    job_id: str
-    attempt: int
-    name: PortName
-    guest: str
-    external: str
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt whose guest it is.")
+    name: PortName = Field(description="The interactive port's name (rdp, ssh, ...).")
+    guest: str = Field(description="The guest's ip:port.")
+    external: str = Field(description="The gateway's host:port that users connect to.")
 
 
 class NetReleased(Payload):
     """Event `net.released`: the attempt's lease and forwards are gone."""
 
-    job_id: str
-    attempt: int
-    mac: Mac | None = None
-    ip: str | None = None
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt whose lease it was.")
+    mac: Mac | None = Field(None, description="The MAC freed; absent if the attempt held none.")
+    ip: str | None = Field(None, description="The IP freed; absent if the attempt held none.")
     forwards: list[str] = Field(default_factory=list, description="External host:port freed.")
-    reason: str
+    reason: str = Field(
+        description="Why: the request's reason, or `the lease expired with its job`."
+    )
 
 
 class NetFailed(Payload):
     """Event `net.failed`: a request could not be met, and why."""
 
-    job_id: str
-    attempt: int
+    job_id: str = Field(description="The id of the VM's job.")
+    attempt: int = Field(description="The attempt the request was for.")
     request: str = Field(description="The request's type.")
-    reason: str
+    reason: str = Field(description="Why it could not be met, in words.")
     retryable: bool = Field(description="True when asking again later may succeed.")

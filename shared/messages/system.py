@@ -10,13 +10,23 @@ from shared.messages.base import Payload
 class MessageRejected(Payload):
     """Event `message.rejected`: a message was dead-lettered instead of handled."""
 
-    queue: str
-    reason: str
-    message_id: str | None = None
-    message_type: str | None = None
-    routing_key: str | None = None
-    user_id: str | None = None
-    body_excerpt: str = Field("", description="The first bytes of the body, for diagnosis.")
+    queue: str = Field(description="The queue whose consumer refused it.")
+    reason: str = Field(description="Why it was refused.")
+    message_id: str | None = Field(
+        None, description="Its AMQP `message_id` property; absent if it had none."
+    )
+    message_type: str | None = Field(
+        None, description="Its AMQP `type` property; absent if it had none."
+    )
+    routing_key: str | None = Field(None, description="The routing key it was published with.")
+    user_id: str | None = Field(
+        None, description="Its AMQP `user_id` property (the sender); absent if it had none."
+    )
+    body_excerpt: str = Field(
+        "",
+        description="The body's first 512 bytes as UTF-8 text (undecodable bytes replaced), "
+        "for diagnosis.",
+    )
 
 
 class CommandRejected(Payload):

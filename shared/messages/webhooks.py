@@ -29,7 +29,7 @@ class WebhookAttempt(Payload):
     attempt: int = Field(ge=1, description="Which try this was (1: the first).")
     status_code: int | None = Field(None, description="The receiver's HTTP status, if it answered.")
     error: str | None = Field(None, description="Why no answer came, if none came.")
-    duration_ms: float = Field(ge=0, description="How long the try took.")
+    duration_ms: float = Field(ge=0, description="How long the try took, in milliseconds.")
 
 
 class WebhookDelivered(WebhookAttempt):

@@ -7,7 +7,7 @@ import contextlib
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from shared.messages.jobs import JobSpec, JobSubmit
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import TEST_IMAGE, free_port
 from tests.helpers import publish_raw
+from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
 
 GUEST_DIR = Path(os.environ.get("MEDHIVE_TEST_GUEST_DIR", "/var/lib/medhive/guest"))
@@ -35,6 +36,17 @@ def domains_of(node_id: str) -> list[str]:
     return [n for n in names if f'"node_id": "{node_id}"' in virsh("dumpxml", n)]
 
 
+@contextlib.asynccontextmanager
+async def origin_of(stack: Stack, files: dict[str, bytes]) -> AsyncIterator[Origin]:
+    """An HTTP source serving `files` behind a token, configured in the stack's datacache
+    for the tenant of the `user_token` fixture."""
+    async with serve_origin(Origin(files=files, token="s3cret")) as origin:
+        await stack.configure_sources(
+            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
+        )
+        yield origin
+
+
 def spec(name: str, *command: str, **fields: Any) -> dict[str, Any]:
     return {"name": name, "image": TEST_IMAGE, "command": list(command), **fields}
 
@@ -43,13 +55,34 @@ def client(stack: Stack, token: str) -> Client:
     return Client(stack.api, stack.audit, token)
 
 
+async def recorded(
+    reader: Client,
+    filters: dict[str, str],
+    wanted: Callable[[dict[str, Any]], bool],
+    within: float = 30,
+) -> dict[str, Any]:
+    """The first audit record that `filters` select and `wanted` accepts, stored already
+    or to come: the live stream is read from the start of the trail (`after=0`), so a
+    record stored before it opened is found as surely as one stored after."""
+    trail = reader.stream(filters, after=0)
+    async with asyncio.timeout(within), contextlib.aclosing(trail):
+        async for record in trail:
+            if wanted(record):
+                return record
+    raise AssertionError("Client.stream ended; it reconnects until it is closed")
+
+
 async def wait_state(
     api: Client, job_id: str, states: set[str] = TERMINAL, within: float = 60
 ) -> dict[str, Any]:
-    """Poll the job API until the job is in one of `states` (it lives in another process)."""
-    async with asyncio.timeout(within):
-        while (job := await api.job(job_id))["state"] not in states:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+    """Wait for the job's `job.<state>` event of one of `states` in the audit trail, then
+    return the job as the API shows it: in that state (the scheduler stores a state
+    before it announces it), unless the job has left it since, which fails here."""
+    events = {f"job.{state}" for state in states}
+    trail = {"job": job_id, "type": "job."}
+    await recorded(api, trail, lambda record: record["type"] in events, within)
+    job = await api.job(job_id)
+    assert job["state"] in states, f"the job left {sorted(states)} before it was seen: {job}"
     return job
 
 
@@ -68,15 +101,14 @@ async def submit_over_amqp(amqp: AmqpSettings, user: tuple[str, str], job: dict[
     return str(envelope.id)
 
 
-async def job_of_message(api: Client, message_id: str, operator: Client) -> str:
+async def job_of_message(message_id: str, operator: Client) -> str:
     """The job an AMQP submission became (its job.submitted names the message as cause)."""
-    async with asyncio.timeout(30):
-        while True:
-            records, _ = await operator.events({"type": "job.submitted"})
-            for record in records:
-                if record["envelope"]["causation_id"] == message_id:
-                    return str(record["job_id"])
-            await asyncio.sleep(0.1)
+    submitted = await recorded(
+        operator,
+        {"type": "job.submitted"},
+        lambda record: record["envelope"]["causation_id"] == message_id,
+    )
+    return str(submitted["job_id"])
 
 
 def unique_name(prefix: str) -> str:

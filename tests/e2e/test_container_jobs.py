@@ -77,7 +77,7 @@ async def test_a_job_over_amqp_runs_for_the_senders_tenant(
         amqp_settings, amqp_user, spec("from-ris", "sh", "-c", "echo study done")
     )
     async with client(stack, user_token) as api, client(stack, operator_token) as ops:
-        job_id = await job_of_message(api, message_id, ops)
+        job_id = await job_of_message(message_id, ops)
         job = await wait_state(api, job_id)
         assert job["state"] == "succeeded"
         assert job["tenant"] == "radiology" and job["actor"] == amqp_user[0]

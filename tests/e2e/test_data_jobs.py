@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.e2e.support import client, spec, wait_state
+from tests.e2e.support import client, origin_of, spec, wait_state
 from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
 
@@ -38,10 +38,7 @@ async def test_a_job_reads_its_staged_input_and_its_results_come_back(
     stack: Stack, user_token: str, tmp_path: Path
 ) -> None:
     data = os.urandom(2 * 1024 * 1024 + 3)
-    async with serve_origin(Origin(files={"ct.bin": data}, token="s3cret")) as origin:
-        await stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
+    async with origin_of(stack, {"ct.bin": data}) as origin:
         job_file = tmp_path / "job.yaml"
         job_file.write_text(
             "name: segment\nimage: medhive/busybox:1\n"

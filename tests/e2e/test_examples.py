@@ -11,6 +11,7 @@ tests/unit/test_examples.py and to tests/e2e/test_vm_jobs.py, which runs jobs li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
@@ -66,6 +67,17 @@ async def configure(stack: Stack, example: str, **changes: str) -> None:
     for key in changes:
         assert key in entry, f"{example}: its sources-file entry has no {key!r}"
     await stack.configure_sources([{**entry, **changes, "tenant": TENANT}])
+
+
+@contextlib.asynccontextmanager
+async def example_origin(
+    stack: Stack, example: str, files: dict[str, bytes] | None = None
+) -> AsyncIterator[Origin]:
+    """An HTTP server with `files`, behind a token, where the example's sources-file
+    entry points (configured as in `configure`)."""
+    async with serve_origin(Origin(files=files or {}, token="s3cret")) as origin:
+        await configure(stack, example, match=origin.url, token="s3cret")
+        yield origin
 
 
 async def run(api: Client, job: dict[str, Any], within: float = 120) -> dict[str, Any]:
@@ -162,10 +174,8 @@ async def test_the_http_input_example_reads_the_file_from_its_url(
     stack: Stack, user_token: str
 ) -> None:
     data = os.urandom(300_000)
-    async with serve_origin(
-        Origin(files={"atlases/brain-atlas.nii.gz": data}, token="s3cret")
-    ) as origin:
-        await configure(stack, "http-input.yaml", match=origin.url, token="s3cret")
+    files = {"atlases/brain-atlas.nii.gz": data}
+    async with example_origin(stack, "http-input.yaml", files) as origin:
         job = with_source(load_example("http-input.yaml"), "https://data.example", origin.url)
         async with client(stack, user_token) as api:
             done = await run(api, job)
@@ -177,8 +187,7 @@ async def test_the_http_input_example_reads_the_file_from_its_url(
 async def test_the_outputs_example_uploads_its_results_to_the_destination(
     stack: Stack, user_token: str
 ) -> None:
-    async with serve_origin(Origin(token="s3cret")) as origin:
-        await configure(stack, "outputs-destination.yaml", match=origin.url, token="s3cret")
+    async with example_origin(stack, "outputs-destination.yaml") as origin:
         job = load_example("outputs-destination.yaml")
         destination = swap(job["outputs"]["destination"], "https://results.example", origin.url)
         job = {**job, "outputs": {**job["outputs"], "destination": destination}}
@@ -292,10 +301,7 @@ async def test_the_vm_iso_example_checksums_its_input_into_its_results(
     base = tmp_path / "blank.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
     data = os.urandom(200_000)
-    async with serve_origin(
-        Origin(files={"ecg/recording-0001.bin": data}, token="s3cret")
-    ) as origin:
-        await configure(vm_node, "vm-iso.yaml", match=origin.url, token="s3cret")
+    async with example_origin(vm_node, "vm-iso.yaml", {"ecg/recording-0001.bin": data}) as origin:
         job = with_source(load_example("vm-iso.yaml"), "https://data.example", origin.url)
         vm = {
             **job["vm"],

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from shared.settings import AmqpSettings
-from tests.e2e.support import client, spec, wait_state
-from tests.helpers import eventually, publish_raw
+from tests.e2e.support import client, recorded, spec, wait_state
+from tests.helpers import publish_raw
 from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
@@ -72,12 +72,11 @@ async def test_a_malformed_command_is_dead_lettered_and_recorded_in_audit(
     await publish_raw(url, b'{"type": "job.submit", "payload": 42}', "job.submit",
                       user_id=amqp_user[0], message_id="broken-1")  # fmt: skip
     async with client(stack, operator_token) as ops:
-
-        async def rejected_recorded() -> bool:
-            records, _ = await ops.events({"type": "message.rejected"})
-            return any(r["envelope"]["payload"]["message_id"] == "broken-1" for r in records)
-
-        await eventually(rejected_recorded)
+        await recorded(
+            ops,
+            {"type": "message.rejected"},
+            lambda record: record["envelope"]["payload"]["message_id"] == "broken-1",
+        )
         records, _ = await ops.events({"type": "message.rejected"})
         (record,) = [r for r in records if r["envelope"]["payload"]["message_id"] == "broken-1"]
         assert record["envelope"]["payload"]["queue"] == "scheduler.commands"

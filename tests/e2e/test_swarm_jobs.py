@@ -4,7 +4,6 @@ through the real services as processes, with inputs from the datacache."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -14,8 +13,8 @@ from typing import Any
 import aiodocker
 import pytest
 
-from tests.e2e.support import client, spec, wait_state
-from tests.integration.datacache.http_origin import Origin, serve_origin
+from tests.e2e.support import client, origin_of, spec, wait_state
+from tests.helpers import host_listener
 from tests.processes import Stack
 from tests.swarm import nothing_left, remove_everything_of
 
@@ -65,19 +64,6 @@ async def release(docker: aiodocker.Docker, container_id: str) -> None:
     await gate.start(detach=True)
 
 
-@contextlib.asynccontextmanager
-async def host_listener() -> AsyncIterator[tuple[int, list[bytes]]]:
-    got: list[bytes] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got.append(await reader.read(100))
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "0.0.0.0", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1], got
-
-
 async def test_a_job_with_inputs_runs_as_a_confined_swarm_service_and_its_results_come_back(
     swarm_stack: Stack, user_token: str, tmp_path: Path
 ) -> None:
@@ -85,14 +71,11 @@ async def test_a_job_with_inputs_runs_as_a_confined_swarm_service_and_its_result
     data = os.urandom(1024 * 1024 + 7)
     sha = hashlib.sha256(data).hexdigest()
     async with (
-        serve_origin(Origin(files={"ct.bin": data}, token="s3cret")) as origin,
+        origin_of(stack, {"ct.bin": data}) as origin,
         host_listener() as (port, connections),
         aiodocker.Docker() as docker,
         client(stack, user_token) as api,
     ):
-        await stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
         job = await api.submit(
             spec(
                 "on-swarm", "sh", "-c", GATED_PROBE,

@@ -10,7 +10,6 @@ back through its uploader; the workload itself has no network.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -25,8 +24,7 @@ import pytest
 from services.vmnode.runtimes.docker import MIB
 from services.vmnode.runtimes.swarm import SwarmRuntime
 from services.vmnode.settings import NodeSettings
-from tests.e2e.support import client, spec, wait_state
-from tests.integration.datacache.http_origin import Origin, serve_origin
+from tests.e2e.support import client, origin_of, spec, wait_state
 from tests.processes import Stack
 from tests.swarm import nothing_left, remove_everything_of
 
@@ -85,16 +83,6 @@ async def remote_stack(on_the_worker: None, stack: Stack) -> AsyncIterator[Stack
         stack.stop(name)
     async with aiodocker.Docker() as docker:
         await remove_everything_of(docker, stack.node_id)
-
-
-@contextlib.asynccontextmanager
-async def origin_of(stack: Stack, files: dict[str, bytes]) -> AsyncIterator[Origin]:
-    """An HTTP source serving `files`, configured in the stack's datacache."""
-    async with serve_origin(Origin(files=files, token="s3cret")) as origin:
-        await stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
-        yield origin
 
 
 async def running_task(docker: aiodocker.Docker, job_id: str) -> dict[str, Any]:

@@ -23,12 +23,19 @@ from typing import Any
 
 import pytest
 
-from medhive.client import Client
 from tests.conftest import free_port
-from tests.e2e.support import GUEST_DIR, URI, client, domains_of, virsh, wait_state
+from tests.e2e.support import (
+    GUEST_DIR,
+    URI,
+    client,
+    domains_of,
+    origin_of,
+    recorded,
+    virsh,
+    wait_state,
+)
 from tests.fixtures.vmnet import EXTERNAL_IP, VmNet
 from tests.helpers import eventually
-from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.processes import Stack
 
 pytestmark = pytest.mark.slow
@@ -84,22 +91,16 @@ def vm_job(base: Path, cmdline: str, **fields: Any) -> dict[str, Any]:
             "resources": {"cpus": 1, "memory_mb": 256}, "vm": vm, **fields}  # fmt: skip
 
 
-async def interactive(api: Client, job_id: str, within: float = 120) -> dict[str, str]:
-    async with asyncio.timeout(within):
-        while not (job := await api.job(job_id)).get("interactive"):
-            assert job["state"] in {"queued", "dispatched", "running"}, job
-            await asyncio.sleep(0.2)
-    return dict(job["interactive"])
+def serving_guest(base: Path, **fields: Any) -> dict[str, Any]:
+    """A guest that stays up and answers on port 2222, which the job names `ssh`."""
+    vm = {"interactive": [{"name": "ssh", "port": 2222}], **fields.pop("vm", {})}
+    return vm_job(base, "medhive.serve=2222 medhive.sleep=inf", vm=vm, **fields)
 
 
 async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
     vm_stack: Stack, vmnet: VmNet, user_token: str, base_image: Path, tmp_path: Path
 ) -> None:
-    job = vm_job(
-        base_image,
-        "medhive.serve=2222 medhive.sleep=inf",
-        vm={"interactive": [{"name": "ssh", "port": 2222}]},
-    )
+    job = serving_guest(base_image)
     job_file = tmp_path / "job.yaml"
     job_file.write_text(json.dumps(job))  # YAML reads JSON
     env = {**os.environ, "MEDHIVE_API_URL": vm_stack.api, "MEDHIVE_TOKEN": user_token,
@@ -112,7 +113,9 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
     shown: list[str] = []
     async with asyncio.timeout(120):
         while not (shown and "connect to" in shown[-1]):
-            shown.append((await follow.stdout.readline()).decode().rstrip())
+            line = await follow.stdout.readline()
+            assert line, f"the job ended before its guest was ready: {shown}"
+            shown.append(line.decode().rstrip())
     job_id = shown[0].split()[1]
     assert re.match(r"\d\d:\d\d:\d\d  running", shown[-2]), shown
     host, port = shown[-1].split("ssh: connect to ")[1].split(":")
@@ -134,13 +137,10 @@ async def test_a_user_reaches_the_guest_through_the_gateway_until_the_job_ends(
         assert domains_of(vm_stack.node_id) == []
         assert list((tmp_path / "vms").iterdir()) == []
 
-        async def net_records() -> list[str] | None:
-            events, _ = await api.events({"job": job_id, "type": "net."})
-            types = [e["type"] for e in events]
-            # The audit stores in batches: the release may be a moment behind the port.
-            return types if "net.released" in types else None
-
-        types = await eventually(net_records, within=30)
+        # The release reaches the audit a moment after the port is closed.
+        await recorded(api, {"job": job_id, "type": "net.released"}, lambda _: True)
+        events, _ = await api.events({"job": job_id, "type": "net."})
+        types = [e["type"] for e in events]
         for kind in ("net.lease", "net.leased", "net.forwarded", "net.released"):
             assert kind in types, types
         ready, _ = await api.events({"job": job_id, "type": "job.interactive_ready"})
@@ -151,10 +151,7 @@ async def test_a_guest_reads_its_staged_input_from_the_iso_and_its_result_comes_
     vm_stack: Stack, user_token: str, base_image: Path, tmp_path: Path
 ) -> None:
     data = os.urandom(300_000)
-    async with serve_origin(Origin(files={"ecg.bin": data}, token="s3cret")) as origin:
-        await vm_stack.configure_sources(
-            [{"tenant": "radiology", "match": origin.url, "token": "s3cret"}]
-        )
+    async with origin_of(vm_stack, {"ecg.bin": data}) as origin:
         job = vm_job(
             base_image,
             "medhive.checksum=1",
@@ -180,12 +177,8 @@ async def test_a_guest_reads_its_staged_input_from_the_iso_and_its_result_comes_
 async def test_walltime_shuts_the_guest_down_and_cleans_up(
     vm_stack: Stack, vmnet: VmNet, user_token: str, base_image: Path, tmp_path: Path
 ) -> None:
-    job = vm_job(
-        base_image,
-        "medhive.serve=2222 medhive.sleep=inf",
-        walltime_s=25,
-        vm={"interactive": [{"name": "ssh", "port": 2222}], "data_method": "disk"},
-        outputs={"max_mb": 4},
+    job = serving_guest(
+        base_image, walltime_s=25, vm={"data_method": "disk"}, outputs={"max_mb": 4}
     )
     async with client(vm_stack, user_token) as api:
         job_id = (await api.submit(job))["id"]

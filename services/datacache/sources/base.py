@@ -20,29 +20,14 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+# The errors have their own module, which the storage SCP imports too: re-exported.
+from services.datacache.sources.errors import SourceError as SourceError
+from services.datacache.sources.errors import SourceRefused as SourceRefused
+from services.datacache.sources.errors import SourceUnavailable as SourceUnavailable
+from services.datacache.sources.errors import http_error as http_error
+
 if TYPE_CHECKING:
     from services.datacache.sources.storescp import StorageReceiver
-
-
-class SourceError(Exception):
-    """A source could not deliver; the message names the source and says why."""
-
-
-class SourceUnavailable(SourceError):
-    """Down, overloaded or slow (refused connection, timeout, 5xx): worth retrying."""
-
-
-class SourceRefused(SourceError):
-    """The source answered, and the answer will not change (401/403/404, bad data)."""
-
-
-def http_error(status: int, what: str, said: str = "") -> SourceError:
-    """The error for an HTTP status: 5xx, 408 and 429 may pass, the rest will not.
-    `said` is the source's own explanation, when it gave one."""
-    message = f"{what} answered HTTP {status}" + (f": {said}" if said else "")
-    if status >= 500 or status in (408, 429):
-        return SourceUnavailable(message)
-    return SourceRefused(message)
 
 
 class SourceConfig(BaseModel):

@@ -21,6 +21,11 @@ or a source error that says how many came and why. An input that names a
 pynetdicom blocks, so each association runs in a worker thread; every instance it
 receives is handed to the event loop with `run_coroutine_threadsafe(...).result()`,
 which also slows the PACS down to the pace the cache can store at.
+
+One module because C-FIND, C-GET, C-MOVE and C-STORE are one `DimseSource` talking to
+one PACS: they share the parsing of its URI (`_target`), the association under our AE
+title with its rejection handling (`_associate`), and the status check that tells a
+refusal from an outage (`_check`); and a retrieval is planned from the C-FIND's listing.
 """
 
 from __future__ import annotations

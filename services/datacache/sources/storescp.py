@@ -30,7 +30,7 @@ from pynetdicom import (
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import register_uid, uid_to_service_class
 
-from services.datacache.sources.base import SourceUnavailable
+from services.datacache.sources.errors import SourceUnavailable
 
 log = structlog.get_logger("medhive.datacache.storescp")
 

@@ -5,6 +5,11 @@ network, read-only root, no capabilities, no privilege gain, a non-root user, an
 hard memory, swap, CPU and process limits. Containers are named deterministically
 after (node, job, attempt), so Docker itself refuses a second container for a
 redelivered command, and labelled, so a restarted agent finds its own.
+
+One module because what `container_config` writes into a container is what
+`DockerRuntime` relies on later: `prepare` reuses the container its name finds on a
+409, `list_own` and `workload_from` read its labels back after a restart, and `output`
+reads the log that `log_max_size` sized for the reported tail.
 """
 
 from __future__ import annotations

@@ -9,6 +9,11 @@ metadata records the attempt, so a restarted agent finds it (`list_own`).
 libvirt calls block, so they run in threads. Lifecycle events arrive on the loop
 through libvirtaio and wake `wait` at once; a slow poll covers the time a connection
 is being reopened, when events may be missed.
+
+One module because every `Runtime` method goes through the one libvirt connection this
+class reopens when it dies, and `wait` and `stop` rely on the lifecycle events that
+connection delivers into `_stopped`; the domain's XML and its disks are in domain.py
+and vmdisks.py.
 """
 
 from __future__ import annotations

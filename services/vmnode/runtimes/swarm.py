@@ -69,6 +69,12 @@ reaches one grant's objects and results, expires with the walltime, is revoked o
 datacache and N (the stager reads the decrypting route: run the datacache behind TLS
 where nodes are not on a trusted network); a node that is not who it claims (Swarm's
 mutual TLS between nodes, and every input's SHA-256 checked on arrival).
+
+One module because every step of an attempt (create, start, wait, stop, the stager and
+the uploader on another node, removal, adoption after a restart) reads and writes the
+same Swarm objects named after the attempt: its service, helper services, secret,
+networks and volumes. `remove`, `_remove_parts` and `_sweep` must know every object the
+other steps make; the specs of those objects are in swarmspec.py.
 """
 
 from __future__ import annotations
@@ -106,18 +112,17 @@ from services.vmnode.runtimes.docker import (
     read_logs,
     workload_from,
 )
+from services.vmnode.runtimes.swarmnodes import check_constraints, runs_jobs
 from services.vmnode.runtimes.swarmspec import (
     ENDED,
     IMAGE_LABEL,
     NEVER_RAN,
     OUTPUTS_LABEL,
     PART_LABEL,
-    check_constraints,
     is_retirement,
     network_spec,
     part_name,
     retired_spec,
-    runs_jobs,
     service_name,
     service_spec,
     stager_spec,

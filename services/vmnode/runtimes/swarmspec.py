@@ -23,6 +23,11 @@ cannot say what the local runtime says, the gap is named here:
   issue 52652, fixed in swarmkit PR 3237 in 2026, not in 20.10). The enforcer skips a
   task without reservations; reserving capacity is medhive's placement's job anyway
   (the scheduler reserves each job's `resources` on the node), and the limits hold.
+
+One module because the workload's, the helpers' and the retirement's specs must confine
+alike (no capabilities, a read-only root, the workload's uid) and carry
+the names and labels (`service_name`, `part_name`, `PART_LABEL`, `RETIRED_LABEL`) that
+swarm.py finds its objects by, so a change to one spec is seen beside the others.
 """
 
 from __future__ import annotations
@@ -391,61 +396,3 @@ def retired_spec(service: Mapping[str, Any], image_id: str) -> dict[str, Any]:
         "ForceUpdate": int(old.get("ForceUpdate", 0)) + 1,
     }
     return spec
-
-
-# -- which Swarm nodes run jobs ---------------------------------------------------------
-
-_CONSTRAINT = re.compile(r"^\s*([\w.\-]+)\s*(==|!=)\s*(.+?)\s*$")
-
-
-def _attribute(node: Mapping[str, Any], key: str) -> str | None:
-    """A node's value for a constraint's key, as Swarm reads it (None: it has none)."""
-    description = node.get("Description", {})
-    spec = node.get("Spec", {})
-    simple = {
-        "node.id": node.get("ID"),
-        "node.hostname": description.get("Hostname"),
-        "node.role": spec.get("Role"),
-        "node.platform.os": description.get("Platform", {}).get("OS"),
-        "node.platform.arch": description.get("Platform", {}).get("Architecture"),
-    }
-    if key in simple:
-        value = simple[key]
-        return None if value is None else str(value)
-    for prefix, found in (
-        ("node.labels.", spec.get("Labels") or {}),
-        ("engine.labels.", description.get("Engine", {}).get("Labels") or {}),
-    ):
-        if key.startswith(prefix):
-            value = found.get(key.removeprefix(prefix))
-            return None if value is None else str(value)
-    raise ValueError(f"unsupported Swarm constraint key {key!r}")
-
-
-def check_constraints(constraints: Sequence[str]) -> None:
-    """Refuse (ValueError) a constraint this module cannot read, before any job needs it."""
-    for constraint in constraints:
-        match = _CONSTRAINT.match(constraint)
-        if match is None:
-            raise ValueError(f"not a Swarm constraint: {constraint!r}")
-        _attribute({}, match.group(1))
-
-
-def runs_jobs(node: Mapping[str, Any], constraints: Sequence[str]) -> bool:
-    """Whether Swarm may place a job on `node` (ready, active, every constraint met;
-    the keys and operators of Swarm's placement constraints, compared as Swarm does,
-    case-insensitively)."""
-    if node.get("Status", {}).get("State") != "ready":
-        return False
-    if node.get("Spec", {}).get("Availability") != "active":
-        return False
-    for constraint in constraints:
-        match = _CONSTRAINT.match(constraint)
-        if match is None:
-            raise ValueError(f"not a Swarm constraint: {constraint!r}")
-        key, operator, wanted = match.groups()
-        value = _attribute(node, key)
-        equal = value is not None and value.lower() == wanted.lower()
-        if equal != (operator == "=="):
-            return False
-    return True

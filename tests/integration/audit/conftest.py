@@ -1,4 +1,5 @@
-"""Fixtures of the audit tests: the app on a fresh database, a publishing bus, tokens."""
+"""Fixtures of the audit tests: the app on a fresh database, its store, tokens (the bus
+that publishes what it records is `bus`, from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from services.audit.app import create_app
 from services.audit.settings import AuditSettings
 from services.audit.store import AuditStore
 from shared.auth import Role, TokenStore
-from shared.bus import Bus
 from shared.mongo import Document, connect
 from shared.settings import AmqpSettings, MongoSettings
 
@@ -63,11 +63,3 @@ async def token(mongo_settings: MongoSettings) -> AsyncIterator[Callable[..., Aw
 
     yield make
     await client.close()
-
-
-@pytest.fixture
-async def bus(amqp_settings: AmqpSettings) -> AsyncIterator[Bus]:
-    bus = Bus(amqp_settings, "test@x")
-    await bus.connect()
-    yield bus
-    await bus.close()

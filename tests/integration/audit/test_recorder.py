@@ -9,7 +9,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from services.audit.recorder import QUEUE, Recorder
+from services.audit.recorder import Recorder
 from services.audit.settings import AuditSettings
 from shared.auth import Role
 from shared.bus import Bus
@@ -17,6 +17,7 @@ from shared.envelope import utcnow
 from shared.messages.catalog import COMMANDS
 from shared.messages.jobs import JobCancel, JobEvent, JobSpec, JobState, JobSubmit, NodeRun
 from shared.settings import AmqpSettings
+from shared.topology import AUDIT_ALL
 from tests.integration.audit.conftest import StartApp
 from tests.integration.audit.support import auth, record_of, stored
 
@@ -128,7 +129,7 @@ async def test_every_stored_delivery_is_acknowledged(
     connection = await aio_pika.connect(amqp_settings.url.get_secret_value())
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(QUEUE, passive=True)
+        queue = await channel.declare_queue(AUDIT_ALL, passive=True)
         assert queue.declaration_result.message_count == 0
 
 

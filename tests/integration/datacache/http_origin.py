@@ -12,7 +12,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+
+from tests.helpers import serving
 
 RANGE = re.compile(r"bytes=(\d+)-$")
 
@@ -99,10 +100,6 @@ class Origin:
 
 @asynccontextmanager
 async def serve_origin(origin: Origin) -> AsyncIterator[Origin]:
-    server = TestServer(origin.app(), host="127.0.0.1")
-    await server.start_server()
-    origin.url = str(server.make_url("/")).rstrip("/")
-    try:
+    async with serving(origin.app()) as url:
+        origin.url = url
         yield origin
-    finally:
-        await server.close()

@@ -48,6 +48,14 @@ async def _staged_ok(h: Harness, job_id: str, *sources: str) -> dict[str, Any]:
     return event
 
 
+async def _staged_input(harness: Harness, origin: Origin, size: int) -> bytes:
+    """`size` random bytes at the origin (as `ct.bin`), staged for job-1."""
+    data = os.urandom(size)
+    origin.files["ct.bin"] = data
+    await _staged_ok(harness, "job-1", f"{origin.url}/ct.bin")
+    return data
+
+
 async def test_a_staged_input_is_read_by_the_granted_node_byte_for_byte(
     harness: Harness, origin: Origin
 ) -> None:
@@ -79,9 +87,7 @@ async def test_a_staged_input_is_read_by_the_granted_node_byte_for_byte(
 async def test_nothing_of_a_staged_input_is_readable_at_rest(
     harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
 ) -> None:
-    data = os.urandom(2 * MIB)
-    origin.files["a.bin"] = data
-    await _staged_ok(harness, "job-1", f"{origin.url}/a.bin")
+    data = await _staged_input(harness, origin, 2 * MIB)
     windows = [data[i : i + 16] for i in range(0, len(data) - 16, 4093)]
     stored = [p for p in Path(datacache_settings.cache_dir).rglob("*") if p.is_file()]
     assert stored
@@ -236,9 +242,7 @@ async def test_a_delegated_token_reaches_its_grant_only_and_dies_with_it(
 
 async def _granted_input(harness: Harness, origin: Origin, size: int) -> bytes:
     """`size` random bytes at the origin, staged for job-1 and granted to node-1."""
-    data = os.urandom(size)
-    origin.files["ct.bin"] = data
-    await _staged_ok(harness, "job-1", f"{origin.url}/ct.bin")
+    data = await _staged_input(harness, origin, size)
     await harness.grant("job-1")
     return data
 
@@ -370,10 +374,7 @@ async def test_a_damage_report_on_a_sound_object_quarantines_nothing(
 async def test_a_tampered_object_is_refused_quarantined_and_reported(
     harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
 ) -> None:
-    data = os.urandom(3 * MIB)
-    origin.files["a.bin"] = data
-    await _staged_ok(harness, "job-1", f"{origin.url}/a.bin")
-    await harness.grant("job-1")
+    data = await _granted_input(harness, origin, 3 * MIB)
     [blob] = [p for p in (datacache_settings.cache_dir / "objects").iterdir()]
     raw = bytearray(blob.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -391,7 +392,7 @@ async def test_a_tampered_object_is_refused_quarantined_and_reported(
     again = await harness.read("job-1", _sha(data))
     assert again.status == 410
     # The next staging of that source fetches it anew.
-    await _staged_ok(harness, "job-2", f"{origin.url}/a.bin")
+    await _staged_ok(harness, "job-2", f"{origin.url}/ct.bin")
     assert origin.requests["GET"] == 2
 
 

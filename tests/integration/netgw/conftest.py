@@ -1,4 +1,5 @@
-"""netgw as a real process managing a gateway namespace, and a bus to send it requests."""
+"""netgw as a real process managing a gateway namespace (the tests send it a node's
+requests on `bus`, from tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from shared.bus import Bus
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import free_port
 from tests.fixtures.vmnet import VmNet
@@ -38,12 +38,3 @@ async def netgw(
     finally:
         for name in list(stack.processes):
             stack.stop(name)
-
-
-@pytest.fixture
-async def bus(amqp_settings: AmqpSettings) -> AsyncIterator[Bus]:
-    """The bus a node agent uses to send netgw its requests."""
-    bus = Bus(amqp_settings, "vmnode@test")
-    await bus.connect()
-    yield bus
-    await bus.close()

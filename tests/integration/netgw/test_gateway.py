@@ -12,15 +12,24 @@ from typing import Any
 from pymongo import AsyncMongoClient
 
 from shared.bus import Bus
-from shared.envelope import Envelope, utcnow
-from shared.messages.net import NetForward, NetLease, NetRelease
+from shared.envelope import utcnow
+from shared.messages.base import Payload
+from shared.messages.net import (
+    NetFailed,
+    NetForward,
+    NetForwarded,
+    NetLease,
+    NetLeased,
+    NetRelease,
+    NetReleased,
+)
 from shared.settings import AmqpSettings, MongoSettings
 from tests.fixtures.vmnet import EXTERNAL_IP, VmNet, sh
 from tests.helpers import event_tap
 from tests.processes import Stack
 
 
-async def lease(bus: Bus, job_id: str, expires_in_s: float = 3600) -> Envelope:
+async def lease(bus: Bus, job_id: str, expires_in_s: float = 3600) -> Payload:
     request = NetLease(
         job_id=job_id,
         attempt=1,
@@ -30,12 +39,12 @@ async def lease(bus: Bus, job_id: str, expires_in_s: float = 3600) -> Envelope:
     return await bus.request("net.lease", request, correlation_id=job_id)
 
 
-async def forward(bus: Bus, job_id: str, port: int, wait_s: float = 10) -> Envelope:
+async def forward(bus: Bus, job_id: str, port: int, wait_s: float = 10) -> Payload:
     request = NetForward(job_id=job_id, attempt=1, name="ssh", port=port, wait_s=wait_s)
     return await bus.request("net.forward", request, correlation_id=job_id, timeout_s=60)
 
 
-async def release(bus: Bus, job_id: str) -> Envelope:
+async def release(bus: Bus, job_id: str) -> Payload:
     request = NetRelease(job_id=job_id, attempt=1)
     return await bus.request("net.release", request, correlation_id=job_id)
 
@@ -50,9 +59,9 @@ async def stored_forwards(mongo_settings: MongoSettings, db_prefix: str) -> list
         await client.close()
 
 
-def external_port(reply: Envelope) -> int:
-    assert reply.type == "net.forwarded", reply.payload
-    host, port = str(reply.payload["external"]).split(":")
+def external_port(reply: Payload) -> int:
+    assert isinstance(reply, NetForwarded), reply
+    host, port = reply.external.split(":")
     assert host == EXTERNAL_IP
     return int(port)
 
@@ -70,20 +79,20 @@ async def test_a_guest_is_reached_through_its_forward_until_release(
     job = f"job-{uuid.uuid4().hex[:8]}"
     async with event_tap(amqp_settings, ["net.*"]) as tap:
         leased = await lease(bus, job)
-        assert leased.type == "net.leased"
-        mac, ip = leased.payload["mac"], leased.payload["ip"]
+        assert isinstance(leased, NetLeased)
+        mac, ip = leased.mac, leased.ip
         assert mac.startswith("02:6d:68:")
         assert f"{mac},{ip}" in vmnet.dhcp_hosts()
-        assert (await lease(bus, job)).payload == leased.payload  # a repeated request
+        assert await lease(bus, job) == leased  # a repeated request
 
         guest = vmnet.guest(mac)
         assert await asyncio.to_thread(guest.dhcp, udhcpc_script) == ip
 
         # Nothing listens yet: netgw checks before it forwards, and says so.
         early = await forward(bus, job, 2222, wait_s=0.5)
-        assert early.type == "net.failed"
-        assert early.payload["retryable"] is True
-        assert f"{ip}:2222" in early.payload["reason"]
+        assert isinstance(early, NetFailed)
+        assert early.retryable is True
+        assert f"{ip}:2222" in early.reason
         # The forward stored while the guest was probed is gone again, and had no rule.
         assert await stored_forwards(mongo_settings, db_prefix) == []
         assert vmnet.forward_rules() == []
@@ -96,8 +105,8 @@ async def test_a_guest_is_reached_through_its_forward_until_release(
         assert len(vmnet.forward_rules()) == 1
 
         released = await release(bus, job)
-        assert released.type == "net.released"
-        assert released.payload["forwards"] == [f"{EXTERNAL_IP}:{port}"]
+        assert isinstance(released, NetReleased)
+        assert released.forwards == [f"{EXTERNAL_IP}:{port}"]
         assert await asyncio.to_thread(vmnet.refuses, port)
         assert vmnet.forward_rules() == []
         assert vmnet.dhcp_hosts() == []
@@ -112,28 +121,28 @@ async def test_concurrent_leases_never_share_an_address_and_a_full_pool_says_so(
     await netgw.start("netgw", MEDHIVE_NETGW_IP_RANGE='["10.77.0.100", "10.77.0.104"]')
     jobs = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(8)]
     replies = await asyncio.gather(*(lease(bus, job) for job in jobs))
-    granted = [r for r in replies if r.type == "net.leased"]
-    refusals = [r for r in replies if r.type == "net.failed"]
+    granted = [r for r in replies if isinstance(r, NetLeased)]
+    refusals = [r for r in replies if isinstance(r, NetFailed)]
     assert len(granted) == 5
-    assert len({r.payload["mac"] for r in granted}) == 5
-    assert len({r.payload["ip"] for r in granted}) == 5
+    assert len({r.mac for r in granted}) == 5
+    assert len({r.ip for r in granted}) == 5
     assert len(refusals) == 3
     for reply in refusals:
-        assert reply.payload["reason"] == "all 5 guest addresses are leased"
-        assert reply.payload["retryable"] is True
+        assert reply.reason == "all 5 guest addresses are leased"
+        assert reply.retryable is True
     # A released address is handed out again.
-    await release(bus, str(granted[0].correlation_id))
-    again = await lease(bus, str(refusals[0].correlation_id))
-    assert again.type == "net.leased"
-    assert again.payload["ip"] == granted[0].payload["ip"]
+    await release(bus, granted[0].job_id)
+    again = await lease(bus, refusals[0].job_id)
+    assert isinstance(again, NetLeased)
+    assert again.ip == granted[0].ip
 
 
 async def test_forwarding_without_a_lease_is_refused(netgw: Stack, bus: Bus) -> None:
     await netgw.start("netgw")
     reply = await forward(bus, "job-without-lease", 22, wait_s=0)
-    assert reply.type == "net.failed"
-    assert reply.payload["retryable"] is False
-    assert "holds no lease" in reply.payload["reason"]
+    assert isinstance(reply, NetFailed)
+    assert reply.retryable is False
+    assert "holds no lease" in reply.reason
 
 
 async def test_a_restart_keeps_live_forwards_and_drops_expired_ones(
@@ -144,7 +153,8 @@ async def test_a_restart_keeps_live_forwards_and_drops_expired_ones(
     ports = {}
     for job in (live, dying):
         leased = await lease(bus, job)
-        guest = vmnet.guest(leased.payload["mac"])
+        assert isinstance(leased, NetLeased)
+        guest = vmnet.guest(leased.mac)
         await asyncio.to_thread(guest.dhcp, udhcpc_script)
         guest.serve(2222, f"guest of {job}")
         ports[job] = external_port(await forward(bus, job, 2222))
@@ -192,8 +202,9 @@ async def test_a_port_taken_behind_its_back_leaves_no_rule_and_the_next_port_is_
     await netgw.start("netgw")
     job = f"job-{uuid.uuid4().hex[:8]}"
     leased = await lease(bus, job)
-    guest = vmnet.guest(leased.payload["mac"])
-    assert await asyncio.to_thread(guest.dhcp, udhcpc_script) == leased.payload["ip"]
+    assert isinstance(leased, NetLeased)
+    guest = vmnet.guest(leased.mac)
+    assert await asyncio.to_thread(guest.dhcp, udhcpc_script) == leased.ip
     guest.serve(2222, "medhive-guest ready")
     # The first port of the pool (41000 in this netgw's range), stored by someone else.
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(

@@ -7,6 +7,7 @@ import uuid
 
 from shared.auth import Role
 from shared.bus import Bus
+from shared.messages.net import NetLeased, NetReleased
 from shared.settings import MongoSettings
 from tests.helpers import bearer, make_token
 from tests.integration.netgw.test_gateway import lease, release
@@ -31,12 +32,12 @@ async def test_metrics_show_the_pools_in_use_and_need_a_metrics_token(
     assert idle.value("medhive_netgw_port_range_size") == 100  # 41000-41099 (conftest)
 
     job = f"job-{uuid.uuid4().hex[:8]}"
-    assert (await lease(bus, job)).type == "net.leased"
+    assert isinstance(await lease(bus, job), NetLeased)
     assert (await scrape(url, token)).value("medhive_netgw_leases_in_use") == 1
     handled = {"type": "net.lease", "outcome": "ok"}  # counted once acknowledged, after the reply
     await scrape_until(
         url, token, lambda s: s.value("medhive_messages_handled_total", **handled) == 1
     )
 
-    assert (await release(bus, job)).type == "net.released"
+    assert isinstance(await release(bus, job), NetReleased)
     assert (await scrape(url, token)).value("medhive_netgw_leases_in_use") == 0

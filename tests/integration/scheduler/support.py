@@ -6,14 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-import aio_pika
-
 from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.catalog import COMMANDS
 from shared.messages.nodes import NodeStatus
 from shared.settings import AmqpSettings
-from tests.helpers import EventTap
+from tests.helpers import EventTap, connected_bus, event_tap
 
 
 @contextlib.asynccontextmanager
@@ -21,29 +19,20 @@ async def pretend(
     amqp: AmqpSettings, runtimes: tuple[str, ...] = ("container",)
 ) -> AsyncIterator[tuple[Bus, EventTap]]:
     """The datacache's and node n1's side: a bus to report on, and their command queue."""
-    bus = Bus(amqp, "pretend@test")
-    await bus.connect()
-    commands = EventTap()
-    connection = await aio_pika.connect(amqp.url.get_secret_value())
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    for key in ("data.#", "node.n1.#"):
-        await queue.bind(COMMANDS, key)
-    await queue.consume(commands._on)
-    status = NodeStatus(
-        node_id="n1",
-        cpus=4,
-        memory_mb=4096,
-        runtimes=list(runtimes),
-        heartbeat_s=30,
-        started_at=utcnow(),
-    )
-    await bus.emit("node.online", status)
-    try:
+    async with (
+        connected_bus(amqp, "pretend@test") as bus,
+        event_tap(amqp, ["data.#", "node.n1.#"], exchange=COMMANDS) as commands,
+    ):
+        status = NodeStatus(
+            node_id="n1",
+            cpus=4,
+            memory_mb=4096,
+            runtimes=list(runtimes),
+            heartbeat_s=30,
+            started_at=utcnow(),
+        )
+        await bus.emit("node.online", status)
         yield bus, commands
-    finally:
-        await connection.close()
-        await bus.close()
 
 
 async def beat(bus: Bus, node_id: str) -> None:

@@ -11,31 +11,25 @@ import asyncio
 import contextlib
 from typing import Any
 
-import aio_pika
 from aiohttp.test_utils import TestClient
 
-from shared.bus import Bus
 from shared.messages.catalog import COMMANDS
 from shared.settings import AmqpSettings, MongoSettings
-from tests.helpers import EventTap, bearer, event_tap, make_token
+from tests.helpers import bearer, connected_bus, event_tap, make_token
 from tests.integration.scheduler.support import beat
 
 
 async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
     scheduler: TestClient, amqp_settings: AmqpSettings, mongo_settings: MongoSettings
 ) -> None:
-    bus = Bus(amqp_settings, "stuck-node@test")
-    await bus.connect()
-    commands = EventTap()
-    connection = await aio_pika.connect(amqp_settings.url.get_secret_value())
-    channel = await connection.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(COMMANDS, "node.stuck.#")
-    await queue.consume(commands._on)
-    beating = asyncio.create_task(beat(bus, "stuck"))
     auth = bearer(await make_token(mongo_settings, "cardiology"))
-    try:
-        async with event_tap(amqp_settings, ["job.timed_out"]) as ended:
+    async with (
+        connected_bus(amqp_settings, "stuck-node@test") as bus,
+        event_tap(amqp_settings, ["node.stuck.#"], exchange=COMMANDS) as commands,
+        event_tap(amqp_settings, ["job.timed_out"]) as ended,
+    ):
+        beating = asyncio.create_task(beat(bus, "stuck"))
+        try:
             job: dict[str, Any] = await (
                 await scheduler.post(
                     "/v1/jobs",
@@ -48,12 +42,10 @@ async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
             cancel = await commands.wait_for(lambda m: m["type"] == "node.cancel")
             assert cancel["payload"]["reason"] == "walltime exceeded"
             event = await ended.wait_for(lambda m: m["correlation_id"] == job["id"])
-        assert "did not confirm the stop" in event["payload"]["reason"]
-        body = await (await scheduler.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
-        assert [h["state"] for h in body["history"]][-2:] == ["dispatched", "timed_out"]
-    finally:
-        beating.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await beating
-        await connection.close()
-        await bus.close()
+            body = await (await scheduler.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+    assert "did not confirm the stop" in event["payload"]["reason"]
+    assert [h["state"] for h in body["history"]][-2:] == ["dispatched", "timed_out"]

@@ -18,15 +18,14 @@ from services.scheduler.app import create_app
 from services.scheduler.deliveries import PENDING, DeliveryStore
 from services.scheduler.delivery_worker import OutcomeSweep
 from services.scheduler.settings import SchedulerSettings
-from services.scheduler.webhook_service import WEBHOOK_QUEUE
-from shared.bus import Bus
 from shared.envelope import utcnow
 from shared.messages.jobs import JobEvent, JobState
 from shared.messages.webhooks import WebhookDelivered
 from shared.mongo import Document, connect
 from shared.service import BUS
 from shared.settings import AmqpSettings, MongoSettings
-from tests.helpers import EventTap, bearer, event_tap, make_token
+from shared.topology import SCHEDULER_WEBHOOKS
+from tests.helpers import EventTap, bearer, connected_bus, event_tap, make_token
 from tests.integration.audit.support import next_event
 from tests.integration.scheduler.webhook_support import Receiver, job_life, quick, register
 
@@ -48,28 +47,41 @@ async def tap(amqp_settings: AmqpSettings) -> AsyncIterator[EventTap]:
         yield tap
 
 
+@pytest.fixture
+def settings(scheduler_settings: SchedulerSettings) -> SchedulerSettings:
+    return quick(scheduler_settings)
+
+
+@pytest.fixture
+async def hooks(settings: SchedulerSettings, aiohttp_client: Any) -> TestClient:
+    """The scheduler on `settings` (webhooks retried within a second)."""
+    client: TestClient = await aiohttp_client(create_app(settings))
+    return client
+
+
+@pytest.fixture
+async def radiology(mongo_settings: MongoSettings) -> dict[str, str]:
+    """The headers of a user of tenant radiology, whose webhooks the tests register."""
+    return bearer(await make_token(mongo_settings, "radiology"))
+
+
 def outcome_of(tap: EventTap, type_: str, delivery_id: str) -> Any:
     return lambda m: m["type"] == type_ and m["payload"]["delivery_id"] == delivery_id
 
 
 async def test_every_job_event_arrives_signed_and_once_through_failures_and_a_restart(
-    scheduler_settings: SchedulerSettings,
-    aiohttp_client: Any,
-    mongo_settings: MongoSettings,
-    tap: EventTap,
+    settings: SchedulerSettings, aiohttp_client: Any, radiology: dict[str, str], tap: EventTap
 ) -> None:
-    settings = quick(scheduler_settings)
     receiver = Receiver(fail_first=3)
-    auth = bearer(await make_token(mongo_settings, "radiology"))
     await receiver.start()
     first: TestClient = await aiohttp_client(create_app(settings))
-    receiver.secret = (await register(first, auth, receiver.url))["secret"]
+    receiver.secret = (await register(first, radiology, receiver.url))["secret"]
 
-    events = [e for _ in range(2) for e in await job_life(first, auth, tap)]
+    events = [e for _ in range(2) for e in await job_life(first, radiology, tap)]
     await receiver.wait_for(lambda r: set(events) <= set(r.event_ids()))
     # Down across a restart: what happens meanwhile waits in the database.
     await receiver.stop()
-    later = [e for _ in range(2) for e in await job_life(first, auth, tap)]
+    later = [e for _ in range(2) for e in await job_life(first, radiology, tap)]
     await tap.wait_for(lambda m: m["type"] == "webhook.failed" and m["causation_id"] in later)
     await first.close()
     second: TestClient = await aiohttp_client(create_app(settings))
@@ -97,6 +109,7 @@ async def test_a_delivery_never_accepted_is_given_up_and_the_audit_records_every
     amqp_settings: AmqpSettings,
     mongo_settings: MongoSettings,
     db_prefix: str,
+    radiology: dict[str, str],
     tap: EventTap,
 ) -> None:
     audit_settings = AuditSettings(
@@ -106,14 +119,13 @@ async def test_a_delivery_never_accepted_is_given_up_and_the_audit_records_every
     hooks: TestClient = await aiohttp_client(
         create_app(quick(scheduler_settings, webhook_max_age_s=1.0))
     )
-    auth = bearer(await make_token(mongo_settings, "radiology"))
     flaky, broken = Receiver(fail_first=1), Receiver(status=503)
     async with receiving(flaky, broken):
         sent = {}
         for name, receiver in (("flaky", flaky), ("broken", broken)):
-            webhook = await register(hooks, auth, receiver.url)
+            webhook = await register(hooks, radiology, receiver.url)
             receiver.secret = webhook["secret"]
-            queued = await hooks.post(f"/v1/webhooks/{webhook['id']}/test", headers=auth)
+            queued = await hooks.post(f"/v1/webhooks/{webhook['id']}/test", headers=radiology)
             sent[name] = (await queued.json())["delivery_id"]
         delivered = await tap.wait_for(outcome_of(tap, "webhook.delivered", sent["flaky"]))
         given_up = await tap.wait_for(outcome_of(tap, "webhook.given_up", sent["broken"]))
@@ -144,7 +156,7 @@ def _record_id(event: dict[str, Any]) -> str:
 async def test_a_url_outside_the_rule_is_refused_and_never_contacted(
     scheduler_settings: SchedulerSettings,
     aiohttp_client: Any,
-    mongo_settings: MongoSettings,
+    radiology: dict[str, str],
     tap: EventTap,
 ) -> None:
     """Only 127.0.0.2 is allowed: the receiver on 127.0.0.1 never hears a thing, while the
@@ -152,16 +164,15 @@ async def test_a_url_outside_the_rule_is_refused_and_never_contacted(
     hooks: TestClient = await aiohttp_client(
         create_app(quick(scheduler_settings, webhook_allowed_hosts=["127.0.0.2"]))
     )
-    auth = bearer(await make_token(mongo_settings, "radiology"))
     refused, allowed = Receiver("127.0.0.1"), Receiver("127.0.0.2")
     async with receiving(refused, allowed):
         for url in (refused.url, refused.url.replace("http:", "https:")):
             response = await hooks.post(
-                "/v1/webhooks", json={"url": url, "events": ["job.*"]}, headers=auth
+                "/v1/webhooks", json={"url": url, "events": ["job.*"]}, headers=radiology
             )
             assert response.status == 422
-        allowed.secret = (await register(hooks, auth, allowed.url))["secret"]
-        events = await job_life(hooks, auth, tap)
+        allowed.secret = (await register(hooks, radiology, allowed.url))["secret"]
+        events = await job_life(hooks, radiology, tap)
         await allowed.wait_for(lambda r: set(events) <= set(r.event_ids()))
     assert refused.seen == []
 
@@ -169,25 +180,24 @@ async def test_a_url_outside_the_rule_is_refused_and_never_contacted(
 async def test_the_rule_holds_at_delivery_for_the_addresses_dns_gives_then(
     scheduler_settings: SchedulerSettings,
     aiohttp_client: Any,
-    mongo_settings: MongoSettings,
+    radiology: dict[str, str],
     tap: EventTap,
 ) -> None:
     """A name registered while its address was allowed is not reached once it is not
     (as when DNS rebinds a public name to an internal address)."""
-    auth = bearer(await make_token(mongo_settings, "radiology"))
     receiver = Receiver()
     loopback = ["127.0.0.1", "::1"]
     before: TestClient = await aiohttp_client(
         create_app(quick(scheduler_settings, webhook_allowed_hosts=loopback))
     )
     named = receiver.url.replace("http://127.0.0.1", "https://localhost")
-    webhook = await register(before, auth, named)
+    webhook = await register(before, radiology, named)
     await before.close()
     after: TestClient = await aiohttp_client(
         create_app(quick(scheduler_settings, webhook_allowed_hosts=[]))
     )
     async with receiving(receiver):
-        queued = await after.post(f"/v1/webhooks/{webhook['id']}/test", headers=auth)
+        queued = await after.post(f"/v1/webhooks/{webhook['id']}/test", headers=radiology)
         delivery_id = (await queued.json())["delivery_id"]
         failed = await tap.wait_for(outcome_of(tap, "webhook.failed", delivery_id))
     assert failed["payload"]["error"] == (
@@ -197,38 +207,30 @@ async def test_the_rule_holds_at_delivery_for_the_addresses_dns_gives_then(
 
 
 async def test_a_redelivered_event_makes_no_second_delivery(
-    scheduler_settings: SchedulerSettings,
-    aiohttp_client: Any,
+    settings: SchedulerSettings,
+    hooks: TestClient,
     amqp_settings: AmqpSettings,
     mongo_settings: MongoSettings,
+    radiology: dict[str, str],
 ) -> None:
-    settings = quick(scheduler_settings)
-    hooks: TestClient = await aiohttp_client(create_app(settings))
     receiver = Receiver()
-    webhook = await register(
-        hooks, bearer(await make_token(mongo_settings, "radiology")), receiver.url
-    )
+    webhook = await register(hooks, radiology, receiver.url)
     receiver.secret = webhook["secret"]
-    bus = Bus(amqp_settings, "scheduler@test")
-    await bus.connect()
-    try:
-        async with receiving(receiver):
-            # Messages of one job are handled in order: when the last is delivered, the
-            # repeat of the first has been handled too.
-            once, last = (
-                bus.envelope(
-                    f"job.{state.value}",
-                    JobEvent(job_id="j-000000000000deadbeef", state=state),
-                    correlation_id="j-000000000000deadbeef",
-                    tenant="radiology",
-                )
-                for state in (JobState.queued, JobState.cancelled)
+    async with connected_bus(amqp_settings, "scheduler@test") as bus, receiving(receiver):
+        # Messages of one job are handled in order: when the last is delivered, the
+        # repeat of the first has been handled too.
+        once, last = (
+            bus.envelope(
+                f"job.{state.value}",
+                JobEvent(job_id="j-000000000000deadbeef", state=state),
+                correlation_id="j-000000000000deadbeef",
+                tenant="radiology",
             )
-            for envelope in (once, once, last):
-                await bus.publish(envelope)
-            await receiver.wait_for(lambda r: str(last.id) in r.event_ids())
-    finally:
-        await bus.close()
+            for state in (JobState.queued, JobState.cancelled)
+        )
+        for envelope in (once, once, last):
+            await bus.publish(envelope)
+        await receiver.wait_for(lambda r: str(last.id) in r.event_ids())
     stored = await _deliveries(mongo_settings, settings, webhook["id"])
     assert sorted(d["event_id"] for d in stored) == sorted([str(once.id), str(last.id)])
 
@@ -263,20 +265,18 @@ async def test_a_claim_whose_sender_died_is_due_again_after_its_lease(
 
 
 async def test_a_removed_webhook_gets_nothing_more(
-    scheduler_settings: SchedulerSettings,
-    aiohttp_client: Any,
+    settings: SchedulerSettings,
+    hooks: TestClient,
     mongo_settings: MongoSettings,
+    radiology: dict[str, str],
     tap: EventTap,
 ) -> None:
-    settings = quick(scheduler_settings)
-    hooks: TestClient = await aiohttp_client(create_app(settings))
-    auth = bearer(await make_token(mongo_settings, "radiology"))
     down = Receiver()  # never started: every try fails, and would go on for a day
-    webhook = await register(hooks, auth, down.url)
-    queued = await hooks.post(f"/v1/webhooks/{webhook['id']}/test", headers=auth)
+    webhook = await register(hooks, radiology, down.url)
+    queued = await hooks.post(f"/v1/webhooks/{webhook['id']}/test", headers=radiology)
     await tap.wait_for(outcome_of(tap, "webhook.failed", (await queued.json())["delivery_id"]))
 
-    assert (await hooks.delete(f"/v1/webhooks/{webhook['id']}", headers=auth)).status == 200
+    assert (await hooks.delete(f"/v1/webhooks/{webhook['id']}", headers=radiology)).status == 200
     left = await _deliveries(mongo_settings, settings, webhook["id"])
     assert [d for d in left if d["state"] == PENDING] == []
 
@@ -290,9 +290,8 @@ async def test_an_outcome_stored_but_not_published_before_a_crash_is_published_b
     await store.add([{"_id": "msg_1", "state": PENDING, "due_at": long_ago, "announce": []}])
     claimed = await store.claim(long_ago, lease_s=60)
     assert claimed is not None
-    bus = Bus(amqp_settings, "scheduler@test")
-    await bus.connect()  # declares the exchanges the tap binds to
-    try:
+    # The bus declares the exchanges the tap binds to.
+    async with connected_bus(amqp_settings, "scheduler@test") as bus:
         async with event_tap(amqp_settings, ["webhook.*"]) as tap:
             outcome = WebhookDelivered(
                 delivery_id="msg_1", webhook_id="wh-1", event_type="webhook.test",
@@ -310,19 +309,12 @@ async def test_an_outcome_stored_but_not_published_before_a_crash_is_published_b
         assert await store.unannounced(utcnow()) == []
         await OutcomeSweep(store, bus).tick()  # announced, and ended long ago: dropped
         assert await store.collection.count_documents({}) == 0
-    finally:
-        await bus.close()
 
 
 async def test_only_the_job_events_of_tenants_with_a_webhook_reach_the_webhook_queue(
-    scheduler_settings: SchedulerSettings,
-    aiohttp_client: Any,
-    mongo_settings: MongoSettings,
-    tap: EventTap,
+    hooks: TestClient, mongo_settings: MongoSettings, radiology: dict[str, str], tap: EventTap
 ) -> None:
-    hooks: TestClient = await aiohttp_client(create_app(quick(scheduler_settings)))
-    (queue,) = [c for c in hooks.app[BUS].consumers if c.queue_name == WEBHOOK_QUEUE]
-    radiology = bearer(await make_token(mongo_settings, "radiology"))
+    (queue,) = [c for c in hooks.app[BUS].consumers if c.queue_name == SCHEDULER_WEBHOOKS]
     cardiology = bearer(await make_token(mongo_settings, "cardiology"))
     first, second = Receiver(), Receiver()
     async with receiving(first, second):

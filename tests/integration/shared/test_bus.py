@@ -7,7 +7,9 @@ import json
 
 import aio_pika
 
-from shared.bus import Bus, Incoming
+from shared.bus import Bus
+from shared.consume import Incoming
+from shared.handlers import HandlerTable, on
 from shared.messages.catalog import COMMANDS, EVENTS
 from shared.messages.jobs import JobCancel
 from shared.settings import AmqpSettings
@@ -32,19 +34,20 @@ async def test_handled_in_order_per_job_and_invalid_messages_dead_lettered(
     seen: list[str] = []
     done, after = asyncio.Event(), asyncio.Event()
 
-    async def on_cancel(msg: Incoming) -> None:
-        assert isinstance(msg.payload, JobCancel)
-        if msg.payload.reason.isdigit():
-            # Earlier messages take longer: handled side by side, they would end in
-            # reverse order; a job's messages must be handled one after another.
-            await asyncio.sleep(0.002 * (20 - int(msg.payload.reason)))
-        seen.append(msg.payload.reason)
-        if len(seen) == 20:
-            done.set()
-        if msg.payload.reason == "after":
-            after.set()
+    class Cancels:
+        async def on_cancel(self, msg: Incoming[JobCancel]) -> None:
+            if msg.payload.reason.isdigit():
+                # Earlier messages take longer: handled side by side, they would end in
+                # reverse order; a job's messages must be handled one after another.
+                await asyncio.sleep(0.002 * (20 - int(msg.payload.reason)))
+            seen.append(msg.payload.reason)
+            if len(seen) == 20:
+                done.set()
+            if msg.payload.reason == "after":
+                after.set()
 
-    await bus.consume("test.commands", [(COMMANDS, "job.cancel")], {"job.cancel": on_cancel})
+    table = HandlerTable("test.commands", (on("job.cancel", JobCancel, Cancels.on_cancel),))
+    await bus.consume(table, Cancels())
     channel = await bus.connection.channel()
     rejected = await channel.declare_queue(exclusive=True)
     await rejected.bind(EVENTS, "message.rejected")
@@ -91,4 +94,27 @@ async def test_a_command_no_queue_can_receive_raises_instead_of_vanishing(
     # An event nobody listens to is fine: facts may have no audience.
     await bus.emit("run.output", RunOutput(job_id="j", attempt=1, node_id="n", stream="stdout",
                                            data="x"))  # fmt: skip
+    await bus.close()
+
+
+async def test_a_bug_in_publishing_is_raised_at_once_not_retried(
+    amqp_settings: AmqpSettings,
+) -> None:
+    """A `RuntimeError` that is not the channel's state is a bug: retrying it for a
+    minute would only hide it."""
+    import pytest
+
+    bus = Bus(amqp_settings, "test@here")
+    await bus.connect()
+    calls = 0
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug")
+
+    bus._exchanges[COMMANDS].publish = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a bug"):
+        await asyncio.wait_for(bus.emit("job.cancel", JobCancel(job_id="j", reason="r")), 5)
+    assert calls == 1
     await bus.close()

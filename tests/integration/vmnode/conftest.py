@@ -130,12 +130,10 @@ async def events(amqp_settings: AmqpSettings) -> AsyncIterator[Events]:
 
 
 @pytest.fixture
-async def scheduler(amqp_settings: AmqpSettings) -> AsyncIterator[Bus]:
-    """A bus as the scheduler's service account: the one the agent trusts."""
-    bus = Bus(amqp_settings, "scheduler@test")
-    await bus.connect()
-    yield bus
-    await bus.close()
+def scheduler(bus: Bus) -> Bus:
+    """The test's bus (on the service account, which the agent trusts): the test plays
+    the scheduler on it."""
+    return bus
 
 
 @contextlib.asynccontextmanager

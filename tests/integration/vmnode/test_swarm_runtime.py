@@ -7,7 +7,6 @@ it is removed afterwards, even when the test fails.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
@@ -21,6 +20,7 @@ import pytest
 from services.vmnode.runtimes.base import ImageMissing, Mount, Workload
 from services.vmnode.runtimes.swarm import SwarmRuntime
 from services.vmnode.settings import NodeSettings
+from tests.helpers import host_listener
 from tests.integration.vmnode.conftest import GATED, new_job, node_run, sh
 from tests.swarm import nothing_left, remove_everything_of
 
@@ -57,20 +57,6 @@ async def task_container(docker: aiodocker.Docker, workload: Workload) -> dict[s
     tasks = await docker.tasks.list(filters={"service": [workload.id]})
     container_id = tasks[0]["Status"]["ContainerStatus"]["ContainerID"]
     return dict(await docker.containers.container(container_id).show())
-
-
-@contextlib.asynccontextmanager
-async def host_listener() -> AsyncIterator[tuple[int, list[bytes]]]:
-    """A TCP server on every host address; what connected to it, if anything did."""
-    got: list[bytes] = []
-
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        got.append(await reader.read(100))
-        writer.close()
-
-    server = await asyncio.start_server(on_connect, "0.0.0.0", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1], got
 
 
 def inputs_dir(tmp_path: Path) -> list[Mount]:

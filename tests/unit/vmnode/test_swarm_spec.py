@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 
 from services.vmnode.runtimes.base import Mount
+from services.vmnode.runtimes.swarmnodes import check_constraints, runs_jobs
 from services.vmnode.runtimes.swarmspec import (
-    check_constraints,
     is_retirement,
     retired_spec,
-    runs_jobs,
     service_name,
     service_spec,
     stager_spec,
