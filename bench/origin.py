@@ -11,12 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-STATS = web.AppKey("stats", Counter[str])
+STATS: web.AppKey[Counter[str]] = web.AppKey("stats")
 
 
 @web.middleware
-async def count(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     if request.path != "/_stats":
         stats = request.app[STATS]
@@ -37,7 +38,8 @@ def create_app(root: Path) -> web.Application:
         return web.FileResponse(path, chunk_size=1 << 20)
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response(dict(request.app[STATS]))
+        sent: Counter[str] = request.app[STATS]
+        return web.json_response(dict(sent))
 
     app.router.add_get("/_stats", stats)
     app.router.add_get("/{name}", serve)
