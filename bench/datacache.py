@@ -5,13 +5,15 @@
 One run sets up a RabbitMQ vhost, a SecantusDB server, an HTTP origin (its own process,
 sendfile) holding a file of `--size-mb` random bytes, and the datacache as
 `python -m services.datacache`, configured with the origin as a source. Then, alternating
-`--runs` times in the same run:
+`--runs` times in the same run, after one uncounted run of each:
 
 - **plain**: `curl -o` of the file to a file on the same disk;
-(after one uncounted run of each)
 
 - **stage**: `data.stage` of the same file (a fresh query string each time, so each is a
   real fetch) until `data.staged`: download, SHA-256, encryption, write, catalog.
+
+Each case starts with the page cache written back and emptied but for the source file,
+so none pays for what the one before left (`_settled`).
 
 `stage_ratio` = median plain seconds / median stage seconds (target >= 1.0: staging is
 no slower than a plain download). Its peer, also alternating: the same work done by
@@ -192,6 +194,25 @@ def _children_cpu_s() -> float:
 def _own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+async def _settled(source: Path) -> None:
+    """Start a case on the same footing as the others: what the previous one wrote is
+    on disk and out of the page cache, and the source file is in it.
+
+    Each case writes a GiB without syncing. Left dirty, its writeback slowed whichever
+    case came next; left cached, it made the next case's writes take memory the
+    machine had not touched yet, which costs this virtual machine several times the
+    system time of reusing freed pages (one GiB written in 0.2 s of system time or in
+    3.1 s, by the same code). The plain download measured 1.0 to 2.9 s either way."""
+    await asyncio.to_thread(_drop_page_cache)
+    await asyncio.to_thread(_read_through, source)
+
+
+def _read_through(path: Path) -> None:
+    with path.open("rb", buffering=0) as f:
+        while f.read(8 * MIB):
+            pass
 
 
 def _drop_page_cache() -> None:
@@ -570,6 +591,7 @@ async def bench(
     ):
         rss = process_rss_mb(s["process"].pid)
         url = f"{s['origin']}/scan.bin"
+        source = workdir / "origin" / "scan.bin"
         # One of each first, not counted: the first writes of a fresh machine pay for
         # faulting in the page cache's memory, which would fall on whichever ran first.
         await _plain_download(f"{url}?plain=warm", workdir / "plain.bin")
@@ -577,12 +599,15 @@ async def bench(
         plain, staged, piped = [], [], []
         curl_cpu = stage_cpu = 0.0
         for i in range(runs):
+            await _settled(source)
             before = _children_cpu_s()
             plain.append(await _plain_download(f"{url}?plain={i}", workdir / "plain.bin"))
             curl_cpu += _children_cpu_s() - before
+            await _settled(source)
             before = process_cpu_s(s["process"].pid)
             staged.append(await _stage(s, f"stage-{i}", f"{url}?run={i}"))
             stage_cpu += process_cpu_s(s["process"].pid) - before
+            await _settled(source)
             piped.append(await _pipeline_download(f"{url}?piped={i}", workdir / "piped.bin"))
             progress(
                 f"run {i + 1}: plain {plain[-1]:.2f} s, stage {staged[-1]:.2f} s, "

@@ -30,8 +30,12 @@ from services.datacache.crypto import KeyProvider, Sealer, data_key
 from shared.pipeline import in_turn
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 
-#: Segments sealed or opened per thread hop.
+#: Segments opened per thread hop when serving decrypted.
 BATCH = 8
+#: Segments sealed per thread hop when writing: a batch and its ciphertext stay within
+#: a core's 4 MiB L2 cache while they are hashed, sealed and written (at 8, hashing
+#: alone took a third longer).
+SEAL_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class BlobStore:
         for path in (root, self.objects, self.tmp, self.quarantined):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
+        self._batches = _Batches(segment_size)
 
     def path(self, blob_id: str) -> Path:
         if not blob_id.isalnum():
@@ -86,31 +91,41 @@ class BlobStore:
     # -- writing ------------------------------------------------------------------------
 
     async def write(self, chunks: AsyncIterable[bytes]) -> StoredBlob:
-        """Encrypt a stream into a new blob; its plaintext SHA-256 and size come back."""
+        """Encrypt a stream into a new blob; its plaintext SHA-256 and size come back.
+
+        A stream that stays within one segment is kept whole and stored in one trip to
+        a worker thread. A longer one is copied, as it arrives, into batch buffers that
+        the blob store reuses (`_Batch`), each handed to the sealing pipeline when full."""
         blob_id = uuid.uuid4().hex
         tmp = self.tmp / blob_id
         sealed: _SealedFile | None = None
         size = 0
+        head: list[bytes] = []  # the stream so far, while it fits in one segment
+        batch: _Batch | None = None
         try:
-            pending: list[bytes] = []
-            held = 0
-            batch = self.segment_size * BATCH
             async for chunk in chunks:
-                pending.append(chunk)
-                held += len(chunk)
                 size += len(chunk)
-                # Keep at least one byte back: only the end of the stream knows the last.
-                if held > batch:
-                    if sealed is None:
-                        sealed = await asyncio.to_thread(self._create, tmp)
-                    data = b"".join(pending)
-                    whole = (held - 1) // self.segment_size * self.segment_size
-                    pending, held = [data[whole:]], held - whole
-                    await sealed.add(memoryview(data)[:whole], final=False)
-            rest = memoryview(b"".join(pending))
-            if sealed is None:  # a small file, whole in memory: one trip to a worker thread
-                return await asyncio.to_thread(self.write_whole, rest)
-            await sealed.add(rest, final=True)
+                if batch is None:
+                    head.append(chunk)
+                    if size <= self.segment_size:
+                        continue
+                    batch, pieces, head = self._batches.take(), head, []
+                else:
+                    pieces = [chunk]
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        if batch.full:  # and more follows: not the last batch
+                            if sealed is None:
+                                sealed = await asyncio.to_thread(self._create, tmp)
+                            await sealed.add(batch, final=False)
+                            batch = self._batches.take()
+                        view = view[batch.fill(view) :]
+            if batch is None:  # a small file, whole in memory
+                return await asyncio.to_thread(self.write_whole, b"".join(head))
+            if sealed is None:
+                sealed = await asyncio.to_thread(self._create, tmp)
+            await sealed.add(batch, final=True)
             await sealed.finish()
             await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
         except BaseException:
@@ -139,7 +154,7 @@ class BlobStore:
 
     def _create(self, tmp: Path) -> _SealedFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        return _SealedFile(os.fdopen(fd, "wb"), Sealer(self.keys, self.segment_size))
+        return _SealedFile(os.fdopen(fd, "wb"), Sealer(self.keys, self.segment_size), self._batches)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -257,18 +272,72 @@ class BlobStore:
         return total
 
 
+class _Batch:
+    """Room for one batch of segments: the plaintext as it arrives, and its sealed form.
+
+    A batch's buffers are used again for a later batch (see `_Batches`), so a GiB
+    streams through the same few MiB: a fresh buffer (each batch joined anew, each
+    segment sealed into new bytes, as before) is faulted in by the kernel 4 KiB at a
+    time when first touched."""
+
+    def __init__(self, segment_size: int) -> None:
+        self.segment_size = segment_size
+        self.plain = bytearray(segment_size * SEAL_BATCH)
+        self.sealed = bytearray((segment_size + TAG) * SEAL_BATCH)
+        self.filled = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == len(self.plain)
+
+    def fill(self, data: memoryview) -> int:
+        """Copy as much of `data` as fits; how much that was."""
+        taken = min(len(data), len(self.plain) - self.filled)
+        self.plain[self.filled : self.filled + taken] = data[:taken]
+        self.filled += taken
+        return taken
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.plain)[: self.filled]
+
+
+class _Batches:
+    """The batch buffers not in use, for the next write to take. Writes that run at
+    once take more; at most `SPARE` are kept when they come back."""
+
+    SPARE = 8
+
+    def __init__(self, segment_size: int) -> None:
+        self.segment_size = segment_size
+        self._free: list[_Batch] = []
+
+    def take(self) -> _Batch:
+        batch = self._free.pop() if self._free else _Batch(self.segment_size)
+        batch.filled = 0
+        return batch
+
+    def give_back(self, batch: _Batch) -> None:
+        if len(self._free) < self.SPARE:
+            self._free.append(batch)
+
+
 class _SealedFile:
     """One blob being written, as a pipeline over batches of whole segments: while the
     next batch arrives from the source, the previous one is hashed in one worker thread
-    and sealed in another at the same time (SHA-256 and AES-GCM both release the GIL,
-    and hashing costs twice what sealing does, so doing them one after the other would
-    leave a core idle), and the batch before that is written by a third.
+    and sealed and written in another at the same time (SHA-256 and AES-GCM both
+    release the GIL, and hashing costs several times what sealing does, so doing them
+    one after the other would leave a core idle).
 
-    Hashing and writing must see the batches in order (`shared.pipeline.in_turn`): each
-    batch's hash waits for the previous batch's, and so does its write. Sealing needs no
-    order, since every segment is sealed at the place it was given when its batch
-    arrived. At most `IN_FLIGHT`
-    batches are in the pipeline, so memory stays bounded whatever the source's speed.
+    Hashing must see the batches in order (`shared.pipeline.in_turn`): each batch's
+    hash waits for the previous batch's. Sealing and writing need no order: each
+    segment is sealed at the place it was given when its batch arrived and written at
+    its own offset in the file, right after it is sealed, while it is still in the
+    core's cache (written later, from a whole batch, the same bytes cost the kernel
+    three to four times the system time to copy into the page cache). At most
+    `IN_FLIGHT` batches are in the pipeline, so memory stays bounded whatever the
+    source's speed; a batch's buffers go back to the blob store once it is hashed,
+    sealed and written.
 
     No fsync: a blob torn by a power cut fails its authentication when read, is
     quarantined, and its source is fetched again.
@@ -276,48 +345,51 @@ class _SealedFile:
 
     IN_FLIGHT = 3
 
-    def __init__(self, out: BinaryIO, sealer: Sealer) -> None:
+    def __init__(self, out: BinaryIO, sealer: Sealer, batches: _Batches) -> None:
         self.out = out
         self.sealer = sealer
+        self.batches = batches
         self.digest = hashlib.sha256()
         self._segments = 0
         self._hashed: asyncio.Future[None] | None = None
-        self._written: asyncio.Future[None] | None = None
-        self._steps: deque[asyncio.Future[tuple[None, None]]] = deque()
+        self._steps: deque[asyncio.Future[None]] = deque()
         out.write(sealer.header)
+        out.flush()
 
-    async def add(self, data: memoryview, final: bool) -> None:
+    async def add(self, batch: _Batch, final: bool) -> None:
         while len(self._steps) >= self.IN_FLIGHT:
             await self._steps.popleft()
+        data = batch.data
         first, self._segments = self._segments, self._segments + _segments_in(data, self.sealer)
-        sealed = asyncio.ensure_future(asyncio.to_thread(self._seal, data, first, final))
-        self._hashed = asyncio.ensure_future(
-            in_turn(self._hashed, sealed, lambda _: self.digest.update(data))
+        written = asyncio.ensure_future(
+            asyncio.to_thread(self._seal_and_write, data, first, final, batch.sealed)
         )
-        self._written = asyncio.ensure_future(in_turn(self._written, sealed, self._write))
-        self._steps.append(asyncio.gather(self._hashed, self._written))
+        self._hashed = asyncio.ensure_future(
+            # Nothing to wait for but the previous batch's hash.
+            in_turn(self._hashed, asyncio.sleep(0), lambda _: self.digest.update(data))
+        )
+        self._steps.append(asyncio.ensure_future(self._done(batch, self._hashed, written)))
 
-    def _seal(self, data: memoryview, first: int, final: bool) -> list[bytes]:
-        """`data` as whole segments from segment `first` (and, when `final`, the last
-        one, perhaps empty)."""
-        step = self.sealer.segment_size
+    async def _done(self, batch: _Batch, *steps: asyncio.Future[None]) -> None:
+        await asyncio.gather(*steps)
+        self.batches.give_back(batch)  # no thread reads it any more
+
+    def _seal_and_write(self, data: memoryview, first: int, final: bool, out: bytearray) -> None:
+        """Seal `data` as whole segments from segment `first` (and, when `final`, the
+        last one, perhaps empty) into `out`, each written at its place in the file as
+        soon as it is sealed."""
+        step, full = self.sealer.segment_size, self.sealer.segment_size + TAG
         starts = list(range(0, len(data), step)) or [0]
-        return [
-            self.sealer.seal(first + k, data[at : at + step], last=final and at == starts[-1])
-            for k, at in enumerate(starts)
-        ]
-
-    def _write(self, segments: list[bytes]) -> None:
-        """All segments in as few system calls as the kernel allows, without joining them."""
-        self.out.flush()
-        fd, pending = self.out.fileno(), segments
-        while pending:
-            written = os.writev(fd, pending)
-            while pending and written >= len(pending[0]):
-                written -= len(pending[0])
-                pending = pending[1:]
-            if written:
-                pending = [pending[0][written:], *pending[1:]]
+        view, fd = memoryview(out), self.out.fileno()
+        at_first = len(self.sealer.header) + first * full
+        for k, at in enumerate(starts):
+            segment = view[k * full : k * full + min(step, len(data) - at) + TAG]
+            last = final and at == starts[-1]
+            self.sealer.seal_into(first + k, data[at : at + step], last, segment)
+            offset = at_first + k * full
+            while segment:
+                done = os.pwrite(fd, segment, offset)
+                segment, offset = segment[done:], offset + done
 
     def stored_size(self, size: int) -> int:
         """Bytes on disk of a blob of `size` plaintext bytes."""
@@ -328,7 +400,9 @@ class _SealedFile:
         """Hash, seal, write, close and move into place a blob that arrived whole
         (blocking: a small file costs less in one thread than handed between three)."""
         self.digest.update(data)
-        self._write(self._seal(data, 0, final=True))
+        self._seal_and_write(
+            data, 0, True, bytearray(len(data) + TAG * _segments_in(data, self.sealer))
+        )
         self.out.close()
         os.rename(tmp, target)
 

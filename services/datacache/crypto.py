@@ -126,11 +126,13 @@ class Sealer:
         self.header = pack_header(segment_size, self._prefix, key_id, wrapped)
         self._aead = AESGCM(data_key)
 
-    def seal(self, index: int, plaintext: bytes | memoryview, last: bool) -> bytes:
-        """Segment `index` of the object (`last` for the final one, perhaps empty)."""
+    def seal_into(self, index: int, plaintext: memoryview, last: bool, out: memoryview) -> None:
+        """Seal segment `index` of the object (`last` for the final one, perhaps empty)
+        into `out`, exactly `len(plaintext) + TAG` bytes: the caller's buffer, reused,
+        rather than a new one per segment."""
         if len(plaintext) > self.segment_size or (not last and len(plaintext) != self.segment_size):
             raise ValueError("segments are full except the last")
-        return self._aead.encrypt(nonce(self._prefix, index, last), plaintext, self.header)
+        self._aead.encrypt_into(nonce(self._prefix, index, last), plaintext, self.header, out)
 
 
 def data_key(header: Header, keys: KeyProvider) -> bytes:

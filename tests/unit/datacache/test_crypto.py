@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.datacache.blobs import BlobStore
+from services.datacache.blobs import BATCH, BlobStore
 from services.datacache.crypto import LocalKeyProvider
 from services.vmnode.jobdata import unseal
 from shared.sealed import IntegrityError
@@ -24,6 +24,7 @@ SEGMENT = 1000
 async def _chunks(data: bytes, step: int = 777) -> AsyncIterator[bytes]:
     for at in range(0, len(data), step):
         yield data[at : at + step]
+        await asyncio.sleep(0)  # as a network source would, letting other writes run
 
 
 def _keys(*ids: str) -> LocalKeyProvider:
@@ -52,11 +53,18 @@ async def _unsealed(store: BlobStore, blob_id: str) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 5 * SEGMENT + 17])
-async def test_round_trip_and_ranges(tmp_path: Path, size: int) -> None:
+#: Sizes around the segment and the batch (a stream longer than a segment is sealed in
+#: batches of `BATCH` segments, in buffers used again for later batches).
+SIZES = [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 5 * SEGMENT + 17, BATCH * SEGMENT,
+         BATCH * SEGMENT + 1, 2 * BATCH * SEGMENT, 3 * BATCH * SEGMENT + 17]  # fmt: skip
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("step", [777, 2 * BATCH * SEGMENT + 5])
+async def test_round_trip_and_ranges(tmp_path: Path, size: int, step: int) -> None:
     store = BlobStore(tmp_path, _keys(), segment_size=SEGMENT)
     data = os.urandom(size)
-    blob = await store.write(_chunks(data))
+    blob = await store.write(_chunks(data, step))
     assert (blob.size, store.size(blob.blob_id)) == (size, size)
     assert blob.stored_size == store.stored_size(blob.blob_id)
     assert await _read(store, blob.blob_id) == data
@@ -66,6 +74,19 @@ async def test_round_trip_and_ranges(tmp_path: Path, size: int) -> None:
         start = rng.randrange(size)
         end = rng.randrange(start, size + 1)
         assert await _read(store, blob.blob_id, start, end) == data[start:end]
+
+
+async def test_writes_at_once_each_keep_their_bytes(tmp_path: Path) -> None:
+    """Batch buffers go back to the store and to the next write: while four long
+    streams are written at once, none may see another's bytes or a buffer still in use."""
+    store = BlobStore(tmp_path, _keys(), segment_size=SEGMENT)
+    streams = [os.urandom(3 * BATCH * SEGMENT + 100 * i) for i in range(4)]
+    for _ in range(2):  # the second round reuses the first round's buffers
+        blobs = await asyncio.gather(*(store.write(_chunks(data, 1500)) for data in streams))
+        for data, blob in zip(streams, blobs, strict=True):
+            assert blob.sha256 == hashlib.sha256(data).hexdigest()
+            assert await _read(store, blob.blob_id) == data
+            assert await _unsealed(store, blob.blob_id) == data
 
 
 def _tampered(raw: bytes, kind: str) -> bytes:
