@@ -72,6 +72,7 @@ def create_app(settings: SchedulerSettings) -> web.Application:
         relay = OutboxRelay(store, app[BUS])
         jobs = JobService(store, app[BUS], relay, placer.wake, settings.upload_grace_s)
         placer.jobs = jobs
+        jobs.place_at_once, jobs.let_go = placer.place_at_once, placer.view.let_go
         jobs.admission = Admission(book, lambda tenant: len(placer.view.unplaced.get(tenant, ())))
         app[STORE], app[PLACER], app[JOBS], app[TENANTS] = store, placer, jobs, book
         app[NODES], app[OUTPUT] = nodes, output

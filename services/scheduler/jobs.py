@@ -14,7 +14,7 @@ apart from that path could grow a second way of writing a job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Any
@@ -67,6 +67,14 @@ OUTCOME_STATES = {
 }
 
 
+#: (job id, tenant, spec) -> the node the new job goes to now, or None: it queues.
+PlaceAtOnce = Callable[[str, str, JobSpec], Awaitable[str | None]]
+
+
+async def _nowhere(job_id: str, tenant: str, spec: JobSpec) -> str | None:
+    return None
+
+
 class JobNotFound(Exception):
     """No such job for this tenant (another tenant's job is also 'not found')."""
 
@@ -88,6 +96,10 @@ class JobService:
         self.bus = bus
         self.relay = relay
         self.wake_placer = wake_placer
+        #: A node for a new job that can be placed as it arrives, its room held until
+        #: `let_go` (set by the app to the placer's; by default none is)
+        self.place_at_once: PlaceAtOnce = _nowhere
+        self.let_go: Callable[[str], None] = lambda job_id: None
         #: How long after the walltime a node may still store the job's results.
         self.upload_grace = timedelta(seconds=upload_grace_s)
         #: The queued-jobs quota (set by the app; none: no quota)
@@ -293,13 +305,21 @@ class JobService:
             outbox.append(
                 self._command(stub, "data.stage", DataStage(job_id=job_id, inputs=spec.inputs))
             )
-        with self.admission.ticket(tenant) if self.admission else nullcontext():
-            submission = await self.store.insert_job(
-                job_id, tenant, actor, spec, command, history, outbox
-            )
+        # A job that can run now, while none waits before it, is placed as it is stored.
+        node_id = None if spec.inputs else await self.place_at_once(job_id, tenant, spec)
+        then = None if node_id is None else (lambda job: self._placement(job, node_id))
+        try:
+            with self.admission.ticket(tenant) if self.admission else nullcontext():
+                submission = await self.store.insert_job(
+                    job_id, tenant, actor, spec, command, history, outbox, then
+                )
+        finally:
+            if node_id is not None:
+                self.let_go(job_id)  # the stored job holds its room now, if it was stored
         if submission.created:
-            await self.relay.flush(job_id, outbox)
-            self.wake_placer()
+            await self.relay.flush(job_id, submission.job["outbox"])
+            if node_id is None:
+                self.wake_placer()
         return submission
 
     async def cancel(
@@ -350,28 +370,33 @@ class JobService:
             staged = state == JobState.staging and job.get("inputs_staged") is True
             if state != JobState.queued and not staged:
                 return None
-            spec = JobSpec.model_validate(job["spec"])
-            deadline = utcnow() + timedelta(seconds=spec.walltime_s)
-            attempt = job["attempt"] + 1
-
-            def first_command(merged: JobDocument) -> list[OutboxEntry]:
-                if spec.needs_data:  # the node gets the job once the datacache lets it read
-                    grant = DataGrant(
-                        job_id=job_id,
-                        attempt=attempt,
-                        node_id=node_id,
-                        expires_at=deadline,
-                        upload_until=deadline + self.upload_grace,
-                    )
-                    return [self._command(merged, "data.grant", grant)]
-                return [self._run_command(merged)]
-
-            placed = {"node_id": node_id, "attempt": attempt, "deadline": deadline,
-                      "grant_pending": spec.needs_data}  # fmt: skip
-            reason = f"placed on {node_id}"
-            return self._transition(job, JobState.dispatched, reason, None, placed, first_command)
+            return self._placement(job, node_id)
 
         return await self._write(job_id, decide) is not None
+
+    def _placement(self, job: JobDocument, node_id: str) -> Change | None:
+        """The change that places the job on `node_id`, with its first command there
+        (or, for a job with data, to the datacache to let the node read)."""
+        spec = JobSpec.model_validate(job["spec"])
+        deadline = utcnow() + timedelta(seconds=spec.walltime_s)
+        attempt = job["attempt"] + 1
+
+        def first_command(merged: JobDocument) -> list[OutboxEntry]:
+            if spec.needs_data:  # the node gets the job once the datacache lets it read
+                grant = DataGrant(
+                    job_id=job["_id"],
+                    attempt=attempt,
+                    node_id=node_id,
+                    expires_at=deadline,
+                    upload_until=deadline + self.upload_grace,
+                )
+                return [self._command(merged, "data.grant", grant)]
+            return [self._run_command(merged)]
+
+        placed = {"node_id": node_id, "attempt": attempt, "deadline": deadline,
+                  "grant_pending": spec.needs_data}  # fmt: skip
+        reason = f"placed on {node_id}"
+        return self._transition(job, JobState.dispatched, reason, None, placed, first_command)
 
     def _run_command(self, job: JobDocument) -> OutboxEntry:
         run = NodeRun(

@@ -47,7 +47,7 @@ from services.scheduler.nodes import NodeStore
 from services.scheduler.store import JobStore
 from services.scheduler.tenants import Quota, TenantBook
 from shared.envelope import utcnow
-from shared.messages.jobs import JobState
+from shared.messages.jobs import JobSpec, JobState
 from shared.tasks import BackgroundLoop
 
 log = structlog.get_logger("medhive.scheduler.placement")
@@ -170,6 +170,8 @@ class PlacementView:
             self.states[job_id] = (state, tenant)
         was_waiting = self.waiting.pop(job_id, None)
         was_placed = self.holding.pop(job_id, None)
+        if before is None and was_placed is not None:  # held while being stored (`hold`)
+            before = (JobState.queued, tenant)  # as its history says: placed from the queue
         self._rev.pop(job_id, None)
         unplaced = self.unplaced.setdefault(tenant, set())
         if state in (JobState.queued, JobState.staging):
@@ -205,6 +207,17 @@ class PlacementView:
         if before is None or before[0] != state:
             for moved in self.moves:
                 moved(job, before[0] if before else None)
+
+    def hold(self, placed: Placed) -> None:
+        """Count the room of a job about to be stored as placed, before the store has
+        it (see `Placer.place_at_once`)."""
+        self.holding[placed.job_id] = placed
+
+    def let_go(self, job_id: str) -> None:
+        """Forget a `hold` unless the job was stored meanwhile (it holds its room as
+        stored then)."""
+        if job_id not in self._rev:
+            self.holding.pop(job_id, None)
 
     def requeue(self, waiting: Waiting) -> None:
         """(Again) among its tenant's jobs of its shape."""
@@ -268,6 +281,8 @@ class Placer(BackgroundLoop):
         self.book = book
         self.jobs: JobService | None = None  # set by the app: the two need each other
         self.view = PlacementView(released=self._charge)
+        self._started = False  # the view holds the stored jobs
+        self._passing = False  # a pass is deciding or dispatching
         store.observers.append(self.view.observe)
         self._wake = asyncio.Event()
         # Added to the app's /metrics by the app (services/scheduler/metrics.py).
@@ -288,6 +303,7 @@ class Placer(BackgroundLoop):
     async def start(self) -> None:
         for job in await self.store.placeable():
             self.view.observe(job)
+        self._started = True
         await super().start()
         self.wake()
 
@@ -319,13 +335,69 @@ class Placer(BackgroundLoop):
         """What each tenant's placed jobs hold, with the rate fair share counts."""
         return self.view.held(self.book.rate)
 
+    async def place_at_once(self, job_id: str, tenant: str, spec: JobSpec) -> str | None:
+        """The node a new job goes to as it is stored, its room held there (until the
+        job service lets go of it, once the job is stored or not); None if it queues.
+
+        Only when no waiting job could be placed now: then the next pass would take
+        this job and no other, so placing it at once takes nothing from fair share or
+        priority (jobs that cannot run now hold back none that can, as in a pass), and
+        saves the job a write and a pass. The checks and the hold follow the last wait,
+        so no pass can hand the same room to another job in between; while a pass
+        dispatches what it chose (room the ledger counts only once those jobs are
+        stored), jobs queue."""
+        if not self._started:
+            return None
+        free, runtimes = await self.free_capacity()
+        if self._passing or self._any_placeable(free, runtimes):
+            return None
+        need = Room(spec.resources.cpus, spec.resources.memory_mb)
+        if not self._within_quota(tenant, need, {}):
+            return None
+        node = choose_node(need, spec.kind, free, runtimes)
+        if node is not None:
+            self.view.hold(Placed(job_id, tenant, 1, node, need, utcnow(), None, None))
+        return node
+
+    def _any_placeable(self, free: dict[str, Room], runtimes: dict[str, list[str]]) -> bool:
+        """Whether a waiting job fits a node and its tenant's quota now (what a pass
+        would place). Costs the shapes that wait, not the jobs."""
+        held: dict[str, Held] = {}
+        for tenant, shapes in list(self.view.queues.items()):
+            for shape in list(shapes):
+                if choose_node(shape.need, shape.kind, free, runtimes) is None:
+                    continue
+                if not self._within_quota(tenant, shape.need, held):
+                    continue
+                if self.view.first(tenant, shape, set()) is not None:
+                    return True
+        return False
+
+    def _within_quota(self, tenant: str, need: Room, held: dict[str, Held]) -> bool:
+        """`within` the tenant's running quota; what tenants hold is counted (into
+        `held`, for the next call) only when the tenant has such a quota."""
+        quota = self.book.policy(tenant).quota
+        limits = (quota.max_running_cpus, quota.max_running_memory_mb, quota.max_running_jobs)
+        if all(limit is None for limit in limits):
+            return True
+        if not held:
+            held.update(self.held())
+        return within(quota, held.get(tenant, Held()), need)
+
     async def place_once(self) -> int:
         """Place what fits now, tenants in fair share; returns how many were dispatched."""
-        assert self.jobs is not None
         free, runtimes = await self.free_capacity()
         if not free:
             return 0
-        chosen = self.decide(free, runtimes)
+        self._passing = True
+        try:
+            return await self._dispatch(self.decide(free, runtimes))
+        finally:
+            self._passing = False
+
+    async def _dispatch(self, chosen: list[tuple[str, str]]) -> int:
+        """Dispatch what a pass chose; how many were."""
+        assert self.jobs is not None
         # Decided in order, sent concurrently: each dispatch is a guarded update, so a job
         # cancelled meanwhile just stays where it is (its room comes back next pass).
         placed = 0

@@ -195,6 +195,7 @@ class JobStore:
         command: JobCommand,
         history: list[HistoryEntry],
         outbox: list[OutboxEntry],
+        then: Callable[[JobDocument], Change | None] | None = None,
     ) -> Submission:
         """Store a new job, or find the one this submission repeats.
 
@@ -202,6 +203,9 @@ class JobStore:
         asked, and who sent it. A repeat is the same command id from the same sender,
         or the same idempotency key in the tenant; with another description it is a
         conflict, not a repeat.
+
+        `then` decides a first change of the new job (a job placed as it arrives),
+        stored with it in the same insert: a state nobody waits in costs no write.
         """
         now = utcnow()
         doc: JobDocument = {
@@ -227,6 +231,12 @@ class JobStore:
             doc["outbox_at"] = now
         if spec.idempotency_key is not None:
             doc["idempotency_key"] = spec.idempotency_key
+        if then is not None and (change := then(doc)) is not None:
+            doc = with_fields(doc, change.fields)
+            doc["history"] = [*history, *change.history]
+            doc["outbox"] = [*outbox, *change.outbox]
+            if doc["outbox"]:
+                doc["outbox_at"] = now
         if await self.commit.insert(doc):
             self._remember(doc)
             return Submission(doc, True)
