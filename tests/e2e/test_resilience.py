@@ -142,7 +142,9 @@ async def test_a_job_submitted_while_the_broker_is_away_is_taken_and_runs_once_i
     try:
         async with client(stack, user_token) as api:
             job = await api.submit(spec("while-away", "echo", "waited"))
-            assert job["state"] == "queued"
+            # Stored and answered: queued, or placed at once on the node that is still
+            # online; either way its messages wait in the outbox.
+            assert job["state"] in ("queued", "dispatched")
     finally:
         await asyncio.to_thread(subprocess.run, ["rabbitmqctl", "-q", "start_app"], check=True)
     async with client(stack, user_token) as api:
