@@ -49,6 +49,7 @@ from shared.http import PRINCIPAL, ApiError
 from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
 from shared.openapi import endpoint
 from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, IntegrityError
+from shared.threadio import acquired
 
 log = structlog.get_logger("medhive.datacache.api")
 
@@ -315,7 +316,7 @@ async def _sendfile(request: web.Request, sealed: SealedBlob) -> int:
         raise ConnectionResetError("the node went away")
     loop = asyncio.get_running_loop()
     sent = 0
-    with await asyncio.to_thread(sealed.path.open, "rb") as file:
+    with await acquired(lambda: sealed.path.open("rb"), lambda file: file.close()) as file:
         # Read ahead as far as the kernel will: the whole file goes out, in order.
         os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while sent < sealed.stored_size:

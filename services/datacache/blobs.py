@@ -29,6 +29,7 @@ from typing import BinaryIO
 from services.datacache.crypto import KeyProvider, Sealer, data_key
 from shared.pipeline import in_turn
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
+from shared.threadio import acquired
 
 #: Segments opened per thread hop when serving decrypted.
 BATCH = 8
@@ -117,14 +118,14 @@ class BlobStore:
                     while view:
                         if batch.full:  # and more follows: not the last batch
                             if sealed is None:
-                                sealed = await asyncio.to_thread(self._create, tmp)
+                                sealed = await self._created(tmp)
                             await sealed.add(batch, final=False)
                             batch = self._batches.take()
                         view = view[batch.fill(view) :]
             if batch is None:  # a small file, whole in memory
                 return await asyncio.to_thread(self.write_whole, b"".join(head))
             if sealed is None:
-                sealed = await asyncio.to_thread(self._create, tmp)
+                sealed = await self._created(tmp)
             await sealed.add(batch, final=True)
             await sealed.finish()
             await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
@@ -151,6 +152,15 @@ class BlobStore:
             raise
         size = len(data)
         return StoredBlob(blob_id, size, sealed.digest.hexdigest(), sealed.stored_size(size))
+
+    async def _created(self, tmp: Path) -> _SealedFile:
+        """`_create` in a worker thread; a write cancelled meanwhile leaves no file."""
+
+        def discard(sealed: _SealedFile) -> None:
+            sealed.out.close()
+            tmp.unlink(missing_ok=True)
+
+        return await acquired(lambda: self._create(tmp), discard)
 
     def _create(self, tmp: Path) -> _SealedFile:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -206,7 +216,7 @@ class BlobStore:
         seg = opener.segment_size
         last = max(0, -(-size // seg) - 1)  # the final segment, perhaps empty
         first_index, last_index = start // seg, max(start, end - 1) // seg
-        fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        fd = await acquired(lambda: os.open(path, os.O_RDONLY), os.close)
 
         def batch(index: int) -> asyncio.Future[list[bytes]] | None:
             if index > last_index:

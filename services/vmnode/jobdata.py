@@ -37,6 +37,7 @@ from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
 from shared.messages.jobs import JobSpec, NodeRun
 from shared.pipeline import in_turn
 from shared.sealed import DATA_KEY_HEADER, TAG, IntegrityError, Opener, read_header
+from shared.threadio import acquired
 
 log = structlog.get_logger("medhive.vmnode.jobdata")
 
@@ -347,7 +348,7 @@ async def unseal(
 
 
 async def _read_file(path: Path) -> AsyncIterator[bytes]:
-    fd = await asyncio.to_thread(os.open, path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = await acquired(lambda: os.open(path, os.O_RDONLY | os.O_NOFOLLOW), os.close)
     with os.fdopen(fd, "rb") as src:
         while chunk := await asyncio.to_thread(src.read, CHUNK):
             yield chunk

@@ -1,0 +1,37 @@
+"""A resource taken in a worker thread is given back when its taker is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from shared.threadio import acquired
+
+
+async def test_what_a_cancelled_caller_took_is_given_back_once_taken() -> None:
+    release_thread, given_back = threading.Event(), asyncio.Event()
+    taken: list[str] = []
+
+    def take() -> str:
+        release_thread.wait(5)
+        taken.append("file")
+        return "file"
+
+    caller = asyncio.create_task(acquired(take, lambda _: given_back.set()))
+    await asyncio.sleep(0)  # the thread is taking
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert not given_back.is_set()
+    release_thread.set()  # the thread takes it only now, after the caller has gone
+    async with asyncio.timeout(5):
+        await given_back.wait()
+    assert taken == ["file"]
+
+
+async def test_a_caller_that_stays_keeps_what_it_took() -> None:
+    given_back: list[int] = []
+    assert await acquired(lambda: 7, given_back.append) == 7
+    assert given_back == []
