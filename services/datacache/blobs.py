@@ -291,7 +291,6 @@ class _Batch:
     time when first touched."""
 
     def __init__(self, segment_size: int) -> None:
-        self.segment_size = segment_size
         self.plain = bytearray(segment_size * SEAL_BATCH)
         self.sealed = bytearray((segment_size + TAG) * SEAL_BATCH)
         self.filled = 0

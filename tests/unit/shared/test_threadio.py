@@ -20,7 +20,7 @@ async def test_what_a_cancelled_caller_took_is_given_back_once_taken() -> None:
         return "file"
 
     caller = asyncio.create_task(acquired(take, lambda _: given_back.set()))
-    await asyncio.sleep(0)  # the thread is taking
+    await asyncio.sleep(0)  # the caller starts, and waits on the thread held below
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller
