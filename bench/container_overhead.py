@@ -39,7 +39,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bench.control_plane import audit_head, submit_all
+from bench.control_plane import DB_OPS, audit_head, db_ops, submit_all
 from bench.jobs import timed_job
 from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
 from medhive.client import Client
@@ -207,6 +207,7 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
     medhive_rates: list[float] = []
     docker_rates: list[float] = []
     medhive_cpu: list[dict[str, float]] = []
+    medhive_db: list[dict[str, float]] = []
     docker_cpu: list[dict[str, float]] = []
     async with stack.client() as api:
         await medhive_batch(stack, api, parallel, "warmup")
@@ -214,8 +215,13 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         for i in range(rounds):
             stack.check_alive()
             before = {**stack.cpu_s(), **_engine_cpu_s()}
+            ops_before = await db_ops(stack.mongo_url)
             medhive_rates.append(jobs / await medhive_batch(stack, api, jobs, f"round{i}"))
             medhive_cpu.append(_cpu_ms_per_job(before, {**stack.cpu_s(), **_engine_cpu_s()}, jobs))
+            ops_after = await db_ops(stack.mongo_url)
+            medhive_db.append(
+                {kind: (ops_after[kind] - ops_before[kind]) / jobs for kind in DB_OPS}
+            )
             before = {"machine": machine_busy_s(), **_engine_cpu_s()}
             docker_rates.append(jobs / await docker_batch(jobs, parallel))
             docker_cpu.append(
@@ -237,6 +243,9 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         # the engine's daemons and the whole machine (which the docker CLI runs count in).
         "medhive_cpu_ms_per_job": _medians(medhive_cpu),
         "docker_cpu_ms_per_job": _medians(docker_cpu),
+        # Database operations per job (`serverStatus` opcounters around each medhive
+        # round, the bench's own audit stream included), medians over the rounds.
+        "medhive_db_ops_per_job": _medians(medhive_db),
     }
 
 

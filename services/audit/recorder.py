@@ -46,6 +46,7 @@ log = structlog.get_logger("medhive.audit")
 
 #: Everything on every exchange: the recorder takes no handler table, it keeps all.
 BINDINGS = [(COMMANDS, "#"), (EVENTS, "#"), (TENANTS, "#")]
+DUPLICATE_KEY = 11000
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
@@ -179,7 +180,8 @@ class Recorder:
         while batch := await self._next_batch():
             started = time.perf_counter()
             try:
-                stored = await self._store(await self._received(batch))
+                redelivered = any(message.redelivered for message in batch)
+                stored = await self._store(await self._received(batch), redelivered)
             except Exception:
                 # A bug, not an outage (those are retried in _store): hand the batch back
                 # so that the delivery limit dead-letters a message that fails every time.
@@ -235,25 +237,38 @@ class Recorder:
         limit = self.bus.settings.max_message_bytes
         return [receive(message, senders[message.user_id], limit) for message in batch]
 
-    async def _store(self, batch: list[Received]) -> int:
-        """Append the batch's new records; retries through database outages."""
+    async def _store(self, batch: list[Received], redelivered: bool) -> int:
+        """Append the batch's new records; retries through database outages.
+
+        A batch is first written as if none of it were stored, unless a delivery in it
+        says it came before: a record's id is unique in the store, so a repeat makes
+        that write fail, and only then are the stored records looked up. A batch of
+        first deliveries, nearly every one, costs one write and no read.
+        """
         backoff = Backoff(0.1, 5.0)
+        looked_up = redelivered
         while True:
             try:
-                return await self._append(batch)
+                return await self._append(batch, looked_up)
             except PyMongoError as exc:
+                if not looked_up and _repeats_a_record(exc):
+                    log.debug("audit_batch_repeats", size=len(batch))
+                else:
+                    delay = backoff.next()
+                    log.warning("audit_store_retry", error=_describe(exc), retry_in_s=delay)
+                    await asyncio.sleep(delay)
                 # Part of the batch may be stored: reload the head, and the retry finds
                 # those records stored and appends only the rest.
-                delay = backoff.next()
-                log.warning("audit_store_retry", error=_describe(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
+                looked_up = True
                 with contextlib.suppress(PyMongoError):
                     self._head = await self._load_head()
 
-    async def _append(self, batch: list[Received]) -> int:
+    async def _append(self, batch: list[Received], look_up: bool) -> int:
         records: list[dict[str, Any]] = []
         head = self._head
-        for item, record_id in await self._new(batch):
+        ids = {i for item in batch for i in (item.id, item.alt_id)}
+        taken = await self.store.digests(ids) if look_up else {}
+        for item, record_id in self._new(batch, taken):
             record = item.record(record_id)
             head = link(head, record)
             records.append(record)
@@ -272,15 +287,16 @@ class Recorder:
         for record in records:
             self.ingest_lag.observe(max(0.0, (now - record["occurred_at"]).total_seconds()))
 
-    async def _new(self, batch: list[Received]) -> list[tuple[Received, str]]:
-        """The deliveries not stored yet, each with the id to store it under.
+    @staticmethod
+    def _new(batch: list[Received], taken: dict[str, str]) -> list[tuple[Received, str]]:
+        """The deliveries not stored yet (`taken`: the digest of each stored record
+        among the batch's ids), each with the id to store it under.
 
         A delivery is already stored when a record has its id and its body's digest: a
         redelivery, or a repeat by the publisher. A different body under an id already
         taken is not a repeat and is kept too, under `<id>~<digest>`, so that reusing
         an id cannot hide a message from the audit.
         """
-        taken = await self.store.digests({i for r in batch for i in (r.id, r.alt_id)})
         new: list[tuple[Received, str]] = []
         for item in batch:
             for record_id in (item.id, item.alt_id):
@@ -311,6 +327,15 @@ class Recorder:
     async def _load_head(self) -> Head:
         last = await self.store.last()
         return Head() if last is None else Head(last["seq"], last["hash"])
+
+
+def _repeats_a_record(exc: PyMongoError) -> bool:
+    """Whether a write of blocks was refused only for keys already stored: a record
+    stored before, or a block where another writer's is (`seq`)."""
+    if not isinstance(exc, BulkWriteError):
+        return False
+    errors = exc.details.get("writeErrors") or []
+    return bool(errors) and all(error.get("code") == DUPLICATE_KEY for error in errors)
 
 
 def _describe(exc: PyMongoError) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from services.audit.recorder import Recorder
 from services.audit.settings import AuditSettings
+from services.audit.store import AuditStore
 from shared.auth import Role
 from shared.bus import Bus
 from shared.envelope import utcnow
@@ -96,6 +97,36 @@ async def test_a_different_body_that_reuses_a_stored_id_is_stored_too(
     docs = await stored(records, 2)
     assert [doc["_id"] for doc in docs] == [str(envelope.id), f"{envelope.id}~{digest}"]
     assert [doc["tenant"] for doc in docs] == ["t1", "t2"]
+
+
+async def test_first_deliveries_are_stored_without_reading_the_store(
+    start_app: StartApp, bus: Bus, records: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is written as if new; the stored records are looked up only for a batch
+    that repeats one (here a message the publisher sends again)."""
+    looked_up: list[set[str]] = []
+    digests = AuditStore.digests
+
+    async def counted(self: AuditStore, ids: Any) -> dict[str, str]:
+        looked_up.append(set(ids))
+        return await digests(self, ids)
+
+    monkeypatch.setattr(AuditStore, "digests", counted)
+    await start_app()
+    ids = await _flow(bus, range(60), size=7)
+    await stored(records, 60)
+    assert looked_up == []
+    again = JobEvent(job_id="job-0", state=JobState.queued)
+    envelope = await bus.emit("job.queued", again, correlation_id="job-0", tenant="t1")
+    await record_of(records, str(envelope.id))
+    await bus.publish(envelope)  # a publisher that lost the confirm sends it again
+    ids.append(str(envelope.id))
+    ids.append(await _queued(bus, 99))  # published last: the repeat was handled before
+    await record_of(records, ids[-1])
+    docs = await stored(records, 62)
+    assert sorted(doc["_id"] for doc in docs) == sorted(ids)
+    _assert_gapless(docs)
+    assert any(str(envelope.id) in asked for asked in looked_up)
 
 
 async def test_restart_in_the_middle_of_a_flow_loses_nothing_and_doubles_nothing(
