@@ -135,9 +135,10 @@ def placed_since(job: JobDocument) -> datetime:
 
 
 class Ledger:
-    """The room each placed job holds, and each node's total of it, kept as jobs come
-    and go: a new job is checked against the nodes' free room at submit, and summing
-    every placed job there cost the scheduler a tenth of its time under load.
+    """The room each placed job holds, and what each node and each tenant holds in
+    all, kept as jobs come and go: a new job is checked against the nodes' free room and
+    its tenant's quota at submit, and summing every placed job there cost the scheduler
+    a tenth of its time under load.
 
     The totals count cpus in millionths, so that months of jobs added and taken away
     leave no rounding behind (a node that is empty again has exactly its room)."""
@@ -145,7 +146,9 @@ class Ledger:
     def __init__(self) -> None:
         self._placed: dict[str, Placed] = {}
         #: node -> [jobs, millionths of cpus, memory_mb] held there
-        self._totals: dict[str, list[int]] = {}
+        self._nodes: dict[str, list[int]] = {}
+        #: tenant -> the same, held by its jobs
+        self._tenants: dict[str, list[int]] = {}
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._placed
@@ -166,29 +169,39 @@ class Ledger:
         """The job holds `placed` (instead of what it held before)."""
         self.pop(placed.job_id)
         self._placed[placed.job_id] = placed
-        totals = self._totals.setdefault(placed.node_id, [0, 0, 0])
-        totals[0] += 1
-        totals[1] += _millionths(placed.need.cpus)
-        totals[2] += placed.need.memory_mb
+        for totals, key in ((self._nodes, placed.node_id), (self._tenants, placed.tenant)):
+            _count(totals, key, placed.need, 1)
 
     def pop(self, job_id: str) -> Placed | None:
         """The job holds nothing now; what it held."""
         placed = self._placed.pop(job_id, None)
         if placed is not None:
-            totals = self._totals[placed.node_id]
-            totals[0] -= 1
-            totals[1] -= _millionths(placed.need.cpus)
-            totals[2] -= placed.need.memory_mb
-            if totals[0] == 0:
-                del self._totals[placed.node_id]
+            for totals, key in ((self._nodes, placed.node_id), (self._tenants, placed.tenant)):
+                _count(totals, key, placed.need, -1)
         return placed
 
     def in_use(self) -> dict[str, Room]:
         """Room held on each node by the jobs placed there."""
         return {
             node: Room(cpus / CPU_MILLIONTHS, memory_mb)
-            for node, (_, cpus, memory_mb) in self._totals.items()
+            for node, (_, cpus, memory_mb) in self._nodes.items()
         }
+
+    def held_by(self, tenant: str) -> Held:
+        """What the tenant's placed jobs hold (`rate` not counted)."""
+        jobs, cpus, memory_mb = self._tenants.get(tenant, (0, 0, 0))
+        return Held(cpus / CPU_MILLIONTHS, memory_mb, jobs)
+
+
+def _count(totals: dict[str, list[int]], key: str, need: Room, sign: int) -> None:
+    """Add (`sign` 1) or take away (-1) one job needing `need` at `key`; a key that
+    holds no job is dropped."""
+    counts = totals.setdefault(key, [0, 0, 0])
+    counts[0] += sign
+    counts[1] += sign * _millionths(need.cpus)
+    counts[2] += sign * need.memory_mb
+    if counts[0] == 0:
+        del totals[key]
 
 
 CPU_MILLIONTHS = 1_000_000
@@ -411,7 +424,7 @@ class Placer(BackgroundLoop):
         if self._passing or self._any_placeable(free, runtimes):
             return None
         need = Room(spec.resources.cpus, spec.resources.memory_mb)
-        if not self._within_quota(tenant, need, {}):
+        if not self._within_quota(tenant, need):
             return None
         node = choose_node(need, spec.kind, free, runtimes)
         if node is not None:
@@ -421,27 +434,20 @@ class Placer(BackgroundLoop):
     def _any_placeable(self, free: dict[str, Room], runtimes: dict[str, list[str]]) -> bool:
         """Whether a waiting job fits a node and its tenant's quota now (what a pass
         would place). Costs the shapes that wait, not the jobs."""
-        held: dict[str, Held] = {}
         for tenant, shapes in list(self.view.queues.items()):
             for shape in list(shapes):
                 if choose_node(shape.need, shape.kind, free, runtimes) is None:
                     continue
-                if not self._within_quota(tenant, shape.need, held):
+                if not self._within_quota(tenant, shape.need):
                     continue
                 if self.view.first(tenant, shape, set()) is not None:
                     return True
         return False
 
-    def _within_quota(self, tenant: str, need: Room, held: dict[str, Held]) -> bool:
-        """`within` the tenant's running quota; what tenants hold is counted (into
-        `held`, for the next call) only when the tenant has such a quota."""
+    def _within_quota(self, tenant: str, need: Room) -> bool:
+        """`within` the tenant's running quota."""
         quota = self.book.policy(tenant).quota
-        limits = (quota.max_running_cpus, quota.max_running_memory_mb, quota.max_running_jobs)
-        if all(limit is None for limit in limits):
-            return True
-        if not held:
-            held.update(self.held())
-        return within(quota, held.get(tenant, Held()), need)
+        return within(quota, self.view.holding.held_by(tenant), need)
 
     async def place_once(self) -> int:
         """Place what fits now, tenants in fair share; returns how many were dispatched."""
@@ -542,7 +548,7 @@ class Placer(BackgroundLoop):
         ):  # fmt: skip
             return f"no node seen so far could ever run it: it needs {wants}"
         quota = self.book.policy(waiting.tenant).quota
-        if not within(quota, self.held().get(waiting.tenant, Held()), need):
+        if not within(quota, self.view.holding.held_by(waiting.tenant), need):
             return f"its tenant's running quota is reached ({_quota_text(quota)})"
         free, runtimes = await self.free_capacity()
         if choose_node(need, kind, free, runtimes) is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections import OrderedDict
 from datetime import datetime
@@ -277,10 +278,8 @@ class Agent:
         try:
             files = await self.runtime.stored_outputs(workload)
             if files is None:  # on this host: the agent stores them
-                into = self.data.directory(workload.job_id, workload.attempt) / "outputs"
-                if await asyncio.to_thread(into.is_dir):  # the job asked for its results
-                    await self.runtime.export_outputs(workload, into)
-                files = await self.data.collect(workload.job_id, workload.attempt)
+                export = functools.partial(self.runtime.export_outputs, workload)
+                files = await self.data.collect(workload.job_id, workload.attempt, export)
         except (DataUnavailable, WorkloadRefused, OSError) as exc:
             log.warning("outputs_not_stored", reason=str(exc))
             if finished.outcome != "succeeded":

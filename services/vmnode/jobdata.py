@@ -237,16 +237,27 @@ class JobData:
 
     # -- after the run ------------------------------------------------------------------
 
-    async def collect(self, job_id: str, attempt: int) -> list[StagedFile]:
-        """Store the regular files under /outputs in the datacache; what it stored."""
+    async def collect(
+        self,
+        job_id: str,
+        attempt: int,
+        export: Callable[[Path], Awaitable[None]] | None = None,
+    ) -> list[StagedFile]:
+        """Store the regular files under /outputs in the datacache; what it stored.
+
+        `export` first brings them out of a workload that keeps them inside (a VM's
+        disk). A job without data has no directory here: that costs one look."""
         root = self.directory(job_id, attempt)
-        try:
-            spec = JobSpec.model_validate_json(await asyncio.to_thread((root / SPEC).read_text))
-        except FileNotFoundError:
+        outputs = root / "outputs"
+        found = await asyncio.to_thread(_spec_and_outputs, root)
+        if found is None:
             return []  # a job without data
+        spec_json, has_outputs = found
+        spec = JobSpec.model_validate_json(spec_json)
         if spec.outputs is None:
             return []
-        outputs = root / "outputs"
+        if export is not None and has_outputs:
+            await export(outputs)
         files = await asyncio.to_thread(_regular_files, outputs)
         limit = spec.outputs.max_mb * MIB
         if sum(size for _, size in files) > limit:
@@ -267,13 +278,16 @@ class JobData:
     async def wipe(self, job_id: str, attempt: int) -> None:
         """Unmount and delete the attempt's directory; nothing of the job stays behind."""
         root = self.directory(job_id, attempt)
-        for sub in ("outputs", "inputs"):
-            if await asyncio.to_thread(os.path.ismount, root / sub):
-                process = await asyncio.create_subprocess_exec(
-                    "umount", "-l", str(root / sub), stderr=asyncio.subprocess.DEVNULL
-                )
-                await process.wait()
-        await asyncio.to_thread(shutil.rmtree, root, True)
+        # One hop to a worker thread when nothing is mounted (most jobs): it looks and
+        # removes at once.
+        mounted = await asyncio.to_thread(_removed_unless_mounted, root)
+        for path in mounted:
+            process = await asyncio.create_subprocess_exec(
+                "umount", "-l", str(path), stderr=asyncio.subprocess.DEVNULL
+            )
+            await process.wait()
+        if mounted:
+            await asyncio.to_thread(shutil.rmtree, root, True)
 
     async def wipe_orphans(self, keep: set[tuple[str, int]]) -> None:
         """Remove directories no workload of this node needs (a crash between steps)."""
@@ -287,6 +301,25 @@ class JobData:
                 if attempt.isdigit():
                     log.info("job_dir_orphaned", dir=name)
                     await self.wipe(job, int(attempt))
+
+
+def _spec_and_outputs(root: Path) -> tuple[str, bool] | None:
+    """The job's spec as `prepare` kept it, and whether its /outputs is there; None
+    for a job without data."""
+    try:
+        spec_json = (root / SPEC).read_text()
+    except FileNotFoundError:
+        return None
+    return spec_json, (root / "outputs").is_dir()
+
+
+def _removed_unless_mounted(root: Path) -> list[Path]:
+    """The attempt's mounted directories; when there are none, the attempt's directory
+    is removed as well."""
+    mounted = [root / sub for sub in ("outputs", "inputs") if os.path.ismount(root / sub)]
+    if not mounted:
+        shutil.rmtree(root, True)
+    return mounted
 
 
 def _regular_files(root: Path) -> list[tuple[str, int]]:

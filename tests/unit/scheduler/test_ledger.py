@@ -8,17 +8,23 @@ import random
 from typing import Any, cast
 
 from services.scheduler.documents import JobDocument
-from services.scheduler.placement import PlacementView, Room
+from services.scheduler.placement import Held, PlacementView, Room
 
 
 def job(
-    job_id: str, rev: int, state: str, node: str | None, cpus: float, attempt: int = 1
+    job_id: str,
+    rev: int,
+    state: str,
+    node: str | None,
+    cpus: float,
+    attempt: int = 1,
+    tenant: str = "t1",
 ) -> JobDocument:
     doc: dict[str, Any] = {
         "_id": job_id,
         "rev": rev,
         "state": state,
-        "tenant": "t1",
+        "tenant": tenant,
         "attempt": attempt,
         "spec": {"kind": "container", "resources": {"cpus": cpus, "memory_mb": 100}},
     }
@@ -78,3 +84,19 @@ def test_many_fractional_jobs_leave_no_rounding_behind() -> None:
         view.observe(job(job_id, 1, "succeeded", None, 0.1))
     assert view.in_use() == {}
     assert len(view.holding) == 0
+
+
+def test_each_tenants_total_follows_its_own_jobs() -> None:
+    view = PlacementView()
+    view.observe(job("a", 0, "dispatched", "n1", 0.1, tenant="radiology"))
+    view.observe(job("b", 0, "dispatched", "n2", 0.1, tenant="radiology"))
+    view.observe(job("c", 0, "running", "n1", 0.1, tenant="radiology"))
+    view.observe(job("d", 0, "dispatched", "n1", 2.0, tenant="oncology"))
+    radiology = view.holding.held_by("radiology")
+    assert (radiology.jobs, radiology.cpus, radiology.memory_mb) == (3, 0.3, 300)
+    assert view.holding.held_by("oncology").jobs == 1
+    view.observe(job("a", 1, "succeeded", "n1", 0.1, tenant="radiology"))
+    view.observe(job("d", 1, "failed", "n1", 2.0, tenant="oncology"))
+    radiology = view.holding.held_by("radiology")
+    assert (radiology.jobs, radiology.cpus, radiology.memory_mb) == (2, 0.2, 200)
+    assert view.holding.held_by("oncology") == Held()
