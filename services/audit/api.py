@@ -7,6 +7,7 @@ events, rejected messages, invalid bodies) are for operators only.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -139,11 +140,14 @@ async def _stream(request: web.Request, query: RecordQuery, after: int) -> web.S
     try:
         while not notifier.closed:
             head = notifier.head
-            # Shielded: a client that goes away cancels this handler, and a database
-            # operation cancelled half-way drops its connection unclosed.
-            records = await asyncio.shield(
-                store.page(query, after=after, limit=STREAM_PAGE, upto=head)
-            )
+            if (recent := notifier.recent(after, head)) is not None:  # just stored
+                records = list(itertools.islice(filter(query.matches, recent), STREAM_PAGE))
+            else:
+                # Shielded: a client that goes away cancels this handler, and a database
+                # operation cancelled half-way drops its connection unclosed.
+                records = await asyncio.shield(
+                    store.page(query, after=after, limit=STREAM_PAGE, upto=head)
+                )
             if records:
                 await response.write(b"".join(_event(record) for record in records))
             if len(records) == STREAM_PAGE:

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import aiormq
@@ -56,18 +59,45 @@ _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidSta
 AUDIT_DELIVERY_LIMIT = 1000
 
 
-class Notifier:
-    """The highest stored `seq`, and a wake-up for the live streams waiting past it."""
+#: Newest stored records kept in memory for the live streams (about 1 KiB each).
+RECENT_RECORDS = 4096
 
-    def __init__(self) -> None:
+
+class Notifier:
+    """The highest stored `seq`, a wake-up for the live streams waiting past it, and the
+    newest records themselves.
+
+    A live stream reads what was just stored from here rather than from the store: with
+    operators tailing the audit, each stream cost the database a query for every batch
+    the recorder stored. The records kept are exactly those stored (the same fields,
+    times already cut to the millisecond as the database keeps them), and only a run
+    with no gap: a stream whose cursor is older reads the store.
+    """
+
+    def __init__(self, recent: int | None = None) -> None:
         self.head = 0
         self.closed = False
         self._changed = asyncio.Event()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent or RECENT_RECORDS)
 
-    def advance(self, seq: int) -> None:
+    def advance(self, seq: int, records: Sequence[dict[str, Any]] = ()) -> None:
+        """`records` (in `seq` order, ending at `seq`) are stored."""
+        if not records or (self._recent and self._recent[-1]["seq"] != records[0]["seq"] - 1):
+            self._recent.clear()  # a gap (records stored by a failed try): start again
+        self._recent.extend(records)
         self.head = seq
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def recent(self, after: int, upto: int) -> list[dict[str, Any]] | None:
+        """The stored records with `after < seq <= upto`, from memory; None when memory
+        does not hold all of them."""
+        if after >= upto:
+            return []
+        if not self._recent or self._recent[0]["seq"] > after + 1:
+            return None
+        start = after + 1 - self._recent[0]["seq"]
+        return list(itertools.islice(self._recent, start, start + upto - after))
 
     def close(self) -> None:
         """The service is stopping: every waiting stream should end."""
@@ -275,7 +305,7 @@ class Recorder:
         if records:
             await self.store.insert(records)
             self._head = head
-            self.notifier.advance(head.seq)
+            self.notifier.advance(head.seq, records)
             self._measure(records)
         return len(records)
 

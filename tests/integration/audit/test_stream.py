@@ -11,8 +11,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from services.audit import api as audit_api
+from services.audit import recorder
 from services.audit.app import create_app
 from services.audit.settings import AuditSettings
+from services.audit.store import AuditStore
 from shared.auth import Role
 from shared.bus import Bus
 from shared.messages.jobs import JobEvent, JobState
@@ -56,6 +58,39 @@ async def test_stream_is_live_and_resumes_after_a_disconnect_without_gap_or_dupl
         seen.append(int((await next_event(resumed))["id"]))
     resumed.close()
     assert seen == list(range(1, 14))
+
+
+async def test_live_records_come_from_memory_and_an_old_cursor_from_the_store(
+    start_app: StartApp, bus: Bus, token: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The newest records reach a live stream without a query; a stream resumed from
+    further back than memory holds reads the store, then goes on from memory."""
+    pages: list[tuple[int, int | None]] = []
+    page = AuditStore.page
+
+    async def counted(self: AuditStore, query: Any, *, after: int, limit: int, upto: Any) -> Any:
+        pages.append((after, upto))
+        return await page(self, query, after=after, limit=limit, upto=upto)
+
+    monkeypatch.setattr(AuditStore, "page", counted)
+    monkeypatch.setattr(recorder, "RECENT_RECORDS", 4)
+    client = await start_app()
+    headers = auth(await token("ops", Role.operator))
+    live = await client.get("/v1/events/stream", headers=headers)
+    for start in (0, 3):  # read as they come: memory holds the four newest
+        await _emit(bus, range(start, start + 3))
+        assert [int((await next_event(live))["id"]) for _ in range(3)] == [
+            start + 1, start + 2, start + 3
+        ]  # fmt: skip
+    assert pages == []
+    live.close()
+
+    resumed = await client.get("/v1/events/stream", headers={**headers, "Last-Event-ID": "1"})
+    assert [int((await next_event(resumed))["id"]) for _ in range(5)] == [2, 3, 4, 5, 6]
+    await _emit(bus, range(6, 8))
+    assert [int((await next_event(resumed))["id"]) for _ in range(2)] == [7, 8]
+    resumed.close()
+    assert pages == [(1, 6)]
 
 
 async def test_a_users_stream_carries_only_its_tenant(
