@@ -53,6 +53,14 @@ async def _successes(mongo_url: str) -> int:
         await client.close()
 
 
+async def _forget_results(mongo_url: str) -> None:
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongo_url)
+    try:
+        await client[DATABASE].drop_collection(COLLECTION)
+    finally:
+        await client.close()
+
+
 async def _until_stored(mongo_url: str, count: int, worker: Child, within: float) -> None:
     """Poll the result backend until `count` tasks have their SUCCESS stored."""
     async with asyncio.timeout(within):
@@ -84,6 +92,7 @@ async def celery_per_s(
     worker = start("celery", argv, env, workdir / "celery.log")
     try:
         app.conf.broker_url, app.conf.result_backend = amqp_url, mongo_url
+        await _forget_results(mongo_url)  # an earlier round's: each starts as the first
         progress("Celery: warm-up task")
         await asyncio.to_thread(_send, 1)
         await _until_stored(mongo_url, 1, worker, within)

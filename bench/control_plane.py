@@ -1,6 +1,6 @@
 """Control-plane throughput: many jobs at once, from submit to a stored audit record.
 
-`python -m bench.control_plane [--jobs 600] [--nodes 2] [--tenants 1]`
+`python -m bench.control_plane [--jobs 600] [--nodes 2] [--tenants 1] [--rounds 3]`
 
 The node agents run the `instant` runtime (every workload ends at once with exit 0)
 and offer a huge capacity, so what is measured is medhive itself: the job API, the
@@ -23,19 +23,22 @@ on it, and `of_ceiling` is the share of it that medhive reaches.
 The peer, measured in the same run on the same broker and database server:
 `reference_celery_per_s`, Celery with its MongoDB result backend and
 `task_track_started=True` (see `bench/celery_reference.py`), and `of_celery`, jobs_per_s
-over it.
+over it. The machine is shared and noisy (one run to the next, either side moved by a
+tenth): the M jobs are measured `--rounds` times, each round followed by Celery's, and
+the rates are the medians of the rounds; so are the CPU and database counts per job.
 
 The last line of stdout is one JSON object:
-- `jobs_per_s`: M / (end - first submit);
+- `jobs_per_s`: M / (end - first submit), the median round (`jobs_per_s_rounds`,
+  `reference_celery_per_s_rounds`: every round's);
 - `steady_p99_dispatch_ms` (and p50): submit → dispatched under a steady offered load
   of 50 jobs/s for `--steady-s` seconds (each job submitted in its own time slot);
 - `reference_celery_per_s`, `of_celery`: above;
 - `db_ops_per_job` (inserts, queries, updates, deletes, getmores; `serverStatus`
   opcounters from the first submit to the end, per job) and `db_ops_per_job_by_kind`;
   `broker_messages_per_job` (published into and delivered from the run's vhost, from
-  the management API, around the measured run); `cpu_ms_per_job` per process;
-- `p50_dispatch_ms`, `p99_dispatch_ms`: per job, from its `submitted` history entry to
-  its `dispatched` one (the scheduler's own clock);
+  the management API, around the first round); `cpu_ms_per_job` per process;
+- `p50_dispatch_ms`, `p99_dispatch_ms`: per job of the first round, from its
+  `submitted` history entry to its `dispatched` one (the scheduler's own clock);
 - `events_per_s`: audit records stored during the run (counted with `GET /v1/events`:
   every record after the last one stored before the first submit, up to the end)
   per second of the run;
@@ -47,10 +50,10 @@ The last line of stdout is one JSON object:
 - `jobs`, `tenants` (`--tenants N`: job i is submitted by tenant i mod N), `nodes`,
   `rss_mb` (idle RSS of each service process before any job; `vmnode`
   is the largest agent);
-- for diagnosis: `duration_s`, `submit_s` (until every POST was answered),
-  `audit_records`, `p50/p99_end_to_end_ms` (submitted -> succeeded, from the history)
-  and `cpu_s` (CPU seconds each process used during the run; `other` is the rest of
-  the machine's busy time, mostly RabbitMQ).
+- for diagnosis: `duration_s`, `submit_s` (until every POST was answered) and
+  `audit_records` of the median round, `p50/p99_end_to_end_ms` (submitted -> succeeded,
+  from the history, first round) and `cpu_s` (CPU seconds each process used during a
+  round, medians; `other` is the rest of the machine's busy time, mostly RabbitMQ).
 
 One module because it is one run whose numbers are only meaningful together: every phase
 uses the same stack, in an order that keeps one from loading the database the next
@@ -65,6 +68,7 @@ import asyncio
 import contextlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -93,6 +97,8 @@ CEILING_JOBS = 300
 CEILING_BATCH = 100
 LATER_STATES = 3  # dispatched, running, succeeded: the transitions after the insert
 CELERY_TASKS = 2000
+#: Measured runs, each followed by Celery's: the rates reported are the medians.
+ROUNDS = 3
 #: The offered load of the steady phase, jobs per second.
 STEADY_RATE = 50.0
 #: The operations counted in `db_ops_per_job` (commands such as index builds and
@@ -418,7 +424,41 @@ def placement_pass_cpu_ms(queued: int = PASS_QUEUED) -> dict[str, float]:
     return cpu_ms
 
 
-async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict[str, Any]:
+async def _measured(
+    stack: Stack, api: list[Client], operator: Client, m: int, prefix: str, timeout_s: float
+) -> tuple[Run, dict[str, float], dict[str, float]]:
+    """One measured run of m jobs: the run, the CPU seconds each process used and the
+    database operations per job, both counted from the first submit to the end."""
+    counted: dict[str, dict[str, Any]] = {}
+
+    async def at_start() -> None:
+        counted["cpu"], counted["db"] = stack.cpu_s(), await db_ops(stack.mongo_url)
+
+    async def at_end() -> None:
+        counted["cpu_after"] = stack.cpu_s()
+        counted["db_after"] = await db_ops(stack.mongo_url)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            run = await run_jobs(stack, api, operator, m, prefix, at_start, at_end)
+    except TimeoutError:
+        listed = await succeeded_ids(api)
+        raise SystemExit(
+            f"not done within {timeout_s} s: {len(listed)} jobs succeeded in all"
+        ) from None
+    cpu = cpu_used(counted["cpu"], counted["cpu_after"])
+    progress(f"{m} done in {run.ended - run.started:.2f} s; CPU seconds used: {cpu}")
+    return run, cpu, per_job(counted["db"], counted["db_after"], m)
+
+
+def _median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over the rounds."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
+async def bench(
+    stack: Stack, m: int, timeout_s: float, steady_s: float, rounds: int = ROUNDS
+) -> dict[str, Any]:
     rss = stack.rss_mb()
     progress(f"idle RSS (MiB): {rss}")
     async with contextlib.AsyncExitStack() as clients:
@@ -428,38 +468,32 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
         progress(f"warm-up: {warm} jobs")
         async with asyncio.timeout(timeout_s):
             await run_jobs(stack, api, operator, warm, "warmup")
-        progress(f"measuring: {m} jobs on {len(stack.node_ids)} node(s)")
         messages_before = await broker_messages(stack.vhost)
-        counted: dict[str, dict[str, Any]] = {}
-
-        async def at_start() -> None:
-            counted["cpu"], counted["db"] = stack.cpu_s(), await db_ops(stack.mongo_url)
-
-        async def at_end() -> None:
-            counted["cpu_after"] = stack.cpu_s()
-            counted["db_after"] = await db_ops(stack.mongo_url)
-
-        try:
-            async with asyncio.timeout(timeout_s):
-                run = await run_jobs(stack, api, operator, m, "cp", at_start, at_end)
-        except TimeoutError:
-            listed = await succeeded_ids(api)
-            raise SystemExit(
-                f"not done within {timeout_s} s: {len(listed)} jobs succeeded in all"
-            ) from None
-        cpu = cpu_used(counted["cpu"], counted["cpu_after"])
-        messages = per_job(messages_before, await broker_messages(stack.vhost), m)
-        ops = per_job(counted["db"], counted["db_after"], m)
-        duration = run.ended - run.started
-        progress(f"all {m} done in {duration:.2f} s; CPU seconds used: {cpu}")
-        records = run.records
-        times = await histories(api, run.ids)
+        runs: list[Run] = []
+        cpu_rounds: list[dict[str, float]] = []
+        ops_rounds: list[dict[str, float]] = []
+        celery_rounds: list[float] = []
+        # One vhost for Celery's rounds: the app keeps its connection from one to the next.
+        async with _vhost(f"{stack.vhost}-celery") as celery_amqp:
+            for i in range(rounds):
+                progress(f"round {i + 1}/{rounds}: {m} jobs on {len(stack.node_ids)} node(s)")
+                run, cpu, ops = await _measured(stack, api, operator, m, f"cp{i}", timeout_s)
+                runs.append(run)
+                cpu_rounds.append(cpu)
+                ops_rounds.append(ops)
+                if i == 0:  # the counts do not vary: the first round's are the figures
+                    messages = per_job(messages_before, await broker_messages(stack.vhost), m)
+                    times = await histories(api, run.ids)
+                celery_rounds.append(
+                    await celery_per_s(celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir)
+                )
+                progress(
+                    f"round {i + 1}/{rounds}: medhive {m / (run.ended - run.started):.1f} "
+                    f"jobs/s, Celery {celery_rounds[-1]:.1f} tasks/s"
+                )
 
     progress(f"reference: {CEILING_JOBS} jobs' writes straight to the database")
-    ceiling = await db_ceiling(stack, run.ids[0])
-    async with _vhost(f"{stack.vhost}-celery") as celery_amqp:
-        celery = await celery_per_s(celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir)
-    progress(f"Celery: {celery:.1f} tasks/s")
+    ceiling = await db_ceiling(stack, runs[0].ids[0])
     # Last: its jobs would load the database the references measure.
     steady: list[float] = []
     if steady_s > 0:
@@ -471,23 +505,32 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
     pass_cpu = placement_pass_cpu_ms()
     dispatch = [ms(at["submitted"], at["dispatched"]) for at in times]
     end_to_end = [ms(at["submitted"], at["succeeded"]) for at in times]
+    rates = [m / (run.ended - run.started) for run in runs]
+    median_run = sorted(runs, key=lambda run: run.ended - run.started)[len(runs) // 2]
+    duration = median_run.ended - median_run.started
+    cpu = _median_of(cpu_rounds)
+    ops = _median_of(ops_rounds)
+    jobs_per_s, celery = statistics.median(rates), statistics.median(celery_rounds)
     return {
-        "jobs_per_s": round(m / duration, 1),
+        "jobs_per_s": round(jobs_per_s, 1),
         "steady_p99_dispatch_ms": round(percentile(steady, 99), 1) if steady else None,
         "steady_p50_dispatch_ms": round(percentile(steady, 50), 1) if steady else None,
         "reference_celery_per_s": round(celery, 1),
-        "of_celery": round(m / duration / celery, 3),
+        "of_celery": round(jobs_per_s / celery, 3),
+        "rounds": rounds,
+        "jobs_per_s_rounds": [round(rate, 1) for rate in rates],
+        "reference_celery_per_s_rounds": [round(rate, 1) for rate in celery_rounds],
         "db_ops_per_job": round(sum(ops[k] for k in DB_OPS), 2),
         "db_ops_per_job_by_kind": ops,
         "broker_messages_per_job": messages,
         "cpu_ms_per_job": {name: round(seconds / m * 1000, 2) for name, seconds in cpu.items()},
         "db_ceiling_jobs_per_s": round(ceiling.jobs_per_s, 1),
-        "of_ceiling": round(m / duration / ceiling.jobs_per_s, 2),
+        "of_ceiling": round(jobs_per_s / ceiling.jobs_per_s, 2),
         "db_ceiling_audit_records_per_s": round(ceiling.records_per_s),
-        "audit_records_per_job": round(records / m, 1),
+        "audit_records_per_job": round(median_run.records / m, 1),
         "p50_dispatch_ms": round(percentile(dispatch, 50), 1),
         "p99_dispatch_ms": round(percentile(dispatch, 99), 1),
-        "events_per_s": round(records / duration, 1),
+        "events_per_s": round(median_run.records / duration, 1),
         "placement_pass_cpu_ms": max(pass_cpu.values()),
         "placement_pass_cpu_ms_by_case": pass_cpu,
         "jobs": m,
@@ -495,8 +538,8 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
         "nodes": len(stack.node_ids),
         "rss_mb": rss,
         "duration_s": round(duration, 3),
-        "submit_s": round(run.submitted - run.started, 3),
-        "audit_records": records,
+        "submit_s": round(median_run.submitted - median_run.started, 3),
+        "audit_records": median_run.records,
         "p50_end_to_end_ms": round(percentile(end_to_end, 50), 1),
         "p99_end_to_end_ms": round(percentile(end_to_end, 99), 1),
         "cpu_s": cpu,
@@ -504,7 +547,13 @@ async def bench(stack: Stack, m: int, timeout_s: float, steady_s: float) -> dict
 
 
 async def main(
-    m: int, nodes: int, timeout_s: float, steady_s: float, tenants: int, schedulers: int = 1
+    m: int,
+    nodes: int,
+    timeout_s: float,
+    steady_s: float,
+    tenants: int,
+    schedulers: int = 1,
+    rounds: int = ROUNDS,
 ) -> dict[str, Any]:
     node_env = {
         "MEDHIVE_VMNODE_RUNTIME": "instant",
@@ -517,7 +566,7 @@ async def main(
         nodes=nodes, node_env=node_env, scheduler_env=scheduler_env, tenants=tenants,
         schedulers=schedulers,
     ) as stack:  # fmt: skip
-        return {**await bench(stack, m, timeout_s, steady_s), "schedulers": schedulers}
+        return {**await bench(stack, m, timeout_s, steady_s, rounds), "schedulers": schedulers}
 
 
 def cli() -> None:
@@ -535,11 +584,23 @@ def cli() -> None:
         "--schedulers", type=int, default=1,
         help="schedulers (default 1); the others stand by, their CPU is reported",
     )  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=ROUNDS,
+        help=f"measured runs, each followed by Celery's (default {ROUNDS}); medians reported",
+    )  # fmt: skip
     args = parser.parse_args()
-    if min(args.jobs, args.nodes, args.tenants, args.schedulers) < 1:
-        parser.error("--jobs, --nodes, --tenants and --schedulers must be at least 1")
+    if min(args.jobs, args.nodes, args.tenants, args.schedulers, args.rounds) < 1:
+        parser.error("--jobs, --nodes, --tenants, --schedulers and --rounds must be at least 1")
     result = asyncio.run(
-        main(args.jobs, args.nodes, args.timeout, args.steady_s, args.tenants, args.schedulers)
+        main(
+            args.jobs,
+            args.nodes,
+            args.timeout,
+            args.steady_s,
+            args.tenants,
+            args.schedulers,
+            args.rounds,
+        )
     )
     print(json.dumps(result), flush=True)
 
