@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import deque
@@ -346,7 +347,10 @@ class _SealedFile:
     three to four times the system time to copy into the page cache). At most
     `IN_FLIGHT` batches are in the pipeline, so memory stays bounded whatever the
     source's speed; a batch's buffers go back to the blob store once it is hashed,
-    sealed and written.
+    sealed and written. Batches are sealed at once, but written one segment at a time
+    (`_writing`): the filesystem takes a file's lock for every buffered write anyway,
+    and a thread that waits for it there spins, where one waiting here sleeps (a
+    third less system time per GiB when the page cache's memory is slow to come by).
 
     No fsync: a blob torn by a power cut fails its authentication when read, is
     quarantined, and its source is fetched again.
@@ -362,6 +366,7 @@ class _SealedFile:
         self._segments = 0
         self._hashed: asyncio.Future[None] | None = None
         self._steps: deque[asyncio.Future[None]] = deque()
+        self._writing = threading.Lock()
         out.write(sealer.header)
         out.flush()
 
@@ -396,9 +401,10 @@ class _SealedFile:
             last = final and at == starts[-1]
             self.sealer.seal_into(first + k, data[at : at + step], last, segment)
             offset = at_first + k * full
-            while segment:
-                done = os.pwrite(fd, segment, offset)
-                segment, offset = segment[done:], offset + done
+            with self._writing:
+                while segment:
+                    done = os.pwrite(fd, segment, offset)
+                    segment, offset = segment[done:], offset + done
 
     def stored_size(self, size: int) -> int:
         """Bytes on disk of a blob of `size` plaintext bytes."""
