@@ -134,6 +134,14 @@ def placed_since(job: JobDocument) -> datetime:
     return job["deadline"] - timedelta(seconds=walltime)
 
 
+#: The ledger counts cpus in these units: whole numbers add and subtract exactly.
+CPU_MILLIONTHS = 1_000_000
+
+
+def _millionths(cpus: float) -> int:
+    return round(cpus * CPU_MILLIONTHS)
+
+
 class Ledger:
     """The room each placed job holds, and what each node and each tenant holds in
     all, kept as jobs come and go: a new job is checked against the nodes' free room and
@@ -202,13 +210,6 @@ def _count(totals: dict[str, list[int]], key: str, need: Room, sign: int) -> Non
     counts[2] += sign * need.memory_mb
     if counts[0] == 0:
         del totals[key]
-
-
-CPU_MILLIONTHS = 1_000_000
-
-
-def _millionths(cpus: float) -> int:
-    return round(cpus * CPU_MILLIONTHS)
 
 
 #: Told of a job whose state the view sees change: the job as stored, and the state
