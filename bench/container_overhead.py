@@ -39,7 +39,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bench.control_plane import DB_OPS, audit_head, db_ops, submit_all
+from bench.control_plane import DB_OPS, audit_head, db_ops, median_of, submit_all
 from bench.jobs import timed_job
 from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
 from medhive.client import Client
@@ -250,7 +250,7 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
 
 
 def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
-    return {name: round(statistics.median(r[name] for r in rounds), 1) for name in rounds[0]}
+    return {name: round(value, 1) for name, value in median_of(rounds).items()}
 
 
 async def main(

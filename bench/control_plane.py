@@ -451,7 +451,7 @@ async def _measured(
     return run, cpu, per_job(counted["db"], counted["db_after"], m)
 
 
-def _median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     """Per key, the median over the rounds."""
     return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
 
@@ -508,8 +508,8 @@ async def bench(
     rates = [m / (run.ended - run.started) for run in runs]
     median_run = sorted(runs, key=lambda run: run.ended - run.started)[len(runs) // 2]
     duration = median_run.ended - median_run.started
-    cpu = _median_of(cpu_rounds)
-    ops = _median_of(ops_rounds)
+    cpu = median_of(cpu_rounds)
+    ops = median_of(ops_rounds)
     jobs_per_s, celery = statistics.median(rates), statistics.median(celery_rounds)
     return {
         "jobs_per_s": round(jobs_per_s, 1),

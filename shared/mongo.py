@@ -31,6 +31,9 @@ from shared.settings import MongoSettings
 
 Document = dict[str, Any]
 
+#: The server's error code for a write refused by a unique index.
+DUPLICATE_KEY = 11000
+
 #: The write concern of writes whose loss in a failover costs nothing but a hint.
 ADVISORY = WriteConcern(w=1)
 

@@ -43,13 +43,13 @@ from shared.envelope import utcnow
 from shared.identity import AmqpUsers, Sender
 from shared.messages.catalog import COMMANDS, EVENTS, TENANTS
 from shared.metrics import with_series
+from shared.mongo import DUPLICATE_KEY
 from shared.topology import AUDIT_ALL, declare_exchanges, declare_queue
 
 log = structlog.get_logger("medhive.audit")
 
 #: Everything on every exchange: the recorder takes no handler table, it keeps all.
 BINDINGS = [(COMMANDS, "#"), (EVENTS, "#"), (TENANTS, "#")]
-DUPLICATE_KEY = 11000
 _AMQP_ERRORS = (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError)
 
 
@@ -296,8 +296,9 @@ class Recorder:
     async def _append(self, batch: list[Received], look_up: bool) -> int:
         records: list[dict[str, Any]] = []
         head = self._head
-        ids = {i for item in batch for i in (item.id, item.alt_id)}
-        taken = await self.store.digests(ids) if look_up else {}
+        taken: dict[str, str] = {}
+        if look_up:
+            taken = await self.store.digests({i for r in batch for i in (r.id, r.alt_id)})
         for item, record_id in self._new(batch, taken):
             record = item.record(record_id)
             head = link(head, record)

@@ -26,9 +26,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.datacache.documents import Deadline, GrantDoc, ObjectDoc, ResultDoc, StagingDoc
 from shared.envelope import utcnow
-from shared.mongo import ADVISORY, Document
-
-DUPLICATE_KEY = 11000
+from shared.mongo import ADVISORY, DUPLICATE_KEY, Document
 
 
 def source_key(tenant: str, canonical: str, version: str | None) -> str:

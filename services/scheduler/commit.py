@@ -41,11 +41,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, OperationFailure
 
 from services.scheduler.documents import JobDocument
-from shared.mongo import Document
+from shared.mongo import DUPLICATE_KEY, Document
 
 #: Most writes in one batch.
 MAX_BATCH = 1000
-DUPLICATE_KEY = 11000
 #: The value of a field that the update removes.
 REMOVE = "$$REMOVE"
 

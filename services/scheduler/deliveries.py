@@ -33,12 +33,11 @@ from services.scheduler.webhooks import TEST_EVENT, Webhooks
 from shared.consume import Incoming
 from shared.envelope import derived_id, utcnow
 from shared.messages.base import Payload
-from shared.mongo import Document
+from shared.mongo import DUPLICATE_KEY, Document
 
 log = structlog.get_logger("medhive.scheduler.deliveries")
 
 PENDING, DELIVERED, GIVEN_UP = "pending", "delivered", "given_up"
-_DUPLICATE_KEY = 11000
 
 
 def delivery_id(webhook_id: str, event_id: str) -> str:
@@ -74,7 +73,7 @@ class DeliveryStore:
         try:
             await self.collection.bulk_write(writes, ordered=False)
         except BulkWriteError as exc:  # two upserts of one id raced: one of them stored it
-            if any(e.get("code") != _DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details.get("writeErrors", [])):
                 raise
 
     async def claim(self, now: datetime, lease_s: float) -> Document | None:
