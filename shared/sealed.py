@@ -139,7 +139,7 @@ class Opener:
             where = "last segment" if last else "segment"
             raise IntegrityError(f"{where} {index} failed authentication") from exc
 
-    def open_run(self, raw: bytes, first: int, count: int, last: int) -> list[bytes]:
+    def open_run(self, raw: bytes | memoryview, first: int, count: int, last: int) -> list[bytes]:
         """The plaintext of `count` consecutive segments from `first`, whose ciphertext
         `raw` should hold, in an object whose final segment is `last`. Blocking: for a
         worker thread (AES-GCM releases the GIL, so runs open at once on several cores)."""

@@ -178,6 +178,7 @@ async def _quarantine(
 ) -> None:
     await request.app[BLOBS].quarantine(blob_id)
     await request.app[STORE].quarantine(sha256)
+    request.app[GRANTS].forget_objects()
     log.error("object_quarantined", object=sha256, reason=reason)
     await request.app[DATA_BUS].emit(
         "data.quarantined",

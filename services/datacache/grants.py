@@ -56,6 +56,9 @@ class Access:
 #: change only through this service (a new attempt's grant, a release), which forgets
 #: the job's grants at once; the bound is for datacaches sharing one store.
 GRANT_REUSE_S = 2.0
+#: Objects of a grant looked up in one query when a read finds one not at hand: the one
+#: read and those after it in the grant, which is the order a node fetches them in.
+OBJECTS_AT_ONCE = 256
 
 
 class GrantService:
@@ -65,6 +68,9 @@ class GrantService:
         #: (job, node, deadline field) -> (reusable until, grant): a node reading a
         #: study asks once per instance, thousands of times in a few seconds.
         self._recent: dict[tuple[str, str, Deadline], tuple[float, GrantDoc]] = {}
+        #: Grant id -> (reusable until, its objects looked up so far), for the same
+        #: reads: a query for each instance was the largest part of serving a study.
+        self._objects: dict[str, tuple[float, dict[str, ObjectDoc]]] = {}
 
     async def grant(self, envelope: Envelope, command: DataGrant) -> None:
         """Handle `data.grant`: record the grant, announce `data.granted` (or `data.failed`)."""
@@ -152,7 +158,7 @@ class GrantService:
         if sha256 is not None:
             if sha256 not in grant["objects"]:
                 raise Denied(403, f"object {sha256} is not part of job {job_id}'s grant")
-            obj = await self.store.get_object(sha256)
+            obj = await self._object(grant, sha256)
             if obj is None or grant["tenant"] not in obj["tenants"]:
                 raise Denied(403, f"object {sha256} is not held for tenant {grant['tenant']}")
             if obj["quarantined"]:
@@ -193,10 +199,35 @@ class GrantService:
             self._recent[key] = (time.monotonic() + GRANT_REUSE_S, grant)
         return grant
 
+    async def _object(self, grant: GrantDoc, sha256: str) -> ObjectDoc | None:
+        """The catalog's record of an object of `grant`, reused for `GRANT_REUSE_S`."""
+        now = time.monotonic()
+        recent = self._objects.get(grant["_id"])
+        if recent is None or recent[0] <= now:
+            if len(self._objects) > 10_000:
+                self._objects.clear()
+            recent = self._objects[grant["_id"]] = (now + GRANT_REUSE_S, {})
+        known = recent[1]
+        if sha256 not in known:
+            at = grant["objects"].index(sha256)
+            wanted = [
+                sha for sha in grant["objects"][at : at + OBJECTS_AT_ONCE] if sha not in known
+            ]
+            known.update((obj["_id"], obj) for obj in await self.store.get_objects(wanted))
+        return known.get(sha256)
+
     def _forget(self, job_id: str) -> None:
         """After the job's grants changed in the store: none of them is reused."""
         for key in [key for key in self._recent if key[0] == job_id]:
             del self._recent[key]
+        for grant_id in [
+            grant_id for grant_id in self._objects if grant_id.startswith(f"{job_id}:")
+        ]:
+            del self._objects[grant_id]
+
+    def forget_objects(self) -> None:
+        """After an object changed in the store (quarantined): no record of one is reused."""
+        self._objects.clear()
 
     async def _why_not(self, job_id: str, node_id: str, now: datetime, field: Deadline) -> str:
         grant = await self.store.any_grant(job_id)

@@ -108,6 +108,10 @@ class CacheStore:
     async def get_object(self, sha256: str) -> ObjectDoc | None:
         return await self.objects.find_one({"_id": sha256})
 
+    async def get_objects(self, sha256s: list[str]) -> list[ObjectDoc]:
+        """Those of the objects that are recorded, in one query."""
+        return await self.objects.find({"_id": {"$in": sha256s}}).to_list()
+
     async def touch(self, sha256s: list[str]) -> None:
         """Stamp the objects' last use (an eviction hint: see `shared.mongo.ADVISORY`)."""
         await self.objects.with_options(write_concern=ADVISORY).update_many(

@@ -307,10 +307,22 @@ def _b64(key: bytes) -> str:
     return base64.b64encode(key).decode()
 
 
+@pytest.mark.parametrize(
+    ("size", "tampered_from_end"),
+    [
+        (9 * MIB + 3, 2 * MIB),  # more than a node batch: a segment after the first batch
+        (300_001, 100_000),  # an instance's size: read whole, placed in one step
+    ],
+)
 async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
-    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings, tmp_path: Path
+    harness: Harness,
+    origin: Origin,
+    datacache_settings: DatacacheSettings,
+    tmp_path: Path,
+    size: int,
+    tampered_from_end: int,
 ) -> None:
-    data = await _granted_input(harness, origin, 9 * MIB + 3)  # more than a node batch
+    data = await _granted_input(harness, origin, size)
     node, run = _node(harness, tmp_path / "jobs"), _node_run("job-1", f"{origin.url}/ct.bin")
     try:
         [mount] = await node.prepare(run)
@@ -319,7 +331,7 @@ async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
 
         [blob] = (datacache_settings.cache_dir / "objects").iterdir()
         raw = bytearray(blob.read_bytes())
-        raw[len(raw) - 2 * MIB] ^= 0x01  # a segment after the first batch
+        raw[len(raw) - tampered_from_end] ^= 0x01
         blob.write_bytes(bytes(raw))
         with pytest.raises(DataUnavailable, match=r"failed authentication.*quarantined"):
             await node.prepare(run)
@@ -331,6 +343,35 @@ async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
     assert not blob.exists()
     again = await harness.read("job-1", _sha(data))
     assert again.status == 410
+    # Refused from the catalog at once, although it was read moments before: not
+    # looked for in the store again (and quarantined a second time).
+    denied = await harness.events.wait_for(lambda m: m["type"] == "data.denied", within=10)
+    assert "quarantined" in denied["payload"]["reason"]
+
+
+async def _queries(harness: Harness) -> int:
+    database = harness.client.app[STORE].objects.database
+    status = await database.client.admin.command("serverStatus")
+    return int(status["opcounters"]["query"])
+
+
+async def test_a_node_reading_a_study_costs_a_catalog_query_per_many_objects(
+    harness: Harness, origin: Origin
+) -> None:
+    """A study is thousands of small objects, each read by its own request: the grant's
+    objects are looked up together, not one query each."""
+    instances = {f"{i:03}.dcm": os.urandom(1000 + i) for i in range(60)}
+    origin.files.update(instances)
+    await _staged_ok(harness, "job-1", *(f"{origin.url}/{name}" for name in instances))
+    await harness.grant("job-1")
+    before = await _queries(harness)
+    for data in instances.values():
+        response = await harness.client.get(
+            f"/v1/jobs/job-1/objects/{_sha(data)}/sealed", headers=harness.node_auth
+        )
+        assert response.status == 200
+        await response.read()
+    assert await _queries(harness) - before < 10  # one each was 60
 
 
 @pytest.mark.parametrize("route", ["", "/sealed"])
