@@ -42,11 +42,12 @@ from pydantic import AwareDatetime, BaseModel, Field
 from services.datacache.blobs import BlobStore, SealedBlob
 from services.datacache.grants import Access, Denied, GrantService
 from services.datacache.metrics import SERVED_BYTES
+from services.datacache.quarantine import Quarantine
 from services.datacache.store import CacheStore
 from shared.auth import Principal, Role
 from shared.bus import Bus
 from shared.http import PRINCIPAL, ApiError
-from shared.messages.data import DataAccessed, DataDenied, DataQuarantined
+from shared.messages.data import DataAccessed, DataDenied
 from shared.openapi import endpoint
 from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, IntegrityError
 from shared.threadio import acquired
@@ -57,6 +58,7 @@ GRANTS = web.AppKey("grants", GrantService)
 STORE = web.AppKey("store", CacheStore)
 BLOBS = web.AppKey("blobs", BlobStore)
 DATA_BUS = web.AppKey("data_bus", Bus)
+QUARANTINE = web.AppKey("quarantine", Quarantine)
 
 
 class InputsView(BaseModel):
@@ -176,15 +178,7 @@ async def _refused_damaged(
 async def _quarantine(
     request: web.Request, sha256: str, blob_id: str, reason: str, job_id: str | None
 ) -> None:
-    await request.app[BLOBS].quarantine(blob_id)
-    await request.app[STORE].quarantine(sha256)
-    request.app[GRANTS].forget_objects()
-    log.error("object_quarantined", object=sha256, reason=reason)
-    await request.app[DATA_BUS].emit(
-        "data.quarantined",
-        DataQuarantined(object=sha256, reason=reason, job_id=job_id),
-        correlation_id=job_id,
-    )
+    await request.app[QUARANTINE](sha256, blob_id, reason, job_id)
 
 
 @routes.get("/v1/jobs/{job_id}/inputs")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from services.datacache.api import BLOBS, DATA_BUS, GRANTS, STORE, routes
+from services.datacache.api import BLOBS, DATA_BUS, GRANTS, QUARANTINE, STORE, routes
 from services.datacache.blobs import BlobStore
 from services.datacache.crypto import KeyProvider, LocalKeyProvider
 from services.datacache.eviction import Evictor
@@ -17,6 +17,7 @@ from services.datacache.grants import GrantService
 from services.datacache.handlers import COMMANDS, CommandHandlers
 from services.datacache.metrics import SERVED_BYTES, CacheCollector, served_bytes
 from services.datacache.outputs import ResultUploader
+from services.datacache.quarantine import Quarantine
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sources.registry import SourceDirectory
 from services.datacache.sources.storescp import StorageReceiver
@@ -75,12 +76,14 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             total=None, sock_connect=settings.fetch_timeout_s, sock_read=settings.fetch_timeout_s
         )
         async with aiohttp.ClientSession(timeout=timeout) as http:
-            stager = Stager(store, blobs, sources, app[BUS], http, settings)
+            grants = GrantService(store, app[BUS])
+            quarantine = Quarantine(blobs, store, grants, app[BUS])
+            stager = Stager(store, blobs, sources, app[BUS], http, settings, quarantine)
             uploader = ResultUploader(store, blobs, sources, app[BUS], http, settings)
             evictor = Evictor(store, blobs, settings, lambda: set().union(*stager.in_use.values()))
-            grants = GrantService(store, app[BUS])
             app[TOKENS].delegated = grants.delegated_principal
             app[STORE], app[BLOBS], app[GRANTS], app[DATA_BUS] = store, blobs, grants, app[BUS]
+            app[QUARANTINE] = quarantine
             app[STAGER], app[EVICTOR] = stager, evictor
             app[METRICS].add(
                 CacheCollector(evictor),

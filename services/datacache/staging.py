@@ -23,7 +23,8 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from services.datacache.blobs import BlobStore
-from services.datacache.documents import ManifestEntry, StagingDoc
+from services.datacache.documents import ManifestEntry, ObjectDoc, StagingDoc
+from services.datacache.quarantine import Quarantine
 from services.datacache.retries import with_retries
 from services.datacache.settings import DatacacheSettings
 from services.datacache.sink import CacheSink, Progress
@@ -62,9 +63,10 @@ class Stager:
         bus: Bus,
         http: aiohttp.ClientSession,
         settings: DatacacheSettings,
+        quarantine: Quarantine,
     ) -> None:
         self.store, self.blobs, self.sources, self.bus = store, blobs, sources, bus
-        self.http, self.settings = http, settings
+        self.http, self.settings, self.quarantine = http, settings, quarantine
         self._inflight: dict[str, asyncio.Future[Document]] = {}
         self._slots = asyncio.Semaphore(settings.concurrent_fetches)
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -248,13 +250,24 @@ class Stager:
         doc = await self.store.find_source(key)
         if doc is None:
             return None
-        shas = [f["sha256"] for f in doc["files"]]
-        for sha in set(shas):
-            obj = await self.store.get_object(sha)
-            if obj is None or obj["quarantined"] or not self.blobs.exists(obj["blob"]):
-                return None
+        shas = sorted({f["sha256"] for f in doc["files"]})
+        # A study is thousands of objects: they are looked up together, and their files
+        # checked in one trip to a worker thread, not a query and a stat each.
+        held = [obj for obj in await self.store.get_objects(shas) if not obj["quarantined"]]
+        if len(held) < len(shas):
+            return None
+        if lost := await asyncio.to_thread(self._lost, held):
+            # Marked, so that the fetch that follows replaces them in the catalog (kept,
+            # a fresh copy would be dropped as a duplicate of a file that is gone).
+            for obj in lost:
+                await self.quarantine(obj["_id"], obj["blob"], "its file is gone from the cache")
+            return None
         await self.store.touch(shas)
         return doc
+
+    def _lost(self, objects: list[ObjectDoc]) -> list[ObjectDoc]:
+        """Those of the objects whose blob file is not there (blocking)."""
+        return [obj for obj in objects if not self.blobs.exists(obj["blob"])]
 
     async def _fetch(
         self,

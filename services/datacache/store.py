@@ -28,6 +28,10 @@ from services.datacache.documents import Deadline, GrantDoc, ObjectDoc, ResultDo
 from shared.envelope import utcnow
 from shared.mongo import ADVISORY, DUPLICATE_KEY, Document
 
+#: Objects looked up in one query: a study's thousands in a few round trips, each
+#: answer a few hundred KiB.
+LOOKUP_CHUNK = 1000
+
 
 def source_key(tenant: str, canonical: str, version: str | None) -> str:
     """The id of what one source held at one version, as one tenant fetched it."""
@@ -109,8 +113,12 @@ class CacheStore:
         return await self.objects.find_one({"_id": sha256})
 
     async def get_objects(self, sha256s: list[str]) -> list[ObjectDoc]:
-        """Those of the objects that are recorded, in one query."""
-        return await self.objects.find({"_id": {"$in": sha256s}}).to_list()
+        """Those of the objects that are recorded, in a query per `LOOKUP_CHUNK`."""
+        found: list[ObjectDoc] = []
+        for at in range(0, len(sha256s), LOOKUP_CHUNK):
+            wanted = sha256s[at : at + LOOKUP_CHUNK]
+            found += await self.objects.find({"_id": {"$in": wanted}}).to_list()
+        return found
 
     async def touch(self, sha256s: list[str]) -> None:
         """Stamp the objects' last use (an eviction hint: see `shared.mongo.ADVISORY`)."""

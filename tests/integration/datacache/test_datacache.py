@@ -1,5 +1,6 @@
 """The datacache as a service: staging, dedup, grants, serving, at-rest encryption,
-quarantine, eviction, results and restarts; with a real HTTP origin as the source."""
+quarantine, eviction, results and restarts; with a real HTTP origin (and the XNAT
+stand-in, for a study of many files) as sources."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -30,6 +32,7 @@ from shared.mongo import connect
 from shared.sealed import DATA_KEY_HEADER, SIZE_HEADER, Opener, read_header
 from shared.service import MONGO
 from shared.settings import MongoSettings
+from tests.fixtures.xnat import Xnat
 from tests.helpers import bearer, lease_renewed
 from tests.integration.datacache.conftest import Harness
 from tests.integration.datacache.http_origin import Origin
@@ -105,6 +108,23 @@ async def test_the_second_job_on_a_source_fetches_nothing(harness: Harness, orig
     assert second["payload"]["cached"] == 1
     assert origin.body_bytes == body_before
     assert origin.requests["GET"] == 1
+
+
+async def test_a_cached_source_whose_object_file_is_gone_is_fetched_again(
+    harness: Harness, origin: Origin, datacache_settings: DatacacheSettings
+) -> None:
+    data = origin.files["study.bin"] = os.urandom(MIB)
+    await _staged_ok(harness, "job-1", f"{origin.url}/study.bin")
+    [blob] = (datacache_settings.cache_dir / "objects").iterdir()
+    blob.unlink()  # lost from the disk behind the catalog's back
+    second = await _staged_ok(harness, "job-2", f"{origin.url}/study.bin")
+    assert second["payload"]["cached"] == 0
+    assert origin.requests["GET"] == 2
+    lost = await harness.events.wait_for(lambda m: m["type"] == "data.quarantined")
+    assert lost["payload"]["object"] == _sha(data) and "gone" in lost["payload"]["reason"]
+    # The fresh copy took the lost one's place: the job reads it.
+    await harness.grant("job-2")
+    assert await (await harness.read("job-2", _sha(data))).read() == data
 
 
 async def test_concurrent_jobs_on_one_source_share_one_fetch(
@@ -372,6 +392,27 @@ async def test_a_node_reading_a_study_costs_a_catalog_query_per_many_objects(
         assert response.status == 200
         await response.read()
     assert await _queries(harness) - before < 10  # one each was 60
+
+
+async def test_a_second_job_on_a_study_finds_it_cached_in_a_query_per_many_objects(
+    make_harness: Any, datacache_settings: DatacacheSettings, xnat_server: Xnat, tmp_path: Path
+) -> None:
+    """Before a cached study is used again, each of its objects is checked to be held
+    and sound: together, not a query each."""
+    for i in range(60):
+        xnat_server.add_file("P1", "S1", "E1", "2", "DICOM", f"{i:03}.dcm", os.urandom(1000 + i))
+    sources = tmp_path / "xnat-sources.json"
+    sources.write_text(json.dumps([{
+        "tenant": "radiology", "match": "xnat://xnat.example", "base_url": xnat_server.url,
+        "username": xnat_server.username, "password": xnat_server.password,
+    }]))  # fmt: skip
+    harness = await make_harness(datacache_settings.model_copy(update={"sources_file": sources}))
+    scan = "xnat://xnat.example/projects/P1/subjects/S1/experiments/E1/scans/2/resources/DICOM"
+    await _staged_ok(harness, "job-1", scan)
+    before = await _queries(harness)
+    again = await _staged_ok(harness, "job-2", scan)
+    assert again["payload"]["cached"] == 1
+    assert await _queries(harness) - before < 20  # a query each was 60 more
 
 
 @pytest.mark.parametrize("route", ["", "/sealed"])
