@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import re
@@ -48,8 +49,13 @@ OPEN_BATCH = 8
 #: whole and placed in one trip to a worker thread: handing each step of the pipeline
 #: to a thread of its own cost more than the decryption.
 WHOLE = 1 << 20
-#: Input files fetched at once (each holds at most three batches in memory).
-PARALLEL_DOWNLOADS = 4
+#: Input files fetched at once: a study is thousands of small instances, each of which
+#: would otherwise wait out its own round trips (the datacache records every read
+#: before it answers the next on that connection). 16 rather than 4 took a study of
+#: 200 instances onto the node in 0.28 s rather than 0.34.
+PARALLEL_DOWNLOADS = 16
+#: Of those, files larger than `WHOLE` at once: each holds up to three batches in memory.
+PARALLEL_LARGE = 4
 MIB = 1024 * 1024
 #: A tmpfs gives each file whole pages of this size.
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -149,14 +155,15 @@ class JobData:
         return str(body["token"])
 
     async def _download_all(self, job_id: str, files: list[tuple[StagedFile, Path]]) -> None:
-        """Every file, `PARALLEL_DOWNLOADS` at a time: a study is thousands of small
-        instances, and one at a time each would wait out its own round trip. The first
-        failure stops the rest and is raised."""
+        """Every file, `PARALLEL_DOWNLOADS` at a time (`PARALLEL_LARGE` of the large). The
+        first failure stops the rest and is raised."""
         pending = iter(files)
+        large = asyncio.Semaphore(PARALLEL_LARGE)
 
         async def worker() -> None:
             for entry, base in pending:  # the workers share one iterator
-                await self._download(job_id, entry, base)
+                async with large if entry.size > WHOLE else contextlib.nullcontext():
+                    await self._download(job_id, entry, base)
 
         workers = [asyncio.create_task(worker()) for _ in range(PARALLEL_DOWNLOADS)]
         try:
