@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
@@ -369,8 +370,8 @@ class _SealedFile:
     buys little and pushes out what is read now. A batch's sealed bytes rarely end on
     a block: the bytes after its last whole block (`_carry`) are written in front of
     the next batch's, in the next batch's buffer, and the final block is padded and
-    the file cut to its length. On a filesystem without direct I/O the same aligned
-    writes go through the page cache.
+    the file cut to its length. On a filesystem without direct I/O, or a disk with
+    larger blocks than `BLOCK`, the same writes go through the page cache.
 
     No fsync: a blob torn by a power cut fails its authentication when read, is
     quarantined, and its source is fetched again.
@@ -427,12 +428,24 @@ class _SealedFile:
         else:
             whole = end // BLOCK * BLOCK
             self._carry = bytes(buffer[whole:end])
-        view, offset = buffer[:whole], start - carried
-        while view:
-            done = os.pwrite(self.out.fileno(), view, offset)
-            view, offset = view[done:], offset + done
+        self._pwrite(buffer[:whole], start - carried)
         if final:
             os.ftruncate(self.out.fileno(), start + sealed)
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        """Write all of `view` at `offset`. A disk whose blocks are larger than `BLOCK`
+        refuses a direct write (`EINVAL`): the file then goes on through the page cache."""
+        fd = self.out.fileno()
+        while view:
+            try:
+                done = os.pwrite(fd, view, offset)
+            except OSError as exc:
+                flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+                if exc.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                    raise
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                continue
+            view, offset = view[done:], offset + done
 
     def _seal_into(self, data: memoryview, first: int, final: bool, out: memoryview) -> int:
         """Seal `data` as whole segments from segment `first` (and, when `final`, the

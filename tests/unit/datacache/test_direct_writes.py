@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from services.datacache import blobs
 from services.datacache.blobs import SEAL_BATCH, BlobStore
 from services.datacache.crypto import LocalKeyProvider
 
@@ -42,6 +43,26 @@ def ramfs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(root)], check=True)
 
 
+@pytest.fixture
+def large_sectors(tmp_path: Path) -> Iterator[Path]:
+    """An ext4 filesystem on a loop device of 4 KiB sectors: direct writes there must be
+    aligned to 4 KiB, and a writer that aligns to less is refused (`EINVAL`)."""
+    image, root = tmp_path / "disk.img", tmp_path / "large-sectors"
+    root.mkdir()
+    subprocess.run(["truncate", "-s", "64M", str(image)], check=True)
+    device = subprocess.run(["losetup", "--sector-size", "4096", "-f", "--show", str(image)],
+                            capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        subprocess.run(["mkfs.ext4", "-q", device], check=True)
+        subprocess.run(["mount", device, str(root)], check=True)
+        try:
+            yield root
+        finally:
+            subprocess.run(["umount", str(root)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+
+
 async def test_a_staged_blob_does_not_fill_the_page_cache(tmp_path: Path) -> None:
     """A GiB staged would push a GiB of what is read now out of the cache, and copying
     it there was a quarter of staging's CPU."""
@@ -70,3 +91,17 @@ async def test_without_direct_io_the_same_bytes_are_stored(
         blobs.append(blob)
     assert blobs[0].stored_size == blobs[1].stored_size
     assert not any((ramfs / "tmp").iterdir())  # the refused open left nothing behind
+
+
+async def test_a_disk_with_blocks_larger_than_ours_gets_the_blob_through_the_page_cache(
+    large_sectors: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Direct writes are aligned to `BLOCK`; a disk with larger blocks refuses them
+    mid-file, and the rest of the blob goes through the page cache, whole and readable."""
+    monkeypatch.setattr(blobs, "BLOCK", 512)  # our blocks smaller than the disk's
+    store = BlobStore(large_sectors, KEYS)
+    data = os.urandom(2 * SEAL_BATCH * MIB + 777)
+    blob = await store.write(_chunks(data))
+    assert blob.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.stored_size(blob.blob_id) == blob.stored_size
+    assert b"".join([c async for c in store.read(blob.blob_id)]) == data
