@@ -35,7 +35,8 @@ from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 from shared.threadio import acquired
 
 #: Direct writes go in whole blocks of this many bytes, from memory aligned to it: the
-#: logical block of the disks in use (512 or 4096 bytes) divides it.
+#: logical block of the disks in use (512 or 4096 bytes) divides it, and a header
+#: (`HEADER_BYTES_MAX`) fits in one.
 BLOCK = 4096
 #: Segments opened per thread hop when serving decrypted.
 BATCH = 8
@@ -473,7 +474,7 @@ class _SealedFile:
         out = bytearray(len(header) + len(data) + TAG * _segments_in(data, self.sealer))
         out[: len(header)] = header
         self._seal_into(data, 0, True, memoryview(out)[len(header) :])
-        self.out.write(out)
+        self._pwrite(memoryview(out), 0)
         self.out.close()
         os.rename(tmp, target)
 

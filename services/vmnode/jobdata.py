@@ -52,7 +52,7 @@ WHOLE = 1 << 20
 #: Input files fetched at once: a study is thousands of small instances, each of which
 #: would otherwise wait out its own round trips (the datacache records every read
 #: before it answers the next on that connection). 16 rather than 4 took a study of
-#: 200 instances onto the node in 0.28 s rather than 0.34.
+#: 200 instances onto the node in 0.30 s rather than 0.36 (`bench.datacache`).
 PARALLEL_DOWNLOADS = 16
 #: Of those, files larger than `WHOLE` at once: each holds up to three batches in memory.
 PARALLEL_LARGE = 4
