@@ -33,7 +33,7 @@ import os
 import posixpath
 import re
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 from aiohttp import web
@@ -271,57 +271,59 @@ async def read_sealed(request: web.Request) -> web.StreamResponse:
     the grant names, and reports a failure (`/damaged`) so the object is quarantined.
     """
     job_id, sha256, blob_id, access = await _granted_object(request)
+    blobs = request.app[BLOBS]
     try:
-        sealed = await asyncio.to_thread(request.app[BLOBS].sealed, blob_id)
+        sealed, file = await acquired(lambda: blobs.open_sealed(blob_id), lambda o: o[1].close())
     except IntegrityError as exc:
         raise await _refused_damaged(request, sha256, blob_id, str(exc), job_id) from None
-    response = web.StreamResponse()
-    response.content_type = "application/octet-stream"
-    response.content_length = sealed.stored_size
-    response.headers["X-Medhive-Sha256"] = sha256
-    response.headers[SIZE_HEADER] = str(sealed.size)
-    response.headers[DATA_KEY_HEADER] = base64.b64encode(sealed.data_key).decode()
-    sent = 0
-    try:
-        await response.prepare(request)
-        sent = await _sendfile(request, sealed)
-        await response.write_eof()
-    finally:
-        request.app[SERVED_BYTES].labels("node").inc(sent)
-        await request.app[DATA_BUS].emit(
-            "data.accessed",
-            DataAccessed(
-                job_id=job_id,
-                node_id=access.node_id,
-                object=sha256,
-                bytes=sealed.plaintext_in(sent),
-            ),
-            correlation_id=job_id,
-            tenant=access.grant["tenant"],
-            actor=access.node_id,
-        )
-    return response
+    with file:  # the one the header was read from
+        response = web.StreamResponse()
+        response.content_type = "application/octet-stream"
+        response.content_length = sealed.stored_size
+        response.headers["X-Medhive-Sha256"] = sha256
+        response.headers[SIZE_HEADER] = str(sealed.size)
+        response.headers[DATA_KEY_HEADER] = base64.b64encode(sealed.data_key).decode()
+        sent = 0
+        try:
+            await response.prepare(request)
+            sent = await _sendfile(request, sealed, file)
+            await response.write_eof()
+        finally:
+            request.app[SERVED_BYTES].labels("node").inc(sent)
+            await request.app[DATA_BUS].emit(
+                "data.accessed",
+                DataAccessed(
+                    job_id=job_id,
+                    node_id=access.node_id,
+                    object=sha256,
+                    bytes=sealed.plaintext_in(sent),
+                ),
+                correlation_id=job_id,
+                tenant=access.grant["tenant"],
+                actor=access.node_id,
+            )
+        return response
 
 
-async def _sendfile(request: web.Request, sealed: SealedBlob) -> int:
-    """Send the blob's file on the request's connection; bytes handed to the kernel (on a
-    break: up to and including the span under way, so a read is never under-counted)."""
+async def _sendfile(request: web.Request, sealed: SealedBlob, file: BinaryIO) -> int:
+    """Send the blob's open file on the request's connection; bytes handed to the kernel
+    (on a break: up to and including the span under way, so a read is never
+    under-counted)."""
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("the node went away")
     loop = asyncio.get_running_loop()
     sent = 0
-    with await acquired(lambda: sealed.path.open("rb"), lambda file: file.close()) as file:
-        # Read ahead as far as the kernel will: the whole file goes out, in order.
-        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        while sent < sealed.stored_size:
-            span = min(SENDFILE_SPAN, sealed.stored_size - sent)
-            try:
-                await loop.sendfile(transport, file, sent, span)
-            except BaseException:
-                sent += span
-                raise
+    # Read ahead as far as the kernel will: the whole file goes out, in order.
+    os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    while sent < sealed.stored_size:
+        span = min(SENDFILE_SPAN, sealed.stored_size - sent)
+        try:
+            await loop.sendfile(transport, file, sent, span)
+        except BaseException:
             sent += span
+            raise
+        sent += span
     return sent
 
 

@@ -185,30 +185,47 @@ class BlobStore:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _header(self, path: Path) -> tuple[Header, bytes, int]:
-        """The blob's header, its data key and its stored size (blocking). A blob whose
-        file is gone is as damaged as one whose bytes are wrong."""
+    @staticmethod
+    def _open(path: Path) -> BinaryIO:
+        """The blob's file, open for reading (blocking). A blob whose file is gone is as
+        damaged as one whose bytes are wrong."""
         try:
-            with path.open("rb") as f:
-                head = f.read(HEADER_BYTES_MAX)
-                stored = os.fstat(f.fileno()).st_size
+            return path.open("rb")
         except FileNotFoundError:
             raise IntegrityError("the object's file is missing") from None
+
+    def _header(self, file: BinaryIO) -> tuple[Header, bytes, int]:
+        """The header of the blob open in `file`, its data key and its stored size."""
+        head = os.pread(file.fileno(), HEADER_BYTES_MAX, 0)
         header = Header.parse(head)
-        return header, data_key(header, self.keys), stored
+        return header, data_key(header, self.keys), os.fstat(file.fileno()).st_size
 
     def _opener(self, path: Path) -> tuple[Opener, int]:
-        header, key, stored = self._header(path)
+        with self._open(path) as file:
+            header, key, stored = self._header(file)
         found = Opener.with_key(header, key)
         return found, found.plaintext_size(stored)
 
     def sealed(self, blob_id: str) -> SealedBlob:
         """What a node needs to open the blob itself: where it is, how long, its data
         key (blocking: reads the header)."""
+        sealed, file = self.open_sealed(blob_id)
+        file.close()
+        return sealed
+
+    def open_sealed(self, blob_id: str) -> tuple[SealedBlob, BinaryIO]:
+        """`sealed`, and the blob's file open for reading (blocking): the bytes sent are
+        those of the file the header was read from, and serving an object takes one
+        trip to a worker thread, not two."""
         path = self.path(blob_id)
-        header, key, stored = self._header(path)
-        size = Opener.with_key(header, key).plaintext_size(stored)
-        return SealedBlob(path, stored, size, len(header.raw), header.segment_size, key)
+        file = self._open(path)
+        try:
+            header, key, stored = self._header(file)
+            size = Opener.with_key(header, key).plaintext_size(stored)
+        except BaseException:
+            file.close()
+            raise
+        return SealedBlob(path, stored, size, len(header.raw), header.segment_size, key), file
 
     def size(self, blob_id: str) -> int:
         """Plaintext size, from the header and the file's length (no decryption)."""
