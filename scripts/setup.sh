@@ -17,8 +17,10 @@ say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 # a Python program; Debian 12 has no compose v2 plugin): the suite checks
 # docker-compose.yml with `docker-compose config`. chromium: the web console's tests
 # drive it headless through Playwright (never a browser Playwright downloads itself).
+# util-linux-extra (fincore), mount (losetup) and e2fsprogs: the tests of the datacache's
+# direct writes look at the page cache and make a disk of 4 KiB sectors.
 APT_PACKAGES=(rabbitmq-server docker.io busybox-static python3-venv ca-certificates iproute2 curl
-  openssl docker-compose chromium
+  openssl docker-compose chromium util-linux-extra mount
   orthanc orthanc-dicomweb
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
   libvirt-dev pkg-config gcc cpio genisoimage e2fsprogs dosfstools mtools
