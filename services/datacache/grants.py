@@ -24,7 +24,7 @@ from datetime import datetime
 import structlog
 
 from services.datacache.documents import Deadline, GrantDoc, ObjectDoc
-from services.datacache.store import CacheStore
+from services.datacache.store import LOOKUP_CHUNK, CacheStore
 from shared.auth import DELEGATED_PREFIX, Principal, Role, token_digest
 from shared.bus import Bus
 from shared.consume import Rejected
@@ -58,7 +58,7 @@ class Access:
 GRANT_REUSE_S = 2.0
 #: Objects of a grant looked up in one query when a read finds one not at hand: the one
 #: read and those after it in the grant, which is the order a node fetches them in.
-OBJECTS_AT_ONCE = 256
+OBJECTS_AT_ONCE = LOOKUP_CHUNK
 
 
 class GrantService:
