@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -24,15 +25,16 @@ import shutil
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from services.datacache.crypto import KeyProvider, Sealer, data_key
 from shared.pipeline import in_turn
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
-from shared.threadio import acquired
+from shared.threadio import acquired, interruptible
 
 #: Direct writes go in whole blocks of this many bytes, from memory aligned to it: the
 #: logical block of the disks in use (512 or 4096 bytes) divides it, and a header
@@ -44,6 +46,26 @@ BATCH = 8
 #: a core's 4 MiB L2 cache while they are hashed, sealed and written (at 8, hashing
 #: alone took a third longer).
 SEAL_BATCH = 4
+
+
+#: A blob's bytes as batches, each with whether it is the last.
+_Batched = AsyncGenerator[tuple["_Batch", bool], None]
+#: Sources read into batch buffers at once (`write_from`); more wait for a thread.
+RECEIVERS = 16
+
+
+@runtime_checkable
+class Readable(Protocol):
+    """A source that reads into memory it is given (blocking, from one worker thread at
+    a time), such as an HTTP download (`sources.download`): what `write_from` stores."""
+
+    def readinto(self, view: memoryview) -> int:
+        """The next bytes into `view`: how many; 0 at the end."""
+        ...
+
+    def abort(self) -> None:
+        """Make a read under way return now (called from another thread)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,7 @@ class BlobStore:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(path, 0o700)
         self._batches = _Batches(segment_size)
+        self._receiving = ThreadPoolExecutor(RECEIVERS, thread_name_prefix="blob-receive")
 
     def path(self, blob_id: str) -> Path:
         if not blob_id.isalnum():
@@ -101,46 +124,83 @@ class BlobStore:
     async def write(self, chunks: AsyncIterable[bytes]) -> StoredBlob:
         """Encrypt a stream into a new blob; its plaintext SHA-256 and size come back.
 
-        A stream that stays within one segment is kept whole and stored in one trip to
-        a worker thread. A longer one is copied, as it arrives, into batch buffers that
-        the blob store reuses (`_Batch`), each handed to the sealing pipeline when full."""
+        The stream is copied, as it arrives, into batch buffers that the blob store
+        reuses (`_Batch`), each handed to the sealing pipeline when full."""
+        return await self._stored(self._copied(chunks))
+
+    async def write_from(
+        self, source: Readable, counted: Callable[[int], Awaitable[None]] | None = None
+    ) -> StoredBlob:
+        """Encrypt what `source` reads into a new blob, as `write` does a stream; each
+        batch that `counted` learns of is then on its way to the disk.
+
+        The source reads straight into the batch buffers, a batch per trip to a thread
+        of the blob store's own (`_receiving`: a read waits on the network for as long as
+        the source takes, and would hold a thread that sealing and serving need)."""
+        return await self._stored(self._read(source), counted)
+
+    async def _copied(self, chunks: AsyncIterable[bytes]) -> _Batched:
+        """The stream's bytes in batches."""
+        try:
+            batch = self._batches.take()
+            async for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    if batch.full:  # and more follows: not the last batch
+                        yield batch, False
+                        batch = self._batches.take()
+                    view = view[batch.fill(view) :]
+            yield batch, True
+        finally:
+            await _close(chunks)  # a source's stream ends now, not whenever it is collected
+
+    async def _read(self, source: Readable) -> _Batched:
+        """What `source` reads, in batches. A batch is known not to be the last once a
+        byte after it has been read (which then opens the next batch)."""
+        ahead = b""
+        while True:
+            batch = self._batches.take()
+            fill = functools.partial(_received, source, batch, ahead)
+            ahead = await interruptible(fill, source.abort, self._receiving)
+            yield batch, not ahead
+            if not ahead:
+                return
+
+    async def _stored(
+        self,
+        batches: _Batched,
+        counted: Callable[[int], Awaitable[None]] | None = None,
+    ) -> StoredBlob:
+        """A new blob of the batches' bytes. A file that fits in one segment is stored
+        in one trip to a worker thread (`write_whole`); a longer one goes through the
+        sealing pipeline (`_SealedFile`), batch by batch, into `tmp/` and then into
+        place."""
         blob_id = uuid.uuid4().hex
         tmp = self.tmp / blob_id
         sealed: _SealedFile | None = None
         size = 0
-        head: list[bytes] = []  # the stream so far, while it fits in one segment
-        batch: _Batch | None = None
         try:
-            async for chunk in chunks:
-                size += len(chunk)
-                if batch is None:
-                    head.append(chunk)
-                    if size <= self.segment_size:
-                        continue
-                    batch, pieces, head = self._batches.take(), head, []
-                else:
-                    pieces = [chunk]
-                for piece in pieces:
-                    view = memoryview(piece)
-                    while view:
-                        if batch.full:  # and more follows: not the last batch
-                            if sealed is None:
-                                sealed = await self._created(tmp)
-                            await sealed.add(batch, final=False)
-                            batch = self._batches.take()
-                        view = view[batch.fill(view) :]
-            if batch is None:  # a small file, whole in memory
-                return await asyncio.to_thread(self.write_whole, b"".join(head))
+            async with contextlib.aclosing(batches):
+                async for batch, final in batches:
+                    filled = batch.filled
+                    size += filled
+                    if sealed is None and final and filled <= self.segment_size:
+                        blob = await asyncio.to_thread(self.write_whole, batch.data)
+                        self._batches.give_back(batch)
+                    else:
+                        if sealed is None:
+                            sealed = await self._created(tmp)
+                        await sealed.add(batch, final)
+                    if counted is not None:
+                        await counted(filled)
             if sealed is None:
-                sealed = await self._created(tmp)
-            await sealed.add(batch, final=True)
+                return blob
             await sealed.finish()
             await asyncio.to_thread(os.rename, tmp, self.path(blob_id))
         except BaseException:
             if sealed is not None:
                 await sealed.close()
             tmp.unlink(missing_ok=True)
-            await _close(chunks)  # a source's stream ends now, not whenever it is collected
             raise
         return StoredBlob(blob_id, size, sealed.digest.hexdigest(), sealed.stored_size(size))
 
@@ -346,6 +406,19 @@ class _Batch:
     @property
     def data(self) -> memoryview:
         return memoryview(self.plain)[: self.filled]
+
+
+def _received(source: Readable, batch: _Batch, ahead: bytes) -> bytes:
+    """Fill `batch` from `source`, after the bytes read `ahead` of it (blocking); the
+    first byte after the batch, or nothing when the source ended within it."""
+    batch.fill(memoryview(ahead))
+    while not batch.full:
+        got = source.readinto(memoryview(batch.plain)[batch.filled :])
+        if not got:
+            return b""
+        batch.filled += got
+    following = bytearray(1)
+    return bytes(following) if source.readinto(memoryview(following)) else b""
 
 
 class _Batches:

@@ -7,7 +7,7 @@ import posixpath
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 
-from services.datacache.blobs import BlobStore, StoredBlob
+from services.datacache.blobs import BlobStore, Readable, StoredBlob
 from services.datacache.documents import FileEntry
 from services.datacache.sources.base import FileSink, SourceRefused
 from services.datacache.store import CacheStore
@@ -71,7 +71,10 @@ class CacheSink(FileSink):
         if clean in self._paths:
             raise SourceRefused(f"{self.source} delivered {clean!r} twice")
         self._paths.add(clean)
-        blob = await self.blobs.write(self._counted(chunks))
+        if isinstance(chunks, Readable):  # read into the blob store's buffers
+            blob = await self.blobs.write_from(chunks, self._count)
+        else:
+            blob = await self.blobs.write(self._counted(chunks))
         self._unrecorded.append(blob)
         self.files.append({"path": clean, "sha256": blob.sha256, "size": blob.size})
         if len(self._unrecorded) >= RECORD_BATCH:
@@ -90,11 +93,14 @@ class CacheSink(FileSink):
             if holders[blob.sha256] != blob.blob_id:
                 await self.blobs.delete(blob.blob_id)  # the same content is stored already
 
+    async def _count(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        await self.progress.advance(0, nbytes)
+
     async def _counted(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         try:
             async for chunk in chunks:
-                self.bytes += len(chunk)
-                await self.progress.advance(0, len(chunk))
+                await self._count(len(chunk))
                 yield chunk
         finally:
             aclose = getattr(chunks, "aclose", None)

@@ -98,7 +98,8 @@ class FileSink(Protocol):
 
     `path` is relative (no leading slash, no `..`): where the file appears under the
     input's directory in the workload. Awaiting `put` returns when the file is stored,
-    which gives a threaded source its backpressure.
+    which gives a threaded source its backpressure. The chunks may also be read into a
+    buffer (`blobs.Readable`, as an HTTP `Download` is): a sink that can, does so.
     """
 
     async def put(self, path: str, chunks: AsyncIterable[bytes]) -> None: ...
@@ -139,14 +140,21 @@ class Source(ABC):
         self, method: str, url: str, headers: dict[str, str] | None = None, data: object = None
     ) -> aiohttp.client._RequestContextManager:
         """An HTTP request with the configured credentials (never logged, never in a URI)."""
-        config = self.config
         return self.session.request(
             method,
             url,
-            headers={**(config.http_headers() if config else {}), **(headers or {})},
-            ssl=config.verify_tls if config else True,
+            headers={**self.credentials(), **(headers or {})},
+            ssl=self.verify_tls,
             data=data,
         )
+
+    def credentials(self) -> dict[str, str]:
+        """The headers that carry the configured credentials (none without a config)."""
+        return self.config.http_headers() if self.config else {}
+
+    @property
+    def verify_tls(self) -> bool:
+        return self.config.verify_tls if self.config else True
 
     @abstractmethod
     def canonical(self, ref: SourceRef) -> str:

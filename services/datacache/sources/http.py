@@ -1,15 +1,13 @@
 """Plain HTTP(S) sources: one file per URI, with auth headers from the configuration.
 
-A download that breaks off is resumed with a Range request from where it stopped, when
-the server says it serves ranges (`Accept-Ranges: bytes`) and the entity is the same
-(`If-Range` with its ETag or Last-Modified); otherwise the try fails and the fetcher
-starts it again.
+The file's body is a `Download`: read by worker threads straight into the blob store's
+buffers, and resumed by Range where it broke off (see `download`); when it cannot be
+resumed, the try fails and the fetcher starts it again.
 """
 
 from __future__ import annotations
 
 import posixpath
-from collections.abc import AsyncIterator
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiohttp
@@ -23,11 +21,7 @@ from services.datacache.sources.base import (
     SourceUnavailable,
     http_error,
 )
-
-CHUNK = 1 << 20
-#: Range resumptions within one try, before the try counts as failed.
-RESUMES = 5
-DEFAULT_PORTS = {"http": 80, "https": 443}
+from services.datacache.sources.download import DEFAULT_PORTS, Download
 
 
 class HttpSource(Source):
@@ -68,45 +62,16 @@ class HttpSource(Source):
     async def fetch(self, ref: SourceRef, sink: FileSink) -> None:
         url = self.canonical(ref)
         name = posixpath.basename(unquote(urlsplit(url).path)) or "data"
-        await sink.put(name, self._body(url))
-
-    async def _body(self, url: str) -> AsyncIterator[bytes]:
-        """The entity's bytes, resumed by Range after a break when the server allows."""
-        offset, validator, total, resumes, resumable = 0, None, None, 0, False
-        while True:
-            # The entity as served: no transfer compression for the client to undo.
-            headers: dict[str, str] = {"Accept-Encoding": "identity"}
-            if offset:
-                headers |= {"Range": f"bytes={offset}-", "If-Range": validator or ""}
-            try:
-                async with self.request("GET", url, headers) as response:
-                    if offset and response.status == 200:
-                        raise SourceUnavailable(f"{url}: the entity changed while downloading")
-                    if response.status not in (200, 206):
-                        raise http_error(response.status, url)
-                    if not offset:
-                        validator = response.headers.get("ETag") or response.headers.get(
-                            "Last-Modified"
-                        )
-                        resumable = response.headers.get("Accept-Ranges") == "bytes"
-                        total = response.content_length
-                    async for chunk in response.content.iter_any():
-                        offset += len(chunk)
-                        yield chunk
-            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError,
-                    aiohttp.ClientOSError) as exc:  # fmt: skip
-                if offset and resumable and validator and resumes < RESUMES:
-                    resumes += 1
-                    continue
-                raise SourceUnavailable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-            except aiohttp.ClientError as exc:
-                raise SourceUnavailable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
-            if total is not None and offset < total:
-                if resumable and validator and resumes < RESUMES:
-                    resumes += 1
-                    continue
-                raise SourceUnavailable(f"{url}: ended after {offset} of {total} bytes")
-            return
+        # The body is read by worker threads, not the event loop (see `download`); the
+        # session's read timeout is the fetch timeout the datacache configured.
+        download = Download(
+            url, self.credentials(), verify_tls=self.verify_tls,
+            timeout_s=self.session.timeout.sock_read,
+        )  # fmt: skip
+        try:
+            await sink.put(name, download)
+        finally:
+            download.close()
 
     async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
         base = self.canonical(ref).rstrip("/")

@@ -91,9 +91,7 @@ class XnatSource(Source):
 
     async def _get(self, url: str, headers: dict[str, str], name: str) -> aiohttp.ClientResponse:
         try:
-            response = await self.session.get(
-                url, headers=headers, ssl=self.config.verify_tls if self.config else True
-            )
+            response = await self.session.get(url, headers=headers, ssl=self.verify_tls)
         except aiohttp.ClientError as exc:
             raise SourceUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
         if response.status >= 400:
@@ -151,7 +149,7 @@ class XnatSource(Source):
     async def upload(self, ref: SourceRef, files: list[ResultFile]) -> str:
         """Create the resource (if it is not there yet) and PUT each file into it."""
         name, url = self.canonical(ref), self._base(ref) + "/data" + self._resource(ref)
-        ssl = self.config.verify_tls if self.config else True
+        ssl = self.verify_tls
         async with self._session(ref) as headers:
             try:
                 async with self.session.put(url, headers=headers, ssl=ssl) as r:

@@ -36,6 +36,12 @@ class Origin:
     #: source, so that a test can act while a fetch is under way).
     gate: asyncio.Event | None = None
     started: asyncio.Event = field(default_factory=asyncio.Event)
+    #: path -> where a GET of it is redirected (302 with that Location).
+    redirects: dict[str, str] = field(default_factory=dict)
+    #: The Authorization header of every request (None where there was none).
+    authorizations: list[str | None] = field(default_factory=list)
+    #: A Content-Encoding to claim for every body (a server that ignores identity).
+    encoding: str | None = None
 
     def etag(self, path: str) -> str:
         return '"' + hashlib.sha256(self.files[path]).hexdigest()[:16] + '"'
@@ -47,6 +53,7 @@ class Origin:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests[request.method] += 1
+        self.authorizations.append(request.headers.get("Authorization"))
         if (
             self.token is not None
             and request.headers.get("Authorization") != f"Bearer {self.token}"
@@ -56,6 +63,8 @@ class Origin:
             self.fail_next -= 1
             return web.Response(status=503, text="busy")
         path = request.match_info["path"]
+        if path in self.redirects:
+            return web.Response(status=302, headers={"Location": self.redirects[path]})
         if request.method == "PUT":
             self.uploads[path] = await request.read()
             return web.Response(status=201)
@@ -65,6 +74,8 @@ class Origin:
         headers = {"ETag": etag}
         if self.ranges:
             headers["Accept-Ranges"] = "bytes"
+        if self.encoding:
+            headers["Content-Encoding"] = self.encoding
         if request.method == "HEAD":
             headers["Content-Length"] = str(len(data))
             return web.Response(status=200, headers=headers)
