@@ -3,6 +3,7 @@ same bytes land where it does not."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
@@ -105,3 +106,31 @@ async def test_a_disk_with_blocks_larger_than_ours_gets_the_blob_through_the_pag
     assert blob.sha256 == hashlib.sha256(data).hexdigest()
     assert store.stored_size(blob.blob_id) == blob.stored_size
     assert b"".join([c async for c in store.read(blob.blob_id)]) == data
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A filesystem of 6 MiB (a tmpfs): a blob of more fills it mid-write."""
+    root = tmp_path / "small"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "medhive-test", str(root)],
+                   check=True)  # fmt: skip
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+async def test_a_disk_that_fills_mid_blob_fails_the_write_and_keeps_nothing(
+    small_disk: Path,
+) -> None:
+    """The write that meets a full disk fails the blob with the disk's own error; the
+    writes queued behind it write nothing, the file is removed, and the store goes on."""
+    store = BlobStore(small_disk, KEYS)
+    with pytest.raises(OSError) as failed:
+        await store.write(_chunks(os.urandom(4 * SEAL_BATCH * MIB)))
+    assert failed.value.errno == errno.ENOSPC
+    assert list(store.tmp.iterdir()) == [] and list(store.objects.iterdir()) == []
+    data = os.urandom(SEAL_BATCH * MIB + 1)
+    blob = await store.write(_chunks(data))
+    assert await store.verify(blob.blob_id) == hashlib.sha256(data).hexdigest()
