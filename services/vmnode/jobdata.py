@@ -20,12 +20,14 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import os
 import re
 import shutil
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,7 +38,7 @@ from services.vmnode.runtimes.base import Mount
 from services.vmnode.settings import NodeSettings
 from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
 from shared.messages.jobs import JobSpec, NodeRun
-from shared.pipeline import in_turn
+from shared.pipeline import Lane
 from shared.sealed import DATA_KEY_HEADER, TAG, Header, IntegrityError, Opener, read_header
 from shared.threadio import acquired
 
@@ -56,6 +58,8 @@ WHOLE = 1 << 20
 PARALLEL_DOWNLOADS = 16
 #: Of those, files larger than `WHOLE` at once: each holds up to three batches in memory.
 PARALLEL_LARGE = 4
+#: Where sealed batches are opened, in any order, on every core.
+_OPENING = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="unseal-open")
 MIB = 1024 * 1024
 #: A tmpfs gives each file whole pages of this size.
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -367,10 +371,10 @@ async def unseal(
 
     A pipeline, as on the datacache's side: while the next batch of segments arrives,
     the ones before are authenticated and decrypted by worker threads (in any order, on
-    any core), then hashed by one thread and written by another at the same time, each
-    of those two taking the batches in order. Nothing is hashed or written that has not
-    been authenticated; a failure raises `IntegrityError` and leaves a partial file,
-    which the caller's wipe removes.
+    any core), then hashed in one lane and written in another (`shared.pipeline.Lane`),
+    each taking the batches in order as soon as they are opened. Nothing is hashed or
+    written that has not been authenticated; a failure raises `IntegrityError` and
+    leaves a partial file, which the caller's wipe removes.
     """
     header = await read_header(read_exactly)
     opener = Opener.with_key(header, data_key)
@@ -379,30 +383,39 @@ async def unseal(
     full = opener.segment_size + TAG
     digest = hashlib.sha256()
 
-    def hash_batch(plain: list[bytes]) -> None:
-        for segment in plain:
+    def hashed(opened: Future[list[bytes]]) -> None:
+        for segment in opened.result():
             digest.update(segment)
 
+    def written(opened: Future[list[bytes]]) -> None:
+        out.writelines(opened.result())
+
+    hashing, writing = Lane("unseal-hash"), Lane("unseal-write")
     steps: deque[asyncio.Future[tuple[None, None]]] = deque()
-    hashed: asyncio.Future[None] | None = None
-    written: asyncio.Future[None] | None = None
     try:
         for first in range(0, last + 1, OPEN_BATCH):
             count = min(OPEN_BATCH, last + 1 - first)
             raw = await read_exactly(min(count * full, body - first * full))
-            opened = asyncio.ensure_future(
-                asyncio.to_thread(opener.open_run, raw, first, count, last)
+            opened = _OPENING.submit(opener.open_run, raw, first, count, last)
+            steps.append(
+                asyncio.gather(
+                    asyncio.wrap_future(hashing.run(functools.partial(hashed, opened))),
+                    asyncio.wrap_future(writing.run(functools.partial(written, opened))),
+                )
             )
-            hashed = asyncio.ensure_future(in_turn(hashed, opened, hash_batch))
-            written = asyncio.ensure_future(in_turn(written, opened, out.writelines))
-            steps.append(asyncio.gather(hashed, written))
             while len(steps) > 2:
                 await steps.popleft()
         while steps:
             await steps.popleft()
     finally:
-        await asyncio.gather(*steps, return_exceptions=True)  # no thread writes after this
+        await asyncio.gather(*steps, return_exceptions=True)
+        await asyncio.to_thread(_stopped, hashing, writing)  # no thread writes after this
     return digest.hexdigest()
+
+
+def _stopped(*lanes: Lane) -> None:
+    for lane in lanes:
+        lane.stop()
 
 
 def _make_parent(target: Path) -> None:
