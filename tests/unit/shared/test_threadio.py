@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from shared.threadio import acquired
+from shared.threadio import acquired, interruptible
 
 
 async def test_what_a_cancelled_caller_took_is_given_back_once_taken() -> None:
@@ -35,3 +35,26 @@ async def test_a_caller_that_stays_keeps_what_it_took() -> None:
     given_back: list[int] = []
     assert await acquired(lambda: 7, given_back.append) == 7
     assert given_back == []
+
+
+async def test_a_cancelled_caller_interrupts_the_call_and_waits_for_it() -> None:
+    """The buffer a call fills is not handed back while the call still writes into it."""
+    entered, interrupted = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def read() -> int:
+        entered.set()
+        assert interrupted.wait(30), "never interrupted"
+        finished.append("read")
+        return 0
+
+    caller = asyncio.create_task(interruptible(read, interrupted.set))
+    assert await asyncio.to_thread(entered.wait, 30)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert finished == ["read"]  # the call had returned before the caller went on
+
+
+async def test_an_uninterrupted_call_returns_its_value() -> None:
+    assert await interruptible(lambda: 7, lambda: None) == 7
