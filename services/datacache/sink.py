@@ -89,9 +89,8 @@ class CacheSink(FileSink):
         holders = await self.store.add_objects(
             [(blob.sha256, blob.blob_id, blob.size) for blob in batch], self.tenant
         )
-        for blob in batch:
-            if holders[blob.sha256] != blob.blob_id:
-                await self.blobs.delete(blob.blob_id)  # the same content is stored already
+        # Where the same content is stored already, the fresh copy goes.
+        await self.blobs.delete(*(b.blob_id for b in batch if holders[b.sha256] != b.blob_id))
 
     async def _count(self, nbytes: int) -> None:
         self.bytes += nbytes
