@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import aio_pika
@@ -36,7 +37,7 @@ from yarl import URL
 from shared import broker
 from shared.backoff import Backoff
 from shared.consume import Authorizer, Consumer, Incoming, Limits
-from shared.envelope import Envelope, derived_id
+from shared.envelope import Envelope, derived_id, utcnow
 from shared.handlers import H, HandlerTable
 from shared.identity import Sender
 from shared.messages.base import Payload
@@ -100,6 +101,12 @@ class Bus:
         self._replies: AbstractQueue | None = None
         self._waiting: dict[str, asyncio.Future[Envelope]] = {}
         self._renewing = asyncio.Lock()
+        #: Since when this bus has been connected (its consumers restored after a
+        #: reconnect), and so hears what others publish; None while the link is down.
+        #: What was published meanwhile for a queue it alone reads waits for it; what
+        #: was not published at all (a node's heartbeat, while the broker was away) is
+        #: silence that says nothing of the sender.
+        self.hearing_since: datetime | None = None
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -113,7 +120,16 @@ class Bus:
 
     async def connect(self) -> None:
         self._connection = await broker.connect(self.settings, self.source)
+        self.hearing_since = utcnow()
+        self._connection.close_callbacks.add(self._deaf)
+        self._connection.reconnect_callbacks.add(self._hearing)
         await self._open_channel()
+
+    def _deaf(self, *_: Any) -> None:
+        self.hearing_since = None
+
+    def _hearing(self, *_: Any) -> None:
+        self.hearing_since = utcnow()
 
     async def _open_channel(self) -> None:
         """The publishing channel: confirmed, and a mandatory message that no queue

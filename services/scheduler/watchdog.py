@@ -3,8 +3,9 @@
 The node agent stops a job at its walltime itself. This loop catches what a node
 could not do: past the deadline plus a grace period it asks the node again; past
 another grace period it ends the job as `timed_out` here. A node that sends no
-heartbeat for `node_timeout_s` is offline, and its placed jobs are `lost` (then
-queued again while they have retries left). The placed jobs and their clocks come from
+heartbeat for `node_timeout_s` while the scheduler can hear it (its link to the broker
+up: `Bus.hearing_since`) is offline, and its placed jobs are `lost` (then queued again
+while they have retries left). The placed jobs and their clocks come from
 placement's view in memory; only a job that needs acting on is read.
 """
 
@@ -56,9 +57,14 @@ class Watchdog(PeriodicLoop):
     async def check_once(self) -> None:
         now = utcnow()
         stale = now - self.node_timeout
+        # A node's silence counts only while this scheduler could hear it: heartbeats
+        # sent while the broker (or the link to it) was away never arrived, and after a
+        # broker restart every node would otherwise be lost with its jobs.
+        hearing = self.bus.hearing_since
+        judged = hearing is not None and hearing < stale
         nodes = {node["_id"]: node for node in await self.nodes.all_nodes()}
         for node_id, node in nodes.items():
-            stopped_answering = node["online"] and node["last_seen"] < stale
+            stopped_answering = judged and node["online"] and node["last_seen"] < stale
             if stopped_answering and await self.nodes.mark_offline(node_id, stale):
                 log.warning("node_offline", node_id=node_id)
                 status = NodeStatus.model_validate(
@@ -68,7 +74,7 @@ class Watchdog(PeriodicLoop):
         silent = int(self.node_timeout.total_seconds())
         for placed in list(self.view.holding.values()):
             host = nodes.get(placed.node_id)
-            lost = host is None or host["last_seen"] < stale
+            lost = judged and (host is None or host["last_seen"] < stale)
             deadline, enforced = placed.deadline, placed.walltime_enforced_at
             overdue = enforced is None and deadline is not None and now > deadline + self.grace
             unconfirmed = enforced is not None and now > enforced + self.grace
