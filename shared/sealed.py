@@ -74,7 +74,7 @@ class Header:
     wrapped: bytes
 
     @classmethod
-    def parse(cls, raw: bytes) -> Header:
+    def parse(cls, raw: bytes | bytearray) -> Header:
         """The header at the start of `raw` (at least `header_length(raw)` bytes)."""
         try:
             magic, size, prefix, kid_len = _FIXED.unpack_from(raw)
@@ -89,10 +89,10 @@ class Header:
                 raise IntegrityError("truncated header")
         except (struct.error, UnicodeDecodeError) as exc:
             raise IntegrityError("not a medhive object (bad header)") from exc
-        return cls(bytes(raw[: start + wrapped_len]), size, prefix, key_id, wrapped)
+        return cls(bytes(raw[: start + wrapped_len]), size, prefix, key_id, bytes(wrapped))
 
 
-async def read_header(read_exactly: Callable[[int], Awaitable[bytes]]) -> Header:
+async def read_header(read_exactly: Callable[[int], Awaitable[bytes | bytearray]]) -> Header:
     """The header at the start of a stream, read with `read_exactly(n)` (which returns
     n bytes or raises): no byte past it is taken."""
     fixed = await read_exactly(_FIXED.size)
@@ -139,7 +139,9 @@ class Opener:
             where = "last segment" if last else "segment"
             raise IntegrityError(f"{where} {index} failed authentication") from exc
 
-    def open_run(self, raw: bytes | memoryview, first: int, count: int, last: int) -> list[bytes]:
+    def open_run(
+        self, raw: bytes | bytearray | memoryview, first: int, count: int, last: int
+    ) -> list[bytes]:
         """The plaintext of `count` consecutive segments from `first`, whose ciphertext
         `raw` should hold, in an object whose final segment is `last`. Blocking: for a
         worker thread (AES-GCM releases the GIL, so runs open at once on several cores)."""

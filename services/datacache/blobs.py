@@ -57,7 +57,7 @@ RECEIVERS = 16
 @runtime_checkable
 class Readable(Protocol):
     """A source that reads into memory it is given (blocking, from one worker thread at
-    a time), such as an HTTP download (`sources.download`): what `write_from` stores."""
+    a time), such as an HTTP download (`shared.download`): what `write_from` stores."""
 
     def readinto(self, view: memoryview) -> int:
         """The next bytes into `view`: how many; 0 at the end."""

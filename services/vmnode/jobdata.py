@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,11 +37,12 @@ import structlog
 
 from services.vmnode.runtimes.base import Mount
 from services.vmnode.settings import NodeSettings
+from shared.download import Download, DownloadFailed
 from shared.messages.data import OUTPUTS_PATH, InputManifest, StagedFile
 from shared.messages.jobs import JobSpec, NodeRun
 from shared.pipeline import Lane
 from shared.sealed import DATA_KEY_HEADER, TAG, Header, IntegrityError, Opener, read_header
-from shared.threadio import acquired
+from shared.threadio import acquired, interruptible
 
 log = structlog.get_logger("medhive.vmnode.jobdata")
 
@@ -58,6 +60,11 @@ WHOLE = 1 << 20
 PARALLEL_DOWNLOADS = 16
 #: Of those, files larger than `WHOLE` at once: each holds up to three batches in memory.
 PARALLEL_LARGE = 4
+#: How long a read from the datacache may wait for data before the fetch fails.
+READ_TIMEOUT_S = 120.0
+#: Where large inputs are received: a thread each (waiting on the network, they are
+#: kept out of the pool that opens, hashes and writes).
+_RECEIVING = ThreadPoolExecutor(PARALLEL_LARGE, thread_name_prefix="node-receive")
 #: Where sealed batches are opened, in any order, on every core.
 _OPENING = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="unseal-open")
 MIB = 1024 * 1024
@@ -88,12 +95,12 @@ class JobData:
     @property
     def http(self) -> aiohttp.ClientSession:
         if self._http is None:
-            token = self.settings.datacache_token
-            headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
             self._http = aiohttp.ClientSession(
                 base_url=self.settings.datacache_url.rstrip("/") + "/",
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120),
+                headers=self._credentials(),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=30, sock_read=READ_TIMEOUT_S
+                ),
                 auto_decompress=False,
             )
         return self._http
@@ -185,35 +192,60 @@ class JobData:
         if rel.startswith("/") or ".." in Path(rel).parts:
             raise DataUnavailable(f"input file {rel!r} would escape its directory")
         target = base / rel
-        async with self.http.get(f"v1/jobs/{job_id}/objects/{sha}/sealed") as response:
+        path = f"v1/jobs/{job_id}/objects/{sha}/sealed"
+        try:
+            if entry.size <= WHOLE:
+                digest = await self._placed_whole(path, rel, target)
+            else:
+                digest = await self._streamed(path, rel, target)
+        except IntegrityError as exc:
+            verdict = await self._report_damage(job_id, sha)
+            raise DataUnavailable(
+                f"input file {rel} failed authentication ({exc}); {verdict}"
+            ) from exc
+        if digest != sha:
+            raise DataUnavailable(f"input file {rel} arrived with the wrong SHA-256")
+
+    async def _placed_whole(self, path: str, rel: str, target: Path) -> str:
+        """An object of an instance's size: read whole, then opened, checked and written
+        in one trip to a worker thread; its SHA-256."""
+        async with self.http.get(path) as response:
             if response.status != 200:
                 body = await response.json(content_type=None)
                 raise DataUnavailable(f"the datacache refused {rel}: {_detail(body)}")
+            data_key = _data_key(rel, response.headers.get(DATA_KEY_HEADER))
             try:
-                data_key = base64.b64decode(response.headers[DATA_KEY_HEADER], validate=True)
-            except (KeyError, binascii.Error):
-                raise DataUnavailable(f"the datacache sent {rel} without its key") from None
-            if response.content_length is None:
-                raise DataUnavailable(f"the datacache sent {rel} without its length")
-            try:
-                if response.content_length <= WHOLE:
-                    raw = await response.content.readexactly(response.content_length)
-                    digest = await asyncio.to_thread(_place_whole, raw, data_key, target)
-                else:
-                    await asyncio.to_thread(_make_parent, target)
-                    with await asyncio.to_thread(open, target, "wb") as out:
-                        digest = await unseal(
-                            response.content.readexactly, response.content_length, data_key, out
-                        )
-            except IntegrityError as exc:
-                verdict = await self._report_damage(job_id, sha)
-                raise DataUnavailable(
-                    f"input file {rel} failed authentication ({exc}); {verdict}"
-                ) from exc
-            except (asyncio.IncompleteReadError, aiohttp.ClientPayloadError) as exc:
+                raw = await response.read()
+            except aiohttp.ClientPayloadError as exc:
                 raise DataUnavailable(f"the transfer of input file {rel} broke off: {exc}") from exc
-        if digest != sha:
-            raise DataUnavailable(f"input file {rel} arrived with the wrong SHA-256")
+        return await asyncio.to_thread(_place_whole, raw, data_key, target)
+
+    async def _streamed(self, path: str, rel: str, target: Path) -> str:
+        """A large object: read by one of the node's receiving threads straight into the
+        batches it is opened from (`shared.download`: the event loop handing over its
+        64 KiB chunks was the dearest part of a fetch), opened, hashed and written as it
+        comes; its SHA-256."""
+        url = self.settings.datacache_url.rstrip("/") + "/" + path
+        download = Download(url, self._credentials(), verify_tls=True, timeout_s=READ_TIMEOUT_S)
+        try:
+            await interruptible(download.open, download.abort, _RECEIVING)
+            data_key = _data_key(rel, download.header(DATA_KEY_HEADER))
+            if download.total is None:
+                raise DataUnavailable(f"the datacache sent {rel} without its length")
+            await asyncio.to_thread(_make_parent, target)
+            with await asyncio.to_thread(open, target, "wb") as out:
+                received = functools.partial(_received, download)
+                return await unseal(received, download.total, data_key, out)
+        except DownloadFailed as exc:
+            if exc.status is not None:
+                raise DataUnavailable(f"the datacache refused {rel}: {_said(exc.said)}") from exc
+            raise DataUnavailable(f"the transfer of input file {rel} broke off: {exc}") from exc
+        finally:
+            download.close()
+
+    def _credentials(self) -> dict[str, str]:
+        token = self.settings.datacache_token
+        return {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
 
     async def _report_damage(self, job_id: str, sha: str) -> str:
         """Tell the datacache; what it made of it, for the job's reason."""
@@ -364,7 +396,10 @@ def _regular_files(root: Path) -> list[tuple[str, int]]:
 
 
 async def unseal(
-    read_exactly: Callable[[int], Awaitable[bytes]], stored: int, data_key: bytes, out: BinaryIO
+    read_exactly: Callable[[int], Awaitable[bytes | bytearray]],
+    stored: int,
+    data_key: bytes,
+    out: BinaryIO,
 ) -> str:
     """Open a sealed object of `stored` bytes, read off a stream with `read_exactly(n)`,
     into `out`; its SHA-256.
@@ -416,6 +451,41 @@ async def unseal(
 def _stopped(*lanes: Lane) -> None:
     for lane in lanes:
         lane.stop()
+
+
+async def _received(download: Download, n: int) -> bytearray:
+    """Exactly the next `n` bytes of `download`, read by a receiving thread."""
+    buffer = bytearray(n)
+    filled = functools.partial(_fill, download, memoryview(buffer))
+    if await interruptible(filled, download.abort, _RECEIVING) < n:
+        raise DownloadFailed(f"{download.url}: ended after {download.offset} bytes")
+    return buffer
+
+
+def _fill(download: Download, view: memoryview) -> int:
+    """Read into all of `view` unless the body ends first (blocking); bytes read."""
+    got = 0
+    while got < len(view) and (more := download.readinto(view[got:])):
+        got += more
+    return got
+
+
+def _data_key(rel: str, header: str | None) -> bytes:
+    """The object's data key, from the header the datacache sent it in."""
+    try:
+        if header:
+            return base64.b64decode(header, validate=True)
+    except binascii.Error:
+        pass
+    raise DataUnavailable(f"the datacache sent {rel} without its key")
+
+
+def _said(said: str) -> str:
+    """What the datacache said when it refused: its JSON error's detail, else the text."""
+    try:
+        return _detail(json.loads(said))
+    except ValueError:
+        return said
 
 
 def _make_parent(target: Path) -> None:

@@ -16,12 +16,13 @@ from services.datacache.sources.base import (
     FileSink,
     ResultFile,
     Source,
+    SourceError,
     SourceRef,
     SourceRefused,
     SourceUnavailable,
     http_error,
 )
-from services.datacache.sources.download import DEFAULT_PORTS, Download
+from shared.download import DEFAULT_PORTS, Download, DownloadFailed
 
 
 class HttpSource(Source):
@@ -70,6 +71,8 @@ class HttpSource(Source):
         )  # fmt: skip
         try:
             await sink.put(name, download)
+        except DownloadFailed as exc:
+            raise _source_error(url, exc) from exc
         finally:
             download.close()
 
@@ -86,3 +89,10 @@ class HttpSource(Source):
                 raise SourceUnavailable(f"{url}: {exc.__class__.__name__}: {exc}") from exc
             total += item.size
         return f"uploaded {len(files)} files ({total} bytes) to {base}/"
+
+
+def _source_error(url: str, failed: DownloadFailed) -> SourceError:
+    """A download's failure as the fetcher takes it: worth retrying, or not."""
+    if failed.status is not None:
+        return http_error(failed.status, url, failed.said)
+    return (SourceUnavailable if failed.passing else SourceRefused)(str(failed))

@@ -369,6 +369,27 @@ async def test_the_node_places_an_input_it_opened_and_refuses_a_tampered_one(
     assert "quarantined" in denied["payload"]["reason"]
 
 
+@pytest.mark.parametrize("size", [3 * MIB + 5, 300_001])  # streamed, and read whole
+async def test_an_input_the_datacache_cannot_send_fails_the_node_with_its_reason(
+    harness: Harness,
+    origin: Origin,
+    datacache_settings: DatacacheSettings,
+    tmp_path: Path,
+    size: int,
+) -> None:
+    await _granted_input(harness, origin, size)
+    [blob] = (datacache_settings.cache_dir / "objects").iterdir()
+    blob.unlink()  # lost from the cache's disk after the grant
+    node, run = _node(harness, tmp_path / "jobs"), _node_run("job-1", f"{origin.url}/ct.bin")
+    try:
+        refused = r"refused ct\.bin: object \w+ failed .*quarantined"
+        with pytest.raises(DataUnavailable, match=refused):
+            await node.prepare(run)
+    finally:
+        await node.wipe("job-1", 1)
+        await node.close()
+
+
 async def _queries(harness: Harness) -> int:
     database = harness.client.app[STORE].objects.database
     status = await database.client.admin.command("serverStatus")

@@ -21,8 +21,8 @@ from services.datacache.sources.base import (
     SourceRefused,
     SourceUnavailable,
 )
-from services.datacache.sources.download import Download
 from services.datacache.sources.http import HttpSource
+from shared.download import Download
 from tests.conftest import free_port
 from tests.integration.datacache.http_origin import Origin, serve_origin
 from tests.integration.datacache.support import Collect

@@ -1,6 +1,7 @@
 """One HTTP(S) GET whose body is read by worker threads, straight into the reader's memory.
 
-Staging a file through aiohttp's client meant about 14,000 chunks of 64 KiB per GiB,
+The datacache stages an HTTP source's file this way, and a node fetches a large input
+so. Staging a file through aiohttp's client meant about 14,000 chunks of 64 KiB per GiB,
 each handed over by the event loop and copied into the blob store's batch buffer: that
 was the slowest stage of staging (0.8 s of the event loop's CPU per GiB, against 0.3 s
 for the kernel's own copy), and every chunk took the GIL back from the threads hashing
@@ -30,7 +31,6 @@ from collections.abc import AsyncIterator
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from services.datacache.sources.errors import SourceRefused, SourceUnavailable, http_error
 from shared.threadio import interruptible
 
 #: Range resumptions within one try, before the try counts as failed.
@@ -42,6 +42,19 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 CHUNK = 1 << 20
 DEFAULT_PORTS = {"http": 80, "https": 443}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)$")
+#: Characters of an error answer's body kept for the message.
+SAID_CHARS = 300
+
+
+class DownloadFailed(Exception):
+    """The download failed; the message names the URL and says why. `status`: the HTTP
+    status it was refused with (and `said`, the start of the answer's body), else None;
+    `passing`: whether trying again may help (a break, a timeout), when no status says."""
+
+    def __init__(self, message: str, status: int | None = None, said: str = "",
+                 passing: bool = True) -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.said, self.passing = status, said, passing
 
 
 class Download:
@@ -67,9 +80,18 @@ class Download:
         self._response: HTTPResponse | None = None
         self._ended = self._aborted = False
 
+    def open(self) -> None:
+        """Send the request and check the answer (blocking), unless that is done."""
+        if self._response is None and not self._ended:
+            self._open()
+
+    def header(self, name: str) -> str | None:
+        """A header of the answer (once open)."""
+        return self._response.getheader(name) if self._response is not None else None
+
     def readinto(self, view: memoryview) -> int:
         """The body's next bytes into `view`: how many (0 at its end). Raises
-        `SourceUnavailable` or `SourceRefused` as the source's errors say."""
+        `DownloadFailed`."""
         while not self._ended:
             response = self._response or self._open()
             try:
@@ -124,19 +146,19 @@ class Download:
             self.close()
             target = urljoin(url, location)
             if urlsplit(target).scheme not in ("http", "https"):
-                raise SourceRefused(f"{self.url}: redirected to {target!r}")
+                raise DownloadFailed(f"{self.url}: redirected to {target!r}", passing=False)
             if _origin(target) != _origin(url):  # the credentials stay with their origin
                 headers = {k: v for k, v in headers.items() if k not in self._credentials}
             url = target
         else:
             self.close()
-            raise SourceRefused(f"{self.url}: more than {REDIRECTS} redirects")
+            raise DownloadFailed(f"{self.url}: more than {REDIRECTS} redirects", passing=False)
         self._check(response)
         return response
 
     def _request(self, url: str, headers: dict[str, str]) -> HTTPResponse:
         if self._aborted:
-            raise SourceUnavailable(f"{self.url}: the download was stopped")
+            raise DownloadFailed(f"{self.url}: the download was stopped")
         parts = urlsplit(url)
         connection = (
             HTTPSConnection(
@@ -153,7 +175,7 @@ class Download:
             self._response = connection.getresponse()
         except (OSError, HTTPException) as exc:
             self.close()
-            raise SourceUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise DownloadFailed(f"{self.url}: {type(exc).__name__}: {exc}") from exc
         return self._response
 
     def _check(self, response: HTTPResponse) -> None:
@@ -161,20 +183,23 @@ class Download:
         status = response.status
         if self.offset and status == 200:
             self.close()
-            raise SourceUnavailable(f"{self.url}: the entity changed while downloading")
+            raise DownloadFailed(f"{self.url}: the entity changed while downloading")
         if status not in (200, 206):
+            said = response.read(SAID_CHARS * 4).decode(errors="replace")
             self.close()
-            raise http_error(status, self.url)
+            said = " ".join(said.split())[:SAID_CHARS]
+            raise DownloadFailed(f"{self.url} answered HTTP {status}", status, said)
         if status == 206:
             found = CONTENT_RANGE.match(response.getheader("Content-Range", ""))
             if found is None or int(found.group(1)) != self.offset:
                 self.close()
-                raise SourceUnavailable(f"{self.url}: the range sent is not the one asked for")
+                raise DownloadFailed(f"{self.url}: the range sent is not the one asked for")
         encoding = response.getheader("Content-Encoding", "identity").strip().lower()
         if encoding != "identity":
             self.close()
-            raise SourceRefused(
-                f"{self.url}: the body came encoded ({encoding}) although identity was asked for"
+            raise DownloadFailed(
+                f"{self.url}: the body came encoded ({encoding}) although identity was asked for",
+                passing=False,
             )
         if not self.offset:
             self._validator = response.getheader("ETag") or response.getheader("Last-Modified")
@@ -186,11 +211,11 @@ class Download:
         resumptions are not used up; else the try fails."""
         self.close()
         if self._aborted:
-            raise SourceUnavailable(f"{self.url}: the download was stopped")
+            raise DownloadFailed(f"{self.url}: the download was stopped")
         if self._resumable and self._validator and self._resumes < RESUMES:
             self._resumes += 1
             return
-        raise SourceUnavailable(f"{self.url}: {reason}")
+        raise DownloadFailed(f"{self.url}: {reason}")
 
 
 def _origin(url: str) -> tuple[str, str | None, int | None]:
