@@ -29,6 +29,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from shared.threadio import interruptible
@@ -44,6 +45,14 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(?:\d+|\*)$")
 #: Characters of an error answer's body kept for the message.
 SAID_CHARS = 300
+
+
+class ReadsInto(Protocol):
+    """What reads into memory it is given (blocking): a `Download`, a file."""
+
+    def readinto(self, view: memoryview) -> int:
+        """The next bytes into `view`: how many; 0 at the end."""
+        ...
 
 
 class DownloadFailed(Exception):

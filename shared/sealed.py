@@ -25,7 +25,7 @@ objects of its live grant only; this module is all it needs for that.
 from __future__ import annotations
 
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -92,14 +92,14 @@ class Header:
         return cls(bytes(raw[: start + wrapped_len]), size, prefix, key_id, bytes(wrapped))
 
 
-async def read_header(read_exactly: Callable[[int], Awaitable[bytes | bytearray]]) -> Header:
+def read_header(read_exactly: Callable[[int], bytes | bytearray]) -> Header:
     """The header at the start of a stream, read with `read_exactly(n)` (which returns
-    n bytes or raises): no byte past it is taken."""
-    fixed = await read_exactly(_FIXED.size)
+    n bytes or raises; blocking): no byte past it is taken."""
+    fixed = read_exactly(_FIXED.size)
     if fixed[:4] != MAGIC:
         raise IntegrityError("not a medhive object (bad header)")
-    key_id_and_length = await read_exactly(fixed[-1] + 2)
-    wrapped = await read_exactly(int.from_bytes(key_id_and_length[-2:], "big"))
+    key_id_and_length = read_exactly(fixed[-1] + 2)
+    wrapped = read_exactly(int.from_bytes(key_id_and_length[-2:], "big"))
     return Header.parse(fixed + key_id_and_length + wrapped)
 
 

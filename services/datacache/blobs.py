@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from services.datacache.crypto import KeyProvider, Sealer, data_key
+from shared.download import ReadsInto
 from shared.pipeline import Lane
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 from shared.threadio import acquired, interruptible
@@ -67,13 +68,9 @@ COUNT_EVERY_S = 0.2
 
 
 @runtime_checkable
-class Readable(Protocol):
+class Readable(ReadsInto, Protocol):
     """A source that reads into memory it is given (blocking, from one worker thread at
     a time), such as an HTTP download (`shared.download`): what `write_from` stores."""
-
-    def readinto(self, view: memoryview) -> int:
-        """The next bytes into `view`: how many; 0 at the end."""
-        ...
 
     def abort(self) -> None:
         """Make a read under way return now (called from another thread)."""

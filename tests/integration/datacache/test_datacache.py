@@ -311,10 +311,7 @@ async def test_a_node_opens_the_sealed_object_itself_with_the_key_it_is_sent(
     key = base64.b64decode(response.headers[DATA_KEY_HEADER])
     stream = io.BytesIO(sealed)
 
-    async def read_exactly(n: int) -> bytes:
-        return stream.read(n)
-
-    opener = Opener.with_key(await read_header(read_exactly), key)
+    opener = Opener.with_key(read_header(stream.read), key)
     last = opener.segments(len(sealed)) - 1
     assert b"".join(opener.open_run(stream.read(), 0, last + 1, last)) == data
     access = await harness.events.wait_for(lambda m: m["type"] == "data.accessed")
