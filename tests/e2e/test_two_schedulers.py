@@ -23,13 +23,11 @@ import pytest
 
 from medhive.client import Client
 from shared.auth import Role
-from shared.bus import Bus
-from shared.messages.catalog import COMMANDS
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import free_port
 from tests.e2e.support import all_records, instant_stack, spec, submit_over_amqp
-from tests.helpers import event_tap, eventually, make_token
-from tests.integration.scheduler.support import beat
+from tests.helpers import eventually, make_token
+from tests.integration.scheduler.support import beating_node
 
 pytestmark = pytest.mark.slow
 
@@ -126,22 +124,17 @@ async def test_a_deadline_enforced_before_a_failover_is_not_enforced_again(
 ) -> None:
     user_token = await make_token(mongo_settings, "radiology", Role.user)
     operator_token = await make_token(mongo_settings, "ops", Role.operator)
-    node = Bus(amqp_settings, "stuck-node@test")  # beats, and never stops a job
-    await node.connect()
-    async with (
-        instant_stack(
-            amqp_settings.url.get_secret_value(), mongo_settings, db_prefix, tmp_path, agents=0,
-            MEDHIVE_SCHEDULER_INSTANCE="scheduler-a", MEDHIVE_SCHEDULER_LEASE_S=str(LEASE_S),
-            MEDHIVE_SCHEDULER_WALLTIME_GRACE_S="2", MEDHIVE_SCHEDULER_WATCHDOG_INTERVAL_S="0.5",
-        ) as stack,
-        event_tap(amqp_settings, ["node.stuck.#"], exchange=COMMANDS) as commands,
-    ):  # fmt: skip
+    async with instant_stack(
+        amqp_settings.url.get_secret_value(), mongo_settings, db_prefix, tmp_path, agents=0,
+        MEDHIVE_SCHEDULER_INSTANCE="scheduler-a", MEDHIVE_SCHEDULER_LEASE_S=str(LEASE_S),
+        MEDHIVE_SCHEDULER_WALLTIME_GRACE_S="2", MEDHIVE_SCHEDULER_WATCHDOG_INTERVAL_S="0.5",
+    ) as stack:  # fmt: skip
         await stack.start(
             "scheduler-b", "scheduler", healthy=False,
             MEDHIVE_SCHEDULER_INSTANCE="scheduler-b", MEDHIVE_SCHEDULER_PORT=str(free_port()),
         )  # fmt: skip
-        beating = asyncio.create_task(beat(node, "stuck"))
-        try:
+        # A node that beats, and never stops a job.
+        async with beating_node(amqp_settings, "stuck") as commands:
             async with Client(stack.api, stack.audit, user_token) as api:
                 jobs = [
                     (await api.submit(spec(f"overdue-{i}", "sleep", "600", walltime_s=1)))["id"]
@@ -159,10 +152,6 @@ async def test_a_deadline_enforced_before_a_failover_is_not_enforced_again(
             async with Client(url, stack.audit, operator_token) as ops:
                 await eventually(functools.partial(_at_least, ops, "job.timed_out", 3), 60)
                 records = await all_records(ops)
-        finally:
-            beating.cancel()
-            await asyncio.gather(beating, return_exceptions=True)
-            await node.close()
 
     def per_job(type_: str) -> Counter[str]:
         return Counter(r["job_id"] for r in records if r["type"] == type_)

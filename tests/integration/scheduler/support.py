@@ -35,9 +35,23 @@ async def pretend(
         yield bus, commands
 
 
-async def beat(bus: Bus, node_id: str) -> None:
-    """A node that is online and beating, and never does what it is told (its commands
-    go to whoever listens on its queue)."""
+@contextlib.asynccontextmanager
+async def beating_node(amqp: AmqpSettings, node_id: str) -> AsyncIterator[EventTap]:
+    """A node that is online and beating, and never does what it is told: its commands
+    go to the tap this yields, where nothing answers them. It falls silent on leaving."""
+    async with (
+        connected_bus(amqp, f"{node_id}-node@test") as bus,
+        event_tap(amqp, [f"node.{node_id}.#"], exchange=COMMANDS) as commands,
+    ):
+        beating = asyncio.create_task(_beat(bus, node_id))
+        try:
+            yield commands
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+
+
+async def _beat(bus: Bus, node_id: str) -> None:
     status = NodeStatus(node_id=node_id, cpus=4, memory_mb=4096, runtimes=["container"],
                         heartbeat_s=0.3, started_at=utcnow())  # fmt: skip
     await bus.emit("node.online", status)

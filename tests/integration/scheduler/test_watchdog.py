@@ -9,7 +9,6 @@ receives the node's commands and never answers them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import urllib.parse
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,12 +18,11 @@ from aiohttp.test_utils import TestClient
 from services.scheduler.app import create_app
 from services.scheduler.settings import SchedulerSettings
 from shared.envelope import utcnow
-from shared.messages.catalog import COMMANDS
 from shared.service import BUS
 from shared.settings import AmqpSettings, MongoSettings
 from tests.conftest import rabbit_api
-from tests.helpers import bearer, connected_bus, event_tap, eventually, make_token
-from tests.integration.scheduler.support import beat
+from tests.helpers import bearer, event_tap, eventually, make_token
+from tests.integration.scheduler.support import beating_node
 
 
 async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
@@ -32,29 +30,22 @@ async def test_a_job_its_node_does_not_stop_is_timed_out_by_the_scheduler(
 ) -> None:
     auth = bearer(await make_token(mongo_settings, "cardiology"))
     async with (
-        connected_bus(amqp_settings, "stuck-node@test") as bus,
-        event_tap(amqp_settings, ["node.stuck.#"], exchange=COMMANDS) as commands,
         event_tap(amqp_settings, ["job.timed_out"]) as ended,
+        beating_node(amqp_settings, "stuck") as commands,
     ):
-        beating = asyncio.create_task(beat(bus, "stuck"))
-        try:
-            job: dict[str, Any] = await (
-                await scheduler.post(
-                    "/v1/jobs",
-                    json={"name": "stuck", "image": "x", "walltime_s": 1},
-                    headers=auth,
-                )
-            ).json()
-            run = await commands.wait_for(lambda m: m["type"] == "node.run")
-            assert run["payload"]["job_id"] == job["id"]
-            cancel = await commands.wait_for(lambda m: m["type"] == "node.cancel")
-            assert cancel["payload"]["reason"] == "walltime exceeded"
-            event = await ended.wait_for(lambda m: m["correlation_id"] == job["id"])
-            body = await (await scheduler.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
-        finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
+        job: dict[str, Any] = await (
+            await scheduler.post(
+                "/v1/jobs",
+                json={"name": "stuck", "image": "x", "walltime_s": 1},
+                headers=auth,
+            )
+        ).json()
+        run = await commands.wait_for(lambda m: m["type"] == "node.run")
+        assert run["payload"]["job_id"] == job["id"]
+        cancel = await commands.wait_for(lambda m: m["type"] == "node.cancel")
+        assert cancel["payload"]["reason"] == "walltime exceeded"
+        event = await ended.wait_for(lambda m: m["correlation_id"] == job["id"])
+        body = await (await scheduler.get(f"/v1/jobs/{job['id']}", headers=auth)).json()
     assert "did not confirm the stop" in event["payload"]["reason"]
     assert [h["state"] for h in body["history"]][-2:] == ["dispatched", "timed_out"]
 
@@ -89,13 +80,8 @@ async def test_a_node_is_lost_only_for_silence_the_scheduler_could_hear(
     scheduler: TestClient = await aiohttp_client(create_app(settings))
     bus = scheduler.app[BUS]
     auth = bearer(await make_token(mongo_settings, "cardiology"))
-    async with (
-        connected_bus(amqp_settings, "quiet-node@test") as node_bus,
-        event_tap(amqp_settings, ["node.quiet.#"], exchange=COMMANDS) as commands,
-        event_tap(amqp_settings, ["job.#"]) as events,
-    ):
-        beating = asyncio.create_task(beat(node_bus, "quiet"))
-        try:
+    async with event_tap(amqp_settings, ["job.#"]) as events:
+        async with beating_node(amqp_settings, "quiet") as commands:
             job: dict[str, Any] = await (
                 await scheduler.post("/v1/jobs", json={"name": "q", "image": "x"}, headers=auth)
             ).json()
@@ -105,10 +91,6 @@ async def test_a_node_is_lost_only_for_silence_the_scheduler_could_hear(
                 return await asyncio.to_thread(_connections, amqp_settings, "scheduler")
 
             [link] = await eventually(listed)
-        finally:
-            beating.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beating
         # The node falls silent as the scheduler's link drops (aio-pika reconnects).
         deaf_from = utcnow()
         await asyncio.to_thread(_drop, link)

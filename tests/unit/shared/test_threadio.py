@@ -11,16 +11,17 @@ from shared.threadio import acquired, interruptible
 
 
 async def test_what_a_cancelled_caller_took_is_given_back_once_taken() -> None:
-    release_thread, given_back = threading.Event(), asyncio.Event()
+    entered, release_thread, given_back = threading.Event(), threading.Event(), asyncio.Event()
     taken: list[str] = []
 
     def take() -> str:
+        entered.set()
         release_thread.wait(5)
         taken.append("file")
         return "file"
 
     caller = asyncio.create_task(acquired(take, lambda _: given_back.set()))
-    await asyncio.sleep(0)  # the caller starts, and waits on the thread held below
+    assert await asyncio.to_thread(entered.wait, 30)  # the caller waits on the thread
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):
         await caller

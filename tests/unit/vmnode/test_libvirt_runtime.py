@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import libvirt
@@ -111,8 +112,19 @@ async def test_wait_wakes_on_the_lifecycle_event(
     monkeypatch.setattr(libvirt_runtime, "POLL_S", 3600.0)
     workload = await runtime.prepare(vm_run(base_image, "job-event"))
     await runtime.start(workload)
+    # The domain is destroyed only once wait() has seen it running (else wait() would
+    # find it stopped at its first look, and the event would not be what ended it).
+    looked, call = asyncio.Event(), runtime._call
+
+    async def observed(fn: Any, *args: Any) -> Any:
+        result = await call(fn, *args)
+        if getattr(fn, "__name__", "") == "state":
+            looked.set()
+        return result
+
+    monkeypatch.setattr(runtime, "_call", observed)
     waiting = asyncio.create_task(runtime.wait(workload))
-    await asyncio.sleep(0)  # let wait() look at the running domain first
+    await asyncio.wait_for(looked.wait(), 30)
     other = await asyncio.to_thread(libvirt.open, URI)  # someone else destroys it
     await asyncio.to_thread(other.lookupByName(workload.id).destroy)
     info = await asyncio.wait_for(waiting, 30)
