@@ -85,7 +85,7 @@ from services.audit.store import AuditStore, RecordQuery
 from services.scheduler.documents import JobCommand, JobDocument
 from services.scheduler.nodes import NodeStore
 from services.scheduler.placement import Placer, Room
-from services.scheduler.store import JobStore, dedup_keys
+from services.scheduler.store import JobStore
 from services.scheduler.tenants import TenantBook
 from shared.mongo import Document
 
@@ -304,8 +304,7 @@ async def db_ceiling(stack: Stack, sample_job_id: str) -> Ceiling:
             job_copies = []
             for job_id in ids:  # each job the answer to a command of its own
                 command = JobCommand(id=job_id, sender=first["command"]["sender"])
-                dedup = dedup_keys(first["tenant"], command, first.get("idempotency_key"))
-                job_copies.append({**first, "_id": job_id, "command": command, "dedup": dedup})
+                job_copies.append({**first, "_id": job_id, "command": command})
             await jobs.jobs.insert_many(job_copies)
             for entry in later:
                 await jobs.jobs.bulk_write(

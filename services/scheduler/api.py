@@ -135,7 +135,9 @@ async def _submit(request: web.Request, spec: JobSpec) -> tuple[int, Document]:
     # Each job is a command of its own; the idempotency key is how a client repeats.
     command: JobCommand = {"id": str(uuid.uuid4()), "sender": principal.name}
     try:
-        submission = await request.app[JOBS].submit(principal.tenant, principal.name, spec, command)
+        submission = await request.app[JOBS].submit(
+            principal.tenant, principal.name, spec, command, redeliverable=False
+        )
     except IdempotencyConflict as exc:
         detail = (
             f"idempotency key {spec.idempotency_key!r} already names job {exc.args[0]} "

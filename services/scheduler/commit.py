@@ -80,7 +80,7 @@ class GroupCommit:
         self._pending: list[_Write] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def insert(self, doc: JobDocument) -> bool:
+    async def insert(self, doc: JobDocument | Document) -> bool:
         """Insert `doc`; False when a unique key already names another document."""
         # The collection is untyped (`Document`); a JobDocument is that dict as it is.
         return await self._add(_Write(InsertOne(cast(Document, doc)), self._future()))

@@ -160,9 +160,8 @@ class JobDocument(JobHead):
     state: str  # a JobState's value
     created_at: datetime
     updated_at: datetime
-    # The store's own (store.INTERNAL_FIELDS): revision guard, dedup keys, write token.
+    # The store's own (store.INTERNAL_FIELDS): revision guard, write token.
     rev: int
-    dedup: list[str]
     w: NotRequired[str]  # the token of the last tracked update (commit.py)
     idempotency_key: NotRequired[str]
     # Left out by reads that do not need them (`get`, `page`, `placeable`).

@@ -279,14 +279,27 @@ class JobService:
     # -- commands -----------------------------------------------------------------
 
     async def submit(
-        self, tenant: str, actor: str | None, spec: JobSpec, command: JobCommand
+        self,
+        tenant: str,
+        actor: str | None,
+        spec: JobSpec,
+        command: JobCommand,
+        redeliverable: bool = True,
     ) -> Submission:
         """Store a new job as queued, or find the one this command repeats.
 
         `command` is `{"id", "sender"}`: the message (or request) id and who sent it;
-        it is the cause of every event of the job that no later message caused.
+        it is the cause of every event of the job that no later message caused. A
+        repeat is the same command from the same sender again (unless it cannot come
+        again: `redeliverable` False, an HTTP request's id made for it), or the same
+        idempotency key in the tenant; with another description it is a conflict.
         """
-        job_id = new_job_id()
+        fresh = new_job_id()
+        job_id = await self.store.claim(fresh, tenant, command, spec.idempotency_key, redeliverable)
+        if job_id != fresh:  # a key claimed before: its job is stored, or to be stored now
+            repeat = await self.store.repeated(job_id, tenant, spec, command)
+            if repeat is not None:
+                return repeat
         now = utcnow()
         stub: JobHead = {"_id": job_id, "tenant": tenant, "actor": actor, "attempt": 0,
                          "node_id": None, "command": command}  # fmt: skip

@@ -144,12 +144,11 @@ async def test_a_group_stored_but_not_published_is_published_by_the_next_start(
 async def test_a_store_of_an_older_version_is_taken_over_at_start(
     scheduler: TestClient, mongo_settings: MongoSettings, amqp_settings: AmqpSettings
 ) -> None:
-    """Jobs written before the `dedup` keys and the stored message bodies: their keys
-    are added and the retired indexes dropped at start, a repeat of an old command finds
+    """Jobs written before the claims and the stored message bodies: their keys are
+    claimed and the retired indexes dropped at start, a repeat of an old command finds
     its job, and an outbox entry kept as a document is still published."""
     store, bus = scheduler.app[STORE], scheduler.app[BUS]
     jobs = store.jobs
-    await jobs.drop_index("dedup_1")
     await jobs.create_index(
         [("command.sender", 1), ("command.id", 1)],
         unique=True,
@@ -179,13 +178,61 @@ async def test_a_store_of_an_older_version_is_taken_over_at_start(
         finally:
             await relay.stop()
     names = set(await jobs.index_information())
-    assert "dedup_1" in names
-    assert not names & {"command.sender_1_command.id_1", "tenant_1__id_-1"}
-    history = [{"state": "queued", "at": utcnow(), "reason": None}]
-    repeat = await restarted.insert_job(
-        "j-new", "cardiology", "ris", SPEC, {"id": "ris-17", "sender": "ris"}, history, []
-    )
+    assert not names & {"dedup_1", "command.sender_1_command.id_1", "tenant_1__id_-1"}
+    command = {"id": "ris-17", "sender": "ris"}
+    assert await restarted.claim("j-new", "cardiology", command, None) == "j-old"
+    repeat = await restarted.repeated("j-old", "cardiology", SPEC, command)
+    assert repeat is not None
     assert (repeat.created, repeat.job["_id"], repeat.matched_by) == (False, "j-old", "message_id")
+
+
+async def test_a_store_whose_keys_are_a_unique_index_of_the_jobs_is_taken_over_at_start(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    """The previous version kept each job's keys in its `dedup` field, unique: they are
+    claimed at start and the index dropped, and a repeat still finds its job."""
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    spec = {**JOB, "idempotency_key": "ris-before"}
+    job = await (await scheduler.post("/v1/jobs", json=spec, headers=auth)).json()
+    store = scheduler.app[STORE]
+    key = '["idempotency", "cardiology", "ris-before"]'
+    await store.claims.delete_many({})  # as the previous version stored it:
+    await store.jobs.update_one({"_id": job["id"]}, {"$set": {"dedup": [key]}})
+    await store.jobs.create_index("dedup", unique=True)
+    restarted = JobStore(store.jobs.database)
+    await restarted.create_indexes()
+    assert "dedup_1" not in await store.jobs.index_information()
+    assert await store.claims.find_one({"_id": key}) == {"_id": key, "job": job["id"]}
+    again = await scheduler.post("/v1/jobs", json=spec, headers=auth)
+    assert (again.status, (await again.json())["id"]) == (200, job["id"])
+
+
+async def test_a_claim_whose_job_was_never_stored_is_honoured_by_the_next_submission(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    """As if a scheduler died between claiming a key and storing its job: the next
+    submission with that key stores the job under the claimed id, once."""
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    store = scheduler.app[STORE]
+    key = '["idempotency", "cardiology", "ris-orphan"]'
+    await store.claims.insert_one({"_id": key, "job": "j-claimed"})
+    spec = {**JOB, "idempotency_key": "ris-orphan"}
+    first = await scheduler.post("/v1/jobs", json=spec, headers=auth)
+    again = await scheduler.post("/v1/jobs", json=spec, headers=auth)
+    assert (first.status, (await first.json())["id"]) == (201, "j-claimed")
+    assert (again.status, (await again.json())["id"]) == (200, "j-claimed")
+    assert await store.jobs.count_documents({"idempotency_key": "ris-orphan"}) == 1
+
+
+async def test_a_request_without_an_idempotency_key_claims_nothing(
+    scheduler: TestClient, mongo_settings: MongoSettings
+) -> None:
+    """Its command id is made for it here and cannot come again: a claim would be a
+    write per job for nothing."""
+    auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
+    answers = [await scheduler.post("/v1/jobs", json=JOB, headers=auth) for _ in range(2)]
+    assert [a.status for a in answers] == [201, 201]
+    assert await scheduler.app[STORE].claims.count_documents({}) == 0
 
 
 async def test_a_write_that_empties_the_outbox_unmarks_the_job_only_where_its_guard_held(
