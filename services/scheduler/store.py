@@ -34,7 +34,6 @@ copies, the revision guard and the outbox layout kept here, and the `observers`
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections import OrderedDict
@@ -45,7 +44,7 @@ from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from services.scheduler.commit import REMOVE, GroupCommit, appended, literal, revision_is
 from services.scheduler.documents import (
@@ -58,7 +57,7 @@ from services.scheduler.documents import (
 )
 from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobSpec, JobState
-from shared.mongo import Document
+from shared.mongo import DUPLICATE_KEY, Document
 
 S = JobState
 #: The state machine, in one place: which states each state may move to.
@@ -82,6 +81,8 @@ RECENT_JOBS = 10_000
 INTERNAL_FIELDS = frozenset({"_id", "outbox", "outbox_at", "rev", "w", "dedup"})
 #: Most jobs whose outboxes one statement drops entries from.
 DROP_CHUNK = 100
+#: Claims stored per write when the keys of an older store are claimed at start.
+CLAIMS_PER_WRITE = 1000
 #: Indexes of older versions, dropped at start.
 RETIRED_INDEXES = frozenset({
     "outbox.0_1", "command.sender_1_command.id_1", "tenant_1_idempotency_key_1",
@@ -203,10 +204,24 @@ class JobStore:
         index of the jobs (dropped once this is done: a restart in between does it
         again, a key claimed already staying as it is)."""
         fields = {"tenant": 1, "command": 1, "idempotency_key": 1}
+        claims: list[Document] = []
         async for doc in self.jobs.find({}, fields):
-            for key in claim_keys(doc["tenant"], doc["command"], doc.get("idempotency_key")):
-                with contextlib.suppress(DuplicateKeyError):
-                    await self.claims.insert_one({"_id": key, "job": doc["_id"]})
+            keys = claim_keys(doc["tenant"], doc["command"], doc.get("idempotency_key"))
+            claims.extend({"_id": key, "job": doc["_id"]} for key in keys)
+            if len(claims) >= CLAIMS_PER_WRITE:
+                await self._claim_all(claims)
+                claims = []
+        if claims:
+            await self._claim_all(claims)
+
+    async def _claim_all(self, claims: list[Document]) -> None:
+        """Store `claims`, those whose key is claimed already left as they are."""
+        try:
+            await self.claims.insert_many(claims, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors):
+                raise
 
     async def claim(
         self,

@@ -190,21 +190,24 @@ async def test_a_store_whose_keys_are_a_unique_index_of_the_jobs_is_taken_over_a
     scheduler: TestClient, mongo_settings: MongoSettings
 ) -> None:
     """The previous version kept each job's keys in its `dedup` field, unique: they are
-    claimed at start and the index dropped, and a repeat still finds its job."""
+    claimed at start (one of them already was, by a start that died before the end)
+    and the index dropped, and a repeat still finds its job."""
     auth = bearer(await make_token(mongo_settings, "cardiology", Role.user))
-    spec = {**JOB, "idempotency_key": "ris-before"}
-    job = await (await scheduler.post("/v1/jobs", json=spec, headers=auth)).json()
+    specs = [{**JOB, "idempotency_key": f"ris-before-{i}"} for i in range(2)]
+    jobs = [await (await scheduler.post("/v1/jobs", json=s, headers=auth)).json() for s in specs]
+    keys = [f'["idempotency", "cardiology", "ris-before-{i}"]' for i in range(2)]
     store = scheduler.app[STORE]
-    key = '["idempotency", "cardiology", "ris-before"]'
-    await store.claims.delete_many({})  # as the previous version stored it:
-    await store.jobs.update_one({"_id": job["id"]}, {"$set": {"dedup": [key]}})
+    await store.claims.delete_many({"_id": keys[1]})  # as the previous version stored it
+    for job, key in zip(jobs, keys, strict=True):
+        await store.jobs.update_one({"_id": job["id"]}, {"$set": {"dedup": [key]}})
     await store.jobs.create_index("dedup", unique=True)
     restarted = JobStore(store.jobs.database)
     await restarted.create_indexes()
     assert "dedup_1" not in await store.jobs.index_information()
-    assert await store.claims.find_one({"_id": key}) == {"_id": key, "job": job["id"]}
-    again = await scheduler.post("/v1/jobs", json=spec, headers=auth)
-    assert (again.status, (await again.json())["id"]) == (200, job["id"])
+    for job, key in zip(jobs, keys, strict=True):
+        assert await store.claims.find_one({"_id": key}) == {"_id": key, "job": job["id"]}
+    again = await scheduler.post("/v1/jobs", json=specs[1], headers=auth)
+    assert (again.status, (await again.json())["id"]) == (200, jobs[1]["id"])
 
 
 async def test_a_claim_whose_job_was_never_stored_is_honoured_by_the_next_submission(
