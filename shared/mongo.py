@@ -26,6 +26,8 @@ from __future__ import annotations
 from typing import Any
 
 from pymongo import AsyncMongoClient, WriteConcern
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import BulkWriteError
 
 from shared.settings import MongoSettings
 
@@ -44,6 +46,19 @@ def connect(settings: MongoSettings) -> AsyncMongoClient[Document]:
     url = settings.url.get_secret_value()
     durable = _unless_in_url(url, w="majority", retryWrites=True, retryReads=True)
     return AsyncMongoClient(url, tz_aware=True, serverSelectionTimeoutMS=10_000, **durable)
+
+
+async def insert_new(collection: AsyncCollection[Any], docs: list[Any]) -> set[int]:
+    """Insert the `docs` whose unique keys are free, in one write; returns the
+    positions of those left out because a stored document has their key."""
+    try:
+        await collection.insert_many(docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(error.get("code") != DUPLICATE_KEY for error in errors):
+            raise
+        return {error["index"] for error in errors}
+    return set()
 
 
 def _unless_in_url(url: str, **options: Any) -> dict[str, Any]:

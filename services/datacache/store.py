@@ -22,11 +22,11 @@ from typing import Any, cast
 from pymongo import ASCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import DuplicateKeyError
 
 from services.datacache.documents import Deadline, GrantDoc, ObjectDoc, ResultDoc, StagingDoc
 from shared.envelope import utcnow
-from shared.mongo import ADVISORY, DUPLICATE_KEY, Document
+from shared.mongo import ADVISORY, Document, insert_new
 
 #: Objects named in one query (`$in`): the SecantusDB server compares every document it
 #: finds with every id listed, so a query costs it the square of its list (a study's
@@ -79,14 +79,7 @@ class CacheStore:
              "created_at": now, "last_access": now, "quarantined": False}
             for sha256, blob_id, size in blobs
         ]  # fmt: skip
-        known: set[str] = set()
-        try:
-            await self.objects.insert_many(docs, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != DUPLICATE_KEY for error in errors):
-                raise
-            known = {docs[error["index"]]["_id"] for error in errors}
+        known = {docs[at]["_id"] for at in await insert_new(self.objects, docs)}
         if not known:
             return holders
         await self.objects.update_many(

@@ -44,7 +44,6 @@ from typing import Any, cast
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError
 
 from services.scheduler.commit import REMOVE, GroupCommit, appended, literal, revision_is
 from services.scheduler.documents import (
@@ -57,7 +56,7 @@ from services.scheduler.documents import (
 )
 from shared.envelope import Envelope, utcnow
 from shared.messages.jobs import JobSpec, JobState
-from shared.mongo import DUPLICATE_KEY, Document
+from shared.mongo import Document, insert_new
 
 S = JobState
 #: The state machine, in one place: which states each state may move to.
@@ -209,19 +208,10 @@ class JobStore:
             keys = claim_keys(doc["tenant"], doc["command"], doc.get("idempotency_key"))
             claims.extend({"_id": key, "job": doc["_id"]} for key in keys)
             if len(claims) >= CLAIMS_PER_WRITE:
-                await self._claim_all(claims)
+                await insert_new(self.claims, claims)
                 claims = []
         if claims:
-            await self._claim_all(claims)
-
-    async def _claim_all(self, claims: list[Document]) -> None:
-        """Store `claims`, those whose key is claimed already left as they are."""
-        try:
-            await self.claims.insert_many(claims, ordered=False)
-        except BulkWriteError as exc:
-            errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != DUPLICATE_KEY for error in errors):
-                raise
+            await insert_new(self.claims, claims)
 
     async def claim(
         self,
