@@ -1,8 +1,9 @@
 """Encrypted objects on disk: `objects/<blob id>`, written once, read by range.
 
 A blob id is random, not derived from the content, so the names on disk say nothing
-about the data. Writes go to `tmp/` and are renamed into place when complete; a crash
-leaves only a tmp file, removed at the next start. Crypto and file I/O run in worker
+about the data. Writes go to `tmp/` and are renamed into place when complete; a deleted
+blob is renamed back there to be unlinked. So a crash leaves only files in `tmp/`,
+removed at the next start. Crypto and file I/O run in worker
 threads (a blob is written by a thread of its own, read a few MiB per hop), so the
 event loop keeps serving while a GiB streams through.
 
@@ -41,11 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+import structlog
+
 from services.datacache.crypto import KeyProvider, Sealer, data_key
 from shared.download import ReadsInto
 from shared.pipeline import Lane
 from shared.sealed import HEADER_BYTES_MAX, TAG, Header, IntegrityError, Opener
 from shared.threadio import acquired, interruptible
+
+log = structlog.get_logger("medhive.datacache.blobs")
 
 #: Direct writes go in whole blocks of this many bytes, from memory aligned to it: the
 #: logical block of the disks in use (512 or 4096 bytes) divides it, and a header
@@ -118,6 +123,10 @@ class BlobStore:
         self._batches = _Batches(segment_size)
         self._receiving = ThreadPoolExecutor(RECEIVERS, thread_name_prefix="blob-receive")
         self._sealing = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="blob-seal")
+        #: Unlinks the files of deleted blobs, one after the other (`delete`).
+        self._unlinking = ThreadPoolExecutor(1, thread_name_prefix="blob-unlink")
+        self._unlinked: Future[None] = Future()
+        self._unlinked.set_result(None)
 
     def path(self, blob_id: str) -> Path:
         if not blob_id.isalnum():
@@ -393,13 +402,28 @@ class BlobStore:
 
     async def delete(self, *blob_ids: str) -> None:
         """Remove blobs (those already gone count as removed), all in one trip to a
-        worker thread: a study staged again for another tenant repeats a thousand."""
+        worker thread: a study staged again for another tenant repeats a thousand.
 
-        def unlink_all() -> None:
+        Each leaves `objects/` at once, renamed into `tmp/` (whose files are no blobs
+        and go at the next start, `cleanup_tmp`), and a thread of its own unlinks it
+        afterwards (`emptied`): freeing a GiB's extents takes the filesystem 0.18 s
+        here, which a staging that found its content stored already (its fresh copy
+        goes) or an eviction need not wait for."""
+
+        def move_out() -> list[Path]:
+            moved = []
             for blob_id in blob_ids:
-                self.path(blob_id).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.path(blob_id), self.tmp / blob_id)
+                    moved.append(self.tmp / blob_id)
+            return moved
 
-        await asyncio.to_thread(unlink_all)
+        if moved := await asyncio.to_thread(move_out):
+            self._unlinked = self._unlinking.submit(_unlink_all, moved)
+
+    async def emptied(self) -> None:
+        """Wait until the files of the blobs deleted so far are unlinked."""
+        await asyncio.wrap_future(self._unlinked)
 
     async def quarantine(self, blob_id: str) -> None:
         """Move a blob that failed its check aside, for the operator to examine (if its
@@ -416,6 +440,16 @@ class BlobStore:
                 with contextlib.suppress(FileNotFoundError):
                     total += entry.stat().st_size if entry.is_file() else 0
         return total
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    """Unlink files that are no blobs any more (blocking); one that fails is left to
+    the next start."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("unlink_failed", path=str(path), error=str(exc))
 
 
 class _Batch:
