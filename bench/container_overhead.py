@@ -19,7 +19,11 @@ one has ended. Against it, N bare `docker run --rm` with at most P at a time. Th
 alternate `--rounds` times (after one uncounted round of each). Keys: `medhive_per_s`
 and `docker_per_s` (medians of the rounds), `parallel_ratio` = medhive / docker
 (target >= 0.95: a slot that frees is refilled at once, and a job costs the node little
-beyond Docker's own create, start, wait and remove).
+beyond Docker's own create, start, wait and remove). A third case alternates with them:
+the same `docker run --rm`, in the confinement the node agent gives a job
+(`confined_run`: no capabilities, read-only root, tini, limits, the workload user):
+`docker_confined_per_s` and `confined_ratio` = medhive / that, the share of the gap
+that is the engine's own cost of the confinement rather than medhive's.
 
 The last line of stdout is one JSON object: `medhive_median_s`, `docker_run_median_s`,
 `ratio`, `n`, `rss_mb` (idle RSS of each service process, read before any run), and
@@ -36,14 +40,17 @@ import json
 import statistics
 import subprocess
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from bench.control_plane import DB_OPS, audit_head, db_ops, median_of, submit_all
 from bench.jobs import timed_job
 from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
 from medhive.client import Client
-from shared.messages.jobs import JobState
+from services.vmnode.runtimes.docker import container_config
+from services.vmnode.settings import NodeSettings
+from shared.envelope import utcnow
+from shared.messages.jobs import JobSpec, JobState, NodeRun
 
 IMAGE = "medhive/busybox:1"
 JOB_TIMEOUT_S = 120.0
@@ -152,12 +159,16 @@ async def bench(stack: Stack, n: int, reference: list[str] = DOCKER_RUN) -> dict
     }
 
 
+#: The job of the throughput mode: it asks for one cpu.
+PARALLEL_SPEC = {"image": IMAGE, "command": ["true"], "resources": {"cpus": 1}}
+
+
 async def medhive_batch(stack: Stack, api: Client, n: int, prefix: str) -> float:
-    """Seconds from the first submit until all n jobs (1 cpu each) have ended."""
+    """Seconds from the first submit until all n jobs (`PARALLEL_SPEC`) have ended."""
     async with stack.client(stack.operator_token) as operator:
         stream = operator.stream({}, after=await audit_head(operator))
         started = time.perf_counter()
-        spec = {"image": IMAGE, "command": ["true"], "resources": {"cpus": 1}}
+        spec = PARALLEL_SPEC
         submitting = asyncio.create_task(submit_all(api, n, prefix, spec))
         ended: dict[str, str] = {}
         try:
@@ -175,13 +186,39 @@ async def medhive_batch(stack: Stack, api: Client, n: int, prefix: str) -> float
     return elapsed
 
 
-async def docker_batch(n: int, parallel: int) -> float:
-    """Seconds for n `docker run --rm`, at most `parallel` at a time."""
+def confined_run(spec: dict[str, Any]) -> list[str]:
+    """`docker run --rm` of a job of `spec` in the confinement the node agent gives it
+    (`container_config`, as a node with default settings makes it), in the CLI's flags:
+    what the engine itself costs for that confinement. Less the labels and the job's own
+    directories (its /outputs is a tmpfs the agent mounts on the host)."""
+    job = JobSpec.model_validate({"name": "bench", **spec})
+    run = NodeRun(
+        job_id="bench", attempt=1, tenant="bench", spec=job, deadline=utcnow() + timedelta(hours=1)
+    )
+    config = container_config(run, NodeSettings(node_id="bench"))
+    host = config["HostConfig"]
+    argv = [
+        "docker", "run", "--rm", "--network", host["NetworkMode"], "--user", config["User"],
+        "--read-only", "--ipc", host["IpcMode"], "--pids-limit", str(host["PidsLimit"]),
+        "--memory", f"{host['Memory']}b", "--memory-swap", f"{host['MemorySwap']}b",
+        "--cpus", str(host["NanoCpus"] / 1e9), "--stop-timeout", str(config["StopTimeout"]),
+        "--log-driver", host["LogConfig"]["Type"],
+    ]  # fmt: skip
+    argv += ["--init"] if host["Init"] else []
+    argv += [f"--cap-drop={cap}" for cap in host["CapDrop"]]
+    argv += [f"--security-opt={option}" for option in host["SecurityOpt"]]
+    argv += [f"--log-opt={key}={value}" for key, value in host["LogConfig"]["Config"].items()]
+    argv += [f"--tmpfs={path}:{options}" for path, options in host["Tmpfs"].items()]
+    return [*argv, config["Image"], *config["Cmd"]]
+
+
+async def docker_batch(n: int, parallel: int, reference: list[str] = DOCKER_RUN) -> float:
+    """Seconds for n runs of `reference`, at most `parallel` at a time."""
     gate = asyncio.Semaphore(parallel)
 
     async def one() -> None:
         async with gate:
-            await docker_run()
+            await docker_run(reference)
 
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
@@ -209,9 +246,13 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
     medhive_cpu: list[dict[str, float]] = []
     medhive_db: list[dict[str, float]] = []
     docker_cpu: list[dict[str, float]] = []
+    confined = confined_run(PARALLEL_SPEC)
+    confined_rates: list[float] = []
+    confined_cpu: list[dict[str, float]] = []
     async with stack.client() as api:
         await medhive_batch(stack, api, parallel, "warmup")
         await docker_batch(parallel, parallel)
+        await docker_batch(parallel, parallel, confined)
         for i in range(rounds):
             stack.check_alive()
             before = {**stack.cpu_s(), **_engine_cpu_s()}
@@ -227,13 +268,20 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
             docker_cpu.append(
                 _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_engine_cpu_s()}, jobs)
             )
+            before = {"machine": machine_busy_s(), **_engine_cpu_s()}
+            confined_rates.append(jobs / await docker_batch(jobs, parallel, confined))
+            confined_cpu.append(
+                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_engine_cpu_s()}, jobs)
+            )
             progress(
                 f"round {i + 1}/{rounds}: medhive {medhive_rates[-1]:.2f}/s, "
-                f"docker run {docker_rates[-1]:.2f}/s"
+                f"docker run {docker_rates[-1]:.2f}/s, confined {confined_rates[-1]:.2f}/s"
             )
     medians = ("medhive_per_s", "docker_per_s", "parallel_ratio")
+    confined_medians = ("medhive_per_s", "docker_confined_per_s", "confined_ratio")
     return {
         **_medians_and_ratio(medians, medhive_rates, docker_rates, digits=2),
+        **_medians_and_ratio(confined_medians, medhive_rates, confined_rates, digits=2),
         "jobs": jobs,
         "parallel": parallel,
         "rounds": rounds,
@@ -243,6 +291,7 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         # the engine's daemons and the whole machine (which the docker CLI runs count in).
         "medhive_cpu_ms_per_job": _medians(medhive_cpu),
         "docker_cpu_ms_per_job": _medians(docker_cpu),
+        "docker_confined_cpu_ms_per_job": _medians(confined_cpu),
         # Database operations per job (`serverStatus` opcounters around each medhive
         # round, the bench's own audit stream included), medians over the rounds.
         "medhive_db_ops_per_job": _medians(medhive_db),

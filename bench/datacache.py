@@ -10,7 +10,10 @@ sendfile) holding a file of `--size-mb` random bytes, and the datacache as
 - **plain**: `curl -o` of the file to a file on the same disk;
 
 - **stage**: `data.stage` of the same file (a fresh query string each time, so each is a
-  real fetch) until `data.staged`: download, SHA-256, encryption, write, catalog.
+  real fetch) until `data.staged`: download, SHA-256, encryption, write, catalog. The
+  bytes are the same each time, so each staging after the first finds its content
+  stored already and drops its fresh copy, as a study staged again for another tenant
+  does.
 
 Each case starts with the page cache written back and emptied but for the source file,
 so none pays for what the one before left (`_settled`).
