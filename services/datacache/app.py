@@ -106,6 +106,7 @@ def create_app(settings: DatacacheSettings) -> web.Application:
             await evictor.stop()
             await uploader.stop()
             await stager.stop()
+            await blobs.emptied()  # what was deleted leaves no file behind
             if receiver is not None:
                 await asyncio.to_thread(receiver.stop)
 

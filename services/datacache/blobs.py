@@ -3,9 +3,9 @@
 A blob id is random, not derived from the content, so the names on disk say nothing
 about the data. Writes go to `tmp/` and are renamed into place when complete; a deleted
 blob is renamed back there to be unlinked. So a crash leaves only files in `tmp/`,
-removed at the next start. Crypto and file I/O run in worker
-threads (a blob is written by a thread of its own, read a few MiB per hop), so the
-event loop keeps serving while a GiB streams through.
+removed at the next start. Crypto and file I/O run in worker threads (a blob is written
+by a thread of its own, read a few MiB per hop), so the event loop keeps serving while
+a GiB streams through.
 
 One module because writing, reading and quarantining share one on-disk format: the
 `objects/`, `tmp/` and `quarantine/` directories and a blob's header followed by sealed
