@@ -30,6 +30,12 @@ The last line of stdout is one JSON object: `medhive_median_s`, `docker_run_medi
 for diagnosis the spread of both and the median time a job spent in each state,
 from its history (`phases_median_ms`: submitted->dispatched, dispatched->running,
 running->succeeded).
+
+One module because its modes are one comparison, a medhive job against the engine
+doing the same: they share the job (`IMAGE`, `PARALLEL_SPEC`), the references that
+Docker runs (`docker_run`, `docker_batch`, `confined_run`, `swarm_run`) and how a median
+becomes a ratio (`_medians_and_ratio`), so a change to one side must be made on the
+other.
 """
 
 from __future__ import annotations
