@@ -23,7 +23,11 @@ beyond Docker's own create, start, wait and remove). A third case alternates wit
 the same `docker run --rm`, in the confinement the node agent gives a job
 (`confined_run`: no capabilities, read-only root, tini, limits, the workload user):
 `docker_confined_per_s` and `confined_ratio` = medhive / that, the share of the gap
-that is the engine's own cost of the confinement rather than medhive's.
+that is the engine's own cost of the confinement rather than medhive's. The CPU each
+side spends per job (`medhive_cpu_ms_per_job`, `docker_cpu_ms_per_job`,
+`docker_confined_cpu_ms_per_job`) is broken down by process: the stack's services, the
+engine's daemons, RabbitMQ and the references' `docker run` CLIs (`cli`), so that the
+gap between the two sides can be read off by process.
 
 The last line of stdout is one JSON object: `medhive_median_s`, `docker_run_median_s`,
 `ratio`, `n`, `rss_mb` (idle RSS of each service process, read before any run), and
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -231,12 +236,21 @@ async def docker_batch(n: int, parallel: int, reference: list[str] = DOCKER_RUN)
     return time.perf_counter() - started
 
 
-def _engine_cpu_s() -> dict[str, float]:
-    """CPU seconds of the container engine's daemons so far (dockerd, containerd)."""
+#: Processes both sides share, by the name `pgrep -x` knows them by: the container
+#: engine's daemons, and RabbitMQ (which only medhive's side uses).
+SHARED_PROCESSES = {"dockerd": "dockerd", "containerd": "containerd", "rabbitmq": "beam.smp"}
+
+
+def _shared_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of the processes both sides may use (`SHARED_PROCESSES`), and
+    of this bench's finished child processes (`cli`: the `docker run` CLIs of the
+    references; a medhive round starts none)."""
     used = {}
-    for name in ("dockerd", "containerd"):
+    for key, name in SHARED_PROCESSES.items():
         pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-        used[name] = sum(process_cpu_s(int(pid)) for pid in pids.split())
+        used[key] = sum(process_cpu_s(int(pid)) for pid in pids.split())
+    times = os.times()
+    used["cli"] = times.children_user + times.children_system
     return used
 
 
@@ -261,23 +275,23 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         await docker_batch(parallel, parallel, confined)
         for i in range(rounds):
             stack.check_alive()
-            before = {**stack.cpu_s(), **_engine_cpu_s()}
+            before = {**stack.cpu_s(), **_shared_cpu_s()}
             ops_before = await db_ops(stack.mongo_url)
             medhive_rates.append(jobs / await medhive_batch(stack, api, jobs, f"round{i}"))
-            medhive_cpu.append(_cpu_ms_per_job(before, {**stack.cpu_s(), **_engine_cpu_s()}, jobs))
+            medhive_cpu.append(_cpu_ms_per_job(before, {**stack.cpu_s(), **_shared_cpu_s()}, jobs))
             ops_after = await db_ops(stack.mongo_url)
             medhive_db.append(
                 {kind: (ops_after[kind] - ops_before[kind]) / jobs for kind in DB_OPS}
             )
-            before = {"machine": machine_busy_s(), **_engine_cpu_s()}
+            before = {"machine": machine_busy_s(), **_shared_cpu_s()}
             docker_rates.append(jobs / await docker_batch(jobs, parallel))
             docker_cpu.append(
-                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_engine_cpu_s()}, jobs)
+                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_shared_cpu_s()}, jobs)
             )
-            before = {"machine": machine_busy_s(), **_engine_cpu_s()}
+            before = {"machine": machine_busy_s(), **_shared_cpu_s()}
             confined_rates.append(jobs / await docker_batch(jobs, parallel, confined))
             confined_cpu.append(
-                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_engine_cpu_s()}, jobs)
+                _cpu_ms_per_job(before, {"machine": machine_busy_s(), **_shared_cpu_s()}, jobs)
             )
             progress(
                 f"round {i + 1}/{rounds}: medhive {medhive_rates[-1]:.2f}/s, "
@@ -294,7 +308,8 @@ async def parallel_bench(stack: Stack, jobs: int, parallel: int, rounds: int) ->
         "medhive_rounds_per_s": [round(rate, 2) for rate in medhive_rates],
         "docker_rounds_per_s": [round(rate, 2) for rate in docker_rates],
         # CPU milliseconds per job, medians over the rounds: each process of the stack,
-        # the engine's daemons and the whole machine (which the docker CLI runs count in).
+        # the engine's daemons, RabbitMQ, the docker CLI runs (`cli`) and the whole
+        # machine, which counts all of them.
         "medhive_cpu_ms_per_job": _medians(medhive_cpu),
         "docker_cpu_ms_per_job": _medians(docker_cpu),
         "docker_confined_cpu_ms_per_job": _medians(confined_cpu),
