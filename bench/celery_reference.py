@@ -17,12 +17,23 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from celery import Celery
 from pymongo import AsyncMongoClient
 
-from bench.stack import progress, start, stop
+from bench.stack import (
+    RABBITMQ_PROCESS,
+    cpu_used,
+    machine_busy_s,
+    named_cpu_s,
+    process_cpu_s,
+    progress,
+    start,
+    stop,
+)
 from medhive.processes import Child
 
 DATABASE = "celery_reference"
@@ -75,10 +86,26 @@ def _send(count: int) -> None:
         noop.apply_async()
 
 
+@dataclass
+class CeleryRun:
+    """A measured batch: tasks per second, and the CPU milliseconds per task of the
+    worker (`celery`), of the processes the caller named, of RabbitMQ, of this process
+    (`bench`: the sending and the polling) and of the whole machine (`other`: the rest)."""
+
+    per_s: float
+    cpu_ms_per_task: dict[str, float]
+
+
 async def celery_per_s(
-    amqp_url: str, mongo_url: str, tasks: int, workdir: Path, within: float = 600
-) -> float:
-    """Tasks per second, from the first send until every SUCCESS is stored."""
+    amqp_url: str,
+    mongo_url: str,
+    tasks: int,
+    workdir: Path,
+    within: float = 600,
+    watched: Mapping[str, int] | None = None,
+) -> CeleryRun:
+    """Tasks per second, from the first send until every SUCCESS is stored, and what
+    they cost (`watched`: more processes to count, name -> pid, e.g. the database's)."""
     env = {
         **os.environ,
         "MEDHIVE_BENCH_CELERY_BROKER": amqp_url,
@@ -90,6 +117,15 @@ async def celery_per_s(
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]  # fmt: skip
     worker = start("celery", argv, env, workdir / "celery.log")
+    counted = {"celery": worker.pid, **(watched or {})}
+
+    def cpu_s() -> dict[str, float]:
+        used = {name: process_cpu_s(pid) for name, pid in counted.items()}
+        used["rabbitmq"] = named_cpu_s(RABBITMQ_PROCESS)
+        used["bench"] = process_cpu_s(os.getpid())
+        used["machine"] = machine_busy_s()
+        return used
+
     try:
         app.conf.broker_url, app.conf.result_backend = amqp_url, mongo_url
         await _forget_results(mongo_url)  # an earlier round's: each starts as the first
@@ -97,9 +133,11 @@ async def celery_per_s(
         await asyncio.to_thread(_send, 1)
         await _until_stored(mongo_url, 1, worker, within)
         progress(f"Celery: {tasks} no-op tasks")
-        started = time.perf_counter()
+        before, started = cpu_s(), time.perf_counter()
         await asyncio.to_thread(_send, tasks)
         await _until_stored(mongo_url, tasks + 1, worker, within)
-        return tasks / (time.perf_counter() - started)
+        elapsed, used = time.perf_counter() - started, cpu_used(before, cpu_s())
+        cpu_ms = {name: round(seconds / tasks * 1000, 2) for name, seconds in used.items()}
+        return CeleryRun(tasks / elapsed, cpu_ms)
     finally:
         await stop(worker)

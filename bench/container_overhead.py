@@ -49,14 +49,20 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import time
 from datetime import datetime, timedelta
 from typing import Any
 
 from bench.control_plane import DB_OPS, audit_head, db_ops, median_of, submit_all
 from bench.jobs import timed_job
-from bench.stack import Stack, bench_stack, machine_busy_s, process_cpu_s, progress
+from bench.stack import (
+    RABBITMQ_PROCESS,
+    Stack,
+    bench_stack,
+    machine_busy_s,
+    named_cpu_s,
+    progress,
+)
 from medhive.client import Client
 from services.vmnode.runtimes.docker import container_config
 from services.vmnode.settings import NodeSettings
@@ -236,19 +242,16 @@ async def docker_batch(n: int, parallel: int, reference: list[str] = DOCKER_RUN)
     return time.perf_counter() - started
 
 
-#: Processes both sides share, by the name `pgrep -x` knows them by: the container
-#: engine's daemons, and RabbitMQ (which only medhive's side uses).
-SHARED_PROCESSES = {"dockerd": "dockerd", "containerd": "containerd", "rabbitmq": "beam.smp"}
+#: Processes both sides may use, by name: the container engine's daemons, and RabbitMQ
+#: (which only medhive's side uses).
+SHARED_PROCESSES = {"dockerd": "dockerd", "containerd": "containerd", "rabbitmq": RABBITMQ_PROCESS}
 
 
 def _shared_cpu_s() -> dict[str, float]:
     """CPU seconds so far of the processes both sides may use (`SHARED_PROCESSES`), and
     of this bench's finished child processes (`cli`: the `docker run` CLIs of the
     references; a medhive round starts none)."""
-    used = {}
-    for key, name in SHARED_PROCESSES.items():
-        pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
-        used[key] = sum(process_cpu_s(int(pid)) for pid in pids.split())
+    used = {key: named_cpu_s(name) for key, name in SHARED_PROCESSES.items()}
     times = os.times()
     used["cli"] = times.children_user + times.children_system
     return used

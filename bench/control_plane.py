@@ -32,7 +32,10 @@ The last line of stdout is one JSON object:
   `reference_celery_per_s_rounds`: every round's);
 - `steady_p99_dispatch_ms` (and p50): submit → dispatched under a steady offered load
   of 50 jobs/s for `--steady-s` seconds (each job submitted in its own time slot);
-- `reference_celery_per_s`, `of_celery`: above;
+- `reference_celery_per_s`, `of_celery`: above; `reference_celery_cpu_ms_per_task`, what
+  Celery's batch cost per task by process (the worker, the database server, RabbitMQ,
+  this process sending, `machine` and `other`): read beside `cpu_ms_per_job`, it says
+  which part of the gap is each dependency's and which is medhive's own;
 - `db_ops_per_job` (inserts, queries, updates, deletes, getmores; `serverStatus`
   opcounters from the first submit to the end, per job) and `db_ops_per_job_by_kind`;
   `broker_messages_per_job` (published into and delivered from the run's vhost, from
@@ -53,7 +56,7 @@ The last line of stdout is one JSON object:
 - for diagnosis: `duration_s`, `submit_s` (until every POST was answered) and
   `audit_records` of the median round, `p50/p99_end_to_end_ms` (submitted -> succeeded,
   from the history, first round) and `cpu_s` (CPU seconds each process used during a
-  round, medians; `other` is the rest of the machine's busy time, mostly RabbitMQ).
+  round, medians; `rabbitmq` is the broker, `other` the rest of the machine's busy time).
 
 One module because it is one run whose numbers are only meaningful together: every phase
 uses the same stack, in an order that keeps one from loading the database the next
@@ -472,6 +475,7 @@ async def bench(
         cpu_rounds: list[dict[str, float]] = []
         ops_rounds: list[dict[str, float]] = []
         celery_rounds: list[float] = []
+        celery_cpu_rounds: list[dict[str, float]] = []
         # One vhost for Celery's rounds: the app keeps its connection from one to the next.
         async with _vhost(f"{stack.vhost}-celery") as celery_amqp:
             for i in range(rounds):
@@ -483,9 +487,12 @@ async def bench(
                 if i == 0:  # the counts do not vary: the first round's are the figures
                     messages = per_job(messages_before, await broker_messages(stack.vhost), m)
                     times = await histories(api, run.ids)
-                celery_rounds.append(
-                    await celery_per_s(celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir)
-                )
+                reference = await celery_per_s(
+                    celery_amqp, stack.mongo_url, CELERY_TASKS, stack.workdir,
+                    watched={"db": stack.processes["db"].pid},
+                )  # fmt: skip
+                celery_rounds.append(reference.per_s)
+                celery_cpu_rounds.append(reference.cpu_ms_per_task)
                 progress(
                     f"round {i + 1}/{rounds}: medhive {m / (run.ended - run.started):.1f} "
                     f"jobs/s, Celery {celery_rounds[-1]:.1f} tasks/s"
@@ -519,6 +526,9 @@ async def bench(
         "rounds": rounds,
         "jobs_per_s_rounds": [round(rate, 1) for rate in rates],
         "reference_celery_per_s_rounds": [round(rate, 1) for rate in celery_rounds],
+        "reference_celery_cpu_ms_per_task": {
+            name: round(value, 2) for name, value in median_of(celery_cpu_rounds).items()
+        },
         "db_ops_per_job": round(sum(ops[k] for k in DB_OPS), 2),
         "db_ops_per_job_by_kind": ops,
         "broker_messages_per_job": messages,

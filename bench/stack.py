@@ -60,6 +60,10 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+#: RabbitMQ's process, by name: the Erlang VM.
+RABBITMQ_PROCESS = "beam.smp"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +84,21 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def named_cpu_s(name: str) -> float:
+    """CPU seconds used so far by every process whose name (`comm`) is `name`: a server
+    the bench did not start, such as RabbitMQ (`beam.smp`) or dockerd."""
+    used = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() == name:
+                used += process_cpu_s(int(entry.name))
+        except (FileNotFoundError, ProcessLookupError):  # it ended meanwhile
+            continue
+    return used
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores of the machine spent busy (not idle or waiting), /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -89,7 +108,8 @@ def machine_busy_s() -> float:
 
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU seconds each process used between two `Stack.cpu_s()` snapshots; `other` is
-    the machine's busy time that none of them accounts for (RabbitMQ, dockerd, ...)."""
+    the machine's busy time that none of them accounts for (dockerd, the kernel's
+    workers, ...)."""
     delta = {name: round(after[name] - before[name], 2) for name in after if name in before}
     ours = sum(value for name, value in delta.items() if name != "machine")
     delta["other"] = round(delta["machine"] - ours, 2)
@@ -130,9 +150,10 @@ class Stack:
         }
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by each process of the stack, this bench process
-        (`bench`) and the whole machine (`machine`: RabbitMQ and anything else too)."""
+        """CPU seconds used so far by each process of the stack, RabbitMQ, this bench
+        process (`bench`) and the whole machine (`machine`: anything else too)."""
         used = {name: process_cpu_s(p.pid) for name, p in self.processes.items()}
+        used["rabbitmq"] = named_cpu_s(RABBITMQ_PROCESS)
         used["bench"] = process_cpu_s(os.getpid())
         used["machine"] = machine_busy_s()
         return used
