@@ -24,16 +24,7 @@ from pathlib import Path
 from celery import Celery
 from pymongo import AsyncMongoClient
 
-from bench.stack import (
-    RABBITMQ_PROCESS,
-    cpu_used,
-    machine_busy_s,
-    named_cpu_s,
-    process_cpu_s,
-    progress,
-    start,
-    stop,
-)
+from bench.stack import cpu_snapshot, cpu_used, progress, start, stop
 from medhive.processes import Child
 
 DATABASE = "celery_reference"
@@ -118,14 +109,6 @@ async def celery_per_s(
     ]  # fmt: skip
     worker = start("celery", argv, env, workdir / "celery.log")
     counted = {"celery": worker.pid, **(watched or {})}
-
-    def cpu_s() -> dict[str, float]:
-        used = {name: process_cpu_s(pid) for name, pid in counted.items()}
-        used["rabbitmq"] = named_cpu_s(RABBITMQ_PROCESS)
-        used["bench"] = process_cpu_s(os.getpid())
-        used["machine"] = machine_busy_s()
-        return used
-
     try:
         app.conf.broker_url, app.conf.result_backend = amqp_url, mongo_url
         await _forget_results(mongo_url)  # an earlier round's: each starts as the first
@@ -133,10 +116,10 @@ async def celery_per_s(
         await asyncio.to_thread(_send, 1)
         await _until_stored(mongo_url, 1, worker, within)
         progress(f"Celery: {tasks} no-op tasks")
-        before, started = cpu_s(), time.perf_counter()
+        before, started = cpu_snapshot(counted), time.perf_counter()
         await asyncio.to_thread(_send, tasks)
         await _until_stored(mongo_url, tasks + 1, worker, within)
-        elapsed, used = time.perf_counter() - started, cpu_used(before, cpu_s())
+        elapsed, used = time.perf_counter() - started, cpu_used(before, cpu_snapshot(counted))
         cpu_ms = {name: round(seconds / tasks * 1000, 2) for name, seconds in used.items()}
         return CeleryRun(tasks / elapsed, cpu_ms)
     finally:

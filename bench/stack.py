@@ -106,8 +106,19 @@ def machine_busy_s() -> float:
     return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_snapshot(processes: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each of `processes` (name -> pid), RabbitMQ, this bench
+    process (`bench`) and the whole machine (`machine`: anything else too); two of them
+    make a `cpu_used`."""
+    used = {name: process_cpu_s(pid) for name, pid in processes.items()}
+    used["rabbitmq"] = named_cpu_s(RABBITMQ_PROCESS)
+    used["bench"] = process_cpu_s(os.getpid())
+    used["machine"] = machine_busy_s()
+    return used
+
+
 def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """CPU seconds each process used between two `Stack.cpu_s()` snapshots; `other` is
+    """CPU seconds each process used between two `cpu_snapshot`s; `other` is
     the machine's busy time that none of them accounts for (dockerd, the kernel's
     workers, ...)."""
     delta = {name: round(after[name] - before[name], 2) for name in after if name in before}
@@ -150,13 +161,8 @@ class Stack:
         }
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds used so far by each process of the stack, RabbitMQ, this bench
-        process (`bench`) and the whole machine (`machine`: anything else too)."""
-        used = {name: process_cpu_s(p.pid) for name, p in self.processes.items()}
-        used["rabbitmq"] = named_cpu_s(RABBITMQ_PROCESS)
-        used["bench"] = process_cpu_s(os.getpid())
-        used["machine"] = machine_busy_s()
-        return used
+        """`cpu_snapshot` of the stack's processes."""
+        return cpu_snapshot({name: p.pid for name, p in self.processes.items()})
 
     def check_alive(self) -> None:
         """Raise if a service died (a bench would otherwise wait for it forever)."""
